@@ -1,0 +1,137 @@
+"""The dataset type: in-memory tensors, and the seeded ways to cut them.
+
+Images are uint8 ``(N, C, H, W)``; labels int64 ``(N,)``. Models take float inputs in [0, 1] and
+normalise inside (see ``backdoorlab.models``), so triggers and inversion methods work in pixel space.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class DataError(ValueError):
+    """Bad data or a bad request about data (sizes, files, splits)."""
+
+
+@dataclass(frozen=True)
+class TensorDataset:
+    """A labelled dataset held as tensors.
+
+    Attributes:
+        inputs: uint8 images ``(N, C, H, W)``.
+        labels: int64 class indices ``(N,)`` in ``0..len(classes)-1``.
+        classes: class names, index = label.
+        mean, std: per-channel normalisation statistics of the training split, in [0, 1] units.
+        name: the source's name (``digits``, ``cifar10``...).
+        hflip: whether a horizontal flip keeps the label (true for CIFAR-10; false for digits and
+            traffic signs), used by the training loop's augmentation.
+    """
+
+    inputs: Tensor
+    labels: Tensor
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str
+    hflip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.inputs.dtype != torch.uint8 or self.inputs.dim() != 4:
+            raise DataError(
+                f"{self.name}: inputs must be uint8 (N, C, H, W), got {self.inputs.dtype} "
+                f"{tuple(self.inputs.shape)}"
+            )
+        if self.labels.dtype != torch.int64 or self.labels.shape != (len(self.inputs),):
+            raise DataError(
+                f"{self.name}: labels must be int64 of shape ({len(self.inputs)},), got "
+                f"{self.labels.dtype} {tuple(self.labels.shape)}"
+            )
+        if len(self.mean) != self.inputs.shape[1] or len(self.std) != self.inputs.shape[1]:
+            raise DataError(f"{self.name}: mean/std need one value per channel")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, ``(C, H, W)``."""
+        return tuple(self.inputs.shape[1:])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.inputs.shape[1])
+
+    def subset(self, indices: Tensor) -> TensorDataset:
+        """The samples at ``indices`` (a copy), with the same metadata."""
+        return self.replace(inputs=self.inputs[indices], labels=self.labels[indices])
+
+    def replace(self, **changes: object) -> TensorDataset:
+        """A copy with some fields replaced (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """A dataset's standard train and test splits."""
+
+    train: TensorDataset
+    test: TensorDataset
+
+
+def resolve_count(size: float | int, total: int, what: str) -> int:
+    """Turn a size into a count of ``total`` samples, refusing nonsense before any work.
+
+    A float is a fraction in (0, 1] (``1.0`` is everything); an int is a count >= 1.
+    ``what`` names the quantity in error messages ("poison rate", "trusted split size"...).
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, float)):
+        raise DataError(f"{what} must be a fraction in (0, 1] or a count, got {size!r}")
+    if isinstance(size, float):
+        if not 0.0 < size <= 1.0:
+            raise DataError(f"{what} must be a fraction in (0, 1] or a count >= 1, got {size}")
+        count = round(size * total)
+    else:
+        if size < 1:
+            raise DataError(f"{what} must be a fraction in (0, 1] or a count >= 1, got {size}")
+        count = size
+    if count < 1:
+        raise DataError(f"{what} of {size} selects no sample out of {total}")
+    if count > total:
+        raise DataError(f"{what} of {size} asks for {count} samples but only {total} are available")
+    return count
+
+
+def seeded_permutation(n: int, seed: int) -> Tensor:
+    """A permutation of ``range(n)`` that depends only on ``seed`` (CPU generator)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def subsample(data: TensorDataset, size: float | int, seed: int) -> TensorDataset:
+    """A seeded random subset (fraction or count), for quick runs (``--train-size``)."""
+    count = resolve_count(size, len(data), f"{data.name} subsample size")
+    return data.subset(seeded_permutation(len(data), seed)[:count].sort().values)
+
+
+def split_trusted(
+    train: TensorDataset, size: float | int, seed: int
+) -> tuple[TensorDataset, TensorDataset]:
+    """Carve a trusted clean split off the (still clean) training set.
+
+    Returns ``(rest, trusted)``. The trusted split is the only clean data a defense may get; the
+    attack poisons ``rest`` only, so trusted samples never appear poisoned in training.
+    """
+    count = resolve_count(size, len(train), "trusted split size")
+    if count >= len(train):
+        raise DataError(f"trusted split of {size} would leave no training data")
+    order = seeded_permutation(len(train), seed)
+    trusted = order[:count].sort().values
+    rest = order[count:].sort().values
+    return train.subset(rest), train.subset(trusted)
