@@ -27,8 +27,8 @@ def progress_enabled() -> bool:
     return sys.stderr.isatty()
 
 
-def make_progress() -> Progress:
-    """A rich Progress with the toolkit's columns, drawing on stderr."""
+def make_progress(enabled: bool = True) -> Progress:
+    """A rich Progress with the toolkit's columns, drawing on stderr (off when not ``enabled``)."""
     from rich.console import Console
 
     return Progress(
@@ -40,7 +40,7 @@ def make_progress() -> Progress:
         TimeRemainingColumn(),
         console=Console(stderr=True),
         transient=True,
-        disable=not progress_enabled(),
+        disable=not (enabled and progress_enabled()),
     )
 
 

@@ -1,0 +1,25 @@
+"""Attacks: triggers (pure tensor functions) and poisoning strategies."""
+
+from backdoorlab.attacks.poisoning import (
+    MODES,
+    PoisonedDataset,
+    PoisonSpec,
+    TriggeredTestSet,
+    poison_dataset,
+    triggered_test_set,
+)
+from backdoorlab.attacks.triggers import ATTACKS, BadNets, Blended, Trigger, create_trigger
+
+__all__ = [
+    "ATTACKS",
+    "MODES",
+    "BadNets",
+    "Blended",
+    "PoisonSpec",
+    "PoisonedDataset",
+    "Trigger",
+    "TriggeredTestSet",
+    "create_trigger",
+    "poison_dataset",
+    "triggered_test_set",
+]

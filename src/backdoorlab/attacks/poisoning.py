@@ -1,0 +1,124 @@
+"""Poisoning strategies: which training samples get the trigger, and which label they get.
+
+The attacker's choices live in :class:`PoisonSpec` (rate, target, all-to-one or all-to-all). The
+result, :class:`PoisonedDataset`, separates what the victim trains on (``data``; a defense sees only
+this) from what only the evaluation may read (``mask`` and ``original_labels``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from backdoorlab.attacks.triggers import Trigger
+from backdoorlab.data.dataset import DataError, TensorDataset, resolve_count
+
+MODES = ("all-to-one", "all-to-all")
+
+
+@dataclass(frozen=True)
+class PoisonSpec:
+    """The attacker's poisoning strategy.
+
+    Attributes:
+        rate: poisoned share of the training set, a fraction in (0, 1] or a count >= 1 (int).
+        target: target class for all-to-one.
+        mode: ``"all-to-one"`` (every poisoned sample is relabelled ``target``; samples are drawn
+            from the non-target classes) or ``"all-to-all"`` (label ``y -> (y + 1) mod K``).
+    """
+
+    rate: float | int = 0.1
+    target: int = 0
+    mode: str = "all-to-one"
+
+    def validate(self, num_classes: int) -> None:
+        """Refuse a bad strategy before any work, with a message that says what is wrong."""
+        if self.mode not in MODES:
+            raise ValueError(f"unknown poisoning mode '{self.mode}'; valid: {', '.join(MODES)}")
+        if self.mode == "all-to-one" and not 0 <= self.target < num_classes:
+            raise ValueError(
+                f"target class {self.target} is outside the dataset's classes 0..{num_classes - 1}"
+            )
+        if isinstance(self.rate, float) and not 0.0 < self.rate <= 1.0:
+            raise ValueError(f"poison rate must be in (0, 1], got {self.rate}")
+        if isinstance(self.rate, int) and not isinstance(self.rate, bool) and self.rate < 1:
+            raise ValueError(f"poison count must be >= 1, got {self.rate}")
+
+    def target_labels(self, labels: Tensor, num_classes: int) -> Tensor:
+        """The label the attacker wants for each sample (of true label ``labels``)."""
+        if self.mode == "all-to-one":
+            return torch.full_like(labels, self.target)
+        return (labels + 1) % num_classes
+
+    def eligible(self, labels: Tensor) -> Tensor:
+        """Boolean mask of samples this strategy may poison (and evaluate ASR on):
+        all-to-one excludes the target class, where a relabel would change nothing."""
+        if self.mode == "all-to-one":
+            return labels != self.target
+        return torch.ones_like(labels, dtype=torch.bool)
+
+
+@dataclass(frozen=True)
+class PoisonedDataset:
+    """A poisoned training set.
+
+    ``data`` is all a victim or a defense gets. ``mask`` (True = poisoned) and
+    ``original_labels`` are ground truth for the evaluation only (isolation precision, for example).
+    """
+
+    data: TensorDataset
+    mask: Tensor
+    original_labels: Tensor
+
+    @property
+    def num_poisoned(self) -> int:
+        return int(self.mask.sum())
+
+
+def poison_dataset(
+    clean: TensorDataset, trigger: Trigger, spec: PoisonSpec, seed: int
+) -> PoisonedDataset:
+    """Apply ``trigger`` to a seeded random choice of samples and relabel them per ``spec``.
+
+    The count is ``rate`` of the whole training set (or ``rate`` itself, for an int), drawn
+    uniformly from the eligible samples (non-target ones for all-to-one).
+    """
+    spec.validate(clean.num_classes)
+    count = resolve_count(spec.rate, len(clean), "poison rate")
+    candidates = spec.eligible(clean.labels).nonzero().squeeze(1)
+    if count > len(candidates):
+        raise DataError(
+            f"poison rate {spec.rate} asks for {count} samples but only {len(candidates)} "
+            f"are eligible ({spec.mode}, target {spec.target})"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count]].sort().values
+    inputs = clean.inputs.clone()
+    inputs[chosen] = trigger(clean.inputs[chosen], generator)
+    labels = clean.labels.clone()
+    labels[chosen] = spec.target_labels(clean.labels[chosen], clean.num_classes)
+    mask = torch.zeros(len(clean), dtype=torch.bool)
+    mask[chosen] = True
+    return PoisonedDataset(clean.replace(inputs=inputs, labels=labels), mask, clean.labels.clone())
+
+
+@dataclass(frozen=True)
+class TriggeredTestSet:
+    """Test samples the ASR is measured on: triggered inputs, true labels, attacker's targets."""
+
+    inputs: Tensor
+    true_labels: Tensor
+    target_labels: Tensor
+
+
+def triggered_test_set(
+    test: TensorDataset, trigger: Trigger, spec: PoisonSpec, seed: int
+) -> TriggeredTestSet:
+    """The trigger applied to every eligible test sample (for all-to-one: true label != target)."""
+    spec.validate(test.num_classes)
+    keep = spec.eligible(test.labels)
+    true = test.labels[keep]
+    inputs = trigger(test.inputs[keep], torch.Generator().manual_seed(seed))
+    return TriggeredTestSet(inputs, true, spec.target_labels(true, test.num_classes))

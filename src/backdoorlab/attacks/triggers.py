@@ -1,0 +1,211 @@
+"""Triggers: pure functions on a batch of images.
+
+A trigger maps uint8 images ``(N, C, H, W)`` to uint8 images of the same shape; it never touches
+labels. Subclasses implement :meth:`Trigger.apply` on floats in [0, 1]; the base class converts
+and rounds, so poisoned data is stored as real 8-bit images, as an attacker would ship it.
+Randomness (a random patch position, a pattern drawn per image) comes only from the ``generator``
+argument, so poisoning and evaluation are reproducible from a seed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from backdoorlab.registry import Registry
+
+#: Attacks (trigger classes) by name: ``cls(input_shape, **options)``.
+ATTACKS: Registry[type[Trigger]] = Registry("attack")
+
+
+class Trigger(ABC):
+    """Base class: ``trigger(images, generator) -> images``."""
+
+    def __init__(self, input_shape: tuple[int, ...]) -> None:
+        if len(input_shape) != 3:
+            raise ValueError(f"image triggers need an input shape (C, H, W), got {input_shape}")
+        self.input_shape = tuple(int(s) for s in input_shape)
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        if images.dtype != torch.uint8 or tuple(images.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"{type(self).__name__} expects uint8 images of shape (N, {self.input_shape}), "
+                f"got {images.dtype} {tuple(images.shape)}"
+            )
+        out = self.apply(images.float().div_(255.0), generator)
+        return out.clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+
+    @abstractmethod
+    def apply(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Apply the trigger to float images in [0, 1]; return a new tensor."""
+
+    def config(self) -> dict[str, Any]:
+        """The options that rebuild this trigger (stored with results)."""
+        return dict(self._options)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+    _options: dict[str, Any] = {}
+
+
+def create_trigger(name: str, input_shape: tuple[int, ...], **options: Any) -> Trigger:
+    """Build a registered trigger; unknown options are refused with the valid ones listed."""
+    cls = ATTACKS.get(name)
+    params = inspect.signature(cls.__init__).parameters
+    valid = [p for p in params if p not in ("self", "input_shape")]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for attack '{name}'; valid: {', '.join(valid)}"
+        )
+    return cls(tuple(input_shape), **options)
+
+
+def load_pattern(pattern: Tensor | str | Path, channels: int, size: tuple[int, int]) -> Tensor:
+    """A pattern as float ``(C, h, w)`` in [0, 1]: from a tensor (uint8 or float) or an image file,
+    resized to ``size`` and converted to ``channels`` (grey or RGB)."""
+    if isinstance(pattern, (str, Path)):
+        img = Image.open(pattern).convert("L" if channels == 1 else "RGB")
+        img = img.resize((size[1], size[0]), Image.BILINEAR)
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        out = torch.from_numpy(arr)
+        return out[None] if out.dim() == 2 else out.permute(2, 0, 1).contiguous()
+    out = pattern.float() / 255.0 if pattern.dtype == torch.uint8 else pattern.float()
+    if out.dim() == 2:
+        out = out[None]
+    if out.shape[0] != channels:
+        if out.shape[0] == 1:
+            out = out.expand(channels, -1, -1)
+        else:
+            raise ValueError(f"pattern has {out.shape[0]} channels, the images {channels}")
+    if tuple(out.shape[1:]) != tuple(size):
+        out = torch.nn.functional.interpolate(out[None], size=size, mode="bilinear", align_corners=False)[0]
+    if out.min() < 0 or out.max() > 1:
+        raise ValueError("a float pattern must lie in [0, 1]")
+    return out.contiguous()
+
+
+def default_patch_size(input_shape: tuple[int, ...]) -> int:
+    """A patch side of 10% of the shorter image side, at least 2 px: 3 px at 32 px (BackdoorBench's
+    3x3 CIFAR-10 patch), 3 px at 28 px (MNIST), 2 px at 8 px (digits)."""
+    return max(2, round(0.1 * min(input_shape[1:])))
+
+
+POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left", "random")
+
+
+@ATTACKS.register("badnets", "BadNets (Gu et al. 2017): a small patch, fixed corner or random place")
+class BadNets(Trigger):
+    """BadNets: paste a small patch onto the image.
+
+    Source: Gu, Dolan-Gavitt, Garg, "BadNets: Identifying Vulnerabilities in the Machine Learning
+    Model Supply Chain" (2017). Defaults follow BackdoorBench's CIFAR-10 setting (a 3x3 white
+    square in the bottom-right corner); the size scales with the image (:func:`default_patch_size`).
+
+    Args:
+        size: patch side in pixels (default: 10% of the image side, at least 2).
+        pattern: ``"white"``, ``"checkerboard"`` (alternating white and black, as Gu et al.'s
+            pattern trigger), or an image (tensor or file path), resized to the patch.
+        position: a corner, or ``"random"`` (drawn per image from the generator).
+        margin: pixels between the patch and the image border at a fixed corner.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        size: int | None = None,
+        pattern: str | Tensor = "white",
+        position: str = "bottom-right",
+        margin: int = 1,
+    ) -> None:
+        super().__init__(input_shape)
+        c, h, w = self.input_shape
+        size = default_patch_size(self.input_shape) if size is None else int(size)
+        if not 1 <= size <= min(h, w):
+            raise ValueError(f"patch size {size} does not fit {h}x{w} images")
+        if position not in POSITIONS:
+            raise ValueError(f"unknown position '{position}'; valid: {', '.join(POSITIONS)}")
+        if position != "random" and not 0 <= margin <= min(h, w) - size:
+            raise ValueError(f"margin {margin} puts a {size}px patch outside {h}x{w} images")
+        if isinstance(pattern, str) and pattern == "white":
+            patch = torch.ones(c, size, size)
+        elif isinstance(pattern, str) and pattern == "checkerboard":
+            grid = torch.arange(size)
+            patch = ((grid[:, None] + grid[None, :]) % 2 == 0).float().expand(c, -1, -1).contiguous()
+        else:
+            patch = load_pattern(pattern, c, (size, size))
+        self.patch, self.size, self.position, self.margin = patch, size, position, margin
+        self._options = {
+            "size": size,
+            "pattern": pattern if isinstance(pattern, str) else "custom",
+            "position": position,
+            "margin": margin,
+        }
+
+    def _corner(self) -> tuple[int, int]:
+        _, h, w = self.input_shape
+        top = self.margin if "top" in self.position else h - self.margin - self.size
+        left = self.margin if "left" in self.position else w - self.margin - self.size
+        return top, left
+
+    def apply(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        out = x.clone()
+        s, patch = self.size, self.patch.to(x.device)
+        if self.position != "random":
+            top, left = self._corner()
+            out[:, :, top : top + s, left : left + s] = patch
+            return out
+        n, _, h, w = x.shape
+        tops = torch.randint(0, h - s + 1, (n,), generator=generator).to(x.device)
+        lefts = torch.randint(0, w - s + 1, (n,), generator=generator).to(x.device)
+        rows = torch.arange(h, device=x.device)[None, :] - tops[:, None]  # (N, H)
+        cols = torch.arange(w, device=x.device)[None, :] - lefts[:, None]  # (N, W)
+        inside = ((rows >= 0) & (rows < s))[:, :, None] & ((cols >= 0) & (cols < s))[:, None, :]
+        canvas = patch[:, rows.clamp(0, s - 1)[:, :, None], cols.clamp(0, s - 1)[:, None, :]]
+        return torch.where(inside[:, None], canvas.permute(1, 0, 2, 3), out)
+
+
+@ATTACKS.register("blended", "Blended (Chen et al. 2017): a full-image pattern blended with alpha")
+class Blended(Trigger):
+    """Blended injection: ``x' = (1 - alpha) * x + alpha * pattern`` over the whole image.
+
+    Source: Chen, Liu, Li, Lu, Song, "Targeted Backdoor Attacks on Deep Learning Systems Using Data
+    Poisoning" (2017), blended injection strategy. ``alpha = 0.2`` as BackdoorBench uses for training
+    and testing. The paper's patterns are a Hello Kitty image or random noise; the default here is
+    uniform random noise drawn once from ``seed`` (one fixed pattern for all images). Any image file
+    or tensor can be given instead.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        alpha: float = 0.2,
+        pattern: str | Tensor = "noise",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(input_shape)
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        c, h, w = self.input_shape
+        if isinstance(pattern, str) and pattern == "noise":
+            self.pattern = torch.rand((c, h, w), generator=torch.Generator().manual_seed(seed))
+        else:
+            self.pattern = load_pattern(pattern, c, (h, w))
+        self.alpha = float(alpha)
+        self._options = {
+            "alpha": self.alpha,
+            "pattern": pattern if isinstance(pattern, str) else "custom",
+            "seed": seed,
+        }
+
+    def apply(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        return torch.lerp(x, self.pattern.to(x.device), self.alpha)

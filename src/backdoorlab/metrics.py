@@ -1,0 +1,42 @@
+"""Backdoor metrics on predictions: clean accuracy, attack success rate, robust accuracy.
+
+Definitions (as BackdoorBench reports them):
+
+- **CA**: accuracy on the clean test set.
+- **ASR**: share of triggered test samples classified as the attacker's target; the samples are
+  those whose true label is not the target (all-to-one), or every sample with its own target
+  ``(y + 1) mod K`` (all-to-all). Build them with :func:`backdoorlab.attacks.triggered_test_set`.
+- **RA**: share of the same triggered samples still given their true label.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _rate(predictions: Tensor, labels: Tensor, what: str) -> float:
+    predictions, labels = torch.as_tensor(predictions), torch.as_tensor(labels)
+    if predictions.shape != labels.shape or predictions.dim() != 1:
+        raise ValueError(
+            f"{what}: predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} "
+            "must be 1-D of equal length"
+        )
+    if len(labels) == 0:
+        raise ValueError(f"{what} of an empty set is undefined")
+    return float((predictions == labels).double().mean())
+
+
+def clean_accuracy(predictions: Tensor, labels: Tensor) -> float:
+    """CA: share of clean test samples predicted correctly."""
+    return _rate(predictions, labels, "clean accuracy")
+
+
+def attack_success_rate(triggered_predictions: Tensor, target_labels: Tensor) -> float:
+    """ASR: share of triggered samples predicted as their target label."""
+    return _rate(triggered_predictions, target_labels, "attack success rate")
+
+
+def robust_accuracy(triggered_predictions: Tensor, true_labels: Tensor) -> float:
+    """RA: share of triggered samples still predicted as their true label."""
+    return _rate(triggered_predictions, true_labels, "robust accuracy")

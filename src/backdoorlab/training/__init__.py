@@ -1,0 +1,25 @@
+"""The training loop over tensors, its configuration, hooks and batched inference."""
+
+from backdoorlab.training.loop import (
+    SCHEDULES,
+    Callback,
+    PerSampleLoss,
+    TrainConfig,
+    TrainHistory,
+    predict,
+    resolve_device,
+    to_float,
+    train,
+)
+
+__all__ = [
+    "SCHEDULES",
+    "Callback",
+    "PerSampleLoss",
+    "TrainConfig",
+    "TrainHistory",
+    "predict",
+    "resolve_device",
+    "to_float",
+    "train",
+]
