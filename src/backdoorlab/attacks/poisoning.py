@@ -33,17 +33,23 @@ class PoisonSpec:
     target: int = 0
     mode: str = "all-to-one"
 
-    def validate(self, num_classes: int) -> None:
-        """Refuse a bad strategy before any work, with a message that says what is wrong."""
+    def validate(self, num_classes: int | None = None) -> None:
+        """Refuse a bad strategy before any work, with a message that says what is wrong.
+        The target is checked against ``num_classes`` where it is given."""
         if self.mode not in MODES:
             raise ValueError(f"unknown poisoning mode '{self.mode}'; valid: {', '.join(MODES)}")
-        if self.mode == "all-to-one" and not 0 <= self.target < num_classes:
+        if self.target < 0 or (
+            num_classes is not None and self.mode == "all-to-one" and self.target >= num_classes
+        ):
+            classes = f"0..{num_classes - 1}" if num_classes is not None else "0 and up"
             raise ValueError(
-                f"target class {self.target} is outside the dataset's classes 0..{num_classes - 1}"
+                f"target class {self.target} is outside the dataset's classes {classes}"
             )
         if isinstance(self.rate, float) and not 0.0 < self.rate <= 1.0:
             raise ValueError(f"poison rate must be in (0, 1], got {self.rate}")
-        if isinstance(self.rate, int) and not isinstance(self.rate, bool) and self.rate < 1:
+        if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)):
+            raise ValueError(f"poison rate must be a fraction or a count, got {self.rate!r}")
+        if isinstance(self.rate, int) and self.rate < 1:
             raise ValueError(f"poison count must be >= 1, got {self.rate}")
 
     def target_labels(self, labels: Tensor, num_classes: int) -> Tensor:

@@ -1,0 +1,140 @@
+"""``run(config) -> RunResult``: train on poisoned data and evaluate, one attack run.
+
+The flow follows DESIGN.md: load -> carve the trusted split -> poison the rest -> train ->
+evaluate. A result carries the full resolved config, the seed, the package version, timings and
+metrics; ``RunResult.write(dir)`` stores it as ``dir/result.json`` (a stable interface: top-level
+keys ``config``, ``seed``, ``version``, ``timings``, ``metrics``).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backdoorlab import __version__
+from backdoorlab.attacks.poisoning import poison_dataset, triggered_test_set
+from backdoorlab.attacks.triggers import create_trigger
+from backdoorlab.data.dataset import split_trusted, subsample
+from backdoorlab.data.sources import load_dataset
+from backdoorlab.evaluation import evaluate_backdoor
+from backdoorlab.experiments.config import RunConfig
+from backdoorlab.models.registry import create_model
+from backdoorlab.training.loop import resolve_device, train
+
+# Seed offsets keep the random streams of the steps independent of each other.
+_SPLIT, _POISON, _TEST_TRIGGER, _MODEL = 0, 1, 2, 3
+
+
+@dataclass
+class RunResult:
+    """What one run produced; :meth:`to_dict` is the ``result.json`` schema."""
+
+    config: dict[str, Any]
+    seed: int
+    version: str
+    timings: dict[str, float]
+    metrics: dict[str, float]
+    data: dict[str, int] = field(default_factory=dict)
+    history: dict[str, list[float]] = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=dict)
+    model: torch.nn.Module | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "seed": self.seed,
+            "version": self.version,
+            "timings": self.timings,
+            "metrics": self.metrics,
+            "data": self.data,
+            "history": self.history,
+            "environment": self.environment,
+        }
+
+    def write(self, directory: str | Path) -> Path:
+        """Write ``result.json`` into ``directory`` (created if needed); return its path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "result.json"
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+def run(config: RunConfig) -> RunResult:
+    """Run one attack: everything is validated before any training starts."""
+    started = time.perf_counter()
+    config = config.resolved()
+    assert config.train is not None and config.model is not None
+    device = resolve_device(config.device)
+    timings: dict[str, float] = {}
+
+    tick = time.perf_counter()
+    splits = load_dataset(config.dataset, config.data_root)
+    train_set, test_set = splits.train, splits.test
+    if config.train_size is not None:
+        train_set = subsample(train_set, config.train_size, config.seed + _SPLIT)
+    if config.test_size is not None:
+        test_set = subsample(test_set, config.test_size, config.seed + _SPLIT)
+    spec = config.poison_spec()
+    spec.validate(train_set.num_classes)
+    rest, trusted = split_trusted(train_set, config.trusted_size, config.seed + _SPLIT)
+    trigger = create_trigger(config.attack, train_set.input_shape, **config.attack_options)
+    timings["load_data"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    poisoned = poison_dataset(rest, trigger, spec, config.seed + _POISON)
+    triggered = triggered_test_set(test_set, trigger, spec, config.seed + _TEST_TRIGGER)
+    timings["poison"] = time.perf_counter() - tick
+
+    torch.manual_seed(config.seed + _MODEL)
+    model = create_model(
+        config.model,
+        num_classes=train_set.num_classes,
+        in_channels=train_set.in_channels,
+        mean=train_set.mean,
+        std=train_set.std,
+        **config.model_options,
+    )
+    tick = time.perf_counter()
+    history = train(
+        model, poisoned.data, config.train, device=device, seed=config.seed,
+        description=f"{config.attack} on {config.dataset}",
+    )  # fmt: skip
+    timings["train"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    metrics = evaluate_backdoor(model, test_set, triggered, device=device)
+    timings["evaluate"] = time.perf_counter() - tick
+    timings["total"] = time.perf_counter() - started
+
+    stored = config.to_dict()
+    stored["attack_options"] = trigger.config()
+    return RunResult(
+        config=stored,
+        seed=config.seed,
+        version=__version__,
+        timings={k: round(v, 3) for k, v in timings.items()},
+        metrics=metrics,
+        data={
+            "train": len(poisoned.data),
+            "poisoned": poisoned.num_poisoned,
+            "trusted": len(trusted),
+            "test": len(test_set),
+            "test_triggered": len(triggered.true_labels),
+        },
+        history={"loss": history.loss, "accuracy": history.accuracy},
+        environment={
+            "device": str(device),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": str(torch.get_num_threads()),
+            "train_samples_per_second": f"{history.samples_per_second:.1f}",
+        },
+        model=model,
+    )
