@@ -1,0 +1,184 @@
+"""The command line: a thin layer over the library (``backdoorlab --help``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from backdoorlab.registry import UnknownNameError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="backdoorlab: backdoor attacks and defenses, fast and tested.",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def parse_size(text: str | None) -> float | int | None:
+    """``"0.1"`` -> 0.1 (a fraction), ``"500"`` -> 500 (a count)."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise typer.BadParameter(f"'{text}' is neither a fraction (0.1) nor a count (500)") from None
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``["size=4", "position=random"]`` -> ``{"size": 4, "position": "random"}``."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"'{pair}' is not KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _fail(err: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(code=2)
+
+
+DatasetOpt = Annotated[str, typer.Option(help="Dataset name (see `backdoorlab list`).")]
+AttackOpt = Annotated[str, typer.Option(help="Attack (trigger) name.")]
+AttackOptionOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--attack-option", "-a", help="Trigger option KEY=VALUE, repeatable (size=4)."),
+]
+DataRootOpt = Annotated[
+    Optional[str],
+    typer.Option(help="Folder with <dataset>/{train,test}.parquet [env: BACKDOORLAB_DATA]."),
+]
+
+
+@app.command("run")
+def run_command(
+    dataset: DatasetOpt = "digits",
+    model: Annotated[Optional[str], typer.Option(help="Model name; default: the dataset's.")] = None,
+    model_option: Annotated[
+        Optional[list[str]], typer.Option("--model-option", "-m", help="Model option KEY=VALUE.")
+    ] = None,
+    attack: AttackOpt = "badnets",
+    attack_option: AttackOptionOpt = None,
+    poison_rate: Annotated[
+        str, typer.Option(help="Fraction in (0, 1] of the training set, or a count (500).")
+    ] = "0.1",
+    target: Annotated[int, typer.Option(help="Target class (all-to-one).")] = 0,
+    mode: Annotated[str, typer.Option(help="all-to-one or all-to-all.")] = "all-to-one",
+    epochs: Annotated[Optional[int], typer.Option(help="Default: the dataset's recipe.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Default: the dataset's recipe.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    seed: Annotated[int, typer.Option(help="Seeds splits, poisoning, init and training.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    train_size: Annotated[
+        Optional[str], typer.Option(help="Subsample the training split (fraction or count).")
+    ] = None,
+    test_size: Annotated[
+        Optional[str], typer.Option(help="Subsample the test split (fraction or count).")
+    ] = None,
+    trusted_size: Annotated[
+        str, typer.Option(help="Trusted clean split kept out of training, for defenses.")
+    ] = "0.01",
+    data_root: DataRootOpt = None,
+    output: Annotated[
+        Optional[Path], typer.Option(help="Write DIR/result.json (and nothing else).")
+    ] = None,
+) -> None:
+    """Poison a training set, train on it, and report CA, ASR and RA."""
+    from backdoorlab.data.dataset import DataError
+    from backdoorlab.experiments import RunConfig, run
+
+    try:
+        config = RunConfig(
+            dataset=dataset, model=model, model_options=parse_options(model_option),
+            attack=attack, attack_options=parse_options(attack_option),
+            poison_rate=parse_size(poison_rate), target=target, mode=mode,
+            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
+            train_size=parse_size(train_size), test_size=parse_size(test_size),
+            trusted_size=parse_size(trusted_size), data_root=data_root,
+        )  # fmt: skip
+        result = run(config)
+    except (UnknownNameError, DataError, ValueError, TypeError) as err:
+        _fail(err)
+        return
+    table = Table(title=f"{config.attack} on {config.dataset} ({result.config['model']}, seed {seed})")
+    for column in ("clean acc (CA)", "attack success (ASR)", "robust acc (RA)", "poisoned", "train s"):
+        table.add_column(column, justify="right")
+    m = result.metrics
+    table.add_row(
+        f"{m['clean_accuracy']:.4f}",
+        f"{m['attack_success_rate']:.4f}",
+        f"{m['robust_accuracy']:.4f}",
+        f"{result.data['poisoned']}/{result.data['train']}",
+        f"{result.timings['train']:.1f}",
+    )
+    console.print(table)
+    if output is not None:
+        path = result.write(output)
+        console.print(f"wrote {path}")
+
+
+@app.command("list")
+def list_command(
+    kind: Annotated[
+        Optional[str], typer.Argument(help="datasets, models or attacks (default: all).")
+    ] = None,
+) -> None:
+    """List the registered datasets, models and attacks."""
+    from backdoorlab.attacks import ATTACKS
+    from backdoorlab.data import DATASETS
+    from backdoorlab.models import MODELS
+
+    registries = {"datasets": DATASETS, "models": MODELS, "attacks": ATTACKS}
+    if kind is not None and kind not in registries:
+        _fail(ValueError(f"unknown kind '{kind}'; valid: {', '.join(registries)}"))
+    for name, registry in registries.items():
+        if kind not in (None, name):
+            continue
+        table = Table(title=name, show_header=False, title_justify="left")
+        table.add_column("name", style="bold")
+        table.add_column("description")
+        for item, text in registry.describe().items():
+            table.add_row(item, text)
+        console.print(table)
+
+
+@app.command("show-trigger")
+def show_trigger_command(
+    dataset: DatasetOpt = "digits",
+    attack: AttackOpt = "badnets",
+    attack_option: AttackOptionOpt = None,
+    count: Annotated[int, typer.Option(help="Images to show.")] = 8,
+    output: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("trigger.png"),
+    seed: Annotated[int, typer.Option(help="Picks the images and the trigger's randomness.")] = 0,
+    data_root: DataRootOpt = None,
+) -> None:
+    """Write a PNG grid: clean test images (top row) and the same images triggered (bottom)."""
+    from backdoorlab.data import DataError
+    from backdoorlab.gallery import trigger_grid
+
+    try:
+        path = trigger_grid(dataset, attack, parse_options(attack_option), count, output, seed, data_root)
+    except (UnknownNameError, DataError, ValueError, TypeError) as err:
+        _fail(err)
+        return
+    console.print(f"wrote {path}")
+
+
+def main() -> None:
+    app()
