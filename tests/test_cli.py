@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from backdoorlab.cli import app, parse_size
+
+runner = CliRunner()
+
+
+def test_run_writes_result_json(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "--epochs", "10", "--seed", "1", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "attack success" in result.output
+    stored = json.loads((out / "result.json").read_text())
+    assert stored["seed"] == 1 and stored["config"]["epochs"] == 10
+    assert stored["metrics"]["attack_success_rate"] > 0.5
+
+
+def test_bad_input_is_a_clear_error_with_exit_code_2():
+    cases = [
+        (["run", "--dataset", "imagenet"], "valid datasets: cifar10, digits, gtsrb, mnist"),
+        (["run", "--attack", "trojan"], "valid attacks: badnets, blended"),
+        (["run", "--target", "11"], "outside the dataset's classes 0..9"),
+        (["run", "--poison-rate", "1.5"], "poison rate must be in (0, 1]"),
+        (["run", "--trusted-size", "0.0001"], "selects no sample"),
+        (["run", "-a", "shape=star"], "valid: size, pattern, position, margin"),
+        (["list", "defenses"], "valid: datasets, models, attacks"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in " ".join(result.output.split()), (args, result.output)
+
+
+def test_list_shows_every_registry():
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == 0
+    for name in ("digits", "cifar10", "airbench", "preact_resnet18", "badnets", "blended"):
+        assert name in result.output
+
+
+def test_show_trigger_writes_a_two_row_png(tmp_path):
+    out = tmp_path / "grid.png"
+    result = runner.invoke(app, ["show-trigger", "--count", "4", "--output", str(out), "-a", "size=3"])
+    assert result.exit_code == 0, result.output
+    # 8x8 digits enlarged 12x to 96 px, 4 columns and 2 rows with 2 px padding
+    assert Image.open(out).size == (4 * 98 + 2, 2 * 98 + 2)
+
+
+def test_parse_size():
+    assert parse_size("0.1") == 0.1 and parse_size("500") == 500 and parse_size(None) is None
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "backdoorlab", "list", "attacks"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "badnets" in proc.stdout

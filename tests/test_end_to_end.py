@@ -1,0 +1,76 @@
+"""A whole attack run on real (small) data: the backdoor must take and the model must stay good."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from backdoorlab.experiments import RunConfig, run
+from backdoorlab.registry import UnknownNameError
+
+
+@pytest.fixture(scope="module")
+def badnets_digits():
+    return run(RunConfig(dataset="digits", attack="badnets", device="cpu"))
+
+
+def test_badnets_on_digits_takes(badnets_digits):
+    m = badnets_digits.metrics
+    assert m["clean_accuracy"] >= 0.9
+    assert m["attack_success_rate"] >= 0.9
+    assert m["robust_accuracy"] <= 0.1
+
+
+def test_clean_model_has_low_asr():
+    """The control: the same trigger on a model trained without poison does not hit the target
+    (a count of 1 poisoned sample of 1423 cannot plant the backdoor)."""
+    result = run(RunConfig(dataset="digits", poison_rate=1, device="cpu"))
+    assert result.metrics["clean_accuracy"] >= 0.9
+    assert result.metrics["attack_success_rate"] < 0.2
+
+
+def test_blended_all_to_all_on_digits():
+    result = run(
+        RunConfig(dataset="digits", attack="blended", attack_options={"alpha": 0.3}, mode="all-to-all",
+                  poison_rate=0.2, epochs=30, device="cpu")
+    )  # fmt: skip
+    assert result.metrics["clean_accuracy"] >= 0.85
+    assert result.metrics["attack_success_rate"] >= 0.8
+
+
+def test_result_json_schema(badnets_digits, tmp_path):
+    path = badnets_digits.write(tmp_path / "out")
+    stored = json.loads(path.read_text())
+    assert {"config", "seed", "version", "timings", "metrics"} <= set(stored)
+    assert set(stored["metrics"]) == {"clean_accuracy", "attack_success_rate", "robust_accuracy"}
+    assert all(0.0 <= v <= 1.0 for v in stored["metrics"].values())
+    config = stored["config"]
+    assert config["model"] == "small_cnn" and config["train"]["epochs"] == 20
+    assert config["attack_options"] == {"size": 2, "pattern": "white", "position": "bottom-right", "margin": 1}
+    assert stored["data"]["trusted"] == 14 and stored["data"]["poisoned"] == 142
+    assert RunConfig.from_dict(config).resolved().to_dict() == config
+
+
+def test_rerun_from_stored_config_reproduces_metrics(badnets_digits):
+    again = run(RunConfig.from_dict(badnets_digits.config))
+    assert again.metrics == badnets_digits.metrics
+
+
+def test_bad_configs_fail_before_training():
+    with pytest.raises(UnknownNameError, match="valid models"):
+        run(RunConfig(model="lenet"))
+    with pytest.raises(ValueError, match="outside the dataset's classes 0..9"):
+        run(RunConfig(target=10))
+    with pytest.raises(ValueError, match=r"poison rate must be in \(0, 1\]"):
+        run(RunConfig(poison_rate=2.0))
+    with pytest.raises(ValueError, match="selects no sample"):
+        run(RunConfig(trusted_size=0.0001))
+    with pytest.raises(ValueError, match="unknown config key"):
+        RunConfig.from_dict({"datset": "digits"})
+
+
+def test_trusted_split_never_trained_on(badnets_digits):
+    assert badnets_digits.data["train"] + badnets_digits.data["trusted"] == 1437
+    assert isinstance(badnets_digits.model, torch.nn.Module)
