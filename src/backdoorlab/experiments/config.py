@@ -39,12 +39,12 @@ DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
     "cifar10": DatasetDefaults(
         "airbench",
         {"width": 32},
-        TrainConfig(epochs=8, batch_size=256, lr=0.2, label_smoothing=0.2, crop_padding=2),
+        TrainConfig(epochs=4, batch_size=256, lr=0.2, label_smoothing=0.2, crop_padding=2),
     ),
     "gtsrb": DatasetDefaults(
         "airbench",
         {"width": 32},
-        TrainConfig(epochs=6, batch_size=256, lr=0.2, label_smoothing=0.2, crop_padding=2),
+        TrainConfig(epochs=3, batch_size=256, lr=0.2, label_smoothing=0.2, crop_padding=2),
     ),
 }
 FALLBACK_DEFAULTS = DATASET_DEFAULTS["cifar10"]
