@@ -71,7 +71,7 @@ def run(config: RunConfig) -> RunResult:
     started = time.perf_counter()
     config = config.resolved()
     assert config.train is not None and config.model is not None
-    device = resolve_device(config.device)
+    device = resolve_device(config.device)  # a bad device fails here, before loading data
     timings: dict[str, float] = {}
 
     tick = time.perf_counter()

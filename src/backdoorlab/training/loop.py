@@ -112,7 +112,13 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``"auto"``/None picks CUDA when available; otherwise the given device."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' was asked for but CUDA is not available; use cpu or auto")
+    return resolved
 
 
 def _autocast(device: torch.device, enabled: bool):  # noqa: ANN202
