@@ -25,7 +25,7 @@ def test_run_writes_result_json(tmp_path):
 def test_bad_input_is_a_clear_error_with_exit_code_2():
     cases = [
         (["run", "--dataset", "imagenet"], "valid datasets: cifar10, digits, gtsrb, mnist"),
-        (["run", "--attack", "trojan"], "valid attacks: badnets, blended"),
+        (["run", "--attack", "trojan"], "valid attacks: badnet_rand, badnet_stripes, badnets, blended"),
         (["run", "--target", "11"], "outside the dataset's classes 0..9"),
         (["run", "--poison-rate", "1.5"], "poison rate must be in (0, 1]"),
         (["run", "--trusted-size", "0.0001"], "selects no sample"),

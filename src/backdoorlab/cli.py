@@ -80,6 +80,13 @@ def run_command(
     ] = "0.1",
     target: Annotated[int, typer.Option(help="Target class (all-to-one).")] = 0,
     mode: Annotated[str, typer.Option(help="all-to-one or all-to-all.")] = "all-to-one",
+    clean_label: Annotated[
+        Optional[bool],
+        typer.Option("--clean-label/--dirty-label", help="Default: the attack's (SIG: clean-label)."),
+    ] = None,
+    source: Annotated[
+        Optional[int], typer.Option(help="Poison, and measure ASR on, only this class.")
+    ] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Default: the dataset's recipe.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Default: the dataset's recipe.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
@@ -108,6 +115,7 @@ def run_command(
             dataset=dataset, model=model, model_options=parse_options(model_option),
             attack=attack, attack_options=parse_options(attack_option),
             poison_rate=parse_size(poison_rate), target=target, mode=mode,
+            clean_label=clean_label, source=source,
             epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
             train_size=parse_size(train_size), test_size=parse_size(test_size),
             trusted_size=parse_size(trusted_size), data_root=data_root,
@@ -166,14 +174,17 @@ def show_trigger_command(
     count: Annotated[int, typer.Option(help="Images to show.")] = 8,
     output: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("trigger.png"),
     seed: Annotated[int, typer.Option(help="Picks the images and the trigger's randomness.")] = 0,
+    difference: Annotated[bool, typer.Option(help="Add a row with the amplified difference.")] = False,
     data_root: DataRootOpt = None,
 ) -> None:
-    """Write a PNG grid: clean test images (top row) and the same images triggered (bottom)."""
+    """Write a PNG grid: clean test images (top row) and the same images triggered (below)."""
     from backdoorlab.data import DataError
     from backdoorlab.gallery import trigger_grid
 
     try:
-        path = trigger_grid(dataset, attack, parse_options(attack_option), count, output, seed, data_root)
+        path = trigger_grid(
+            dataset, attack, parse_options(attack_option), count, output, seed, data_root, difference
+        )
     except (UnknownNameError, DataError, ValueError, TypeError) as err:
         _fail(err)
         return

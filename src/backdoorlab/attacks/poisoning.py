@@ -22,16 +22,24 @@ MODES = ("all-to-one", "all-to-all")
 class PoisonSpec:
     """The attacker's poisoning strategy.
 
+    Strategies as Truong et al. 2020 ("Systematic Evaluation of Backdoor Data Poisoning Attacks on
+    Image Classifiers") vary them: rate, all-to-one or all-to-all, dirty or clean label, and
+    poisoning a single source class.
+
     Attributes:
         rate: poisoned share of the training set, a fraction in (0, 1] or a count >= 1 (int).
         target: target class for all-to-one.
         mode: ``"all-to-one"`` (every poisoned sample is relabelled ``target``; samples are drawn
             from the non-target classes) or ``"all-to-all"`` (label ``y -> (y + 1) mod K``).
+        clean_label: poison only samples of the target class and keep every label (all-to-one).
+        source: poison (and measure ASR on) only samples of this class; ``None`` for all classes.
     """
 
     rate: float | int = 0.1
     target: int = 0
     mode: str = "all-to-one"
+    clean_label: bool = False
+    source: int | None = None
 
     def validate(self, num_classes: int | None = None) -> None:
         """Refuse a bad strategy before any work, with a message that says what is wrong.
@@ -45,10 +53,19 @@ class PoisonSpec:
             raise ValueError(
                 f"target class {self.target} is outside the dataset's classes {classes}"
             )
-        if isinstance(self.rate, float) and not 0.0 < self.rate <= 1.0:
-            raise ValueError(f"poison rate must be in (0, 1], got {self.rate}")
+        if self.clean_label and self.mode != "all-to-one":
+            raise ValueError("clean-label poisoning needs mode all-to-one")
+        if self.source is not None:
+            if self.source < 0 or (num_classes is not None and self.source >= num_classes):
+                raise ValueError(f"source class {self.source} is outside the dataset's classes")
+            if self.mode == "all-to-one" and self.source == self.target:
+                raise ValueError("the source class must differ from the target class")
+            if self.clean_label:
+                raise ValueError("clean-label poisoning uses the target class; drop the source class")
         if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)):
             raise ValueError(f"poison rate must be a fraction or a count, got {self.rate!r}")
+        if isinstance(self.rate, float) and not 0.0 < self.rate <= 1.0:
+            raise ValueError(f"poison rate must be in (0, 1], got {self.rate}")
         if isinstance(self.rate, int) and self.rate < 1:
             raise ValueError(f"poison count must be >= 1, got {self.rate}")
 
@@ -58,25 +75,37 @@ class PoisonSpec:
             return torch.full_like(labels, self.target)
         return (labels + 1) % num_classes
 
-    def eligible(self, labels: Tensor) -> Tensor:
-        """Boolean mask of samples this strategy may poison (and evaluate ASR on):
-        all-to-one excludes the target class, where a relabel would change nothing."""
+    def poisoning_candidates(self, labels: Tensor) -> Tensor:
+        """Boolean mask of training samples this strategy may poison: the target class for
+        clean-label; otherwise the source class, or every class but the target (all-to-one)."""
+        if self.clean_label:
+            return labels == self.target
+        return self.evaluation_candidates(labels)
+
+    def evaluation_candidates(self, labels: Tensor) -> Tensor:
+        """Boolean mask of test samples the ASR is measured on: not of the target class (all-to-one;
+        a hit there says nothing), and of the source class where one is set."""
+        keep = torch.ones_like(labels, dtype=torch.bool)
         if self.mode == "all-to-one":
-            return labels != self.target
-        return torch.ones_like(labels, dtype=torch.bool)
+            keep &= labels != self.target
+        if self.source is not None:
+            keep &= labels == self.source
+        return keep
 
 
 @dataclass(frozen=True)
 class PoisonedDataset:
     """A poisoned training set.
 
-    ``data`` is all a victim or a defense gets. ``mask`` (True = poisoned) and
-    ``original_labels`` are ground truth for the evaluation only (isolation precision, for example).
+    ``data`` is all a victim or a defense gets. ``mask`` (True = poisoned), ``cross_mask`` (WaNet's
+    noise-mode samples, which keep their labels) and ``original_labels`` are ground truth for the
+    evaluation only (isolation precision, for example).
     """
 
     data: TensorDataset
     mask: Tensor
     original_labels: Tensor
+    cross_mask: Tensor | None = None
 
     @property
     def num_poisoned(self) -> int:
@@ -89,25 +118,39 @@ def poison_dataset(
     """Apply ``trigger`` to a seeded random choice of samples and relabel them per ``spec``.
 
     The count is ``rate`` of the whole training set (or ``rate`` itself, for an int), drawn
-    uniformly from the eligible samples (non-target ones for all-to-one).
+    uniformly from the eligible samples (:meth:`PoisonSpec.poisoning_candidates`). Clean-label keeps
+    labels. A trigger with ``cross_ratio > 0`` (WaNet) also gets that many times as many other
+    samples as noise-mode samples, labels kept.
     """
     spec.validate(clean.num_classes)
     count = resolve_count(spec.rate, len(clean), "poison rate")
-    candidates = spec.eligible(clean.labels).nonzero().squeeze(1)
+    candidates = spec.poisoning_candidates(clean.labels).nonzero().squeeze(1)
     if count > len(candidates):
+        kind = "clean-label, target-class samples" if spec.clean_label else f"{spec.mode}"
         raise DataError(
             f"poison rate {spec.rate} asks for {count} samples but only {len(candidates)} "
-            f"are eligible ({spec.mode}, target {spec.target})"
+            f"are eligible ({kind}, target {spec.target})"
         )
     generator = torch.Generator().manual_seed(seed)
     chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count]].sort().values
     inputs = clean.inputs.clone()
     inputs[chosen] = trigger(clean.inputs[chosen], generator)
     labels = clean.labels.clone()
-    labels[chosen] = spec.target_labels(clean.labels[chosen], clean.num_classes)
+    if not spec.clean_label:
+        labels[chosen] = spec.target_labels(clean.labels[chosen], clean.num_classes)
     mask = torch.zeros(len(clean), dtype=torch.bool)
     mask[chosen] = True
-    return PoisonedDataset(clean.replace(inputs=inputs, labels=labels), mask, clean.labels.clone())
+    cross_mask = None
+    if trigger.cross_ratio > 0:
+        others = (~mask).nonzero().squeeze(1)
+        n_cross = min(len(others), round(trigger.cross_ratio * count))
+        crossed = others[torch.randperm(len(others), generator=generator)[:n_cross]].sort().values
+        inputs[crossed] = trigger.cross(clean.inputs[crossed], generator)
+        cross_mask = torch.zeros(len(clean), dtype=torch.bool)
+        cross_mask[crossed] = True
+    return PoisonedDataset(
+        clean.replace(inputs=inputs, labels=labels), mask, clean.labels.clone(), cross_mask
+    )
 
 
 @dataclass(frozen=True)
@@ -122,9 +165,9 @@ class TriggeredTestSet:
 def triggered_test_set(
     test: TensorDataset, trigger: Trigger, spec: PoisonSpec, seed: int
 ) -> TriggeredTestSet:
-    """The trigger applied to every eligible test sample (for all-to-one: true label != target)."""
+    """The trigger applied to every test sample the ASR counts (:meth:`PoisonSpec.evaluation_candidates`)."""
     spec.validate(test.num_classes)
-    keep = spec.eligible(test.labels)
+    keep = spec.evaluation_candidates(test.labels)
     true = test.labels[keep]
     inputs = trigger(test.inputs[keep], torch.Generator().manual_seed(seed))
     return TriggeredTestSet(inputs, true, spec.target_labels(true, test.num_classes))

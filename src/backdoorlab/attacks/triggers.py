@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -26,7 +26,15 @@ ATTACKS: Registry[type[Trigger]] = Registry("attack")
 
 
 class Trigger(ABC):
-    """Base class: ``trigger(images, generator) -> images``."""
+    """Base class: ``trigger(images, generator) -> images``.
+
+    Class attributes a poisoning strategy reads: ``clean_label`` (the attack is clean-label by
+    default, as SIG) and ``cross_ratio`` (WaNet's noise mode: that many times as many extra samples
+    get :meth:`cross` and keep their labels).
+    """
+
+    clean_label: ClassVar[bool] = False
+    cross_ratio: float = 0.0
 
     def __init__(self, input_shape: tuple[int, ...]) -> None:
         if len(input_shape) != 3:
@@ -45,6 +53,10 @@ class Trigger(ABC):
     @abstractmethod
     def apply(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         """Apply the trigger to float images in [0, 1]; return a new tensor."""
+
+    def cross(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Noise-mode ("cross") samples; only triggers with ``cross_ratio > 0`` define it."""
+        raise NotImplementedError(f"{type(self).__name__} has no cross samples")
 
     def config(self) -> dict[str, Any]:
         """The options that rebuild this trigger (stored with results)."""

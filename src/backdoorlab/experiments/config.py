@@ -64,6 +64,9 @@ class RunConfig:
         poison_rate: a fraction in (0, 1] of the training set, or a count (int).
         target: the target class (all-to-one).
         mode: ``all-to-one`` or ``all-to-all``.
+        clean_label: poison target-class samples only and keep labels; ``None`` takes the attack's
+            default (true for SIG, false otherwise).
+        source: poison, and measure ASR on, only this class (``None``: every class).
         epochs, batch_size, lr: override the dataset's training recipe where set.
         train: the full training recipe; ``None`` takes the dataset's (with the overrides above).
         seed: seeds the splits, the poison choice, the model's initialisation and training.
@@ -82,6 +85,8 @@ class RunConfig:
     poison_rate: float | int = 0.1
     target: int = 0
     mode: str = "all-to-one"
+    clean_label: bool | None = None
+    source: int | None = None
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -94,13 +99,16 @@ class RunConfig:
     data_root: str | None = None
 
     def poison_spec(self) -> PoisonSpec:
-        return PoisonSpec(rate=self.poison_rate, target=self.target, mode=self.mode)
+        return PoisonSpec(
+            rate=self.poison_rate, target=self.target, mode=self.mode,
+            clean_label=bool(self.clean_label), source=self.source,
+        )  # fmt: skip
 
     def resolved(self) -> RunConfig:
         """A copy with every default filled in (model, options, training recipe); validates names
         and values so a bad config fails before any data is loaded."""
         DATASETS.get(self.dataset)
-        ATTACKS.get(self.attack)
+        clean_label = ATTACKS.get(self.attack).clean_label if self.clean_label is None else self.clean_label
         defaults = DATASET_DEFAULTS.get(self.dataset, FALLBACK_DEFAULTS)
         model = self.model or defaults.model
         MODELS.get(model)
@@ -110,11 +118,12 @@ class RunConfig:
             if getattr(self, name) is not None:
                 setattr(train, name, getattr(self, name))
         train.validate()
-        self.poison_spec().validate()
-        return replace(
-            self, model=model, model_options=options, train=train,
+        resolved = replace(
+            self, model=model, model_options=options, train=train, clean_label=clean_label,
             epochs=train.epochs, batch_size=train.batch_size, lr=train.lr,
         )  # fmt: skip
+        resolved.poison_spec().validate()
+        return resolved
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -124,6 +124,7 @@ def run(config: RunConfig) -> RunResult:
         data={
             "train": len(poisoned.data),
             "poisoned": poisoned.num_poisoned,
+            "cross": int(poisoned.cross_mask.sum()) if poisoned.cross_mask is not None else 0,
             "trusted": len(trusted),
             "test": len(test_set),
             "test_triggered": len(triggered.true_labels),

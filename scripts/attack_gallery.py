@@ -1,0 +1,45 @@
+"""Regenerate the trigger gallery in docs/attacks.md: for every registered attack, on CIFAR-10 and
+MNIST, four test images clean, triggered, and the amplified difference.
+
+Usage: ``python scripts/attack_gallery.py [--data-root DIR]`` (default: ``$BACKDOORLAB_DATA``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from backdoorlab.attacks import ATTACKS, create_trigger
+from backdoorlab.data import load_dataset
+from backdoorlab.gallery import save_grid, trigger_rows
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+START, END = "<!-- gallery:start -->", "<!-- gallery:end -->"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-root", default=None)
+    args = parser.parse_args()
+    splits = {name: load_dataset(name, args.data_root).test for name in ("cifar10", "mnist")}
+    lines = [START, "", "| attack | options (defaults) | CIFAR-10 | MNIST |", "| --- | --- | --- | --- |"]
+    for attack in ATTACKS.names():
+        cells = []
+        for name, test in splits.items():
+            path = DOCS / "gallery" / f"{attack}-{name}.png"
+            save_grid(trigger_rows(test, attack, {}, 4, seed=0, difference=True), 4, path, min_side=64)
+            cells.append(f"![{attack} on {name}](gallery/{path.name})")
+        options = create_trigger(attack, splits["cifar10"].input_shape).config()
+        text = ", ".join(f"{k}={v}" for k, v in options.items()) or "-"
+        lines.append(f"| `{attack}` | {text} | {cells[0]} | {cells[1]} |")
+    lines += ["", END]
+    doc = DOCS / "attacks.md"
+    content = doc.read_text()
+    before, _, rest = content.partition(START)
+    _, _, after = rest.partition(END)
+    doc.write_text(before + "\n".join(lines) + after)
+    print(f"wrote {doc} and {len(ATTACKS.names()) * 2} pictures")
+
+
+if __name__ == "__main__":
+    main()
