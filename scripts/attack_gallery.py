@@ -1,5 +1,6 @@
 """Regenerate the trigger gallery in docs/attacks.md: for every registered attack, on CIFAR-10 and
-MNIST, four test images clean, triggered, and the amplified difference.
+MNIST, four test images clean, as poisoned training images, and the amplified difference. Attacks
+that adapt to a model are fitted on a quick surrogate (one epoch on 5000 training images).
 
 Usage: ``python scripts/attack_gallery.py [--data-root DIR]`` (default: ``$BACKDOORLAB_DATA``).
 """
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from backdoorlab.attacks import ATTACKS, create_trigger
 from backdoorlab.data import load_dataset
-from backdoorlab.gallery import save_grid, trigger_rows
+from backdoorlab.gallery import fitted_trigger, save_grid, trigger_rows
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 START, END = "<!-- gallery:start -->", "<!-- gallery:end -->"
@@ -21,15 +22,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-root", default=None)
     args = parser.parse_args()
-    splits = {name: load_dataset(name, args.data_root).test for name in ("cifar10", "mnist")}
+    splits = {name: load_dataset(name, args.data_root) for name in ("cifar10", "mnist")}
     lines = [START, "", "| attack | options (defaults) | CIFAR-10 | MNIST |", "| --- | --- | --- | --- |"]
     for attack in ATTACKS.names():
         cells = []
-        for name, test in splits.items():
+        for name, data in splits.items():
             path = DOCS / "gallery" / f"{attack}-{name}.png"
-            save_grid(trigger_rows(test, attack, {}, 4, seed=0, difference=True), 4, path, min_side=64)
+            trigger = fitted_trigger(attack, {}, data)
+            save_grid(trigger_rows(data.test, trigger, 4, seed=0, difference=True), 4, path, min_side=64)
             cells.append(f"![{attack} on {name}](gallery/{path.name})")
-        options = create_trigger(attack, splits["cifar10"].input_shape).config()
+        options = create_trigger(attack, splits["cifar10"].train.input_shape).config()
         text = ", ".join(f"{k}={v}" for k, v in options.items()) or "-"
         lines.append(f"| `{attack}` | {text} | {cells[0]} | {cells[1]} |")
     lines += ["", END]

@@ -27,7 +27,7 @@ def test_bad_input_is_a_clear_error_with_exit_code_2():
         (["run", "--dataset", "imagenet"], "valid datasets: cifar10, digits, gtsrb, mnist"),
         (["run", "--attack", "trojan"], "valid attacks: badnet_rand, badnet_stripes, badnets, blended"),
         (["run", "--target", "11"], "outside the dataset's classes 0..9"),
-        (["run", "--poison-rate", "1.5"], "poison rate must be in (0, 1]"),
+        (["run", "--poison-rate", "1.5"], "poison rate must be in [0, 1]"),
         (["run", "--trusted-size", "0.0001"], "selects no sample"),
         (["run", "-a", "shape=star"], "valid: size, pattern, position, margin"),
         (["list", "defenses"], "valid: datasets, models, attacks"),

@@ -44,9 +44,9 @@ def test_all_to_all_relabels_to_next_class(digits, trigger):
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        (PoisonSpec(rate=1.5), r"poison rate must be in \(0, 1\]"),
-        (PoisonSpec(rate=0.0), r"poison rate must be in \(0, 1\]"),
-        (PoisonSpec(rate=0), "poison count must be >= 1"),
+        (PoisonSpec(rate=1.5), r"poison rate must be in \[0, 1\]"),
+        (PoisonSpec(rate=-0.5), r"poison rate must be in \[0, 1\]"),
+        (PoisonSpec(rate=-3), "poison count must be >= 0"),
         (PoisonSpec(target=10), "outside the dataset's classes 0..9"),
         (PoisonSpec(target=-1), "outside the dataset's classes"),
         (PoisonSpec(mode="one-to-one"), "valid: all-to-one, all-to-all"),

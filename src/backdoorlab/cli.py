@@ -76,7 +76,7 @@ def run_command(
     attack: AttackOpt = "badnets",
     attack_option: AttackOptionOpt = None,
     poison_rate: Annotated[
-        str, typer.Option(help="Fraction in (0, 1] of the training set, or a count (500).")
+        str, typer.Option(help="Fraction in [0, 1] of the training set, or a count (500); 0 = clean baseline.")
     ] = "0.1",
     target: Annotated[int, typer.Option(help="Target class (all-to-one).")] = 0,
     mode: Annotated[str, typer.Option(help="all-to-one or all-to-all.")] = "all-to-one",

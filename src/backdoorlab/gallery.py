@@ -9,21 +9,38 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import save_image
 
-from backdoorlab.attacks.triggers import create_trigger
-from backdoorlab.data.dataset import TensorDataset, seeded_permutation
+from backdoorlab.attacks.triggers import Trigger, create_trigger
+from backdoorlab.data.dataset import Splits, TensorDataset, seeded_permutation, subsample
 from backdoorlab.data.sources import load_dataset
+from backdoorlab.training.loop import resolve_device
+
+
+def fitted_trigger(
+    attack: str, options: dict[str, Any], splits: Splits, seed: int = 0, device: str = "cpu"
+) -> Trigger:
+    """Build a trigger; an attack that adapts to a model (TrojanNN, label-consistent) is fitted on a
+    quick surrogate: the dataset's default model, one epoch on at most 5000 training images."""
+    trigger = create_trigger(attack, splits.train.input_shape, **options)
+    if trigger.needs_surrogate:
+        from backdoorlab.experiments import RunConfig, fit_attack
+
+        train = subsample(splits.train, min(5000, len(splits.train)), seed)
+        config = RunConfig(dataset=splits.train.name, attack=attack, epochs=1, seed=seed)
+        fit_attack(trigger, train, config, resolve_device(device))
+    return trigger
 
 
 def trigger_rows(
-    images: TensorDataset, attack: str, options: dict[str, Any], count: int, seed: int, difference: bool
+    images: TensorDataset, trigger: Trigger, count: int, seed: int, difference: bool
 ) -> torch.Tensor:
-    """Float images in [0, 1]: ``count`` clean test images, then triggered, then (optionally) the
-    absolute difference scaled so its largest value is white."""
+    """Float images in [0, 1]: ``count`` clean test images, then as poisoned training images
+    (:meth:`Trigger.poison`: the trigger, plus label-consistent's perturbation), then (optionally)
+    the absolute difference scaled so its largest value is white."""
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
-    trigger = create_trigger(attack, images.input_shape, **options)
-    picked = images.inputs[seeded_permutation(len(images), seed)[: min(count, len(images))]]
-    triggered = trigger(picked, torch.Generator().manual_seed(seed))
+    chosen = seeded_permutation(len(images), seed)[: min(count, len(images))]
+    picked = images.inputs[chosen]
+    triggered = trigger.poison(picked, images.labels[chosen], torch.Generator().manual_seed(seed))
     rows = [picked.float() / 255.0, triggered.float() / 255.0]
     if difference:
         diff = (rows[1] - rows[0]).abs()
@@ -52,8 +69,9 @@ def trigger_grid(
     data_root: str | None = None,
     difference: bool = False,
 ) -> Path:
-    """Save a grid of ``count`` test images of ``dataset``: clean (top row), triggered, and with
+    """Save a grid of ``count`` test images of ``dataset``: clean (top row), poisoned, and with
     ``difference`` the amplified difference. Returns the path."""
-    test = load_dataset(dataset, data_root).test
-    images = trigger_rows(test, attack, options, count, seed, difference)
-    return save_grid(images, min(count, len(test)), output)
+    splits = load_dataset(dataset, data_root)
+    trigger = fitted_trigger(attack, options, splits, seed)
+    images = trigger_rows(splits.test, trigger, count, seed, difference)
+    return save_grid(images, min(count, len(splits.test)), output)

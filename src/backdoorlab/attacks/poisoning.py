@@ -27,7 +27,8 @@ class PoisonSpec:
     poisoning a single source class.
 
     Attributes:
-        rate: poisoned share of the training set, a fraction in (0, 1] or a count >= 1 (int).
+        rate: poisoned share of the training set, a fraction in [0, 1] or a count (int); 0 trains
+            a clean baseline (nothing poisoned; the trigger is still measured at test time).
         target: target class for all-to-one.
         mode: ``"all-to-one"`` (every poisoned sample is relabelled ``target``; samples are drawn
             from the non-target classes) or ``"all-to-all"`` (label ``y -> (y + 1) mod K``).
@@ -64,10 +65,10 @@ class PoisonSpec:
                 raise ValueError("clean-label poisoning uses the target class; drop the source class")
         if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)):
             raise ValueError(f"poison rate must be a fraction or a count, got {self.rate!r}")
-        if isinstance(self.rate, float) and not 0.0 < self.rate <= 1.0:
-            raise ValueError(f"poison rate must be in (0, 1], got {self.rate}")
-        if isinstance(self.rate, int) and self.rate < 1:
-            raise ValueError(f"poison count must be >= 1, got {self.rate}")
+        if isinstance(self.rate, float) and not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"poison rate must be in [0, 1], got {self.rate}")
+        if isinstance(self.rate, int) and self.rate < 0:
+            raise ValueError(f"poison count must be >= 0, got {self.rate}")
 
     def target_labels(self, labels: Tensor, num_classes: int) -> Tensor:
         """The label the attacker wants for each sample (of true label ``labels``)."""
@@ -91,6 +92,14 @@ class PoisonSpec:
         if self.source is not None:
             keep &= labels == self.source
         return keep
+
+
+def _require_fitted(trigger: Trigger) -> None:
+    if not trigger.fitted:
+        raise ValueError(
+            f"{type(trigger).__name__} adapts to a model: call trigger.fit(surrogate) with a model "
+            "trained on clean data first (backdoorlab.experiments.fit_attack does it)"
+        )
 
 
 @dataclass(frozen=True)
@@ -123,7 +132,8 @@ def poison_dataset(
     samples as noise-mode samples, labels kept.
     """
     spec.validate(clean.num_classes)
-    count = resolve_count(spec.rate, len(clean), "poison rate")
+    _require_fitted(trigger)
+    count = 0 if spec.rate == 0 else resolve_count(spec.rate, len(clean), "poison rate")
     candidates = spec.poisoning_candidates(clean.labels).nonzero().squeeze(1)
     if count > len(candidates):
         kind = "clean-label, target-class samples" if spec.clean_label else f"{spec.mode}"
@@ -134,14 +144,15 @@ def poison_dataset(
     generator = torch.Generator().manual_seed(seed)
     chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count]].sort().values
     inputs = clean.inputs.clone()
-    inputs[chosen] = trigger(clean.inputs[chosen], generator)
+    if count:
+        inputs[chosen] = trigger.poison(clean.inputs[chosen], clean.labels[chosen], generator)
     labels = clean.labels.clone()
     if not spec.clean_label:
         labels[chosen] = spec.target_labels(clean.labels[chosen], clean.num_classes)
     mask = torch.zeros(len(clean), dtype=torch.bool)
     mask[chosen] = True
     cross_mask = None
-    if trigger.cross_ratio > 0:
+    if trigger.cross_ratio > 0 and count:
         others = (~mask).nonzero().squeeze(1)
         n_cross = min(len(others), round(trigger.cross_ratio * count))
         crossed = others[torch.randperm(len(others), generator=generator)[:n_cross]].sort().values
@@ -167,6 +178,7 @@ def triggered_test_set(
 ) -> TriggeredTestSet:
     """The trigger applied to every test sample the ASR counts (:meth:`PoisonSpec.evaluation_candidates`)."""
     spec.validate(test.num_classes)
+    _require_fitted(trigger)
     keep = spec.evaluation_candidates(test.labels)
     true = test.labels[keep]
     inputs = trigger(test.inputs[keep], torch.Generator().manual_seed(seed))

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 from backdoorlab.registry import Registry
 
@@ -35,11 +35,25 @@ class Trigger(ABC):
 
     clean_label: ClassVar[bool] = False
     cross_ratio: float = 0.0
+    #: The attack adapts to a model: :meth:`fit` it on a surrogate trained on clean data first.
+    needs_surrogate: ClassVar[bool] = False
 
     def __init__(self, input_shape: tuple[int, ...]) -> None:
         if len(input_shape) != 3:
             raise ValueError(f"image triggers need an input shape (C, H, W), got {input_shape}")
         self.input_shape = tuple(int(s) for s in input_shape)
+        self.fitted = not self.needs_surrogate
+
+    def fit(self, surrogate: nn.Module, generator: torch.Generator | None = None) -> None:
+        """Adapt the attack to ``surrogate``, a model the attacker trained on clean data (on the
+        model's device). Only attacks with ``needs_surrogate`` override this."""
+        self.fitted = True
+
+    def poison(self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """What poisoned *training* images become (uint8 in and out; ``labels`` are their true
+        labels). The test-time trigger is :meth:`__call__`; they differ only for attacks that also
+        perturb the training images, as label-consistent poisoning."""
+        return self(images, generator)
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if images.dtype != torch.uint8 or tuple(images.shape[1:]) != self.input_shape:

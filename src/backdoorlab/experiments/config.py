@@ -61,7 +61,8 @@ class RunConfig:
             the default one).
         attack: a registered attack (trigger) name.
         attack_options: keyword options for the trigger (``size``, ``alpha``...).
-        poison_rate: a fraction in (0, 1] of the training set, or a count (int).
+        poison_rate: a fraction in [0, 1] of the training set, or a count (int); 0 is a clean
+            baseline (the trigger is still measured on the clean model).
         target: the target class (all-to-one).
         mode: ``all-to-one`` or ``all-to-all``.
         clean_label: poison target-class samples only and keep labels; ``None`` takes the attack's

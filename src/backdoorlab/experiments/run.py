@@ -19,8 +19,8 @@ import torch
 
 from backdoorlab import __version__
 from backdoorlab.attacks.poisoning import poison_dataset, triggered_test_set
-from backdoorlab.attacks.triggers import create_trigger
-from backdoorlab.data.dataset import split_trusted, subsample
+from backdoorlab.attacks.triggers import Trigger, create_trigger
+from backdoorlab.data.dataset import TensorDataset, split_trusted, subsample
 from backdoorlab.data.sources import load_dataset
 from backdoorlab.evaluation import evaluate_backdoor
 from backdoorlab.experiments.config import RunConfig
@@ -28,7 +28,7 @@ from backdoorlab.models.registry import create_model
 from backdoorlab.training.loop import resolve_device, train
 
 # Seed offsets keep the random streams of the steps independent of each other.
-_SPLIT, _POISON, _TEST_TRIGGER, _MODEL = 0, 1, 2, 3
+_SPLIT, _POISON, _TEST_TRIGGER, _MODEL, _SURROGATE = 0, 1, 2, 3, 4
 
 
 @dataclass
@@ -66,6 +66,36 @@ class RunResult:
         return path
 
 
+def build_model(config: RunConfig, data: TensorDataset) -> torch.nn.Module:
+    """A fresh model of ``config.model`` (resolved config) shaped for ``data``."""
+    assert config.model is not None
+    return create_model(
+        config.model,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        mean=data.mean,
+        std=data.std,
+        **config.model_options,
+    )
+
+
+def fit_attack(trigger: Trigger, data: TensorDataset, config: RunConfig, device: torch.device) -> None:
+    """Fit an attack that adapts to a model (``trigger.needs_surrogate``): train a surrogate of the
+    run's model and recipe on ``data`` (the attacker's clean copy of the training set), then
+    ``trigger.fit(surrogate)``. A no-op for other attacks."""
+    if not trigger.needs_surrogate:
+        return
+    config = config.resolved()
+    assert config.train is not None
+    torch.manual_seed(config.seed + _SURROGATE)
+    surrogate = build_model(config, data)
+    train(
+        surrogate, data, config.train, device=device, seed=config.seed + _SURROGATE,
+        description=f"surrogate for {config.attack}",
+    )  # fmt: skip
+    trigger.fit(surrogate, torch.Generator().manual_seed(config.seed + _SURROGATE))
+
+
 def run(config: RunConfig) -> RunResult:
     """Run one attack: everything is validated before any training starts."""
     started = time.perf_counter()
@@ -87,20 +117,18 @@ def run(config: RunConfig) -> RunResult:
     trigger = create_trigger(config.attack, train_set.input_shape, **config.attack_options)
     timings["load_data"] = time.perf_counter() - tick
 
+    if trigger.needs_surrogate:
+        tick = time.perf_counter()
+        fit_attack(trigger, rest, config, device)
+        timings["fit_attack"] = time.perf_counter() - tick
+
     tick = time.perf_counter()
     poisoned = poison_dataset(rest, trigger, spec, config.seed + _POISON)
     triggered = triggered_test_set(test_set, trigger, spec, config.seed + _TEST_TRIGGER)
     timings["poison"] = time.perf_counter() - tick
 
     torch.manual_seed(config.seed + _MODEL)
-    model = create_model(
-        config.model,
-        num_classes=train_set.num_classes,
-        in_channels=train_set.in_channels,
-        mean=train_set.mean,
-        std=train_set.std,
-        **config.model_options,
-    )
+    model = build_model(config, train_set)
     tick = time.perf_counter()
     history = train(
         model, poisoned.data, config.train, device=device, seed=config.seed,
