@@ -9,7 +9,7 @@ class, which holds only about 10% of MNIST and CIFAR-10).
 Usage::
 
     BACKDOORLAB_DATA=../shared/data python scripts/attack_table.py --dataset mnist cifar10 \\
-        --train-size 20000 --output runs/attack-table
+        --train-size mnist=20000 cifar10=10000 --output runs/attack-table
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def run_cell(dataset: str, attack: str, args: argparse.Namespace) -> dict:
     rate = 0 if attack == CLEAN else (args.clean_label_rate if clean_label else args.rate)
     config = RunConfig(
         dataset=dataset, attack="badnets" if attack == CLEAN else attack, poison_rate=rate,
-        train_size=args.train_size, device=args.device, seed=args.seed, data_root=args.data_root,
+        train_size=args.train_sizes[dataset], device=args.device, seed=args.seed, data_root=args.data_root,
     )  # fmt: skip
     tick = time.perf_counter()
     result = run(config)
@@ -68,7 +68,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", nargs="+", default=["mnist", "cifar10"])
     parser.add_argument("--attack", nargs="*", default=None, help="default: every registered attack")
-    parser.add_argument("--train-size", type=int, default=20000)
+    parser.add_argument(
+        "--train-size", nargs="+", default=["20000"],
+        help="training images per run: one count for all datasets, or NAME=COUNT pairs",
+    )  # fmt: skip
     parser.add_argument("--rate", type=float, default=0.1)
     parser.add_argument("--clean-label-rate", type=float, default=0.08)
     parser.add_argument("--seed", type=int, default=0)
@@ -77,6 +80,8 @@ def main() -> None:
     parser.add_argument("--output", default="runs/attack-table")
     parser.add_argument("--no-docs", action="store_true", help="run, but leave docs/attacks.md alone")
     args = parser.parse_args()
+    sizes = dict(item.split("=", 1) if "=" in item else ("*", item) for item in args.train_size)
+    args.train_sizes = {d: int(sizes.get(d, sizes.get("*", 0))) or None for d in args.dataset}
     attacks = [CLEAN, *(args.attack or ATTACKS.names())]
     results = {d: {a: run_cell(d, a, args) for a in attacks} for d in args.dataset}
     if args.no_docs or args.attack:

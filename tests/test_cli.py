@@ -22,6 +22,18 @@ def test_run_writes_result_json(tmp_path):
     assert stored["metrics"]["attack_success_rate"] > 0.5
 
 
+def test_run_with_a_defense_reports_its_isolation(tmp_path):
+    out = tmp_path / "abl"
+    args = ["run", "--defense", "abl", "-d", "isolation_ratio=0.05", "--epochs", "3", "--output", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "against abl" in result.output and "precision" in result.output
+    stored = json.loads((out / "result.json").read_text())
+    assert stored["config"]["defense_options"]["isolation_ratio"] == 0.05
+    assert stored["metrics"]["isolated"] == round(0.05 * stored["data"]["train"])
+    assert 0.0 <= stored["metrics"]["isolation_precision"] <= 1.0 and "defense" in stored["timings"]
+
+
 def test_bad_input_is_a_clear_error_with_exit_code_2():
     cases = [
         (["run", "--dataset", "imagenet"], "valid datasets: cifar10, digits, gtsrb, mnist"),
@@ -30,7 +42,9 @@ def test_bad_input_is_a_clear_error_with_exit_code_2():
         (["run", "--poison-rate", "1.5"], "poison rate must be in [0, 1]"),
         (["run", "--trusted-size", "0.0001"], "selects no sample"),
         (["run", "-a", "shape=star"], "valid: size, pattern, position, margin"),
-        (["list", "defenses"], "valid: datasets, models, attacks"),
+        (["list", "poisons"], "valid: datasets, models, attacks, defenses"),
+        (["run", "--defense", "strip"], "valid defenses: abl"),
+        (["run", "--defense", "abl", "-d", "ratio=0.1"], "valid: gamma, isolation_ratio"),
     ]
     for args, message in cases:
         result = runner.invoke(app, args)
@@ -41,7 +55,7 @@ def test_bad_input_is_a_clear_error_with_exit_code_2():
 def test_list_shows_every_registry():
     result = runner.invoke(app, ["list"])
     assert result.exit_code == 0
-    for name in ("digits", "cifar10", "airbench", "preact_resnet18", "badnets", "blended"):
+    for name in ("digits", "cifar10", "airbench", "preact_resnet18", "badnets", "blended", "abl"):
         assert name in result.output
 
 

@@ -87,6 +87,13 @@ def run_command(
     source: Annotated[
         Optional[int], typer.Option(help="Poison, and measure ASR on, only this class.")
     ] = None,
+    defense: Annotated[
+        Optional[str], typer.Option(help="Training-time defense (abl ...); default: none.")
+    ] = None,
+    defense_option: Annotated[
+        Optional[list[str]],
+        typer.Option("--defense-option", "-d", help="Defense option KEY=VALUE, repeatable."),
+    ] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Default: the dataset's recipe.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Default: the dataset's recipe.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
@@ -116,6 +123,7 @@ def run_command(
             attack=attack, attack_options=parse_options(attack_option),
             poison_rate=parse_size(poison_rate), target=target, mode=mode,
             clean_label=clean_label, source=source,
+            defense=defense, defense_options=parse_options(defense_option),
             epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
             train_size=parse_size(train_size), test_size=parse_size(test_size),
             trusted_size=parse_size(trusted_size), data_root=data_root,
@@ -124,17 +132,26 @@ def run_command(
     except (UnknownNameError, DataError, ValueError, TypeError) as err:
         _fail(err)
         return
-    table = Table(title=f"{config.attack} on {config.dataset} ({result.config['model']}, seed {seed})")
-    for column in ("clean acc (CA)", "attack success (ASR)", "robust acc (RA)", "poisoned", "train s"):
-        table.add_column(column, justify="right")
-    m = result.metrics
-    table.add_row(
-        f"{m['clean_accuracy']:.4f}",
-        f"{m['attack_success_rate']:.4f}",
-        f"{m['robust_accuracy']:.4f}",
-        f"{result.data['poisoned']}/{result.data['train']}",
-        f"{result.timings['train']:.1f}",
+    against = f" against {config.defense}" if config.defense else ""
+    table = Table(
+        title=f"{config.attack} on {config.dataset}{against} ({result.config['model']}, seed {seed})"
     )
+    m = result.metrics
+    cells = {
+        "clean acc (CA)": f"{m['clean_accuracy']:.4f}",
+        "attack success (ASR)": f"{m['attack_success_rate']:.4f}",
+        "robust acc (RA)": f"{m['robust_accuracy']:.4f}",
+        "poisoned": f"{result.data['poisoned']}/{result.data['train']}",
+    }
+    if "isolation_precision" in m:
+        cells["isolated (precision / recall)"] = (
+            f"{m['isolated']} ({m['isolation_precision']:.2f} / {m['isolation_recall']:.2f})"
+        )
+    seconds = result.timings.get("defense", result.timings.get("train", 0.0))
+    cells["defense s" if config.defense else "train s"] = f"{seconds:.1f}"
+    for column in cells:
+        table.add_column(column, justify="right")
+    table.add_row(*cells.values())
     console.print(table)
     if output is not None:
         path = result.write(output)
@@ -144,15 +161,16 @@ def run_command(
 @app.command("list")
 def list_command(
     kind: Annotated[
-        Optional[str], typer.Argument(help="datasets, models or attacks (default: all).")
+        Optional[str], typer.Argument(help="datasets, models, attacks or defenses (default: all).")
     ] = None,
 ) -> None:
-    """List the registered datasets, models and attacks."""
+    """List the registered datasets, models, attacks and defenses."""
     from backdoorlab.attacks import ATTACKS
+    from backdoorlab.defenses import DEFENSES
     from backdoorlab.data import DATASETS
     from backdoorlab.models import MODELS
 
-    registries = {"datasets": DATASETS, "models": MODELS, "attacks": ATTACKS}
+    registries = {"datasets": DATASETS, "models": MODELS, "attacks": ATTACKS, "defenses": DEFENSES}
     if kind is not None and kind not in registries:
         _fail(ValueError(f"unknown kind '{kind}'; valid: {', '.join(registries)}"))
     for name, registry in registries.items():

@@ -7,6 +7,8 @@ Definitions (as BackdoorBench reports them):
   those whose true label is not the target (all-to-one), or every sample with its own target
   ``(y + 1) mod K`` (all-to-all). Build them with :func:`backdoorlab.attacks.triggered_test_set`.
 - **RA**: share of the same triggered samples still given their true label.
+- **Isolation precision / recall** of a defense's isolated set against the hidden poison mask:
+  share of isolated samples that are poisoned, share of poisoned samples isolated.
 """
 
 from __future__ import annotations
@@ -40,3 +42,19 @@ def attack_success_rate(triggered_predictions: Tensor, target_labels: Tensor) ->
 def robust_accuracy(triggered_predictions: Tensor, true_labels: Tensor) -> float:
     """RA: share of triggered samples still predicted as their true label."""
     return _rate(triggered_predictions, true_labels, "robust accuracy")
+
+
+def isolation_metrics(isolated: Tensor, poisoned: Tensor) -> dict[str, float]:
+    """Precision and recall of ``isolated`` (a defense's verdict) against ``poisoned`` (the truth),
+    both boolean masks over the training set; scikit-learn's definitions, 0 where undefined."""
+    from sklearn.metrics import precision_score, recall_score
+
+    isolated, poisoned = torch.as_tensor(isolated).bool(), torch.as_tensor(poisoned).bool()
+    if isolated.shape != poisoned.shape or isolated.dim() != 1:
+        raise ValueError(f"masks {tuple(isolated.shape)} and {tuple(poisoned.shape)} must be 1-D of equal length")
+    truth, verdict = poisoned.numpy(), isolated.numpy()
+    return {
+        "isolation_precision": float(precision_score(truth, verdict, zero_division=0)),
+        "isolation_recall": float(recall_score(truth, verdict, zero_division=0)),
+        "isolated": int(verdict.sum()),
+    }

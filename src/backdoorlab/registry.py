@@ -6,8 +6,9 @@ lists the valid ones (the CLI and configs rely on that message).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -48,6 +49,23 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} '{name}'; valid {self.kind}s: {', '.join(self.names())}"
             )
         return self._items[key]
+
+    def create(self, name: str, *args: Any, **options: Any) -> Any:
+        """Call the factory of ``name`` with ``args`` and keyword ``options``; option names the
+        factory does not take are refused with the valid ones listed."""
+        factory = self.get(name)
+        target = factory.__init__ if inspect.isclass(factory) else factory
+        params = list(inspect.signature(target).parameters.values())
+        if inspect.isclass(factory):
+            params = params[1:]  # self
+        valid = [p.name for p in params[len(args) :] if p.kind is not p.VAR_POSITIONAL]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {', '.join(unknown)} for {self.kind} '{name}'; "
+                f"valid: {', '.join(valid) or 'none'}"
+            )
+        return factory(*args, **options)
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -9,7 +9,6 @@ argument, so poisoning and evaluation are reproducible from a seed.
 
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -85,15 +84,7 @@ class Trigger(ABC):
 
 def create_trigger(name: str, input_shape: tuple[int, ...], **options: Any) -> Trigger:
     """Build a registered trigger; unknown options are refused with the valid ones listed."""
-    cls = ATTACKS.get(name)
-    params = inspect.signature(cls.__init__).parameters
-    valid = [p for p in params if p not in ("self", "input_shape")]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(unknown)} for attack '{name}'; valid: {', '.join(valid)}"
-        )
-    return cls(tuple(input_shape), **options)
+    return ATTACKS.create(name, tuple(input_shape), **options)
 
 
 def load_pattern(pattern: Tensor | str | Path, channels: int, size: tuple[int, int]) -> Tensor:

@@ -14,6 +14,7 @@ from typing import Any
 from backdoorlab.attacks.poisoning import PoisonSpec
 from backdoorlab.attacks.triggers import ATTACKS
 from backdoorlab.data.sources import DATASETS
+from backdoorlab.defenses import DEFENSES
 from backdoorlab.models.registry import MODELS
 from backdoorlab.training.loop import TrainConfig
 
@@ -75,6 +76,9 @@ class RunConfig:
         train_size, test_size: seeded subsamples of the splits for quick runs (fraction or count).
         trusted_size: the trusted clean split carved from the training set before poisoning
             (fraction or count); only defenses get it, and the victim never trains on it.
+        defense: a registered training-time defense (``abl``...) or ``None`` (plain training); it
+            gets only the poisoned training set, a model factory and the recipe.
+        defense_options: keyword options for the defense.
         data_root: folder with ``<dataset>/{train,test}.parquet`` (default ``$BACKDOORLAB_DATA``).
     """
 
@@ -88,6 +92,8 @@ class RunConfig:
     mode: str = "all-to-one"
     clean_label: bool | None = None
     source: int | None = None
+    defense: str | None = None
+    defense_options: dict[str, Any] = field(default_factory=dict)
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -113,6 +119,8 @@ class RunConfig:
         defaults = DATASET_DEFAULTS.get(self.dataset, FALLBACK_DEFAULTS)
         model = self.model or defaults.model
         MODELS.get(model)
+        if self.defense is not None:
+            DEFENSES.create(self.defense, **self.defense_options)  # validates name and options
         options = {**defaults.model_options, **self.model_options} if model == defaults.model else dict(self.model_options)
         train = replace(self.train or defaults.train)
         for name in ("epochs", "batch_size", "lr"):

@@ -22,8 +22,10 @@ from backdoorlab.attacks.poisoning import poison_dataset, triggered_test_set
 from backdoorlab.attacks.triggers import Trigger, create_trigger
 from backdoorlab.data.dataset import TensorDataset, split_trusted, subsample
 from backdoorlab.data.sources import load_dataset
+from backdoorlab.defenses import create_defense
 from backdoorlab.evaluation import evaluate_backdoor
 from backdoorlab.experiments.config import RunConfig
+from backdoorlab.metrics import isolation_metrics
 from backdoorlab.models.registry import create_model
 from backdoorlab.training.loop import resolve_device, train
 
@@ -42,6 +44,7 @@ class RunResult:
     metrics: dict[str, float]
     data: dict[str, int] = field(default_factory=dict)
     history: dict[str, list[float]] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
     model: torch.nn.Module | None = field(default=None, repr=False)
 
@@ -54,6 +57,7 @@ class RunResult:
             "metrics": self.metrics,
             "data": self.data,
             "history": self.history,
+            "details": self.details,
             "environment": self.environment,
         }
 
@@ -128,21 +132,36 @@ def run(config: RunConfig) -> RunResult:
     timings["poison"] = time.perf_counter() - tick
 
     torch.manual_seed(config.seed + _MODEL)
-    model = build_model(config, train_set)
     tick = time.perf_counter()
-    history = train(
-        model, poisoned.data, config.train, device=device, seed=config.seed,
-        description=f"{config.attack} on {config.dataset}",
-    )  # fmt: skip
-    timings["train"] = time.perf_counter() - tick
+    outcome = None
+    if config.defense is None:
+        model = build_model(config, train_set)
+        history = train(
+            model, poisoned.data, config.train, device=device, seed=config.seed,
+            description=f"{config.attack} on {config.dataset}",
+        )  # fmt: skip
+        timings["train"] = time.perf_counter() - tick
+    else:
+        # The defense gets the poisoned training set only: no mask, trigger, target or test set.
+        defense = create_defense(config.defense, **config.defense_options)
+        outcome = defense.train(
+            poisoned.data, lambda: build_model(config, train_set), config.train,
+            device=device, seed=config.seed,
+        )  # fmt: skip
+        model, history = outcome.model, None
+        timings["defense"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     metrics = evaluate_backdoor(model, test_set, triggered, device=device)
+    if outcome is not None and outcome.isolated is not None:
+        metrics.update(isolation_metrics(outcome.isolated, poisoned.mask))
     timings["evaluate"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
 
     stored = config.to_dict()
     stored["attack_options"] = trigger.config()
+    if outcome is not None:
+        stored["defense_options"] = defense.config()
     return RunResult(
         config=stored,
         seed=config.seed,
@@ -157,13 +176,14 @@ def run(config: RunConfig) -> RunResult:
             "test": len(test_set),
             "test_triggered": len(triggered.true_labels),
         },
-        history={"loss": history.loss, "accuracy": history.accuracy},
+        history={"loss": history.loss, "accuracy": history.accuracy} if history else {},
+        details=outcome.details if outcome is not None else {},
         environment={
             "device": str(device),
             "torch": torch.__version__,
             "python": platform.python_version(),
             "threads": str(torch.get_num_threads()),
-            "train_samples_per_second": f"{history.samples_per_second:.1f}",
+            **({"train_samples_per_second": f"{history.samples_per_second:.1f}"} if history else {}),
         },
         model=model,
     )

@@ -244,7 +244,7 @@ def train(
 
 
 @torch.inference_mode()
-def predict(
+def predict_logits(
     model: nn.Module,
     inputs: Tensor,
     *,
@@ -253,8 +253,8 @@ def predict(
     amp: bool = True,
     channels_last: bool = True,
 ) -> Tensor:
-    """Predicted labels for ``inputs`` (uint8 images or float), in large batches, no gradients.
-    The model is put in eval mode for the call and restored afterwards."""
+    """Float32 logits for ``inputs`` (uint8 images or float) on the CPU, in large batches, no
+    gradients, no augmentation. The model is put in eval mode for the call and restored afterwards."""
     device = resolve_device(device)
     memory_format = _memory_format(inputs, channels_last)
     was_training = model.training
@@ -264,7 +264,21 @@ def predict(
         for chunk in inputs.split(batch_size):
             x = to_float(chunk.to(device)).contiguous(memory_format=memory_format)
             with _autocast(device, amp):
-                out.append(model(x).argmax(1).cpu())
+                out.append(model(x).float().cpu())
     finally:
         model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def predict(model: nn.Module, inputs: Tensor, **options: object) -> Tensor:
+    """Predicted labels for ``inputs``; options as :func:`predict_logits`."""
+    if len(inputs) == 0:
+        return torch.empty(0, dtype=torch.int64)
+    return predict_logits(model, inputs, **options).argmax(1)  # type: ignore[arg-type]
+
+
+def per_sample_loss(model: nn.Module, data: TensorDataset, **options: object) -> Tensor:
+    """Cross-entropy of every sample of ``data`` under its (possibly poisoned) label, in eval mode
+    without augmentation: the score loss-based isolation (ABL, PT) ranks samples by."""
+    logits = predict_logits(model, data.inputs, **options)  # type: ignore[arg-type]
+    return F.cross_entropy(logits, data.labels, reduction="none")

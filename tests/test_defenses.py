@@ -1,0 +1,90 @@
+"""Training-time defenses: the interface keeps the invariants, the pieces behave, ABL works."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from backdoorlab.attacks import PoisonedDataset
+from backdoorlab.data import TensorDataset
+from backdoorlab.defenses import DEFENSES, DefenseOutcome, TrainingDefense, create_defense, lowest
+from backdoorlab.defenses.abl import local_gradient_ascent
+from backdoorlab.experiments import RunConfig, run
+from backdoorlab.metrics import isolation_metrics
+from backdoorlab.training import train
+
+
+def test_lowest_isolates_the_lowest_share():
+    scores = torch.tensor([5.0, 0.1, 3.0, 0.2, 9.0, 7.0, 0.3, 4.0, 6.0, 8.0])
+    assert lowest(scores, 0.3).nonzero().squeeze(1).tolist() == [1, 3, 6]
+    assert lowest(scores, 0.01).sum() == 1, "at least one sample"
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        lowest(scores, 1.0)
+
+
+def test_isolation_metrics_against_the_mask():
+    poisoned = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.bool)
+    isolated = torch.tensor([1, 1, 0, 0, 1, 0, 0, 0], dtype=torch.bool)
+    m = isolation_metrics(isolated, poisoned)
+    assert m["isolation_precision"] == pytest.approx(2 / 3)
+    assert m["isolation_recall"] == pytest.approx(0.5)
+    assert isolation_metrics(torch.zeros(8, dtype=torch.bool), poisoned)["isolation_precision"] == 0.0
+
+
+def test_lga_turns_descent_into_ascent_below_gamma():
+    logits = torch.tensor([[4.0, 0.0], [3.0, 0.0]], requires_grad=True)
+    labels = torch.tensor([0, 0])
+    local_gradient_ascent(0.5)(logits, labels, labels, 0).mean().backward()
+    assert logits.grad[0, 0] > 0, "mean loss below gamma: the step raises the loss"
+    logits.grad = None
+    local_gradient_ascent(0.001)(logits, labels, labels, 0).mean().backward()
+    assert logits.grad[0, 0] < 0, "mean loss above gamma: ordinary descent"
+
+
+def test_a_defense_gets_the_training_set_and_nothing_about_the_attack(monkeypatch):
+    seen = {}
+
+    class Spy(TrainingDefense):
+        def train(self, data, build_model, recipe, *, device, seed):  # noqa: ANN001, ANN201
+            seen["data"], seen["recipe"] = data, recipe
+            model = build_model()
+            train(model, data, recipe, device=device, seed=seed)
+            return DefenseOutcome(model, isolated=torch.zeros(len(data), dtype=torch.bool))
+
+    monkeypatch.setitem(DEFENSES._items, "spy", Spy)
+    monkeypatch.setitem(DEFENSES._help, "spy", "test spy")
+    run_module = importlib.import_module("backdoorlab.experiments.run")  # the package exports run()
+
+    captured = {}
+    real = run_module.poison_dataset
+
+    def keep(*args, **kwargs) -> PoisonedDataset:
+        captured["poisoned"] = real(*args, **kwargs)
+        return captured["poisoned"]
+
+    monkeypatch.setattr(run_module, "poison_dataset", keep)
+    result = run(RunConfig(dataset="digits", defense="spy", epochs=2, device="cpu"))
+    assert isinstance(seen["data"], TensorDataset)
+    assert seen["data"] is captured["poisoned"].data, "exactly the poisoned training set, no mask"
+    assert result.metrics["isolation_recall"] == 0.0 and result.metrics["isolated"] == 0
+    assert "defense" in result.timings and result.config["defense"] == "spy"
+
+
+def test_unknown_defense_and_options_are_refused():
+    with pytest.raises(ValueError, match="valid defenses: abl"):
+        RunConfig(defense="nope").resolved()
+    with pytest.raises(ValueError, match="valid: gamma"):
+        create_defense("abl", gama=0.5)
+
+
+def test_abl_removes_badnets_on_mnist(data_root):
+    """ABL at its defaults on a 10,000-image MNIST subset (small CNN, the MNIST recipe)."""
+    base = dict(dataset="mnist", train_size=10000, test_size=2000, device="cpu", data_root=str(data_root))
+    undefended = run(RunConfig(**base))
+    defended = run(RunConfig(**base, defense="abl"))
+    assert undefended.metrics["attack_success_rate"] > 0.9
+    assert defended.metrics["attack_success_rate"] < 0.2
+    assert defended.metrics["clean_accuracy"] > 0.8
+    assert defended.metrics["isolation_precision"] > 0.5, "most of the 1% isolated set is poisoned"
