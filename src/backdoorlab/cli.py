@@ -94,6 +94,14 @@ def run_command(
         Optional[list[str]],
         typer.Option("--defense-option", "-d", help="Defense option KEY=VALUE, repeatable."),
     ] = None,
+    regularizer: Annotated[
+        Optional[str],
+        typer.Option(help="Regularised training: logit_squeezing, manifold_mixup, soft_nearest_neighbour, contrastive."),
+    ] = None,
+    regularizer_option: Annotated[
+        Optional[list[str]],
+        typer.Option("--regularizer-option", "-g", help="Regulariser option KEY=VALUE (weight=0.1)."),
+    ] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Default: the dataset's recipe.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Default: the dataset's recipe.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
@@ -124,6 +132,7 @@ def run_command(
             poison_rate=parse_size(poison_rate), target=target, mode=mode,
             clean_label=clean_label, source=source,
             defense=defense, defense_options=parse_options(defense_option),
+            regularizer=regularizer, regularizer_options=parse_options(regularizer_option),
             epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
             train_size=parse_size(train_size), test_size=parse_size(test_size),
             trusted_size=parse_size(trusted_size), data_root=data_root,

@@ -79,6 +79,9 @@ class RunConfig:
         defense: a registered training-time defense (``abl``...) or ``None`` (plain training); it
             gets only the poisoned training set, a model factory and the recipe.
         defense_options: keyword options for the defense.
+        regularizer, regularizer_options: a defensive regulariser of the training loop
+            (``logit_squeezing``, ``manifold_mixup``, ``soft_nearest_neighbour``, ``contrastive``)
+            and its options; set into the resolved ``train`` recipe.
         data_root: folder with ``<dataset>/{train,test}.parquet`` (default ``$BACKDOORLAB_DATA``).
     """
 
@@ -94,6 +97,8 @@ class RunConfig:
     source: int | None = None
     defense: str | None = None
     defense_options: dict[str, Any] = field(default_factory=dict)
+    regularizer: str | None = None
+    regularizer_options: dict[str, Any] = field(default_factory=dict)
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -123,9 +128,11 @@ class RunConfig:
             DEFENSES.create(self.defense, **self.defense_options)  # validates name and options
         options = {**defaults.model_options, **self.model_options} if model == defaults.model else dict(self.model_options)
         train = replace(self.train or defaults.train)
-        for name in ("epochs", "batch_size", "lr"):
+        for name in ("epochs", "batch_size", "lr", "regularizer"):
             if getattr(self, name) is not None:
                 setattr(train, name, getattr(self, name))
+        if self.regularizer is not None:
+            train.regularizer_options = dict(self.regularizer_options)
         train.validate()
         resolved = replace(
             self, model=model, model_options=options, train=train, clean_label=clean_label,

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.progress import make_progress
 from backdoorlab.training.augment import random_crop, random_hflip
+from backdoorlab.training.regularizers import create_regularizer
 
 SCHEDULES = ("onecycle", "cosine", "constant")
 
@@ -56,6 +58,9 @@ class TrainConfig:
             by about 20% on a 2-core CPU for the conv nets here).
         data_init: run the model's data-dependent initialisation (airbench's whitening) first.
         progress: show a progress bar (also subject to ``BACKDOORLAB_PROGRESS``).
+        regularizer: a defensive regulariser (``training.regularizers``: ``logit_squeezing``,
+            ``manifold_mixup``, ``soft_nearest_neighbour``, ``contrastive``) or ``None``.
+        regularizer_options: its options (``weight``, ``alpha``...).
     """
 
     epochs: int = 10
@@ -73,6 +78,8 @@ class TrainConfig:
     channels_last: bool = True
     data_init: bool = True
     progress: bool = True
+    regularizer: str | None = None
+    regularizer_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -83,6 +90,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 < self.warmup < 1.0:
             raise ValueError(f"warmup must be in (0, 1), got {self.warmup}")
+        if self.regularizer is not None:
+            create_regularizer(self.regularizer, **self.regularizer_options)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -197,6 +206,11 @@ def train(
         def loss_fn(logits: Tensor, targets: Tensor, _idx: Tensor, _epoch: int) -> Tensor:
             return F.cross_entropy(logits, targets, reduction="none", label_smoothing=smoothing)
 
+    regularizer = (
+        create_regularizer(config.regularizer, **config.regularizer_options)
+        if config.regularizer is not None
+        else None
+    )
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     optimizer, scheduler = make_optimizer(model, config, steps_per_epoch * config.epochs)
     history = TrainHistory()
@@ -217,8 +231,12 @@ def train(
                 x = to_float(x).contiguous(memory_format=memory_format)
                 y = labels[batch]
                 with _autocast(device, config.amp):
-                    logits = model(x)
-                losses = loss_fn(logits.float(), y, batch, epoch)
+                    if regularizer is None:
+                        logits = model(x)
+                        losses = loss_fn(logits.float(), y, batch, epoch)
+                    else:
+                        logits, losses = regularizer(model, x, y, loss_fn, batch, epoch, generator)
+                losses = losses.float()
                 optimizer.zero_grad(set_to_none=True)
                 losses.mean().backward()
                 optimizer.step()

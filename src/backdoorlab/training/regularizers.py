@@ -1,0 +1,180 @@
+"""Regularised training (the defensive regularisers Truong et al. 2020 evaluate): options of the
+normal training loop, ``TrainConfig(regularizer=NAME, regularizer_options={...})``.
+
+A regulariser replaces the loop's ``logits = model(x); losses = loss_fn(logits, y, ...)`` step with
+its own, so it composes with any per-sample loss (plain cross-entropy, ABL's LGA...). Terms defined
+on a whole batch are spread evenly over its samples, so the batch mean is the regularised objective
+and callbacks still see per-sample values.
+
+Truong et al. name the four regularisers but their weights are not retrievable (METHODS.md 2.5);
+each default below comes from the regulariser's own paper, and where that paper leaves a choice
+open the docstring says "reconstructed".
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from backdoorlab.registry import Registry
+
+#: Regularisers by name: ``cls(**options)``.
+REGULARIZERS: Registry[type[Regularizer]] = Registry("regularizer")
+
+LossFn = Any  # PerSampleLoss; typed loosely to avoid a cycle with training.loop
+
+
+def embedding(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(pooled penultimate features, logits) of a backdoorlab ``Classifier``."""
+    if not hasattr(model, "forward_head"):
+        raise TypeError("feature regularisers need a Classifier (forward_features / forward_head)")
+    features = model.forward_features(x)
+    pooled = model.forward_head(features, pre_logits=True)
+    return pooled, model.forward_head(features)
+
+
+class Regularizer(ABC):
+    """``reg(model, x, y, loss_fn, indices, epoch, generator) -> (logits, per-sample losses)``."""
+
+    _options: dict[str, Any] = {}
+
+    @abstractmethod
+    def __call__(
+        self, model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, indices: Tensor, epoch: int,
+        generator: torch.Generator,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """Forward ``x`` and return logits (for accuracy) and regularised per-sample losses."""
+
+    def config(self) -> dict[str, Any]:
+        return dict(self._options)
+
+
+def create_regularizer(name: str, **options: Any) -> Regularizer:
+    """Build a registered regulariser; unknown options are refused with the valid ones listed."""
+    return REGULARIZERS.create(name, **options)
+
+
+@REGULARIZERS.register("logit_squeezing", "Logit squeezing (Kannan et al. 2018): penalise the logits' norm")
+class LogitSqueezing(Regularizer):
+    """``loss + weight * ||z||_2`` per sample, z the logits. Kannan, Kurakin, Goodfellow,
+    "Adversarial Logit Pairing" (2018), weight 0.05. Reconstructed: the L2 norm, not its square
+    (implementations differ)."""
+
+    def __init__(self, weight: float = 0.05) -> None:
+        if weight < 0:
+            raise ValueError(f"weight must be >= 0, got {weight}")
+        self.weight = float(weight)
+        self._options = {"weight": self.weight}
+
+    def __call__(self, model, x, y, loss_fn, indices, epoch, generator):  # noqa: ANN001, ANN204
+        logits = model(x).float()
+        return logits, loss_fn(logits, y, indices, epoch) + self.weight * logits.norm(dim=1)
+
+
+@REGULARIZERS.register("manifold_mixup", "Manifold Mixup (Verma et al. 2019): mix hidden states and labels")
+class ManifoldMixup(Regularizer):
+    """Mix the hidden states of shuffled pairs at a layer drawn per batch, and their losses
+    with the same weight: ``lam * loss(y_i) + (1 - lam) * loss(y_j)``, ``lam ~ Beta(alpha, alpha)``.
+
+    Verma et al., "Manifold Mixup: Better Representations by Interpolating Hidden States" (ICML
+    2019): alpha 2.0, layers {0, 1, 2} (the input and the outputs of the first two residual stages)
+    for PreAct-ResNets. Here ``layers`` index the model body (an ``nn.Sequential``; 0 is the
+    normalised input), reconstructed as {0, 1, 2} for every architecture. Mixing the per-sample
+    losses equals mixing one-hot targets for cross-entropy and keeps any ``loss_fn`` usable.
+    """
+
+    def __init__(self, alpha: float = 2.0, layers: tuple[int, ...] | list[int] = (0, 1, 2)) -> None:
+        if alpha <= 0 or not layers or min(layers) < 0:
+            raise ValueError("alpha must be > 0 and layers non-negative body indices")
+        self.alpha, self.layers = float(alpha), tuple(int(k) for k in layers)
+        self._options = {"alpha": self.alpha, "layers": list(self.layers)}
+
+    def __call__(self, model, x, y, loss_fn, indices, epoch, generator):  # noqa: ANN001, ANN204
+        body = getattr(model, "body", None)
+        if not isinstance(body, nn.Sequential):
+            raise TypeError("manifold mixup needs a Classifier whose body is an nn.Sequential")
+        layers = [k for k in self.layers if k <= len(body)]
+        k = layers[int(torch.randint(len(layers), (1,), generator=generator))]
+        lam = float(torch.distributions.Beta(self.alpha, self.alpha).sample())  # global RNG, seeded by train()
+        perm = torch.randperm(len(x), generator=generator).to(x.device)
+        h = model.normalize(x)
+        h = body[:k](h)
+        h = lam * h + (1 - lam) * h[perm]
+        logits = model.forward_head(body[k:](h)).float()
+        losses = lam * loss_fn(logits, y, indices, epoch) + (1 - lam) * loss_fn(logits, y[perm], indices[perm], epoch)
+        return logits, losses
+
+
+def soft_nearest_neighbour_loss(h: Tensor, y: Tensor, temperature: float) -> Tensor:
+    """Frosst, Papernot, Hinton (2019): ``-mean_i log( sum_{j != i, y_j = y_i} e^{-d_ij / T} /
+    sum_{k != i} e^{-d_ik / T} )`` with squared Euclidean distances; samples without a same-class
+    partner in the batch are left out."""
+    d = torch.cdist(h, h).square() / temperature
+    eye = torch.eye(len(h), dtype=torch.bool, device=h.device)
+    logits = (-d).masked_fill(eye, float("-inf"))
+    same = (y[:, None] == y[None, :]) & ~eye
+    has_partner = same.any(1)
+    if not has_partner.any():
+        return h.sum() * 0.0
+    log_all = torch.logsumexp(logits, dim=1)
+    log_same = torch.logsumexp(logits.masked_fill(~same, float("-inf")), dim=1)
+    return -(log_same - log_all)[has_partner].mean()
+
+
+@REGULARIZERS.register("soft_nearest_neighbour", "Soft nearest-neighbour loss (Frosst et al. 2019) on the features")
+class SoftNearestNeighbour(Regularizer):
+    """``loss + weight * SNNL(features)`` on the pooled penultimate features, temperature 1 (the
+    reference implementation METHODS.md cites). Frosst et al. *maximise* entanglement (a negative
+    weight) to regularise; the anti-backdoor use *minimises* it (weight > 0) so classes separate.
+    Reconstructed: weight 0.1 (minimising), at the penultimate layer only."""
+
+    def __init__(self, weight: float = 0.1, temperature: float = 1.0) -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.weight, self.temperature = float(weight), float(temperature)
+        self._options = {"weight": self.weight, "temperature": self.temperature}
+
+    def __call__(self, model, x, y, loss_fn, indices, epoch, generator):  # noqa: ANN001, ANN204
+        h, logits = embedding(model, x)
+        logits = logits.float()
+        term = soft_nearest_neighbour_loss(h.float(), y, self.temperature)
+        return logits, loss_fn(logits, y, indices, epoch) + self.weight * term
+
+
+def supervised_contrastive_loss(h: Tensor, y: Tensor, temperature: float) -> Tensor:
+    """Khosla et al. (2020), L_out: for each anchor, the mean over its positives of
+    ``-log softmax`` of cosine similarities / T over all other samples in the batch."""
+    z = F.normalize(h, dim=1)
+    sim = z @ z.T / temperature
+    eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    log_prob = sim.masked_fill(eye, float("-inf")).log_softmax(dim=1)
+    positives = (y[:, None] == y[None, :]) & ~eye
+    count = positives.sum(1)
+    keep = count > 0
+    if not keep.any():
+        return h.sum() * 0.0
+    per_anchor = -(log_prob.masked_fill(~positives, 0.0).sum(1)[keep] / count[keep])
+    return per_anchor.mean()
+
+
+@REGULARIZERS.register("contrastive", "Supervised contrastive loss (Khosla et al. 2020) on the features")
+class SupervisedContrastive(Regularizer):
+    """``loss + weight * SupCon(features)``, temperature 0.1 (Khosla et al.'s). Reconstructed:
+    used as an auxiliary term on the pooled penultimate features (no projection head, no second
+    view) with weight 1.0; Khosla et al. pre-train with it alone."""
+
+    def __init__(self, weight: float = 1.0, temperature: float = 0.1) -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.weight, self.temperature = float(weight), float(temperature)
+        self._options = {"weight": self.weight, "temperature": self.temperature}
+
+    def __call__(self, model, x, y, loss_fn, indices, epoch, generator):  # noqa: ANN001, ANN204
+        h, logits = embedding(model, x)
+        logits = logits.float()
+        term = supervised_contrastive_loss(h.float(), y, self.temperature)
+        return logits, loss_fn(logits, y, indices, epoch) + self.weight * term

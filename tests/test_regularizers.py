@@ -1,0 +1,63 @@
+"""Regularised training: the four regularisers train, their terms mean what they say."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from backdoorlab.experiments import RunConfig, build_model, run
+from backdoorlab.training import TrainConfig, predict_logits, train
+from backdoorlab.training.regularizers import (
+    REGULARIZERS,
+    soft_nearest_neighbour_loss,
+    supervised_contrastive_loss,
+)
+
+
+def clusters(spread: float) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat_interleave(8)
+    centres = torch.eye(4, 16) * 10
+    return centres[y] + spread * torch.randn(32, 16, generator=g), y
+
+
+@pytest.mark.parametrize("term", [soft_nearest_neighbour_loss, supervised_contrastive_loss])
+def test_class_separation_terms_are_low_for_separated_classes(term):
+    separated, y = clusters(0.1)
+    mixed = torch.randn(32, 16, generator=torch.Generator().manual_seed(1)) * 10
+    snnl = term is soft_nearest_neighbour_loss
+    temperature = 1.0 if snnl else 0.1
+    floor = 0.0 if snnl else math.log(7)  # SupCon's minimum is log(positives per anchor)
+    assert term(separated, y, temperature) == pytest.approx(floor, abs=0.05)
+    assert term(mixed, y, temperature) > floor + 1.0
+    alone = term(separated[:4:1], torch.arange(4), temperature)  # no same-class partner anywhere
+    assert alone == 0
+
+
+@pytest.mark.parametrize("name", REGULARIZERS.names())
+def test_every_regularizer_trains_a_working_model(name):
+    result = run(RunConfig(dataset="digits", poison_rate=0, regularizer=name, device="cpu"))
+    assert result.metrics["clean_accuracy"] > 0.9, name
+    assert result.config["train"]["regularizer"] == name
+
+
+def test_logit_squeezing_squeezes_the_logits(digits):
+    config = RunConfig(dataset="digits").resolved()
+    norms = {}
+    for weight in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = build_model(config, digits.train)
+        recipe = TrainConfig(epochs=10, batch_size=64, lr=0.05, progress=False,
+                             regularizer="logit_squeezing", regularizer_options={"weight": weight})  # fmt: skip
+        train(model, digits.train, recipe, device="cpu", seed=0)
+        norms[weight] = predict_logits(model, digits.test.inputs).norm(dim=1).mean()
+    assert norms[0.5] < 0.6 * norms[0.0]
+
+
+def test_unknown_regularizer_and_options_are_refused():
+    with pytest.raises(ValueError, match="valid regularizers: contrastive, logit_squeezing"):
+        TrainConfig(regularizer="dropout").validate()
+    with pytest.raises(ValueError, match="valid: alpha, layers"):
+        RunConfig(regularizer="manifold_mixup", regularizer_options={"beta": 1}).resolved()
