@@ -73,7 +73,7 @@ def test_a_defense_gets_the_training_set_and_nothing_about_the_attack(monkeypatc
 
 
 def test_unknown_defense_and_options_are_refused():
-    with pytest.raises(ValueError, match="valid defenses: abl"):
+    with pytest.raises(ValueError, match="valid defenses: abl, e2abl"):
         RunConfig(defense="nope").resolved()
     with pytest.raises(ValueError, match="valid: gamma"):
         create_defense("abl", gama=0.5)
@@ -88,3 +88,26 @@ def test_abl_removes_badnets_on_mnist(data_root):
     assert defended.metrics["attack_success_rate"] < 0.2
     assert defended.metrics["clean_accuracy"] > 0.8
     assert defended.metrics["isolation_precision"] > 0.5, "most of the 1% isolated set is poisoned"
+
+
+def test_e2abl_removes_badnets_on_mnist_in_one_run(data_root):
+    """E2ABL (reconstructed) at its defaults on the same 10,000-image MNIST subset."""
+    base = dict(dataset="mnist", train_size=10000, test_size=2000, device="cpu", data_root=str(data_root))
+    defended = run(RunConfig(**base, defense="e2abl"))
+    assert defended.metrics["attack_success_rate"] < 0.2
+    assert defended.metrics["clean_accuracy"] > 0.963 - 0.05, "within 5 points of undefended training"
+    assert defended.metrics["isolation_recall"] > 0.8 and defended.metrics["isolation_precision"] > 0.5
+
+
+def test_e2abl_shallow_head_works_on_1d_models():
+    from torch import nn
+
+    from backdoorlab.defenses.e2abl import ShallowHeadNet
+    from backdoorlab.models.classifier import Classifier
+
+    body = nn.Sequential(nn.Conv1d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 16, 3, padding=1), nn.ReLU())
+    model = Classifier(body, 16, 3, mean=[0.0], std=[1.0])
+    net = ShallowHeadNet(model, depth=2, example=torch.randn(2, 1, 50))
+    main, shallow = net.both(torch.randn(5, 1, 50))
+    assert main.shape == shallow.shape == (5, 3)
+    assert torch.equal(net(torch.ones(2, 1, 50)), model(torch.ones(2, 1, 50))), "deployed: the main head only"

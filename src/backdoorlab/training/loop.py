@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.progress import make_progress
 from backdoorlab.training.augment import random_crop, random_hflip
-from backdoorlab.training.regularizers import create_regularizer
+from backdoorlab.training.regularizers import Regularizer, create_regularizer
 
 SCHEDULES = ("onecycle", "cosine", "constant")
 
@@ -185,8 +185,13 @@ def train(
     loss_fn: PerSampleLoss | None = None,
     callbacks: Sequence[Callback] = (),
     description: str = "training",
+    step: Regularizer | None = None,
 ) -> TrainHistory:
-    """Train ``model`` in place on ``data`` and return its history."""
+    """Train ``model`` in place on ``data`` and return its history.
+
+    ``step`` replaces the forward-and-loss of a batch (same signature as a regulariser:
+    ``step(model, x, y, loss_fn, indices, epoch, generator) -> (logits, per-sample losses)``), for
+    defenses that train extra heads in the same run (E2ABL)."""
     config = config or TrainConfig()
     config.validate()
     device = resolve_device(device)
@@ -206,7 +211,9 @@ def train(
         def loss_fn(logits: Tensor, targets: Tensor, _idx: Tensor, _epoch: int) -> Tensor:
             return F.cross_entropy(logits, targets, reduction="none", label_smoothing=smoothing)
 
-    regularizer = (
+    if step is not None and config.regularizer is not None:
+        raise ValueError("a custom training step and a regularizer cannot be combined")
+    regularizer = step or (
         create_regularizer(config.regularizer, **config.regularizer_options)
         if config.regularizer is not None
         else None
