@@ -43,7 +43,7 @@ def test_bad_input_is_a_clear_error_with_exit_code_2():
         (["run", "--trusted-size", "0.0001"], "selects no sample"),
         (["run", "-a", "shape=star"], "valid: size, pattern, position, margin"),
         (["list", "poisons"], "valid: datasets, models, attacks, defenses"),
-        (["run", "--defense", "strip"], "valid defenses: abl, e2abl"),
+        (["run", "--defense", "strip"], "valid defenses: abl, e2abl, pt"),
         (["run", "--defense", "abl", "-d", "ratio=0.1"], "valid: gamma, isolation_ratio"),
     ]
     for args, message in cases:

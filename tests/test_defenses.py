@@ -73,7 +73,7 @@ def test_a_defense_gets_the_training_set_and_nothing_about_the_attack(monkeypatc
 
 
 def test_unknown_defense_and_options_are_refused():
-    with pytest.raises(ValueError, match="valid defenses: abl, e2abl"):
+    with pytest.raises(ValueError, match="valid defenses: abl, e2abl, pt"):
         RunConfig(defense="nope").resolved()
     with pytest.raises(ValueError, match="valid: gamma"):
         create_defense("abl", gama=0.5)
@@ -111,3 +111,12 @@ def test_e2abl_shallow_head_works_on_1d_models():
     main, shallow = net.both(torch.randn(5, 1, 50))
     assert main.shape == shallow.shape == (5, 3)
     assert torch.equal(net(torch.ones(2, 1, 50)), model(torch.ones(2, 1, 50))), "deployed: the main head only"
+
+
+def test_pt_removes_badnets_on_mnist(data_root):
+    """PT (reconstructed) at its defaults on the same 10,000-image MNIST subset."""
+    base = dict(dataset="mnist", train_size=10000, test_size=2000, device="cpu", data_root=str(data_root))
+    defended = run(RunConfig(**base, defense="pt"))
+    assert defended.metrics["attack_success_rate"] < 0.2
+    assert defended.metrics["clean_accuracy"] > 0.8
+    assert defended.metrics["isolation_precision"] > 0.5, "well above the 10% poisoned share"

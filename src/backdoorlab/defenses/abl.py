@@ -32,6 +32,35 @@ def gradient_ascent(logits: Tensor, labels: Tensor, _indices: Tensor, _epoch: in
     return -F.cross_entropy(logits, labels, reduction="none")
 
 
+def unlearn(
+    model: torch.nn.Module, isolated: TensorDataset, recipe: TrainConfig, *, device: torch.device,
+    seed: int, epochs: int = 5, lr: float = 5e-4, batch_size: int = 64, keep_norm_statistics: bool = False,
+) -> None:  # fmt: skip
+    """ABL's unlearning step: gradient ascent on ``isolated`` (minimise ``-CE``), SGD momentum 0.9,
+    weight decay 1e-4, constant ``lr``, no augmentation (official code defaults: 5 epochs, 5e-4,
+    batch 64). ``recipe`` lends only the device settings. As the official code, the model is in
+    train mode, so batch-norm running statistics are re-estimated on the isolated batches;
+    ``keep_norm_statistics`` freezes them (measured on MNIST: with them frozen, ABL's unlearning
+    left ASR at 0.94, so most of its effect there is the statistics shift)."""
+    if epochs < 1 or len(isolated) == 0:
+        return
+    config = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, momentum=0.9, nesterov=False, weight_decay=1e-4,
+        schedule="constant", crop_padding=0, flip=False, amp=recipe.amp,
+        channels_last=recipe.channels_last, data_init=False, progress=recipe.progress,
+    )  # fmt: skip
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    if keep_norm_statistics:
+        for m in norms:
+            m.momentum = 0.0  # running statistics stay those of the training data
+    try:
+        train(model, isolated, config, device=device, seed=seed, loss_fn=gradient_ascent, description="unlearning")
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+
+
 @DEFENSES.register("abl", "ABL (Li et al. 2021): isolate the lowest-loss 1% under LGA, then unlearn them")
 class ABL(TrainingDefense):
     """Anti-Backdoor Learning in three steps on one model:
@@ -100,15 +129,8 @@ class ABL(TrainingDefense):
         isolated = lowest(losses, self.isolation_ratio)
         train(model, data.subset((~isolated).nonzero().squeeze(1)), replace(recipe, data_init=False),
               device=device, seed=seed + 1, description="ABL training on the rest")  # fmt: skip
-        if self.unlearning_epochs:
-            unlearning = TrainConfig(
-                epochs=self.unlearning_epochs, batch_size=self.unlearning_batch_size,
-                lr=self.unlearning_lr, momentum=0.9, nesterov=False, weight_decay=1e-4,
-                schedule="constant", crop_padding=0, flip=False, amp=recipe.amp,
-                channels_last=recipe.channels_last, data_init=False, progress=recipe.progress,
-            )  # fmt: skip
-            train(model, data.subset(isolated.nonzero().squeeze(1)), unlearning, device=device,
-                  seed=seed + 2, loss_fn=gradient_ascent, description="ABL unlearning")  # fmt: skip
+        unlearn(model, data.subset(isolated.nonzero().squeeze(1)), recipe, device=device, seed=seed + 2,
+                epochs=self.unlearning_epochs, lr=self.unlearning_lr, batch_size=self.unlearning_batch_size)  # fmt: skip
         return DefenseOutcome(
             model, isolated, {"isolated": int(isolated.sum()), "isolation_loss_max": float(losses[isolated].max())}
         )
