@@ -125,26 +125,6 @@ def soft_nearest_neighbour_loss(h: Tensor, y: Tensor, temperature: float) -> Ten
     return -(log_same - log_all)[has_partner].mean()
 
 
-@REGULARIZERS.register("soft_nearest_neighbour", "Soft nearest-neighbour loss (Frosst et al. 2019) on the features")
-class SoftNearestNeighbour(Regularizer):
-    """``loss + weight * SNNL(features)`` on the pooled penultimate features, temperature 1 (the
-    reference implementation METHODS.md cites). Frosst et al. *maximise* entanglement (a negative
-    weight) to regularise; the anti-backdoor use *minimises* it (weight > 0) so classes separate.
-    Reconstructed: weight 0.1 (minimising), at the penultimate layer only."""
-
-    def __init__(self, weight: float = 0.1, temperature: float = 1.0) -> None:
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.weight, self.temperature = float(weight), float(temperature)
-        self._options = {"weight": self.weight, "temperature": self.temperature}
-
-    def __call__(self, model, x, y, loss_fn, indices, epoch, generator):  # noqa: ANN001, ANN204
-        h, logits = embedding(model, x)
-        logits = logits.float()
-        term = soft_nearest_neighbour_loss(h.float(), y, self.temperature)
-        return logits, loss_fn(logits, y, indices, epoch) + self.weight * term
-
-
 def supervised_contrastive_loss(h: Tensor, y: Tensor, temperature: float) -> Tensor:
     """Khosla et al. (2020), L_out: for each anchor, the mean over its positives of
     ``-log softmax`` of cosine similarities / T over all other samples in the batch."""
@@ -161,20 +141,47 @@ def supervised_contrastive_loss(h: Tensor, y: Tensor, temperature: float) -> Ten
     return per_anchor.mean()
 
 
-@REGULARIZERS.register("contrastive", "Supervised contrastive loss (Khosla et al. 2020) on the features")
-class SupervisedContrastive(Regularizer):
-    """``loss + weight * SupCon(features)``, temperature 0.1 (Khosla et al.'s). Reconstructed:
-    used as an auxiliary term on the pooled penultimate features (no projection head, no second
-    view) with weight 1.0; Khosla et al. pre-train with it alone."""
+class FeatureTerm(Regularizer):
+    """``loss + weight * term(pooled penultimate features, labels, temperature)``, the term spread
+    evenly over the batch's samples."""
 
-    def __init__(self, weight: float = 1.0, temperature: float = 0.1) -> None:
+    def __init__(self, weight: float, temperature: float) -> None:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.weight, self.temperature = float(weight), float(temperature)
         self._options = {"weight": self.weight, "temperature": self.temperature}
 
+    @staticmethod
+    @abstractmethod
+    def term(h: Tensor, y: Tensor, temperature: float) -> Tensor:
+        """The batch-level term."""
+
     def __call__(self, model, x, y, loss_fn, indices, epoch, generator):  # noqa: ANN001, ANN204
         h, logits = embedding(model, x)
         logits = logits.float()
-        term = supervised_contrastive_loss(h.float(), y, self.temperature)
-        return logits, loss_fn(logits, y, indices, epoch) + self.weight * term
+        return logits, loss_fn(logits, y, indices, epoch) + self.weight * self.term(h.float(), y, self.temperature)
+
+
+@REGULARIZERS.register("soft_nearest_neighbour", "Soft nearest-neighbour loss (Frosst et al. 2019) on the features")
+class SoftNearestNeighbour(FeatureTerm):
+    """``loss + weight * SNNL(features)`` on the pooled penultimate features, temperature 1 (the
+    reference implementation METHODS.md cites). Frosst et al. *maximise* entanglement (a negative
+    weight) to regularise; the anti-backdoor use *minimises* it (weight > 0) so classes separate.
+    Reconstructed: weight 0.1 (minimising), at the penultimate layer only."""
+
+    term = staticmethod(soft_nearest_neighbour_loss)
+
+    def __init__(self, weight: float = 0.1, temperature: float = 1.0) -> None:
+        super().__init__(weight, temperature)
+
+
+@REGULARIZERS.register("contrastive", "Supervised contrastive loss (Khosla et al. 2020) on the features")
+class SupervisedContrastive(FeatureTerm):
+    """``loss + weight * SupCon(features)``, temperature 0.1 (Khosla et al.'s). Reconstructed:
+    used as an auxiliary term on the pooled penultimate features (no projection head, no second
+    view) with weight 1.0; Khosla et al. pre-train with it alone."""
+
+    term = staticmethod(supervised_contrastive_loss)
+
+    def __init__(self, weight: float = 1.0, temperature: float = 0.1) -> None:
+        super().__init__(weight, temperature)
