@@ -8,14 +8,13 @@ Usage: ``python scripts/attack_gallery.py [--data-root DIR]`` (default: ``$BACKD
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from doc_blocks import DOCS, replace_block
 
 from backdoorlab.attacks import ATTACKS, create_trigger
 from backdoorlab.data import load_dataset
 from backdoorlab.gallery import fitted_trigger, save_grid, trigger_rows
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
-START, END = "<!-- gallery:start -->", "<!-- gallery:end -->"
 
 
 def main() -> None:
@@ -23,7 +22,7 @@ def main() -> None:
     parser.add_argument("--data-root", default=None)
     args = parser.parse_args()
     splits = {name: load_dataset(name, args.data_root) for name in ("cifar10", "mnist")}
-    lines = [START, "", "| attack | options (defaults) | CIFAR-10 | MNIST |", "| --- | --- | --- | --- |"]
+    lines = ["| attack | options (defaults) | CIFAR-10 | MNIST |", "| --- | --- | --- | --- |"]
     for attack in ATTACKS.names():
         cells = []
         for name, data in splits.items():
@@ -34,12 +33,8 @@ def main() -> None:
         options = create_trigger(attack, splits["cifar10"].train.input_shape).config()
         text = ", ".join(f"{k}={v}" for k, v in options.items()) or "-"
         lines.append(f"| `{attack}` | {text} | {cells[0]} | {cells[1]} |")
-    lines += ["", END]
     doc = DOCS / "attacks.md"
-    content = doc.read_text()
-    before, _, rest = content.partition(START)
-    _, _, after = rest.partition(END)
-    doc.write_text(before + "\n".join(lines) + after)
+    replace_block(doc, "gallery", lines)
     print(f"wrote {doc} and {len(ATTACKS.names()) * 2} pictures")
 
 

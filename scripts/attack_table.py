@@ -15,22 +15,18 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-from backdoorlab.attacks import ATTACKS
-from backdoorlab.experiments import RunConfig, run
+from doc_blocks import DOCS, replace_block
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
-START, END = "<!-- table:start -->", "<!-- table:end -->"
+from backdoorlab.attacks import ATTACKS
+from backdoorlab.experiments import RunConfig, run_cached
+
 CLEAN = "clean"
 
 
 def run_cell(dataset: str, attack: str, args: argparse.Namespace) -> dict:
-    path = Path(args.output) / dataset / attack / "result.json"
-    if path.exists():
-        return json.loads(path.read_text())
     clean_label = ATTACKS.get(attack if attack != CLEAN else "badnets").clean_label
     rate = 0 if attack == CLEAN else (args.clean_label_rate if clean_label else args.rate)
     config = RunConfig(
@@ -38,10 +34,9 @@ def run_cell(dataset: str, attack: str, args: argparse.Namespace) -> dict:
         train_size=args.train_sizes[dataset], device=args.device, seed=args.seed, data_root=args.data_root,
     )  # fmt: skip
     tick = time.perf_counter()
-    result = run(config)
-    result.write(path.parent)
-    print(f"{dataset:8s} {attack:18s} {result.metrics} {time.perf_counter() - tick:.0f} s", flush=True)
-    return result.to_dict()
+    result = run_cached(config, Path(args.output) / dataset / attack)
+    print(f"{dataset:8s} {attack:18s} {result['metrics']} {time.perf_counter() - tick:.0f} s", flush=True)
+    return result
 
 
 def table(results: dict[str, dict[str, dict]]) -> list[str]:
@@ -55,7 +50,7 @@ def table(results: dict[str, dict[str, dict]]) -> list[str]:
         cells = []
         first = next(iter(results.values()))[attack]
         label = "-" if attack == CLEAN else ("clean" if first["config"]["clean_label"] else "dirty")
-        poisoned = first["data"]["poisoned"]
+        poisoned = f"{100 * first['data']['poisoned'] / first['data']['train']:.0f}%"
         for per_dataset in results.values():
             r = per_dataset[attack]["metrics"]
             cells.append(f"{r['clean_accuracy']:.3f} | {r['attack_success_rate']:.3f}")
@@ -79,6 +74,7 @@ def main() -> None:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--output", default="runs/attack-table")
     parser.add_argument("--no-docs", action="store_true", help="run, but leave docs/attacks.md alone")
+    parser.add_argument("--block", default="table", help="the marked block of docs/attacks.md to fill")
     args = parser.parse_args()
     sizes = dict(item.split("=", 1) if "=" in item else ("*", item) for item in args.train_size)
     args.train_sizes = {d: int(sizes.get(d, sizes.get("*", 0))) or None for d in args.dataset}
@@ -87,9 +83,7 @@ def main() -> None:
     if args.no_docs or args.attack:
         return
     doc = DOCS / "attacks.md"
-    before, _, rest = doc.read_text().partition(START)
-    _, _, after = rest.partition(END)
-    doc.write_text(before + "\n".join([START, "", *table(results), "", END]) + after)
+    replace_block(doc, args.block, table(results))
     print(f"wrote the table into {doc}")
 
 

@@ -61,3 +61,19 @@ def test_unknown_regularizer_and_options_are_refused():
         TrainConfig(regularizer="dropout").validate()
     with pytest.raises(ValueError, match="valid: alpha, layers"):
         RunConfig(regularizer="manifold_mixup", regularizer_options={"beta": 1}).resolved()
+
+
+def test_hidden_state_methods_work_on_sequential_subclasses(digits):
+    """airbench's body subclasses nn.Sequential with its own constructor, which slicing breaks."""
+    from backdoorlab.defenses.e2abl import ShallowHeadNet
+    from backdoorlab.models import create_model
+    from backdoorlab.training.regularizers import create_regularizer
+
+    model = create_model("airbench", num_classes=10, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3, width=8)
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    assert torch.allclose(model.forward_body(model.normalize(x)), model.forward_features(x))
+    ce = lambda logits, labels, _i, _e: torch.nn.functional.cross_entropy(logits, labels, reduction="none")  # noqa: E731
+    logits, losses = create_regularizer("manifold_mixup")(model, x, y, ce, y, 0, torch.Generator().manual_seed(0))
+    assert logits.shape == (4, 10) and losses.shape == (4,)
+    main, shallow = ShallowHeadNet(model, 2, x).both(x)
+    assert main.shape == shallow.shape == (4, 10)

@@ -36,7 +36,7 @@ class ShallowHeadNet(nn.Module):
         self.model, self.depth = model, depth
         with torch.no_grad():
             was_training = model.training
-            h = body[:depth](model.normalize(example[:2].float()))
+            h = model.forward_body(model.normalize(example[:2].float()), 0, depth)
             model.train(was_training)
         conv, pool = (nn.Conv1d, nn.AdaptiveMaxPool1d) if h.dim() == 3 else (nn.Conv2d, nn.AdaptiveMaxPool2d)
         self.shallow = nn.Sequential(
@@ -48,8 +48,8 @@ class ShallowHeadNet(nn.Module):
         return self.model(x)
 
     def both(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.model.body[: self.depth](self.model.normalize(x))
-        main = self.model.forward_head(self.model.body[self.depth :](h))
+        h = self.model.forward_body(self.model.normalize(x), 0, self.depth)
+        main = self.model.forward_head(self.model.forward_body(h, self.depth))
         return main, self.shallow(h.detach())
 
     def init_from_data(self, x: Tensor) -> None:

@@ -71,7 +71,7 @@ class PartialTrain(TrainingDefense):
         if recipe.data_init and hasattr(model, "init_from_data"):
             model.init_from_data(data.inputs[:5000].float().div(255))  # before freezing, as training would
         flags = [p.requires_grad for p in model.parameters()]
-        for p in body[:frozen].parameters():
+        for p in (q for module in list(body)[:frozen] for q in module.parameters()):
             p.requires_grad_(False)
         partial = replace(recipe, epochs=self.isolation_epochs or recipe.epochs, data_init=False)
         train(model, data, partial, device=device, seed=seed, description="PT partial training")

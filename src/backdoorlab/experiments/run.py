@@ -187,3 +187,14 @@ def run(config: RunConfig) -> RunResult:
         },
         model=model,
     )
+
+
+def run_cached(config: RunConfig, directory: str | Path) -> dict[str, Any]:
+    """``run(config)`` stored as ``directory/result.json``, or that file's content when it exists
+    already, so that a table of many runs resumes where it stopped."""
+    path = Path(directory) / "result.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    result = run(config)
+    result.write(directory)
+    return result.to_dict()

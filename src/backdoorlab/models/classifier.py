@@ -56,6 +56,14 @@ class Classifier(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         return self.body(self.normalize(x))
 
+    def forward_body(self, h: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        """Run body modules ``start:stop`` on ``h`` (``h`` normalised input when ``start`` is 0):
+        shallow heads and hidden-state mixing use it. Works for any ``nn.Sequential`` body, also
+        subclasses whose constructor slicing could not call."""
+        for module in list(self.body)[start:stop]:
+            h = module(h)
+        return h
+
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
         flat = features.flatten(2)
         pooled = flat.mean(-1) if self.pool == "avg" else flat.amax(-1)

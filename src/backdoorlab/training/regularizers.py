@@ -101,10 +101,9 @@ class ManifoldMixup(Regularizer):
         k = layers[int(torch.randint(len(layers), (1,), generator=generator))]
         lam = float(torch.distributions.Beta(self.alpha, self.alpha).sample())  # global RNG, seeded by train()
         perm = torch.randperm(len(x), generator=generator).to(x.device)
-        h = model.normalize(x)
-        h = body[:k](h)
+        h = model.forward_body(model.normalize(x), 0, k)
         h = lam * h + (1 - lam) * h[perm]
-        logits = model.forward_head(body[k:](h)).float()
+        logits = model.forward_head(model.forward_body(h, k)).float()
         losses = lam * loss_fn(logits, y, indices, epoch) + (1 - lam) * loss_fn(logits, y[perm], indices[perm], epoch)
         return logits, losses
 
