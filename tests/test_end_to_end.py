@@ -63,7 +63,7 @@ def test_bad_configs_fail_before_training():
         run(RunConfig(model="lenet"))
     with pytest.raises(ValueError, match="outside the dataset's classes 0..9"):
         run(RunConfig(target=10))
-    with pytest.raises(ValueError, match=r"poison rate must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"poison rate must be in \[0, 1\]"):
         run(RunConfig(poison_rate=2.0))
     with pytest.raises(ValueError, match="selects no sample"):
         run(RunConfig(trusted_size=0.0001))
