@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,18 @@ def unlearn(
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
+
+
+def train_on_rest_then_unlearn(
+    model: torch.nn.Module, data: TensorDataset, isolated: Tensor, recipe: TrainConfig, *,
+    device: torch.device, seed: int, **unlearning: Any,
+) -> None:  # fmt: skip
+    """ABL's second stage, shared with PT: continue training ``model`` with the recipe on the
+    samples not ``isolated``, then :func:`unlearn` the isolated ones (``unlearning`` are its
+    options; ``epochs=0`` skips it)."""
+    rest = data.subset((~isolated).nonzero().squeeze(1))
+    train(model, rest, replace(recipe, data_init=False), device=device, seed=seed + 1, description="training on the rest")
+    unlearn(model, data.subset(isolated.nonzero().squeeze(1)), recipe, device=device, seed=seed + 2, **unlearning)
 
 
 @DEFENSES.register("abl", "ABL (Li et al. 2021): isolate the lowest-loss 1% under LGA, then unlearn them")
@@ -127,10 +140,10 @@ class ABL(TrainingDefense):
               loss_fn=local_gradient_ascent(self.gamma), description="ABL isolation (LGA)")  # fmt: skip
         losses = per_sample_loss(model, data, device=device)
         isolated = lowest(losses, self.isolation_ratio)
-        train(model, data.subset((~isolated).nonzero().squeeze(1)), replace(recipe, data_init=False),
-              device=device, seed=seed + 1, description="ABL training on the rest")  # fmt: skip
-        unlearn(model, data.subset(isolated.nonzero().squeeze(1)), recipe, device=device, seed=seed + 2,
-                epochs=self.unlearning_epochs, lr=self.unlearning_lr, batch_size=self.unlearning_batch_size)  # fmt: skip
+        train_on_rest_then_unlearn(
+            model, data, isolated, recipe, device=device, seed=seed, epochs=self.unlearning_epochs,
+            lr=self.unlearning_lr, batch_size=self.unlearning_batch_size,
+        )  # fmt: skip
         return DefenseOutcome(
             model, isolated, {"isolated": int(isolated.sum()), "isolation_loss_max": float(losses[isolated].max())}
         )

@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses.abl import unlearn
+from backdoorlab.defenses.abl import train_on_rest_then_unlearn
 from backdoorlab.defenses.base import DEFENSES, DefenseOutcome, ModelFactory, TrainingDefense, lowest
 from backdoorlab.training.loop import TrainConfig, per_sample_loss, train
 
@@ -79,8 +79,7 @@ class PartialTrain(TrainingDefense):
         isolated = lowest(losses, self.isolation_ratio)
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
-        rest = data.subset((~isolated).nonzero().squeeze(1))
-        train(model, rest, replace(recipe, data_init=False), device=device, seed=seed + 1, description="PT fine-tuning")
-        if self.unlearn:
-            unlearn(model, data.subset(isolated.nonzero().squeeze(1)), recipe, device=device, seed=seed + 2)
+        train_on_rest_then_unlearn(
+            model, data, isolated, recipe, device=device, seed=seed, epochs=5 if self.unlearn else 0
+        )
         return DefenseOutcome(model, isolated, {"frozen_modules": frozen})
