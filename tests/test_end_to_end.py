@@ -74,3 +74,10 @@ def test_bad_configs_fail_before_training():
 def test_trusted_split_never_trained_on(badnets_digits):
     assert badnets_digits.data["train"] + badnets_digits.data["trusted"] == 1437
     assert isinstance(badnets_digits.model, torch.nn.Module)
+
+
+def test_non_default_models_get_a_safe_learning_rate():
+    """The CIFAR-10 recipe's lr 0.2 is airbench's; PreAct-ResNet18 diverged at it (NaN, on an H100)."""
+    assert RunConfig(dataset="cifar10").resolved().train.lr == 0.2
+    assert RunConfig(dataset="cifar10", model="preact_resnet18").resolved().train.lr == 0.05
+    assert RunConfig(dataset="cifar10", model="preact_resnet18", lr=0.1).resolved().train.lr == 0.1
