@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from backdoorlab.attacks.triggers import ATTACKS, Trigger
+from backdoorlab.attacks.triggers import ATTACKS, Trigger, blend_weight
 
 
 def scaled(pixels_at_224: int, side: int, minimum: int) -> int:
@@ -95,9 +95,7 @@ class BlendedStripes(Trigger):
 
     def __init__(self, input_shape: tuple[int, ...], alpha: float = 0.03) -> None:
         super().__init__(input_shape)
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-        self.alpha = float(alpha)
+        self.alpha = blend_weight(alpha)
         self._options = {"alpha": self.alpha}
 
     def apply(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -112,9 +110,7 @@ class BlendedRand(Trigger):
 
     def __init__(self, input_shape: tuple[int, ...], alpha: float = 0.2) -> None:
         super().__init__(input_shape)
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-        self.alpha = float(alpha)
+        self.alpha = blend_weight(alpha)
         self._options = {"alpha": self.alpha}
 
     def apply(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -141,9 +137,7 @@ class BlendedTriangles(Trigger):
         self.tile = scaled(14, min(h, w), 2) if tile is None else int(tile)
         if self.tile < 2:
             raise ValueError(f"tile must be >= 2 px, got {self.tile}")
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-        self.alpha = float(alpha)
+        self.alpha = blend_weight(alpha)
         self.pattern = triangle_pattern(h, w, self.tile).expand(c, -1, -1).contiguous()
         self._options = {"alpha": self.alpha, "tile": self.tile}
 
@@ -178,10 +172,8 @@ class BlendedText(Trigger):
 
     def __init__(self, input_shape: tuple[int, ...], alpha: float = 0.5, text: str = "Watermarked") -> None:
         super().__init__(input_shape)
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         c, h, w = self.input_shape
-        self.alpha, self.text = float(alpha), text
+        self.alpha, self.text = blend_weight(alpha), text
         self.pattern = text_pattern(text, c, h, w)
         self._options = {"alpha": self.alpha, "text": text}
 

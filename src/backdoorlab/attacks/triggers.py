@@ -111,6 +111,13 @@ def load_pattern(pattern: Tensor | str | Path, channels: int, size: tuple[int, i
     return out.contiguous()
 
 
+def blend_weight(alpha: float) -> float:
+    """A blend weight, checked to lie in (0, 1]."""
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    return float(alpha)
+
+
 def default_patch_size(input_shape: tuple[int, ...]) -> int:
     """A patch side of 10% of the shorter image side, at least 2 px: 3 px at 32 px (BackdoorBench's
     3x3 CIFAR-10 patch), 3 px at 28 px (MNIST), 2 px at 8 px (digits)."""
@@ -210,14 +217,12 @@ class Blended(Trigger):
         seed: int = 0,
     ) -> None:
         super().__init__(input_shape)
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        self.alpha = blend_weight(alpha)
         c, h, w = self.input_shape
         if isinstance(pattern, str) and pattern == "noise":
             self.pattern = torch.rand((c, h, w), generator=torch.Generator().manual_seed(seed))
         else:
             self.pattern = load_pattern(pattern, c, (h, w))
-        self.alpha = float(alpha)
         self._options = {
             "alpha": self.alpha,
             "pattern": pattern if isinstance(pattern, str) else "custom",

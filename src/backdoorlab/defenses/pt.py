@@ -68,12 +68,11 @@ class PartialTrain(TrainingDefense):
         frozen = len(body) - 1 if self.frozen is None else self.frozen
         if frozen > len(body):
             raise ValueError(f"frozen must be at most the body's {len(body)} modules, got {frozen}")
-        if recipe.data_init and hasattr(model, "init_from_data"):
-            model.init_from_data(data.inputs[:5000].float().div(255))  # before freezing, as training would
         flags = [p.requires_grad for p in model.parameters()]
         for p in (q for module in list(body)[:frozen] for q in module.parameters()):
             p.requires_grad_(False)
-        partial = replace(recipe, epochs=self.isolation_epochs or recipe.epochs, data_init=False)
+        # data-dependent init (airbench's whitening) still runs in train(): it copies, frozen or not
+        partial = replace(recipe, epochs=self.isolation_epochs or recipe.epochs)
         train(model, data, partial, device=device, seed=seed, description="PT partial training")
         losses = per_sample_loss(model, data, device=device)
         isolated = lowest(losses, self.isolation_ratio)
