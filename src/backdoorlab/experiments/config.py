@@ -14,7 +14,7 @@ from typing import Any
 from backdoorlab.attacks.poisoning import PoisonSpec
 from backdoorlab.attacks.triggers import ATTACKS
 from backdoorlab.data.sources import DATASETS
-from backdoorlab.defenses import DEFENSES
+from backdoorlab.defenses import DETECTORS, registry_for
 from backdoorlab.models.registry import MODELS
 from backdoorlab.training.loop import TrainConfig
 
@@ -78,9 +78,12 @@ class RunConfig:
         train_size, test_size: seeded subsamples of the splits for quick runs (fraction or count).
         trusted_size: the trusted clean split carved from the training set before poisoning
             (fraction or count); only defenses get it, and the victim never trains on it.
-        defense: a registered training-time defense (``abl``...) or ``None`` (plain training); it
-            gets only the poisoned training set, a model factory and the recipe.
+        defense: a training-time defense (``abl``...: gets only the poisoned training set, a model
+            factory and the recipe), a repair defense (``fine_tuning``, ``pivotal_tuning``...: gets the
+            trained model and the trusted split), or ``None``.
         defense_options: keyword options for the defense.
+        detector, detector_options: a detector (``neural_cleanse``, ``cti``) that scores the final
+            model from the trusted split, and its options.
         regularizer, regularizer_options: a defensive regulariser of the training loop
             (``logit_squeezing``, ``manifold_mixup``, ``soft_nearest_neighbour``, ``contrastive``)
             and its options; set into the resolved ``train`` recipe.
@@ -99,6 +102,8 @@ class RunConfig:
     source: int | None = None
     defense: str | None = None
     defense_options: dict[str, Any] = field(default_factory=dict)
+    detector: str | None = None
+    detector_options: dict[str, Any] = field(default_factory=dict)
     regularizer: str | None = None
     regularizer_options: dict[str, Any] = field(default_factory=dict)
     epochs: int | None = None
@@ -127,7 +132,9 @@ class RunConfig:
         model = self.model or defaults.model
         MODELS.get(model)
         if self.defense is not None:
-            DEFENSES.create(self.defense, **self.defense_options)  # validates name and options
+            registry_for(self.defense).create(self.defense, **self.defense_options)  # validates name and options
+        if self.detector is not None:
+            DETECTORS.create(self.detector, **self.detector_options)
         options = {**defaults.model_options, **self.model_options} if model == defaults.model else dict(self.model_options)
         train = replace(self.train or defaults.train)
         if self.train is None and model != defaults.model and train.lr > OTHER_MODEL_MAX_LR:

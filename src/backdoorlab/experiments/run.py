@@ -18,19 +18,19 @@ from typing import Any
 import torch
 
 from backdoorlab import __version__
-from backdoorlab.attacks.poisoning import poison_dataset, triggered_test_set
+from backdoorlab.attacks.poisoning import PoisonedDataset, TriggeredTestSet, poison_dataset, triggered_test_set
 from backdoorlab.attacks.triggers import Trigger, create_trigger
 from backdoorlab.data.dataset import TensorDataset, split_trusted, subsample
 from backdoorlab.data.sources import load_dataset
-from backdoorlab.defenses import create_defense
+from backdoorlab.defenses import Detection, create_defense, create_detector, create_repair, defense_kind, registry_for
 from backdoorlab.evaluation import evaluate_backdoor
 from backdoorlab.experiments.config import RunConfig
 from backdoorlab.metrics import isolation_metrics
 from backdoorlab.models.registry import create_model
-from backdoorlab.training.loop import resolve_device, train
+from backdoorlab.training.loop import TrainHistory, resolve_device, train
 
 # Seed offsets keep the random streams of the steps independent of each other.
-_SPLIT, _POISON, _TEST_TRIGGER, _MODEL, _SURROGATE = 0, 1, 2, 3, 4
+_SPLIT, _POISON, _TEST_TRIGGER, _MODEL, _SURROGATE, _DEFENSE = 0, 1, 2, 3, 4, 5
 
 
 @dataclass
@@ -100,14 +100,29 @@ def fit_attack(trigger: Trigger, data: TensorDataset, config: RunConfig, device:
     trigger.fit(surrogate, torch.Generator().manual_seed(config.seed + _SURROGATE))
 
 
-def run(config: RunConfig) -> RunResult:
-    """Run one attack: everything is validated before any training starts."""
-    started = time.perf_counter()
+@dataclass
+class Prepared:
+    """Everything of a run before training: the splits, the trusted split, the fitted trigger, the
+    poisoned training set and the triggered test set (the last two hold the truth that only the
+    evaluation may read)."""
+
+    config: RunConfig
+    device: torch.device
+    train_set: TensorDataset
+    test_set: TensorDataset
+    trusted: TensorDataset
+    trigger: Trigger
+    poisoned: PoisonedDataset
+    triggered: TriggeredTestSet
+    timings: dict[str, float]
+
+
+def prepare(config: RunConfig) -> Prepared:
+    """Resolve and validate ``config``, load the data, carve the trusted split, fit the attack and
+    poison: everything a run does before training, so that a bad config fails before any work."""
     config = config.resolved()
-    assert config.train is not None and config.model is not None
     device = resolve_device(config.device)  # a bad device fails here, before loading data
     timings: dict[str, float] = {}
-
     tick = time.perf_counter()
     splits = load_dataset(config.dataset, config.data_root)
     train_set, test_set = splits.train, splits.test
@@ -130,38 +145,132 @@ def run(config: RunConfig) -> RunResult:
     poisoned = poison_dataset(rest, trigger, spec, config.seed + _POISON)
     triggered = triggered_test_set(test_set, trigger, spec, config.seed + _TEST_TRIGGER)
     timings["poison"] = time.perf_counter() - tick
+    return Prepared(config, device, train_set, test_set, trusted, trigger, poisoned, triggered, timings)
 
+
+def train_victim(prepared: Prepared) -> tuple[torch.nn.Module, TrainHistory]:
+    """Train the run's model on the poisoned training set, undefended."""
+    config = prepared.config
+    assert config.train is not None
     torch.manual_seed(config.seed + _MODEL)
+    model = build_model(config, prepared.train_set)
+    history = train(
+        model, prepared.poisoned.data, config.train, device=prepared.device, seed=config.seed,
+        description=f"{config.attack} on {config.dataset}",
+    )  # fmt: skip
+    return model, history
+
+
+def evaluate(prepared: Prepared, model: torch.nn.Module) -> dict[str, float]:
+    """CA, ASR and RA of ``model`` on the run's test sets."""
+    return evaluate_backdoor(model, prepared.test_set, prepared.triggered, device=prepared.device)
+
+
+class PersistenceRecorder:
+    """An observer that records ``{"checkpoint", CA, ASR, RA}`` at each checkpoint of a repair
+    (the repair never sees these numbers) and the seconds spent measuring them, which the repair's
+    own timing leaves out."""
+
+    def __init__(self, prepared: Prepared) -> None:
+        self.prepared = prepared
+        self.curve: list[dict[str, float]] = []
+        self.seconds = 0.0
+
+    def __call__(self, model: torch.nn.Module, checkpoint: int) -> None:
+        tick = time.perf_counter()
+        metrics = evaluate(self.prepared, model)
+        self.curve.append({"checkpoint": checkpoint, **{k: round(v, 4) for k, v in metrics.items()}})
+        self.seconds += time.perf_counter() - tick
+
+
+def apply_repair(
+    prepared: Prepared, model: torch.nn.Module, name: str, options: dict[str, Any]
+) -> tuple[torch.nn.Module, dict[str, float], dict[str, Any], float]:
+    """Repair ``model`` with the trusted split only; return ``(repaired, metrics, details, seconds)``
+    where ``details`` holds the repair's own details and the evaluation's ``persistence`` curve
+    (CA, ASR, RA at each checkpoint: for fine-tuning, each epoch), and ``seconds`` the repair's
+    time without the curve's evaluations."""
+    config = prepared.config
+    assert config.train is not None
+    repair = create_repair(name, **options)
+    recorder = PersistenceRecorder(prepared)
     tick = time.perf_counter()
-    outcome = None
-    if config.defense is None:
-        model = build_model(config, train_set)
-        history = train(
-            model, poisoned.data, config.train, device=device, seed=config.seed,
-            description=f"{config.attack} on {config.dataset}",
-        )  # fmt: skip
-        timings["train"] = time.perf_counter() - tick
-    else:
+    outcome = repair.repair(
+        model, prepared.trusted, config.train, device=prepared.device, seed=config.seed + _DEFENSE, observer=recorder
+    )  # fmt: skip
+    seconds = time.perf_counter() - tick - recorder.seconds
+    details = dict(outcome.details)
+    if len(recorder.curve) > 1:
+        details["persistence"] = recorder.curve
+    return outcome.model, evaluate(prepared, outcome.model), details, seconds
+
+
+def apply_detector(
+    prepared: Prepared, model: torch.nn.Module, name: str, options: dict[str, Any]
+) -> tuple[Detection, float]:
+    """Score ``model`` with a detector that gets the trusted split only."""
+    config = prepared.config
+    assert config.train is not None
+    detector = create_detector(name, **options)
+    tick = time.perf_counter()
+    detection = detector.detect(model, prepared.trusted, config.train, device=prepared.device, seed=config.seed + _DEFENSE)
+    return detection, time.perf_counter() - tick
+
+
+def run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunResult:
+    """Run one attack (with a training-time or repair defense and a detector where configured):
+    everything is validated before any training starts.
+
+    ``suspect``: an already trained model of this config (``load_model``) to repair or score
+    instead of training one; the data, trusted split and trigger are rebuilt from the config's seed.
+    """
+    started = time.perf_counter()
+    prepared = prepare(config)
+    config, device, timings = prepared.config, prepared.device, prepared.timings
+    assert config.train is not None
+    poisoned = prepared.poisoned
+    kind = defense_kind(config.defense) if config.defense else None
+    if suspect is not None and kind == "training":
+        raise ValueError(f"'{config.defense}' is a training-time defense: it trains a model, it cannot repair a given one")
+
+    tick = time.perf_counter()
+    outcome, history, details = None, None, {}
+    metrics: dict[str, float] = {}
+    if kind == "training":
         # The defense gets the poisoned training set only: no mask, trigger, target or test set.
+        torch.manual_seed(config.seed + _MODEL)
         defense = create_defense(config.defense, **config.defense_options)
         outcome = defense.train(
-            poisoned.data, lambda: build_model(config, train_set), config.train,
+            poisoned.data, lambda: build_model(config, prepared.train_set), config.train,
             device=device, seed=config.seed,
         )  # fmt: skip
-        model, history = outcome.model, None
+        model, details = outcome.model, dict(outcome.details)
         timings["defense"] = time.perf_counter() - tick
+    elif suspect is not None:
+        model = suspect.to(device).eval()
+    else:
+        model, history = train_victim(prepared)
+        timings["train"] = time.perf_counter() - tick
+    if kind == "repair":
+        suspect = evaluate(prepared, model)
+        metrics.update({f"suspect_{k}": v for k, v in suspect.items()})
+        model, after, details, timings["defense"] = apply_repair(prepared, model, config.defense, config.defense_options)
+    if config.detector is not None:
+        detection, timings["detect"] = apply_detector(prepared, model, config.detector, config.detector_options)
+        metrics["detection_score"] = detection.score
+        details["detection"] = {"flagged": detection.flagged, **detection.details}
 
     tick = time.perf_counter()
-    metrics = evaluate_backdoor(model, test_set, triggered, device=device)
+    metrics.update(evaluate(prepared, model))
     if outcome is not None and outcome.isolated is not None:
         metrics.update(isolation_metrics(outcome.isolated, poisoned.mask))
     timings["evaluate"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
 
     stored = config.to_dict()
-    stored["attack_options"] = trigger.config()
-    if outcome is not None:
-        stored["defense_options"] = defense.config()
+    stored["attack_options"] = prepared.trigger.config()
+    if config.defense is not None:
+        stored["defense_options"] = registry_for(config.defense).create(config.defense, **config.defense_options).config()
     return RunResult(
         config=stored,
         seed=config.seed,
@@ -172,12 +281,12 @@ def run(config: RunConfig) -> RunResult:
             "train": len(poisoned.data),
             "poisoned": poisoned.num_poisoned,
             "cross": int(poisoned.cross_mask.sum()) if poisoned.cross_mask is not None else 0,
-            "trusted": len(trusted),
-            "test": len(test_set),
-            "test_triggered": len(triggered.true_labels),
+            "trusted": len(prepared.trusted),
+            "test": len(prepared.test_set),
+            "test_triggered": len(prepared.triggered.true_labels),
         },
         history={"loss": history.loss, "accuracy": history.accuracy} if history else {},
-        details=outcome.details if outcome is not None else {},
+        details=details,
         environment={
             "device": str(device),
             "torch": torch.__version__,
@@ -189,12 +298,12 @@ def run(config: RunConfig) -> RunResult:
     )
 
 
-def run_cached(config: RunConfig, directory: str | Path) -> dict[str, Any]:
-    """``run(config)`` stored as ``directory/result.json``, or that file's content when it exists
-    already, so that a table of many runs resumes where it stopped."""
+def run_cached(config: RunConfig, directory: str | Path, *, suspect: torch.nn.Module | None = None) -> dict[str, Any]:
+    """``run(config, suspect=suspect)`` stored as ``directory/result.json``, or that file's content
+    when it exists already, so that a table of many runs resumes where it stopped."""
     path = Path(directory) / "result.json"
     if path.exists():
         return json.loads(path.read_text())
-    result = run(config)
+    result = run(config, suspect=suspect)
     result.write(directory)
     return result.to_dict()

@@ -1,0 +1,109 @@
+"""Fine-Pruning (Liu, Dolan-Gavitt, Garg, RAID 2018): prune dormant last-layer channels, then fine-tune."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from backdoorlab.data.dataset import TensorDataset
+from backdoorlab.defenses.base import DefenseOutcome
+from backdoorlab.defenses.fine_tuning import FineTuning
+from backdoorlab.defenses.post_training import REPAIRS, Observer, RepairDefense, suspect_copy
+from backdoorlab.training.loop import TrainConfig, to_float
+
+
+@torch.inference_mode()
+def pooled_features(model: nn.Module, inputs: Tensor, device: torch.device, batch_size: int = 512) -> Tensor:
+    """The pooled last-layer features (what the linear head reads) of ``inputs``, in eval mode."""
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        out = [model.forward_head(model.forward_features(to_float(x.to(device))), pre_logits=True).float().cpu()
+               for x in inputs.split(batch_size)]  # fmt: skip
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def pruning_order(features: Tensor) -> Tensor:
+    """Channels by increasing mean activation on clean data (the most dormant first)."""
+    return features.mean(0).argsort()
+
+
+@torch.no_grad()
+def head_accuracy(features: Tensor, labels: Tensor, model: nn.Module, keep: Tensor | None = None) -> float:
+    """Accuracy of the model's linear head on pooled ``features`` with channels ``keep`` (a 0/1
+    vector; all by default). Exact for backdoorlab's models: the pooled features only feed the head."""
+    head: nn.Linear = model.fc
+    x = features if keep is None else features * keep
+    logits = x @ head.weight.detach().float().cpu().T
+    if head.bias is not None:
+        logits = logits + head.bias.detach().float().cpu()
+    return float(((logits * getattr(model, "logit_scale", 1.0)).argmax(1) == labels).float().mean())
+
+
+def prunable_count(features: Tensor, labels: Tensor, model: nn.Module, order: Tensor, floor: float) -> int:
+    """The longest prefix of ``order`` whose pruning keeps clean accuracy >= ``floor``."""
+    keep = torch.ones(features.shape[1])
+    count = 0
+    for k, channel in enumerate(order.tolist(), start=1):
+        keep[channel] = 0.0
+        if head_accuracy(features, labels, model, keep) < floor:
+            break
+        count = k
+    return count
+
+
+@REPAIRS.register("fine_pruning", "Fine-Pruning (Liu et al. 2018): prune dormant last-layer channels, then fine-tune")
+class FinePruning(RepairDefense):
+    """Prune the last convolutional layer's channels that clean data leaves dormant, then fine-tune.
+
+    1. Rank the channels of the body's last feature map by their mean activation on the trusted
+       clean split (the paper's defender ranks on clean validation data).
+    2. Prune in increasing order of activation for as long as clean accuracy on the trusted split
+       stays within ``max_accuracy_drop`` of the suspect model's (the paper prunes until validation
+       accuracy falls by a threshold; 4 points is our default, reconstructed; BackdoorBench stops at
+       a 10% relative drop, ``acc_ratio`` 0.1). A pruned channel is removed by zeroing its column
+       of the linear head, which is exact for backdoorlab's models (global pool, then linear) and
+       keeps the architecture, so a pruned model saves and loads like any other.
+    3. Fine-tune on the trusted split with :class:`FineTuning`'s settings (BackdoorBench's ``fp``
+       uses the same schedule as its ``ft``; lr 0.1 as there), the pruned columns held at zero.
+    """
+
+    def __init__(self, max_accuracy_drop: float = 0.04, epochs: int = 20, lr: float = 0.1, batch_size: int = 128) -> None:
+        if not 0.0 <= max_accuracy_drop < 1.0:
+            raise ValueError(f"max_accuracy_drop must be in [0, 1), got {max_accuracy_drop}")
+        self.tuning = FineTuning(epochs=epochs, lr=lr, batch_size=batch_size)
+        self.max_accuracy_drop = float(max_accuracy_drop)
+        self._options = {"max_accuracy_drop": self.max_accuracy_drop, "epochs": int(epochs), "lr": float(lr), "batch_size": int(batch_size)}
+
+    def repair(
+        self,
+        model: nn.Module,
+        trusted: TensorDataset,
+        recipe: TrainConfig,
+        *,
+        device: torch.device,
+        seed: int,
+        observer: Observer | None = None,
+    ) -> DefenseOutcome:
+        model = suspect_copy(model)
+        features = pooled_features(model, trusted.inputs, device)
+        head: nn.Linear = model.fc
+        start = head_accuracy(features, trusted.labels, model)
+        order = pruning_order(features)
+        count = prunable_count(features, trusted.labels, model, order, start - self.max_accuracy_drop)
+        pruned = order[:count].to(head.weight.device)
+        with torch.no_grad():
+            head.weight[:, pruned] = 0.0
+        keep = torch.ones_like(head.weight)
+        keep[:, pruned] = 0.0
+        hook = head.weight.register_hook(lambda grad: grad * keep.to(grad.device))
+        try:
+            self.tuning.tune(model, trusted, recipe, device=device, seed=seed, observer=observer, description="fine-pruning")
+        finally:
+            hook.remove()
+        return DefenseOutcome(
+            model,
+            details={"pruned_channels": count, "channels": int(features.shape[1]), "trusted_accuracy_before": round(start, 4)},
+        )

@@ -1,0 +1,68 @@
+"""Fine-tuning on trusted clean data, and the persistence of a backdoor under it (Truong et al. 2020)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from backdoorlab.data.dataset import TensorDataset
+from backdoorlab.defenses.base import DefenseOutcome
+from backdoorlab.defenses.post_training import (
+    REPAIRS,
+    ObserveEachEpoch,
+    Observer,
+    RepairDefense,
+    suspect_copy,
+    tuning_recipe,
+)
+from backdoorlab.training.loop import TrainConfig, train
+from backdoorlab.training.regularizers import Regularizer
+
+
+@REPAIRS.register("fine_tuning", "fine-tune on the trusted clean split (Truong et al. 2020; BackdoorBench FT)")
+class FineTuning(RepairDefense):
+    """Continue training the suspect model on the trusted clean split.
+
+    Truong et al. (CVPRW 2020) found that "a few epochs of additional training on a small set of
+    clean data" render data-poisoning backdoors ineffective; they did not publish code or the
+    schedule. The optimiser follows BackdoorBench's ``ft`` defense (SGD momentum 0.9, weight
+    decay 5e-4, cosine schedule, 5% of the data in its protocol) except for two choices
+    (reconstructed): ``epochs=20`` instead of its 100, and a peak ``lr=0.1`` instead of its 0.01.
+    Measured on MNIST (10k, 5% trusted, BadNets, small_cnn), 20 epochs at lr 0.01 leave ASR at
+    0.998, at 0.05 at 0.877, and at 0.1 bring it to 0.17 with CA 0.950 (suspect 0.963): a small
+    learning rate does not leave the backdoor's basin, the observation of Truong et al. and of
+    "Pick your Poison". The run's augmentation applies. The persistence curve
+    (clean accuracy and ASR after each epoch) comes from the evaluation's observer, called with the
+    model before fine-tuning (checkpoint 0) and after every epoch.
+    """
+
+    def __init__(self, epochs: int = 20, lr: float = 0.1, batch_size: int = 128, weight_decay: float = 5e-4) -> None:
+        if epochs < 1 or batch_size < 1 or lr <= 0:
+            raise ValueError("fine-tuning needs epochs >= 1, batch_size >= 1 and lr > 0")
+        self.epochs, self.lr, self.batch_size, self.weight_decay = int(epochs), float(lr), int(batch_size), float(weight_decay)
+        self._options = {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size, "weight_decay": self.weight_decay}
+
+    def repair(
+        self,
+        model: nn.Module,
+        trusted: TensorDataset,
+        recipe: TrainConfig,
+        *,
+        device: torch.device,
+        seed: int,
+        observer: Observer | None = None,
+    ) -> DefenseOutcome:
+        model = suspect_copy(model)
+        self.tune(model, trusted, recipe, device=device, seed=seed, observer=observer)
+        return DefenseOutcome(model)
+
+    def tune(
+        self, model: nn.Module, data: TensorDataset, recipe: TrainConfig, *, device: torch.device, seed: int,
+        observer: Observer | None = None, step: Regularizer | None = None, description: str = "fine-tuning",
+    ) -> None:  # fmt: skip
+        """Fine-tune ``model`` in place on ``data`` with these settings (other repairs reuse it, with
+        their own training ``step`` where they change the loss)."""
+        if observer is not None:
+            observer(model, 0)
+        config = tuning_recipe(recipe, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay)
+        train(model, data, config, device=device, seed=seed, callbacks=[ObserveEachEpoch(observer)], step=step, description=description)
