@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -16,7 +17,7 @@ def test_run_writes_result_json(tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, ["run", "--epochs", "10", "--seed", "1", "--output", str(out)])
     assert result.exit_code == 0, result.output
-    assert "attack success" in result.output
+    assert "ASR" in result.output and "attack success rate" in result.output
     stored = json.loads((out / "result.json").read_text())
     assert stored["seed"] == 1 and stored["config"]["epochs"] == 10
     assert stored["metrics"]["attack_success_rate"] > 0.5
@@ -43,7 +44,8 @@ def test_bad_input_is_a_clear_error_with_exit_code_2():
         (["run", "--trusted-size", "0.0001"], "selects no sample"),
         (["run", "-a", "shape=star"], "valid: size, pattern, position, margin"),
         (["list", "poisons"], "valid: datasets, models, attacks, defenses"),
-        (["run", "--defense", "strip"], "valid defenses: abl, e2abl, pt"),
+        (["run", "--defense", "strip"], "training-time defenses: abl, e2abl, pt; repair defenses: fine_pruning"),
+        (["run", "--detector", "strip"], "valid detectors: cti, neural_cleanse"),
         (["run", "--defense", "abl", "-d", "ratio=0.1"], "valid: gamma, isolation_ratio"),
     ]
     for args, message in cases:
@@ -52,10 +54,44 @@ def test_bad_input_is_a_clear_error_with_exit_code_2():
         assert message in " ".join(result.output.split()), (args, result.output)
 
 
+def test_saved_model_is_repaired_and_scored_from_the_command_line(tmp_path):
+    model_file = tmp_path / "suspect.safetensors"
+    result = runner.invoke(app, ["run", "--epochs", "10", "--trusted-size", "0.1", "--save-model", str(model_file)])
+    assert result.exit_code == 0, result.output
+
+    out = tmp_path / "repair"
+    args = ["repair", str(model_file), "--defense", "fine_tuning", "-d", "epochs=5", "--output", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "suspect" in result.output and "repaired" in result.output
+    stored = json.loads((out / "result.json").read_text())
+    assert stored["config"]["defense"] == "fine_tuning" and stored["config"]["epochs"] == 10
+    assert stored["metrics"]["suspect_attack_success_rate"] > 0.5, "the stored model is the backdoored one"
+    assert "train" not in stored["timings"], "nothing was retrained"
+    assert len(stored["details"]["persistence"]) == 6
+
+    out = tmp_path / "detect"
+    args = ["detect", str(model_file), "--detector", "neural_cleanse", "-x", "steps=5", "--output", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    stored = json.loads((out / "result.json").read_text())
+    indices = stored["details"]["detection"]["anomaly_indices"]
+    assert len(indices) == 10 and stored["metrics"]["detection_score"] == pytest.approx(max(indices), abs=1e-3)
+
+
+def test_model_file_errors_name_the_file(tmp_path):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a model")
+    for path, message in [(tmp_path / "missing.safetensors", "does not exist"), (garbage, "is not a safetensors model file")]:
+        result = runner.invoke(app, ["detect", str(path)])
+        assert result.exit_code == 2 and message in " ".join(result.output.split())
+        assert path.name in result.output.replace("\n", "")
+
+
 def test_list_shows_every_registry():
     result = runner.invoke(app, ["list"])
     assert result.exit_code == 0
-    for name in ("digits", "cifar10", "airbench", "preact_resnet18", "badnets", "blended", "abl"):
+    for name in ("digits", "cifar10", "airbench", "preact_resnet18", "badnets", "blended", "abl", "pivotal_tuning", "cti"):
         assert name in result.output
 
 

@@ -60,6 +60,19 @@ AttackOptionOpt = Annotated[
     Optional[list[str]],
     typer.Option("--attack-option", "-a", help="Trigger option KEY=VALUE, repeatable (size=4)."),
 ]
+DefenseOpt = Annotated[
+    Optional[str],
+    typer.Option(help="Training-time (abl, e2abl, pt) or repair (fine_tuning, pivotal_tuning ...) defense."),
+]
+DefenseOptionOpt = Annotated[
+    Optional[list[str]], typer.Option("--defense-option", "-d", help="Defense option KEY=VALUE, repeatable.")
+]
+DetectorOpt = Annotated[Optional[str], typer.Option(help="Detector scoring the final model (neural_cleanse, cti).")]
+DetectorOptionOpt = Annotated[
+    Optional[list[str]], typer.Option("--detector-option", "-x", help="Detector option KEY=VALUE, repeatable.")
+]
+OutputOpt = Annotated[Optional[Path], typer.Option(help="Write DIR/result.json.")]
+SaveModelOpt = Annotated[Optional[Path], typer.Option(help="Write the final model to this safetensors file.")]
 DataRootOpt = Annotated[
     Optional[str],
     typer.Option(help="Folder with <dataset>/{train,test}.parquet [env: BACKDOORLAB_DATA]."),
@@ -87,13 +100,10 @@ def run_command(
     source: Annotated[
         Optional[int], typer.Option(help="Poison, and measure ASR on, only this class.")
     ] = None,
-    defense: Annotated[
-        Optional[str], typer.Option(help="Training-time defense (abl ...); default: none.")
-    ] = None,
-    defense_option: Annotated[
-        Optional[list[str]],
-        typer.Option("--defense-option", "-d", help="Defense option KEY=VALUE, repeatable."),
-    ] = None,
+    defense: DefenseOpt = None,
+    defense_option: DefenseOptionOpt = None,
+    detector: DetectorOpt = None,
+    detector_option: DetectorOptionOpt = None,
     regularizer: Annotated[
         Optional[str],
         typer.Option(help="Regularised training: logit_squeezing, manifold_mixup, soft_nearest_neighbour, contrastive."),
@@ -117,11 +127,10 @@ def run_command(
         str, typer.Option(help="Trusted clean split kept out of training, for defenses.")
     ] = "0.01",
     data_root: DataRootOpt = None,
-    output: Annotated[
-        Optional[Path], typer.Option(help="Write DIR/result.json (and nothing else).")
-    ] = None,
+    output: OutputOpt = None,
+    save_model: SaveModelOpt = None,
 ) -> None:
-    """Poison a training set, train on it, and report CA, ASR and RA."""
+    """Poison a training set, train on it (with a defense where given), and report CA, ASR and RA."""
     from backdoorlab.data.dataset import DataError
     from backdoorlab.experiments import RunConfig, run
 
@@ -132,6 +141,7 @@ def run_command(
             poison_rate=parse_size(poison_rate), target=target, mode=mode,
             clean_label=clean_label, source=source,
             defense=defense, defense_options=parse_options(defense_option),
+            detector=detector, detector_options=parse_options(detector_option),
             regularizer=regularizer, regularizer_options=parse_options(regularizer_option),
             epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
             train_size=parse_size(train_size), test_size=parse_size(test_size),
@@ -141,45 +151,119 @@ def run_command(
     except (UnknownNameError, DataError, ValueError, TypeError) as err:
         _fail(err)
         return
+    _report(result, output, save_model)
+
+
+def _report(result: Any, output: Path | None, save_model: Path | None) -> None:
+    """Print a run's table (suspect and repaired rows for a repair), write result.json and the model."""
+    from backdoorlab.experiments import RunConfig, save_model as write_model
+
+    config = RunConfig.from_dict(result.config)
     against = f" against {config.defense}" if config.defense else ""
     table = Table(
-        title=f"{config.attack} on {config.dataset}{against} ({result.config['model']}, seed {seed})"
+        title=f"{config.attack} on {config.dataset}{against} ({config.model}, seed {config.seed})",
+        caption="CA clean accuracy, ASR attack success rate, RA robust accuracy",
     )
-    m = result.metrics
-    cells = {
-        "clean acc (CA)": f"{m['clean_accuracy']:.4f}",
-        "attack success (ASR)": f"{m['attack_success_rate']:.4f}",
-        "robust acc (RA)": f"{m['robust_accuracy']:.4f}",
-        "poisoned": f"{result.data['poisoned']}/{result.data['train']}",
-    }
+    m, rows = result.metrics, []
+    if "suspect_clean_accuracy" in m:
+        rows.append(("suspect", {k: m[f"suspect_{k}"] for k in ("clean_accuracy", "attack_success_rate", "robust_accuracy")}))
+    rows.append(("repaired" if rows else "model", m))
+    columns = ["", "CA", "ASR", "RA"]
+    extra: dict[str, str] = {"poisoned": f"{result.data['poisoned']}/{result.data['train']}"}
     if "isolation_precision" in m:
-        cells["isolated (precision / recall)"] = (
-            f"{m['isolated']} ({m['isolation_precision']:.2f} / {m['isolation_recall']:.2f})"
-        )
-    seconds = result.timings.get("defense", result.timings.get("train", 0.0))
-    cells["defense s" if config.defense else "train s"] = f"{seconds:.1f}"
-    for column in cells:
+        extra["isolated (precision/recall)"] = f"{m['isolated']} ({m['isolation_precision']:.2f}/{m['isolation_recall']:.2f})"
+    if "detection_score" in m:
+        flagged = result.details.get("detection", {}).get("flagged")
+        extra["detection score"] = f"{m['detection_score']:.3f}" + {True: " (flagged)", False: "", None: ""}[flagged]
+    seconds = result.timings.get("defense", result.timings.get("train"))
+    if seconds is not None:
+        extra["defense s" if config.defense else "train s"] = f"{seconds:.1f}"
+    for column in columns + list(extra):
         table.add_column(column, justify="right")
-    table.add_row(*cells.values())
+    for i, (label, values) in enumerate(rows):
+        cells = [f"{values[k]:.4f}" for k in ("clean_accuracy", "attack_success_rate", "robust_accuracy")]
+        table.add_row(label, *cells, *(extra.values() if i == len(rows) - 1 else [""] * len(extra)))
     console.print(table)
     if output is not None:
-        path = result.write(output)
-        console.print(f"wrote {path}")
+        console.print(f"wrote {result.write(output)}")
+    if save_model is not None:
+        console.print(f"wrote {write_model(save_model, result.model, config)}")
+
+
+def _rerun_saved(
+    model_file: Path, defense: str | None, defense_option: list[str] | None, detector: str | None,
+    detector_option: list[str] | None, data_root: str | None, device: str | None, output: Path | None,
+    save_model: Path | None,
+) -> None:  # fmt: skip
+    from dataclasses import replace
+
+    from backdoorlab.data.dataset import DataError
+    from backdoorlab.experiments import ModelFileError, load_model, run
+
+    try:
+        model, config = load_model(model_file)
+        config = replace(
+            config, defense=defense, defense_options=parse_options(defense_option), detector=detector,
+            detector_options=parse_options(detector_option), data_root=data_root or config.data_root,
+            device=device or config.device,
+        )  # fmt: skip
+        result = run(config, suspect=model)
+    except (UnknownNameError, DataError, ModelFileError, ValueError, TypeError) as err:
+        _fail(err)
+        return
+    _report(result, output, save_model)
+
+
+ModelFileArg = Annotated[Path, typer.Argument(help="A model file written by `run --save-model`.")]
+DeviceOverrideOpt = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda ...; default: the stored run's.")]
+
+
+@app.command("repair")
+def repair_command(
+    model_file: ModelFileArg,
+    defense: Annotated[str, typer.Option(help="Repair defense (see `backdoorlab list repairs`).")] = "fine_tuning",
+    defense_option: DefenseOptionOpt = None,
+    detector: DetectorOpt = None,
+    detector_option: DetectorOptionOpt = None,
+    data_root: DataRootOpt = None,
+    device: DeviceOverrideOpt = None,
+    output: OutputOpt = None,
+    save_model: SaveModelOpt = None,
+) -> None:
+    """Repair a saved model with its run's trusted clean split; report CA, ASR, RA before and after.
+
+    The stored config rebuilds the same data, trusted split and trigger (for the evaluation only:
+    the repair sees the model and the trusted split)."""
+    _rerun_saved(model_file, defense, defense_option, detector, detector_option, data_root, device, output, save_model)
+
+
+@app.command("detect")
+def detect_command(
+    model_file: ModelFileArg,
+    detector: Annotated[str, typer.Option(help="Detector (see `backdoorlab list detectors`).")] = "cti",
+    detector_option: DetectorOptionOpt = None,
+    data_root: DataRootOpt = None,
+    device: DeviceOverrideOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Score a saved model with a detector that sees only its run's trusted clean split."""
+    _rerun_saved(model_file, None, None, detector, detector_option, data_root, device, output, None)
 
 
 @app.command("list")
 def list_command(
     kind: Annotated[
-        Optional[str], typer.Argument(help="datasets, models, attacks or defenses (default: all).")
+        Optional[str], typer.Argument(help="datasets, models, attacks, defenses, repairs or detectors (default: all).")
     ] = None,
 ) -> None:
-    """List the registered datasets, models, attacks and defenses."""
+    """List the registered datasets, models, attacks, defenses, repairs and detectors."""
     from backdoorlab.attacks import ATTACKS
-    from backdoorlab.defenses import DEFENSES
+    from backdoorlab.defenses import DEFENSES, DETECTORS, REPAIRS
     from backdoorlab.data import DATASETS
     from backdoorlab.models import MODELS
 
-    registries = {"datasets": DATASETS, "models": MODELS, "attacks": ATTACKS, "defenses": DEFENSES}
+    registries = {"datasets": DATASETS, "models": MODELS, "attacks": ATTACKS, "defenses": DEFENSES, "repairs": REPAIRS,
+                  "detectors": DETECTORS}
     if kind is not None and kind not in registries:
         _fail(ValueError(f"unknown kind '{kind}'; valid: {', '.join(registries)}"))
     for name, registry in registries.items():
