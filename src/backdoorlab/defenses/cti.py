@@ -77,8 +77,14 @@ class CalibratedTriggerInversion(Detector):
         }  # fmt: skip
 
     def detect(self, model: nn.Module, trusted: TensorDataset, recipe: TrainConfig, *, device: torch.device, seed: int) -> Detection:
-        o = self._options
         repaired = self.repair.repair(model, trusted, recipe, device=device, seed=seed).model
+        return self.calibrated_score(model, repaired, trusted, device=device, seed=seed)
+
+    def calibrated_score(
+        self, model: nn.Module, repaired: nn.Module, trusted: TensorDataset, *, device: torch.device, seed: int
+    ) -> Detection:  # fmt: skip
+        """The score of ``model`` given its repair (a study that repairs anyway passes its own)."""
+        o = self._options
         suspect, repaired = frozen_copy(model).to(device), frozen_copy(repaired).to(device)
         scores = []
         with make_progress(True) as progress:

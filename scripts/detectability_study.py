@@ -1,0 +1,68 @@
+"""Regenerate the robustness-detectability table and plot in docs/defenses.md (the study of "Pick
+your Poison"): for each poison rate, ASR before and after Pivotal Tuning, and the ROC AUC of CTI and
+Neural Cleanse scores against clean models trained with other seeds.
+
+Each model is stored as ``OUTPUT/rate-<r>/seed-<s>/result.json`` and reused when present.
+
+Usage::
+
+    BACKDOORLAB_DATA=../shared/data python scripts/detectability_study.py --dataset digits \\
+        --rates 0.005 0.01 0.05 0.1 --seeds 0 1 --clean-seeds 100 101 102 103 --output runs/detectability
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from doc_blocks import DOCS, replace_block
+
+from backdoorlab.experiments import RunConfig
+from backdoorlab.experiments.detectability import detectability_study, plot, summarize
+
+
+def table(rows: list[dict]) -> list[str]:
+    detectors = [k.removeprefix("auroc_") for k in rows[0] if k.startswith("auroc_")]
+    head = "| poison rate | models | ASR before | ASR after | CA after | " + " | ".join(f"AUROC {d}" for d in detectors) + " |"
+    lines = [head, "| " + " | ".join(["---"] * (5 + len(detectors))) + " |"]
+    for r in rows:
+        cells = [f"{100 * r['poison_rate']:g}%", str(r["models"]), f"{r['asr_before']:.3f}", f"{r['asr_after']:.3f}", f"{r['ca_after']:.3f}"]
+        cells += [f"{r[f'auroc_{d}']:.2f}" for d in detectors]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--attack", default="badnets")
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.005, 0.01, 0.05, 0.1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--clean-seeds", type=int, nargs="+", default=[100, 101, 102, 103])
+    parser.add_argument("--train-size", type=int, default=None)
+    parser.add_argument("--trusted-size", type=float, default=0.05)
+    parser.add_argument("--repair", default="pivotal_tuning")
+    parser.add_argument("--repair-options", type=json.loads, default={}, help='JSON, e.g. {"steps": 500}')
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--output", default="runs/detectability")
+    parser.add_argument("--no-docs", action="store_true", help="run, but leave docs/defenses.md alone")
+    args = parser.parse_args()
+    base = RunConfig(
+        dataset=args.dataset, attack=args.attack, train_size=args.train_size, trusted_size=args.trusted_size,
+        device=args.device, data_root=args.data_root,
+    )  # fmt: skip
+    results = detectability_study(
+        base, args.rates, args.seeds, args.clean_seeds, args.output, repair=args.repair, repair_options=args.repair_options
+    )  # fmt: skip
+    rows = summarize(results)
+    for line in table(rows):
+        print(line)
+    if not args.no_docs:
+        replace_block(DOCS / "defenses.md", "detectability-table", table(rows))
+        plot(rows, DOCS / "gallery" / "detectability.png", f"{args.attack} on {args.dataset}, {args.repair}")
+        print("wrote the table into docs/defenses.md and docs/gallery/detectability.png")
+
+
+if __name__ == "__main__":
+    main()
