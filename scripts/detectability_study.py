@@ -39,7 +39,9 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.005, 0.01, 0.05, 0.1])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--clean-seeds", type=int, nargs="+", default=[100, 101, 102, 103])
+    parser.add_argument("--detectors", nargs="+", default=["cti", "neural_cleanse"])
     parser.add_argument("--train-size", type=int, default=None)
+    parser.add_argument("--test-size", type=int, default=None)
     parser.add_argument("--trusted-size", type=float, default=0.05)
     parser.add_argument("--repair", default="pivotal_tuning")
     parser.add_argument("--repair-options", type=json.loads, default={}, help='JSON, e.g. {"steps": 500}')
@@ -49,11 +51,12 @@ def main() -> None:
     parser.add_argument("--no-docs", action="store_true", help="run, but leave docs/defenses.md alone")
     args = parser.parse_args()
     base = RunConfig(
-        dataset=args.dataset, attack=args.attack, train_size=args.train_size, trusted_size=args.trusted_size,
+        dataset=args.dataset, attack=args.attack, train_size=args.train_size, test_size=args.test_size, trusted_size=args.trusted_size,
         device=args.device, data_root=args.data_root,
     )  # fmt: skip
     results = detectability_study(
-        base, args.rates, args.seeds, args.clean_seeds, args.output, repair=args.repair, repair_options=args.repair_options
+        base, args.rates, args.seeds, args.clean_seeds, args.output, repair=args.repair, repair_options=args.repair_options,
+        detectors=args.detectors,
     )  # fmt: skip
     rows = summarize(results)
     for line in table(rows):
