@@ -17,7 +17,7 @@ def test_run_writes_result_json(tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, ["run", "--epochs", "10", "--seed", "1", "--output", str(out)])
     assert result.exit_code == 0, result.output
-    assert "ASR" in result.output and "attack success rate" in result.output
+    assert "CA" in result.output and "ASR" in result.output
     stored = json.loads((out / "result.json").read_text())
     assert stored["seed"] == 1 and stored["config"]["epochs"] == 10
     assert stored["metrics"]["attack_success_rate"] > 0.5

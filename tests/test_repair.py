@@ -14,7 +14,7 @@ from backdoorlab.defenses.fine_pruning import pruning_order
 from backdoorlab.defenses.nad import attention_map
 from backdoorlab.defenses.neural_cleanse import anomaly_indices
 from backdoorlab.defenses.pivotal_tuning import parameter_distance, soft_latent_orthogonality
-from backdoorlab.defenses.post_training import holdout_split
+from backdoorlab.defenses.post_training import accuracy, holdout_split
 from backdoorlab.experiments import RunConfig, run
 from backdoorlab.experiments.run import apply_repair, evaluate, prepare, train_victim
 from backdoorlab.registry import UnknownNameError
@@ -133,3 +133,18 @@ def test_package_exports_the_post_training_registries():
     defenses = importlib.import_module("backdoorlab.defenses")
     assert {"fine_tuning", "fine_pruning", "nad", "neural_cleanse", "pivotal_tuning"} <= set(defenses.REPAIRS.names())
     assert {"neural_cleanse", "cti"} <= set(defenses.DETECTORS.names())
+
+
+def test_pivotal_tuning_returns_a_checkpoint_that_keeps_held_out_accuracy():
+    """At a destructive learning rate the held-out rule must still hand back a model within 2
+    points of the suspect's held-out accuracy (or the suspect itself)."""
+    prepared = prepare(RunConfig(dataset="digits", epochs=10, trusted_size=0.2))
+    model, _ = train_victim(prepared)
+    repair = create_repair("pivotal_tuning", steps=60, lr=0.5, eval_every=10, slol_weight=0.05, parameter_weight=0.0)
+    outcome = repair.repair(model, prepared.trusted, prepared.config.train, device=prepared.device, seed=7)
+    details = outcome.details
+    _, held_out = holdout_split(prepared.trusted, 0.1, seed=7)
+    assert details["held_out_accuracy_before"] == pytest.approx(accuracy(model, held_out, prepared.device), abs=1e-4)
+    assert accuracy(outcome.model, held_out, prepared.device) >= details["held_out_accuracy_before"] - 0.02
+    assert len(details["held_out_curve"]) >= 5, "checkpoints every 10 steps"
+    assert all(p.requires_grad for p in model.parameters()), "the suspect model is left as it was"
