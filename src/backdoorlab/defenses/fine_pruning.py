@@ -9,20 +9,7 @@ from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.base import DefenseOutcome
 from backdoorlab.defenses.fine_tuning import FineTuning
 from backdoorlab.defenses.post_training import REPAIRS, Observer, RepairDefense, suspect_copy
-from backdoorlab.training.loop import TrainConfig, to_float
-
-
-@torch.inference_mode()
-def pooled_features(model: nn.Module, inputs: Tensor, device: torch.device, batch_size: int = 512) -> Tensor:
-    """The pooled last-layer features (what the linear head reads) of ``inputs``, in eval mode."""
-    was_training = model.training
-    model.to(device).eval()
-    try:
-        out = [model.forward_head(model.forward_features(to_float(x.to(device))), pre_logits=True).float().cpu()
-               for x in inputs.split(batch_size)]  # fmt: skip
-    finally:
-        model.train(was_training)
-    return torch.cat(out)
+from backdoorlab.training.loop import TrainConfig, predict_logits
 
 
 def pruning_order(features: Tensor) -> Tensor:
@@ -88,7 +75,9 @@ class FinePruning(RepairDefense):
         observer: Observer | None = None,
     ) -> DefenseOutcome:
         model = suspect_copy(model)
-        features = pooled_features(model, trusted.inputs, device)
+        # the pooled last-layer features the head reads, in float32 (no autocast: the pruning
+        # threshold compares accuracies that bf16 rounding could shift)
+        features = predict_logits(model, trusted.inputs, device=device, batch_size=512, amp=False, pre_logits=True)
         head: nn.Linear = model.fc
         start = head_accuracy(features, trusted.labels, model)
         order = pruning_order(features)

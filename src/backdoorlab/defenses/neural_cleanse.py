@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backdoorlab.data.dataset import TensorDataset
+from backdoorlab.data.dataset import TensorDataset, seeded_permutation
 from backdoorlab.defenses.base import DefenseOutcome
 from backdoorlab.defenses.fine_tuning import FineTuning
 from backdoorlab.defenses.post_training import (
@@ -170,7 +170,7 @@ class NeuralCleanseDetector(_NeuralCleanseOptions, Detector):
 def stamp(data: TensorDataset, trigger: ReversedTrigger, share: float, seed: int) -> TensorDataset:
     """``data`` with ``share`` of its samples carrying ``trigger`` and keeping their true labels."""
     count = round(share * len(data))
-    chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count]
+    chosen = seeded_permutation(len(data), seed)[:count]
     inputs = data.inputs.clone()
     stamped = trigger.apply(to_float(inputs[chosen]))
     inputs[chosen] = stamped.mul(255).round().clamp(0, 255).to(torch.uint8)
@@ -209,9 +209,9 @@ class NeuralCleanseRepair(_NeuralCleanseOptions, RepairDefense):
         details = cleanse_details(result, self.threshold)
         model = suspect_copy(model)
         flagged = result.flagged(self.threshold)
-        if flagged:
-            worst = max(flagged, key=lambda c: float(result.anomaly[c]))
+        worst = max(flagged, key=lambda c: float(result.anomaly[c])) if flagged else None
+        if worst is not None:
             unlearning = stamp(trusted, result.triggers[worst], self.unlearning_share, seed)
             self.tuning.tune(model, unlearning, recipe, device=device, seed=seed, observer=observer, description="NC unlearning")
-        details["unlearned_class"] = max(flagged, key=lambda c: float(result.anomaly[c])) if flagged else None
+        details["unlearned_class"] = worst
         return DefenseOutcome(model, details=details)

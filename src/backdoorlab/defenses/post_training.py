@@ -22,6 +22,7 @@ from torch import nn
 
 from backdoorlab.data.dataset import TensorDataset, seeded_permutation
 from backdoorlab.defenses.base import DefenseOutcome
+from backdoorlab.metrics import clean_accuracy
 from backdoorlab.registry import Registry
 from backdoorlab.training.loop import Callback, TrainConfig, predict
 
@@ -129,7 +130,7 @@ def holdout_split(data: TensorDataset, share: float, seed: int) -> tuple[TensorD
 
 def accuracy(model: nn.Module, data: TensorDataset, device: torch.device) -> float:
     """Top-1 accuracy on (clean) ``data``."""
-    return float((predict(model, data.inputs, device=device) == data.labels).float().mean())
+    return clean_accuracy(predict(model, data.inputs, device=device), data.labels)
 
 
 class ObserveEachEpoch(Callback):

@@ -48,7 +48,8 @@ def study_model(
     model, _ = train_victim(prepared)
     timings["train"] = time.perf_counter() - tick
     metrics = {f"suspect_{k}": v for k, v in evaluate(prepared, model).items()}
-    repaired, after, _, timings["repair"] = apply_repair(prepared, model, repair, repair_options)
+    # the study needs the repair's end point only: no persistence curve to evaluate
+    repaired, after, _, timings["repair"] = apply_repair(prepared, model, repair, repair_options, persistence=False)
     metrics.update({f"repaired_{k}": v for k, v in after.items()})
     scores: dict[str, float] = {}
     for name in detectors:

@@ -184,23 +184,23 @@ class PersistenceRecorder:
 
 
 def apply_repair(
-    prepared: Prepared, model: torch.nn.Module, name: str, options: dict[str, Any]
+    prepared: Prepared, model: torch.nn.Module, name: str, options: dict[str, Any], *, persistence: bool = True
 ) -> tuple[torch.nn.Module, dict[str, float], dict[str, Any], float]:
     """Repair ``model`` with the trusted split only; return ``(repaired, metrics, details, seconds)``
-    where ``details`` holds the repair's own details and the evaluation's ``persistence`` curve
-    (CA, ASR, RA at each checkpoint: for fine-tuning, each epoch), and ``seconds`` the repair's
-    time without the curve's evaluations."""
+    where ``details`` holds the repair's own details and, with ``persistence``, the evaluation's
+    ``persistence`` curve (CA, ASR, RA at each checkpoint: for fine-tuning, each epoch), and
+    ``seconds`` the repair's time without the curve's evaluations."""
     config = prepared.config
     assert config.train is not None
     repair = create_repair(name, **options)
-    recorder = PersistenceRecorder(prepared)
+    recorder = PersistenceRecorder(prepared) if persistence else None
     tick = time.perf_counter()
     outcome = repair.repair(
         model, prepared.trusted, config.train, device=prepared.device, seed=config.seed + _DEFENSE, observer=recorder
     )  # fmt: skip
-    seconds = time.perf_counter() - tick - recorder.seconds
+    seconds = time.perf_counter() - tick - (recorder.seconds if recorder else 0.0)
     details = dict(outcome.details)
-    if len(recorder.curve) > 1:
+    if recorder is not None and len(recorder.curve) > 1:
         details["persistence"] = recorder.curve
     return outcome.model, evaluate(prepared, outcome.model), details, seconds
 

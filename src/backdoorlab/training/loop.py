@@ -277,9 +277,12 @@ def predict_logits(
     device: str | torch.device | None = "cpu",
     amp: bool = True,
     channels_last: bool = True,
+    pre_logits: bool = False,
 ) -> Tensor:
     """Float32 logits for ``inputs`` (uint8 images or float) on the CPU, in large batches, no
-    gradients, no augmentation. The model is put in eval mode for the call and restored afterwards."""
+    gradients, no augmentation. The model is put in eval mode for the call and restored afterwards.
+    ``pre_logits``: the pooled embedding the linear head reads instead (a :class:`Classifier`'s
+    ``forward_head(..., pre_logits=True)``)."""
     device = resolve_device(device)
     memory_format = _memory_format(inputs, channels_last)
     was_training = model.training
@@ -289,7 +292,8 @@ def predict_logits(
         for chunk in inputs.split(batch_size):
             x = to_float(chunk.to(device)).contiguous(memory_format=memory_format)
             with _autocast(device, amp):
-                out.append(model(x).float().cpu())
+                y = model.forward_head(model.forward_features(x), pre_logits=True) if pre_logits else model(x)
+                out.append(y.float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
