@@ -1,6 +1,7 @@
-"""Regenerate the trigger gallery in docs/attacks.md: for every registered attack, on CIFAR-10 and
-MNIST, four test images clean, as poisoned training images, and the amplified difference. Attacks
-that adapt to a model are fitted on a quick surrogate (one epoch on 5000 training images).
+"""Regenerate the trigger galleries: in docs/attacks.md, for every image attack, on CIFAR-10 and
+MNIST, four test images clean, as poisoned training images, and the amplified difference (attacks
+that adapt to a model are fitted on a quick surrogate: one epoch on 5000 training images); in
+docs/time_series.md, every series attack on four GunPoint test series (needs sktime).
 
 Usage: ``python scripts/attack_gallery.py [--data-root DIR]`` (default: ``$BACKDOORLAB_DATA``).
 """
@@ -13,8 +14,7 @@ from doc_blocks import DOCS, replace_block
 
 from backdoorlab.attacks import ATTACKS, create_trigger
 from backdoorlab.data import load_dataset
-from backdoorlab.gallery import fitted_trigger, save_grid, trigger_rows
-
+from backdoorlab.gallery import fitted_trigger, save_grid, series_plot, trigger_rows
 
 
 def main() -> None:
@@ -23,7 +23,9 @@ def main() -> None:
     args = parser.parse_args()
     splits = {name: load_dataset(name, args.data_root) for name in ("cifar10", "mnist")}
     lines = ["| attack | options (defaults) | CIFAR-10 | MNIST |", "| --- | --- | --- | --- |"]
-    for attack in ATTACKS.names():
+    image_attacks = [a for a in ATTACKS.names() if ATTACKS.get(a).modality == "image"]
+    series_attacks = [a for a in ATTACKS.names() if ATTACKS.get(a).modality == "series"]
+    for attack in image_attacks:
         cells = []
         for name, data in splits.items():
             path = DOCS / "gallery" / f"{attack}-{name}.png"
@@ -35,7 +37,16 @@ def main() -> None:
         lines.append(f"| `{attack}` | {text} | {cells[0]} | {cells[1]} |")
     doc = DOCS / "attacks.md"
     replace_block(doc, "gallery", lines)
-    print(f"wrote {doc} and {len(ATTACKS.names()) * 2} pictures")
+    print(f"wrote {doc} and {len(image_attacks) * 2} pictures")
+    gunpoint = load_dataset("gunpoint").test
+    lines = ["| attack | options (defaults) | four GunPoint test series, clean and triggered |", "| --- | --- | --- |"]
+    for attack in series_attacks:
+        trigger = create_trigger(attack, gunpoint.input_shape)
+        path = series_plot(gunpoint, trigger, 4, 0, DOCS / "gallery" / f"{attack}-gunpoint.png")
+        text = ", ".join(f"{k}={v}" for k, v in trigger.config().items())
+        lines.append(f"| `{attack}` | {text} | ![{attack} on GunPoint](gallery/{path.name}) |")
+    replace_block(DOCS / "time_series.md", "series-gallery", lines)
+    print(f"wrote docs/time_series.md and {len(series_attacks)} plots")
 
 
 if __name__ == "__main__":

@@ -37,11 +37,11 @@ def test_run_with_a_defense_reports_its_isolation(tmp_path):
 
 def test_bad_input_is_a_clear_error_with_exit_code_2():
     cases = [
-        (["run", "--dataset", "imagenet"], "valid datasets: cifar10, digits, gtsrb, mnist"),
+        (["run", "--dataset", "imagenet"], "cifar10, digits, gtsrb, gunpoint, italypowerdemand, mnist, osuleaf; or a prefixed time-series name: ucr:<Name>, sktime:<Name>"),
         (["run", "--attack", "trojan"], "valid attacks: badnet_rand, badnet_stripes, badnets, blended"),
         (["run", "--target", "11"], "outside the dataset's classes 0..9"),
         (["run", "--poison-rate", "1.5"], "poison rate must be in [0, 1]"),
-        (["run", "--trusted-size", "0.0001"], "selects no sample"),
+        (["run", "--trusted-size", "0"], "trusted split size must be a fraction in (0, 1]"),
         (["run", "-a", "shape=star"], "valid: size, pattern, position, margin"),
         (["list", "poisons"], "valid: datasets, models, attacks, defenses"),
         (["run", "--defense", "strip"], "training-time defenses: abl, e2abl, pt; repair defenses: fine_pruning"),

@@ -65,8 +65,8 @@ def test_bad_configs_fail_before_training():
         run(RunConfig(target=10))
     with pytest.raises(ValueError, match=r"poison rate must be in \[0, 1\]"):
         run(RunConfig(poison_rate=2.0))
-    with pytest.raises(ValueError, match="selects no sample"):
-        run(RunConfig(trusted_size=0.0001))
+    with pytest.raises(ValueError, match=r"trusted split size must be a fraction in \(0, 1\]"):
+        run(RunConfig(trusted_size=0))
     with pytest.raises(ValueError, match="unknown config key"):
         RunConfig.from_dict({"datset": "digits"})
 

@@ -9,12 +9,15 @@ from backdoorlab.registry import UnknownNameError
 EXPECTED = {"airbench", "mobilenet_v2", "preact_resnet18", "resnet18", "resnet50", "small_cnn", "vgg16_bn"}
 
 
+SERIES = {"fcn", "resnet1d", "inception_time", "inception_time_small"}  # tests/test_time_series.py
+
+
 def test_registry_lists_the_models():
-    assert set(list_models()) == EXPECTED
+    assert set(list_models()) == EXPECTED | SERIES
 
 
 def test_unknown_model_lists_valid_names():
-    with pytest.raises(UnknownNameError, match="valid models: airbench, mobilenet_v2"):
+    with pytest.raises(UnknownNameError, match="valid models: airbench, fcn, inception_time"):
         create_model("resnet19", num_classes=10)
 
 

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from backdoorlab.data import subsample
+from backdoorlab.data import TensorDataset, subsample
 from backdoorlab.models import create_model
 from backdoorlab.training import Callback, TrainConfig, predict, train
 from backdoorlab.training.augment import random_crop, random_hflip
@@ -112,3 +114,15 @@ def test_random_hflip_flips_about_half():
 def test_bad_train_config_is_refused(digits):
     with pytest.raises(ValueError, match="valid: onecycle, cosine, constant"):
         train(fresh_model(digits.train), digits.train, TrainConfig(schedule="step"))
+
+
+@pytest.mark.parametrize("samples", [1, 3, 5, 9])
+def test_onecycle_schedule_survives_runs_of_a_few_steps(samples):
+    """OneCycleLR divided by zero for 5 steps at warm-up 0.2 (one epoch of a tiny UCR set)."""
+    data = TensorDataset(
+        torch.randint(0, 255, (samples, 1, 8, 8), dtype=torch.uint8), torch.arange(samples) % 2,
+        ("0", "1"), (0.5,), (0.25,), "tiny",
+    )  # fmt: skip
+    model = create_model("small_cnn", 2, 1, data.mean, data.std)
+    history = train(model, data, TrainConfig(epochs=1, batch_size=1, progress=False))
+    assert len(history.loss) == 1 and math.isfinite(history.loss[0])

@@ -55,7 +55,9 @@ def _fail(err: Exception) -> None:
 
 
 DatasetOpt = Annotated[str, typer.Option(help="Dataset name (see `backdoorlab list`).")]
-AttackOpt = Annotated[str, typer.Option(help="Attack (trigger) name.")]
+AttackOpt = Annotated[
+    Optional[str], typer.Option(help="Attack (trigger) name; default: badnets for images, ts_pattern for series.")
+]
 AttackOptionOpt = Annotated[
     Optional[list[str]],
     typer.Option("--attack-option", "-a", help="Trigger option KEY=VALUE, repeatable (size=4)."),
@@ -86,7 +88,7 @@ def run_command(
     model_option: Annotated[
         Optional[list[str]], typer.Option("--model-option", "-m", help="Model option KEY=VALUE.")
     ] = None,
-    attack: AttackOpt = "badnets",
+    attack: AttackOpt = None,
     attack_option: AttackOptionOpt = None,
     poison_rate: Annotated[
         str, typer.Option(help="Fraction in [0, 1] of the training set, or a count (500); 0 = clean baseline.")
@@ -271,13 +273,16 @@ def list_command(
         table.add_column("description")
         for item, text in registry.describe().items():
             table.add_row(item, text)
+        if name == "datasets":
+            table.add_row("ucr:<Name>", "time series: a UCR archive folder <data root>/ucr/<Name>/<Name>_{TRAIN,TEST}.tsv")
+            table.add_row("sktime:<Name>", "time series: any UCR/UEA set through sktime (downloads what it does not bundle)")
         console.print(table)
 
 
 @app.command("show-trigger")
 def show_trigger_command(
     dataset: DatasetOpt = "digits",
-    attack: AttackOpt = "badnets",
+    attack: AttackOpt = None,
     attack_option: AttackOptionOpt = None,
     count: Annotated[int, typer.Option(help="Images to show.")] = 8,
     output: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("trigger.png"),

@@ -1,4 +1,5 @@
-"""Pictures of triggers: clean images, their triggered copies, and the amplified difference."""
+"""Pictures of triggers: clean images, their triggered copies, and the amplified difference; for
+time series, line plots of clean and triggered series."""
 
 from __future__ import annotations
 
@@ -59,9 +60,46 @@ def save_grid(images: torch.Tensor, columns: int, output: str | Path, min_side: 
     return output
 
 
+def series_plot(
+    images: TensorDataset, trigger: Trigger, count: int, seed: int, output: str | Path
+) -> Path:
+    """Save ``count`` test series (first channel) with their triggered copies overlaid, one panel
+    each (needs matplotlib: the ``plot`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ValueError("plotting series needs matplotlib: pip install 'backdoorlab[plot]'") from err
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    chosen = seeded_permutation(len(images), seed)[: min(count, len(images))]
+    clean = images.inputs[chosen]
+    triggered = trigger.poison(clean, images.labels[chosen], torch.Generator().manual_seed(seed))
+    columns = min(4, len(chosen))
+    rows = -(-len(chosen) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.2 * rows), squeeze=False)
+    for ax, before, after, label in zip(axes.flat, clean, triggered, images.labels[chosen], strict=False):
+        ax.plot(after[0].numpy(), color="tab:red", lw=1.2, label="triggered")
+        ax.plot(before[0].numpy(), color="black", lw=1.0, label="clean")
+        ax.set_title(f"class {images.classes[int(label)]}", fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(chosen) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{images.name}: {trigger!r}", fontsize=9)
+    fig.tight_layout()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output
+
+
 def trigger_grid(
     dataset: str,
-    attack: str,
+    attack: str | None,
     options: dict[str, Any],
     count: int = 8,
     output: str | Path = "trigger.png",
@@ -70,8 +108,12 @@ def trigger_grid(
     difference: bool = False,
 ) -> Path:
     """Save a grid of ``count`` test images of ``dataset``: clean (top row), poisoned, and with
-    ``difference`` the amplified difference. Returns the path."""
+    ``difference`` the amplified difference (for series: :func:`series_plot`). Returns the path."""
+    from backdoorlab.experiments.config import DEFAULT_ATTACK
+
     splits = load_dataset(dataset, data_root)
-    trigger = fitted_trigger(attack, options, splits, seed)
+    trigger = fitted_trigger(attack or DEFAULT_ATTACK[splits.test.modality], options, splits, seed)
+    if splits.test.modality == "series":
+        return series_plot(splits.test, trigger, count, seed, output)
     images = trigger_rows(splits.test, trigger, count, seed, difference)
     return save_grid(images, min(count, len(splits.test)), output)

@@ -8,7 +8,7 @@ from backdoorlab.attacks.poisoning import (
     poison_dataset,
     triggered_test_set,
 )
-from backdoorlab.attacks import optimized, sig, structured, wanet  # noqa: F401  (registers the attacks)
+from backdoorlab.attacks import optimized, series, sig, structured, wanet  # noqa: F401  (registers the attacks)
 from backdoorlab.attacks.triggers import ATTACKS, BadNets, Blended, Trigger, create_trigger
 
 __all__ = [

@@ -1,8 +1,10 @@
-"""Triggers: pure functions on a batch of images.
+"""Triggers: pure functions on a batch of images or time series.
 
-A trigger maps uint8 images ``(N, C, H, W)`` to uint8 images of the same shape; it never touches
-labels. Subclasses implement :meth:`Trigger.apply` on floats in [0, 1]; the base class converts
-and rounds, so poisoned data is stored as real 8-bit images, as an attacker would ship it.
+An image trigger maps uint8 images ``(N, C, H, W)`` to uint8 images of the same shape; it never
+touches labels. Subclasses implement :meth:`Trigger.apply` on floats in [0, 1]; the base class
+converts and rounds, so poisoned data is stored as real 8-bit images, as an attacker would ship
+it. A series trigger (``modality = "series"``, ``attacks.series``) maps float32 series
+``(N, C, L)`` to float32 series, in the series' own units.
 Randomness (a random patch position, a pattern drawn per image) comes only from the ``generator``
 argument, so poisoning and evaluation are reproducible from a seed.
 """
@@ -36,10 +38,19 @@ class Trigger(ABC):
     cross_ratio: float = 0.0
     #: The attack adapts to a model: :meth:`fit` it on a surrogate trained on clean data first.
     needs_surrogate: ClassVar[bool] = False
+    #: ``"image"`` (uint8 ``(N, C, H, W)``) or ``"series"`` (float32 ``(N, C, L)``).
+    modality: ClassVar[str] = "image"
 
     def __init__(self, input_shape: tuple[int, ...]) -> None:
-        if len(input_shape) != 3:
-            raise ValueError(f"image triggers need an input shape (C, H, W), got {input_shape}")
+        rank = 3 if self.modality == "image" else 2
+        if len(input_shape) != rank:
+            layout = "(C, H, W)" if rank == 3 else "(C, L)"
+            other = "series" if self.modality == "image" else "image"
+            matching = [n for n in ATTACKS if ATTACKS.get(n).modality == other]
+            raise ValueError(
+                f"{type(self).__name__} is an {self.modality} attack and needs an input shape {layout}, "
+                f"got {tuple(input_shape)}; attacks for {other} data: {', '.join(matching)}"
+            )
         self.input_shape = tuple(int(s) for s in input_shape)
         self.fitted = not self.needs_surrogate
 
@@ -55,11 +66,14 @@ class Trigger(ABC):
         return self(images, generator)
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        if images.dtype != torch.uint8 or tuple(images.shape[1:]) != self.input_shape:
+        dtype = torch.uint8 if self.modality == "image" else torch.float32
+        if images.dtype != dtype or tuple(images.shape[1:]) != self.input_shape:
             raise ValueError(
-                f"{type(self).__name__} expects uint8 images of shape (N, {self.input_shape}), "
-                f"got {images.dtype} {tuple(images.shape)}"
+                f"{type(self).__name__} expects {str(dtype).removeprefix('torch.')} {self.modality} inputs of shape "
+                f"(N, {self.input_shape}), got {images.dtype} {tuple(images.shape)}"
             )
+        if self.modality == "series":
+            return self.apply(images.clone(), generator)
         out = self.apply(images.float().div_(255.0), generator)
         return out.clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
 

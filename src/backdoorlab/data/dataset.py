@@ -1,7 +1,9 @@
 """The dataset type: in-memory tensors, and the seeded ways to cut them.
 
-Images are uint8 ``(N, C, H, W)``; labels int64 ``(N,)``. Models take float inputs in [0, 1] and
-normalise inside (see ``backdoorlab.models``), so triggers and inversion methods work in pixel space.
+Two modalities share one type. Images are uint8 ``(N, C, H, W)``; models take them as floats in
+[0, 1]. Time series are float32 ``(N, C, L)`` in their own units. Labels are int64 ``(N,)``. Models
+normalise inside (see ``backdoorlab.models``) with the training split's per-channel statistics, so
+triggers and inversion methods work on raw pixels or raw series values.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ class TensorDataset:
     """A labelled dataset held as tensors.
 
     Attributes:
-        inputs: uint8 images ``(N, C, H, W)``.
+        inputs: uint8 images ``(N, C, H, W)``, or float32 time series ``(N, C, L)``.
         labels: int64 class indices ``(N,)`` in ``0..len(classes)-1``.
         classes: class names, index = label.
-        mean, std: per-channel normalisation statistics of the training split, in [0, 1] units.
+        mean, std: per-channel normalisation statistics of the training split (images: in [0, 1]
+            units; series: in the series' units).
         name: the source's name (``digits``, ``cifar10``...).
         hflip: whether a horizontal flip keeps the label (true for CIFAR-10; false for digits and
             traffic signs), used by the training loop's augmentation.
@@ -40,10 +43,12 @@ class TensorDataset:
     hflip: bool = False
 
     def __post_init__(self) -> None:
-        if self.inputs.dtype != torch.uint8 or self.inputs.dim() != 4:
+        image = self.inputs.dtype == torch.uint8 and self.inputs.dim() == 4
+        series = self.inputs.dtype == torch.float32 and self.inputs.dim() == 3
+        if not (image or series):
             raise DataError(
-                f"{self.name}: inputs must be uint8 (N, C, H, W), got {self.inputs.dtype} "
-                f"{tuple(self.inputs.shape)}"
+                f"{self.name}: inputs must be uint8 images (N, C, H, W) or float32 series "
+                f"(N, C, L), got {self.inputs.dtype} {tuple(self.inputs.shape)}"
             )
         if self.labels.dtype != torch.int64 or self.labels.shape != (len(self.inputs),):
             raise DataError(
@@ -61,8 +66,13 @@ class TensorDataset:
         return len(self.classes)
 
     @property
+    def modality(self) -> str:
+        """``"image"`` (uint8 ``(N, C, H, W)``) or ``"series"`` (float32 ``(N, C, L)``)."""
+        return "image" if self.inputs.dim() == 4 else "series"
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
-        """Shape of one sample, ``(C, H, W)``."""
+        """Shape of one sample, ``(C, H, W)`` or ``(C, L)``."""
         return tuple(self.inputs.shape[1:])
 
     @property
@@ -126,8 +136,11 @@ def split_trusted(
     """Carve a trusted clean split off the (still clean) training set.
 
     Returns ``(rest, trusted)``. The trusted split is the only clean data a defense may get; the
-    attack poisons ``rest`` only, so trusted samples never appear poisoned in training.
+    attack poisons ``rest`` only, so trusted samples never appear poisoned in training. A fraction
+    too small for a tiny training set (1% of GunPoint's 50 series) takes one sample.
     """
+    if isinstance(size, float) and 0.0 < size <= 1.0 and round(size * len(train)) == 0:
+        size = 1
     count = resolve_count(size, len(train), "trusted split size")
     if count >= len(train):
         raise DataError(f"trusted split of {size} would leave no training data")

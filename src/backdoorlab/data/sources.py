@@ -3,6 +3,8 @@
 - ``digits``: scikit-learn's bundled 8x8 digits, always available, fixed stratified split.
 - ``mnist``, ``cifar10``, ``gtsrb``: parquet files in the Hugging Face layout under a data root
   (argument, or ``$BACKDOORLAB_DATA``); where absent, torchvision's download (needs internet).
+- time series (``backdoorlab.data.series``): ``ucr:<Name>`` (UCR archive folders under the data
+  root), sktime's bundled sets by name (``gunpoint``...) and ``sktime:<Name>``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from torch import Tensor
 from backdoorlab.data.cache import cache_dir, cached
 from backdoorlab.data.dataset import DataError, Splits, TensorDataset
 from backdoorlab.data.parquet import read_image_parquet
-from backdoorlab.registry import Registry
+from backdoorlab.data.series import SKTIME_BUNDLED, load_sktime, load_ucr
+from backdoorlab.registry import Registry, UnknownNameError
 
 DATA_ENV = "BACKDOORLAB_DATA"
 
@@ -27,19 +30,53 @@ DATA_ENV = "BACKDOORLAB_DATA"
 DATASETS: Registry[Callable[[Path | None, bool], Splits]] = Registry("dataset")
 
 
+#: Name prefixes for open-ended families of sets: ``ucr:<Name>``, ``sktime:<Name>``.
+PREFIXES = {
+    "ucr": lambda name: lambda root, download: load_ucr(root, name),
+    "sktime": lambda name: lambda root, download: load_sktime(name),
+}
+
+#: The time-series sets among the registered names (the rest are images).
+SERIES_DATASETS = set(SKTIME_BUNDLED)
+
+
 class DataNotFoundError(DataError):
     """A dataset is neither on disk nor downloadable; the message says where files are expected."""
+
+
+def dataset_loader(name: str) -> Callable[[Path | None, bool], Splits]:
+    """The loader of a registered name or a prefixed one (``ucr:GunPoint``); an unknown name
+    raises with the valid ones listed."""
+    prefix, sep, rest = name.partition(":")
+    if sep:
+        if prefix.lower() not in PREFIXES or not rest:
+            raise DataError(
+                f"unknown dataset '{name}'; prefixed names are {', '.join(p + ':<Name>' for p in PREFIXES)}"
+            )
+        return PREFIXES[prefix.lower()](rest)
+    try:
+        return DATASETS.get(name)
+    except UnknownNameError as err:
+        raise UnknownNameError(f"{err}; or a prefixed time-series name: ucr:<Name>, sktime:<Name>") from None
+
+
+def dataset_modality(name: str) -> str:
+    """``"series"`` or ``"image"``, from the name alone (no data is read)."""
+    prefix, sep, _ = name.partition(":")
+    return "series" if (sep and prefix.lower() in PREFIXES) or name.lower() in SERIES_DATASETS else "image"
 
 
 def load_dataset(name: str, root: str | Path | None = None, *, download: bool = True) -> Splits:
     """Load a dataset's train and test splits as tensors.
 
     Args:
-        name: a registered name (``backdoorlab list`` shows them).
-        root: folder that holds ``<name>/{train,test}.parquet``; default ``$BACKDOORLAB_DATA``.
+        name: a registered name (``backdoorlab list`` shows them), ``ucr:<Name>`` or
+            ``sktime:<Name>``.
+        root: folder that holds ``<name>/{train,test}.parquet`` (and ``ucr/<Name>/``); default
+            ``$BACKDOORLAB_DATA``.
         download: where the files are absent, try torchvision's download (needs internet).
     """
-    loader = DATASETS.get(name)
+    loader = dataset_loader(name)
     return loader(resolve_data_root(root), download)
 
 
@@ -222,3 +259,9 @@ DATASETS.register("cifar10", "CIFAR-10 32x32 RGB (50k / 10k), parquet or torchvi
 DATASETS.register("gtsrb", "GTSRB traffic signs 32x32 RGB, 43 classes (39k / 12.6k)")(
     ParquetSource("gtsrb", hflip=False, download_split=_download_gtsrb)
 )
+
+
+for _name, _archive_name in SKTIME_BUNDLED.items():
+    DATASETS.register(_name, f"time series: UCR/UEA {_archive_name}, bundled with sktime (timeseries extra)")(
+        lambda root, download, _n=_archive_name, _ours=_name: load_sktime(_n, _ours)
+    )

@@ -76,3 +76,12 @@ def lowest(scores: Tensor, ratio: float) -> Tensor:
     mask = torch.zeros(len(scores), dtype=torch.bool)
     mask[scores.argsort()[:count]] = True
     return mask
+
+
+def require_images(data: TensorDataset, method: str) -> None:
+    """Refuse series for a method that works in pixel space (trigger inversion)."""
+    if data.modality != "image":
+        raise ValueError(
+            f"{method} inverts triggers in pixel space and takes images only, not {data.modality} data "
+            "(series: fine_tuning, fine_pruning, nad, abl, e2abl, pt)"
+        )

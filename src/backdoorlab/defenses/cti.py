@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
+from backdoorlab.defenses.base import require_images
 from backdoorlab.defenses.post_training import DETECTORS, Detection, Detector, create_repair, frozen_copy
 from backdoorlab.progress import make_progress
 from backdoorlab.training.augment import random_hflip
@@ -24,6 +25,7 @@ def calibrated_trigger(
     ``CE(suspect(clip(x + delta)), target) + 0.5 CE(repaired(clip(x + delta)), y)``, Adam lr 0.01,
     betas (0.5, 0.9), 50 steps, ``delta`` starting at ``U(0, 1) * 0.01``, random horizontal flips
     where the dataset allows them (reference code)."""
+    require_images(data, "Calibrated Trigger Inversion")
     generator = torch.Generator().manual_seed(seed)
     delta = (torch.rand(data.input_shape, generator=generator) * 0.01).to(device).requires_grad_()
     optimizer = torch.optim.Adam([delta], lr=lr, betas=(0.5, 0.9))

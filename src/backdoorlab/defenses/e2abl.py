@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.abl import local_gradient_ascent
 from backdoorlab.defenses.base import DEFENSES, DefenseOutcome, ModelFactory, TrainingDefense
-from backdoorlab.training.loop import TrainConfig, train
+from backdoorlab.training.loop import TrainConfig, to_float, train
 from backdoorlab.training.regularizers import Regularizer
 
 
@@ -90,7 +90,8 @@ class E2ABLStep(Regularizer):
 class E2ABL(TrainingDefense):
     """End-to-end anti-backdoor learning in one training run (reconstructed).
 
-    A second, shallow head learns from ``body[:depth]`` (default 2: the stem and the first stage)
+    A second, shallow head learns from ``body[:depth]`` (default 2: the stem and the first stage;
+    1 where the body has only two stages, as InceptionTime's two residual blocks)
     with ABL's loss floor (LGA, gamma 0.5): clean samples are held near gamma, while a trigger, an
     easy shallow feature, drives its samples' loss far below. After ``warmup_epochs`` (1), a
     sample whose shallow-head cross-entropy is below ``flag_loss`` (0.01) when its batch is drawn
@@ -109,14 +110,15 @@ class E2ABL(TrainingDefense):
     """
 
     def __init__(
-        self, depth: int = 2, gamma: float = 0.5, flag_loss: float = 0.01, warmup_epochs: int = 1,
+        self, depth: int | None = None, gamma: float = 0.5, flag_loss: float = 0.01, warmup_epochs: int = 1,
         head_width: int = 64,
     ) -> None:  # fmt: skip
         if gamma <= 0 or not 0 < flag_loss < gamma:
             raise ValueError("need gamma > 0 and 0 < flag_loss < gamma")
         if warmup_epochs < 0 or head_width < 1:
             raise ValueError("warmup_epochs must be >= 0 and head_width >= 1")
-        self.depth, self.gamma, self.flag_loss = int(depth), float(gamma), float(flag_loss)
+        self.depth = None if depth is None else int(depth)
+        self.gamma, self.flag_loss = float(gamma), float(flag_loss)
         self.warmup_epochs, self.head_width = int(warmup_epochs), int(head_width)
         self._options = {
             "depth": self.depth, "gamma": self.gamma, "flag_loss": self.flag_loss,
@@ -134,7 +136,9 @@ class E2ABL(TrainingDefense):
     ) -> DefenseOutcome:
         if self.warmup_epochs >= recipe.epochs:
             raise ValueError(f"warmup_epochs {self.warmup_epochs} leaves no epoch of the recipe's {recipe.epochs}")
-        net = ShallowHeadNet(build_model(), self.depth, data.inputs[:2].float() / 255, self.head_width)
+        model = build_model()
+        depth = self.depth if self.depth is not None else min(2, len(model.body) - 1)
+        net = ShallowHeadNet(model, depth, to_float(data.inputs[:2]), self.head_width)
         step = E2ABLStep(len(data), self.gamma, self.flag_loss, self.warmup_epochs)
         train(net, data, recipe, device=device, seed=seed, step=step, description="E2ABL")
         return DefenseOutcome(

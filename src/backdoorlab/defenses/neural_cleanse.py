@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset, seeded_permutation
-from backdoorlab.defenses.base import DefenseOutcome
+from backdoorlab.defenses.base import DefenseOutcome, require_images
 from backdoorlab.defenses.fine_tuning import FineTuning
 from backdoorlab.defenses.post_training import (
     DETECTORS,
@@ -60,6 +60,7 @@ def reverse_engineer(
     checks at success >= 0.99, and down x1.5^1.5 after ``patience`` below (official defaults; the
     code adjusts once per epoch over the clean data, here per ``adjust_every`` steps of the trusted
     split). The smallest mask that reached the threshold is kept."""
+    require_images(data, "Neural Cleanse")
     model.eval()
     shape = data.input_shape
     generator = torch.Generator().manual_seed(seed)

@@ -1,7 +1,7 @@
 """Batch augmentation with tensor ops (no per-sample Python, no PIL).
 
-Both functions take a whole uint8 or float batch ``(N, C, H, W)`` and a generator, and work on any
-device. The crop pads with zeros and shifts each image by up to ``padding`` pixels, which is
+Image functions take a whole uint8 or float batch ``(N, C, H, W)`` and a generator; series
+functions a float batch ``(N, C, L)``. All work on any device. The crop pads with zeros and shifts each image by up to ``padding`` pixels, which is
 ``RandomCrop(size, padding)`` as torchvision applies it, done for the batch in one gather.
 """
 
@@ -30,3 +30,16 @@ def random_hflip(images: Tensor, generator: torch.Generator) -> Tensor:
     """Flip each image left-right with probability 1/2."""
     flip = (torch.rand(len(images), generator=generator) < 0.5).to(images.device)
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def jitter(series: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
+    """Add Gaussian noise of ``sigma`` times each series' std (Um et al., "Data Augmentation of
+    Wearable Sensor Data for Parkinson's Disease Monitoring using CNNs", ICMI 2017)."""
+    noise = torch.randn(series.shape, generator=generator).to(series.device)
+    return series + sigma * series.std(dim=-1, keepdim=True, unbiased=False) * noise
+
+
+def random_scaling(series: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
+    """Multiply each series (per channel) by a factor drawn from N(1, sigma^2) (Um et al. 2017)."""
+    factor = 1.0 + sigma * torch.randn((*series.shape[:2], 1), generator=generator).to(series.device)
+    return series * factor

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.progress import make_progress
-from backdoorlab.training.augment import random_crop, random_hflip
+from backdoorlab.training.augment import jitter, random_crop, random_hflip, random_scaling
 from backdoorlab.training.regularizers import Regularizer, create_regularizer
 
 SCHEDULES = ("onecycle", "cosine", "constant")
@@ -53,6 +53,9 @@ class TrainConfig:
         label_smoothing: cross-entropy label smoothing.
         crop_padding: random-crop translation in pixels (0 turns it off).
         flip: random horizontal flips; ``None`` uses the dataset's ``hflip``.
+        jitter, scaling: time-series augmentation (``training.augment``): Gaussian noise of
+            ``jitter`` times each series' std, and a random factor N(1, ``scaling``^2); 0 is off
+            (the default: Wang et al. 2017 train their baselines without augmentation).
         amp: bf16 autocast on CUDA (ignored on the CPU).
         channels_last: channels-last memory format for image batches (faster on CUDA and, measured,
             by about 20% on a 2-core CPU for the conv nets here).
@@ -74,6 +77,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     crop_padding: int = 0
     flip: bool | None = None
+    jitter: float = 0.0
+    scaling: float = 0.0
     amp: bool = True
     channels_last: bool = True
     data_init: bool = True
@@ -88,6 +93,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.jitter < 0 or self.scaling < 0:
+            raise ValueError("jitter and scaling must be >= 0")
         if not 0.0 < self.warmup < 1.0:
             raise ValueError(f"warmup must be in (0, 1), got {self.warmup}")
         if self.regularizer is not None:
@@ -158,12 +165,15 @@ def make_optimizer(
         nesterov=config.nesterov and config.momentum > 0,
         weight_decay=config.weight_decay,
     )
-    if config.schedule == "onecycle":
+    # OneCycleLR divides by its warm-up length in steps minus one: a run of a handful of steps (one
+    # epoch of a tiny UCR set) gets at least two warm-up steps, and under four steps no schedule.
+    warmup = max(config.warmup, 2.0 / steps)
+    if config.schedule == "onecycle" and steps >= 4:
         scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=config.lr,
             total_steps=steps,
-            pct_start=config.warmup,
+            pct_start=min(warmup, 0.5),
             cycle_momentum=False,
             div_factor=10.0,
             final_div_factor=100.0,
@@ -236,6 +246,10 @@ def train(
                 if flip:
                     x = random_hflip(x, generator)
                 x = to_float(x).contiguous(memory_format=memory_format)
+                if config.jitter:
+                    x = jitter(x, config.jitter, generator)
+                if config.scaling:
+                    x = random_scaling(x, config.scaling, generator)
                 y = labels[batch]
                 with _autocast(device, config.amp):
                     if regularizer is None:
