@@ -12,7 +12,7 @@ import argparse
 
 from doc_blocks import DOCS, replace_block
 
-from backdoorlab.attacks import ATTACKS, create_trigger
+from backdoorlab.attacks import ATTACKS, attacks_for, create_trigger
 from backdoorlab.data import load_dataset
 from backdoorlab.gallery import fitted_trigger, save_grid, series_plot, trigger_rows
 
@@ -23,8 +23,7 @@ def main() -> None:
     args = parser.parse_args()
     splits = {name: load_dataset(name, args.data_root) for name in ("cifar10", "mnist")}
     lines = ["| attack | options (defaults) | CIFAR-10 | MNIST |", "| --- | --- | --- | --- |"]
-    image_attacks = [a for a in ATTACKS.names() if ATTACKS.get(a).modality == "image"]
-    series_attacks = [a for a in ATTACKS.names() if ATTACKS.get(a).modality == "series"]
+    image_attacks, series_attacks = attacks_for("image"), attacks_for("series")
     for attack in image_attacks:
         cells = []
         for name, data in splits.items():

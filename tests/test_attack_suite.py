@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backdoorlab.attacks import ATTACKS, PoisonSpec, create_trigger, poison_dataset, triggered_test_set
+from backdoorlab.attacks import ATTACKS, PoisonSpec, attacks_for, create_trigger, poison_dataset, triggered_test_set
 from backdoorlab.data import DataError
 
 SHAPES = [(1, 28, 28), (3, 32, 32), (1, 8, 8)]
@@ -20,7 +20,7 @@ def batch(seed: int, n: int, shape) -> torch.Tensor:
 
 @settings(max_examples=25, deadline=None)
 @given(
-    name=st.sampled_from([n for n in ATTACKS.names() if ATTACKS.get(n).modality == "image"]),
+    name=st.sampled_from(attacks_for("image")),
     shape=st.sampled_from(SHAPES),
     n=st.integers(1, 6),
     seed=st.integers(0, 2**31 - 1),

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from backdoorlab.attacks import ATTACKS, create_trigger
+from backdoorlab.attacks import attacks_for, create_trigger
 from backdoorlab.cli import app
 from backdoorlab.data import DataError, load_dataset
 from backdoorlab.defenses.e2abl import ShallowHeadNet
@@ -123,7 +123,7 @@ def test_sine_and_frequency_triggers_live_at_their_frequencies():
 
 @settings(max_examples=25, deadline=None)
 @given(
-    name=st.sampled_from([n for n in ATTACKS.names() if ATTACKS.get(n).modality == "series"]),
+    name=st.sampled_from(attacks_for("series")),
     channels=st.integers(1, 3),
     length=st.integers(12, 200),
     n=st.integers(1, 5),

@@ -9,7 +9,7 @@ from backdoorlab.attacks.poisoning import (
     triggered_test_set,
 )
 from backdoorlab.attacks import optimized, series, sig, structured, wanet  # noqa: F401  (registers the attacks)
-from backdoorlab.attacks.triggers import ATTACKS, BadNets, Blended, Trigger, create_trigger
+from backdoorlab.attacks.triggers import ATTACKS, BadNets, Blended, Trigger, attacks_for, create_trigger
 
 __all__ = [
     "ATTACKS",
@@ -19,6 +19,7 @@ __all__ = [
     "PoisonSpec",
     "PoisonedDataset",
     "Trigger",
+    "attacks_for",
     "TriggeredTestSet",
     "create_trigger",
     "poison_dataset",

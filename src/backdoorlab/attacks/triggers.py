@@ -46,10 +46,9 @@ class Trigger(ABC):
         if len(input_shape) != rank:
             layout = "(C, H, W)" if rank == 3 else "(C, L)"
             other = "series" if self.modality == "image" else "image"
-            matching = [n for n in ATTACKS if ATTACKS.get(n).modality == other]
             raise ValueError(
                 f"{type(self).__name__} is an {self.modality} attack and needs an input shape {layout}, "
-                f"got {tuple(input_shape)}; attacks for {other} data: {', '.join(matching)}"
+                f"got {tuple(input_shape)}; attacks for {other} data: {', '.join(attacks_for(other))}"
             )
         self.input_shape = tuple(int(s) for s in input_shape)
         self.fitted = not self.needs_surrogate
@@ -73,7 +72,7 @@ class Trigger(ABC):
                 f"(N, {self.input_shape}), got {images.dtype} {tuple(images.shape)}"
             )
         if self.modality == "series":
-            return self.apply(images.clone(), generator)
+            return self.apply(images, generator)  # apply returns a new tensor
         out = self.apply(images.float().div_(255.0), generator)
         return out.clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
 
@@ -94,6 +93,11 @@ class Trigger(ABC):
         return f"{type(self).__name__}({args})"
 
     _options: dict[str, Any] = {}
+
+
+def attacks_for(modality: str) -> list[str]:
+    """The registered attacks for ``"image"`` or ``"series"`` data, sorted."""
+    return [name for name in ATTACKS if ATTACKS.get(name).modality == modality]
 
 
 def create_trigger(name: str, input_shape: tuple[int, ...], **options: Any) -> Trigger:

@@ -83,5 +83,5 @@ def require_images(data: TensorDataset, method: str) -> None:
     if data.modality != "image":
         raise ValueError(
             f"{method} inverts triggers in pixel space and takes images only, not {data.modality} data "
-            "(series: fine_tuning, fine_pruning, nad, abl, e2abl, pt)"
+            "(fine_tuning, fine_pruning, nad, abl and e2abl take series)"
         )

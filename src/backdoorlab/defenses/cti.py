@@ -79,6 +79,7 @@ class CalibratedTriggerInversion(Detector):
         }  # fmt: skip
 
     def detect(self, model: nn.Module, trusted: TensorDataset, recipe: TrainConfig, *, device: torch.device, seed: int) -> Detection:
+        require_images(trusted, "Calibrated Trigger Inversion")  # before the repair, not after it
         repaired = self.repair.repair(model, trusted, recipe, device=device, seed=seed).model
         return self.calibrated_score(model, repaired, trusted, device=device, seed=seed)
 

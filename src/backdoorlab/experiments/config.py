@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from backdoorlab.attacks.poisoning import PoisonSpec
-from backdoorlab.attacks.triggers import ATTACKS
+from backdoorlab.attacks.triggers import ATTACKS, attacks_for
 from backdoorlab.data.sources import dataset_loader, dataset_modality
 from backdoorlab.defenses import DETECTORS, registry_for
 from backdoorlab.models.registry import MODELS
-from backdoorlab.models.series import SERIES_MODELS
+from backdoorlab.models.series import SERIES_MODELS, models_for
 from backdoorlab.training.loop import TrainConfig
 
 
@@ -146,18 +146,19 @@ class RunConfig:
         attack = self.attack or DEFAULT_ATTACK[modality]
         trigger_class = ATTACKS.get(attack)
         if trigger_class.modality != modality:
-            matching = [n for n in ATTACKS if ATTACKS.get(n).modality == modality]
             raise ValueError(
                 f"attack '{attack}' is for {trigger_class.modality} data but {self.dataset} is {modality} "
-                f"data; attacks for it: {', '.join(matching)}"
+                f"data; attacks for it: {', '.join(attacks_for(modality))}"
             )
         clean_label = trigger_class.clean_label if self.clean_label is None else self.clean_label
         defaults = dataset_defaults(self.dataset)
         model = self.model or defaults.model
         MODELS.get(model)
         if (model in SERIES_MODELS) != (modality == "series"):
-            matching = [n for n in MODELS if (n in SERIES_MODELS) == (modality == "series")]
-            raise ValueError(f"model '{model}' does not take {modality} data ({self.dataset}); models for it: {', '.join(matching)}")
+            raise ValueError(
+                f"model '{model}' does not take {modality} data ({self.dataset}); models for it: "
+                f"{', '.join(models_for(modality))}"
+            )
         if self.defense is not None:
             registry_for(self.defense).create(self.defense, **self.defense_options)  # validates name and options
         if self.detector is not None:
