@@ -249,6 +249,103 @@ def detect_command(
     _rerun_saved(model_file, None, None, detector, detector_option, data_root, device, output, None)
 
 
+@app.command("sweep")
+def sweep_command(
+    grid_file: Annotated[Path, typer.Argument(help="A grid (or one experiment) as YAML; see docs/experiments.md.")],
+    output: Annotated[Path, typer.Option(help="Folder of the results store (results.sqlite) and models.")] = Path("runs/sweep"),
+    workers: Annotated[int, typer.Option(help="Cells at once (local processes; with Ray, default: what fits).")] = 1,
+    executor: Annotated[str, typer.Option(help="local (worker processes), ray, or inline (this process).")] = "local",
+    address: Annotated[
+        Optional[str], typer.Option(help="Ray cluster address (ray://host:10001, auto); default: start a local one.")
+    ] = None,
+    cpus_per_cell: Annotated[float, typer.Option(help="Ray: CPUs each cell asks for.")] = 1.0,
+    gpus_per_cell: Annotated[float, typer.Option(help="Ray: GPUs each cell asks for (0.5 shares one GPU by two).")] = 0.0,
+    retry_failed: Annotated[bool, typer.Option(help="Run failed cells again.")] = False,
+    save_models: Annotated[bool, typer.Option(help="Save each cell's model as OUTPUT/models/<key>.safetensors.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="Run every cell on this device (not part of a cell's key).")] = None,
+    data_root: DataRootOpt = None,
+    dry_run: Annotated[bool, typer.Option(help="Validate the grid and list its cells; run nothing.")] = False,
+    report: Annotated[bool, typer.Option(help="Write OUTPUT/report.html when the sweep ends.")] = True,
+) -> None:
+    """Run a grid of experiments into a results store; a rerun skips finished cells (resumes)."""
+    from backdoorlab.experiments.executors import create_executor
+    from backdoorlab.experiments.grid import GridError, load_grid
+    from backdoorlab.experiments.store import StoreError
+    from backdoorlab.experiments.sweep import SweepError, sweep
+
+    try:
+        grid = load_grid(grid_file)
+    except GridError as err:
+        _fail(err)
+        return
+    if dry_run:
+        table = Table(title=f"{grid.name}: {len(grid.cells)} cells", title_justify="left")
+        table.add_column("#", justify="right")
+        table.add_column("key")
+        table.add_column("cell")
+        for i, cell in enumerate(grid.cells):
+            table.add_row(str(i), cell.key, cell.label or "(one experiment)")
+        console.print(table)
+        return
+
+    def show(cell: Any, outcome: dict[str, Any]) -> None:
+        if "error" in outcome:
+            last = outcome["error"].strip().splitlines()[-1]
+            err_console.print(f"[red]failed[/] {cell.label}: {last}")
+            return
+        m, t = outcome["result"]["metrics"], outcome["result"]["timings"]
+        err_console.print(
+            f"[green]done[/] {cell.label or grid.name}: CA {m['clean_accuracy']:.3f} ASR {m['attack_success_rate']:.3f} "
+            f"({t['total']:.0f} s)"
+        )
+
+    try:
+        pool = create_executor(
+            executor, workers=workers if executor != "ray" or workers > 1 else None, address=address,
+            cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell,
+        )  # fmt: skip
+        summary = sweep(
+            grid, output, executor=pool, retry_failed=retry_failed, save_models=save_models, device=device,
+            data_root=data_root, on_cell=show,
+        )  # fmt: skip
+    except (SweepError, StoreError, ValueError, RuntimeError) as err:
+        _fail(err)
+        return
+    console.print(
+        f"{grid.name}: {summary.done} done, {summary.failed} failed, {summary.skipped} already in the store, "
+        f"{summary.left} left ({summary.seconds:.0f} s); store: {output / 'results.sqlite'}"
+    )
+    if summary.interrupted:
+        err_console.print("interrupted: finished cells are stored; run the same command again to resume")
+        raise typer.Exit(code=130)
+    if report:
+        from backdoorlab.report import write_report
+
+        console.print(f"wrote {write_report(output, data_root=data_root)}")
+    if summary.failed:
+        err_console.print(f"{summary.failed} cell(s) failed: see the report, or rerun with --retry-failed")
+        raise typer.Exit(code=1)
+
+
+@app.command("report")
+def report_command(
+    output: Annotated[Path, typer.Argument(help="A sweep's output folder (with results.sqlite).")],
+    path: Annotated[Optional[Path], typer.Option(help="HTML file to write; default OUTPUT/report.html.")] = None,
+    gallery: Annotated[bool, typer.Option(help="Draw each attack's trigger on test samples (needs the data).")] = True,
+    data_root: DataRootOpt = None,
+) -> None:
+    """Write a self-contained HTML report (tables, plots, trigger gallery) and CSV/Parquet exports."""
+    from backdoorlab.experiments.store import StoreError
+    from backdoorlab.report import write_report
+
+    try:
+        written = write_report(output, path, gallery=gallery, data_root=data_root)
+    except (FileNotFoundError, StoreError, RuntimeError) as err:
+        _fail(err)
+        return
+    console.print(f"wrote {written} and {output / 'results.csv'}, {output / 'results.parquet'}")
+
+
 @app.command("list")
 def list_command(
     kind: Annotated[

@@ -1,0 +1,176 @@
+"""Grids: a YAML file that describes one experiment or the product of many.
+
+A grid file's top-level keys are :class:`RunConfig` fields (plus ``name`` and ``description``). A
+field whose value is a list is an *axis*; the cells are the product of all axes, in file order (the
+last axis varies fastest)::
+
+    name: mnist-defenses
+    dataset: mnist
+    train_size: 5000
+    attack: [badnets, blended, wanet]
+    defense: [null, fine_tuning, abl, {regularizer: logit_squeezing}]
+    seed: [0, 1]
+
+An element of an axis that is a mapping sets several fields at once (``{defense: pivotal_tuning,
+defense_options: {steps: 500}}``; a mapping without the axis's own key leaves that field at its
+base value). For the mapping-valued fields (``attack_options``, ``train``...), a list of mappings is
+an axis of values. A file without lists is one experiment.
+
+Everything is checked before anything runs: an unknown key, a bad name or value is a
+:class:`GridError` that gives the file, the line and, for a cell, the values that made it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from backdoorlab.experiments.config import RunConfig
+from backdoorlab.registry import UnknownNameError
+
+META_KEYS = ("name", "description")
+#: Fields whose value is a mapping: a list of mappings under them is an axis of values.
+MAPPING_FIELDS = frozenset(
+    {"model_options", "attack_options", "defense_options", "detector_options", "regularizer_options", "train"}
+)
+#: Fields that say where and how a cell runs, not what it computes: left out of a cell's key.
+PLACEMENT_FIELDS = ("device", "data_root")
+CONFIG_FIELDS = tuple(f.name for f in fields(RunConfig))
+
+
+class GridError(ValueError):
+    """A grid file that cannot be read or expanded; the message says where."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One experiment of a grid: its resolved config, its key and the axis values that made it."""
+
+    config: RunConfig
+    key: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Grid:
+    """An expanded, validated grid: a name and its cells (keys unique)."""
+
+    name: str
+    cells: tuple[Cell, ...]
+    description: str = ""
+
+
+def cell_key(config: RunConfig) -> str:
+    """A stable hash of what a (resolved) config computes: its fields but device and data root."""
+    values = config.to_dict()
+    for name in PLACEMENT_FIELDS:
+        values.pop(name, None)
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _lines(node: yaml.Node) -> dict[str, tuple[int, list[int]]]:
+    """For a top-level mapping node: key -> (its line, the lines of its list's elements)."""
+    out: dict[str, tuple[int, list[int]]] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            elements = [v.start_mark.line + 1 for v in value_node.value] if isinstance(value_node, yaml.SequenceNode) else []
+            out[str(key_node.value)] = (key_node.start_mark.line + 1, elements)
+    return out
+
+
+def _axis_element(name: str, value: Any, where: str) -> dict[str, Any]:
+    """The fields one element of axis ``name`` sets."""
+    if isinstance(value, dict) and name not in MAPPING_FIELDS:
+        unknown = sorted(set(value) - set(CONFIG_FIELDS))
+        if unknown:
+            raise GridError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; valid: {', '.join(CONFIG_FIELDS)}")
+        return dict(value)
+    return {name: value}
+
+
+def _describe(values: dict[str, Any]) -> str:
+    """``attack=badnets, defense=none, seed=0``: a cell's axis values, for people."""
+
+    def show(value: Any) -> str:
+        return "none" if value is None else value if isinstance(value, str) else json.dumps(value, default=str)
+
+    return ", ".join(f"{k}={show(v)}" for k, v in values.items())
+
+
+def expand(values: dict[str, Any], source: str = "<grid>", lines: dict[str, tuple[int, list[int]]] | None = None) -> Grid:
+    """Expand and validate a grid given as a mapping (a parsed grid file); ``source`` and ``lines``
+    place error messages."""
+    lines = lines or {}
+
+    def at(key: str, element: int | None = None) -> str:
+        line, elements = lines.get(key, (None, []))
+        if element is not None and element < len(elements):
+            line = elements[element]
+        return f"{source}:{line}" if line else source
+
+    if not isinstance(values, dict):
+        raise GridError(f"{source}: a grid file is a mapping of config fields, got {type(values).__name__}")
+    unknown = [k for k in values if k not in CONFIG_FIELDS and k not in META_KEYS]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), CONFIG_FIELDS + META_KEYS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise GridError(f"{at(key)}: unknown key '{key}'{hint}; valid: {', '.join(CONFIG_FIELDS + META_KEYS)}")
+    base = {k: v for k, v in values.items() if k in CONFIG_FIELDS}
+    axes: list[tuple[str, list[dict[str, Any]]]] = []
+    for name, value in base.items():
+        is_axis = isinstance(value, list) and (name not in MAPPING_FIELDS or all(isinstance(v, dict) for v in value))
+        if not is_axis:
+            continue
+        if not value:
+            raise GridError(f"{at(name)}: '{name}' is an empty list: a grid axis needs at least one value")
+        axes.append((name, [_axis_element(name, v, at(name, i)) for i, v in enumerate(value)]))
+    for name, _ in axes:
+        base.pop(name)
+
+    cells: list[Cell] = []
+    seen: dict[str, int] = {}
+    for combination in itertools.product(*(range(len(elements)) for _, elements in axes)):
+        chosen = {}
+        places = []
+        for (name, elements), index in zip(axes, combination):
+            chosen.update(elements[index])
+            places.append(at(name, index).rpartition(":")[2])
+        label = _describe(chosen)
+        lines_text = f"line{'s' if len(set(places)) > 1 else ''} {', '.join(dict.fromkeys(places))}"
+        where = f"{source}: cell {len(cells)} ({label}; {lines_text})" if axes else source
+        try:
+            config = RunConfig.from_dict({**base, **chosen}).resolved()
+        except (UnknownNameError, ValueError, TypeError) as err:
+            raise GridError(f"{where}: {err}") from None
+        key = cell_key(config)
+        if key in seen:
+            raise GridError(f"{where}: the same experiment as cell {seen[key]}")
+        seen[key] = len(cells)
+        cells.append(Cell(config, key, label))
+    name = str(values.get("name") or Path(source).stem)
+    return Grid(name=name, cells=tuple(cells), description=str(values.get("description") or ""))
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read, expand and validate a grid file (YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise GridError(f"grid file {path} does not exist")
+    text = path.read_text()
+    try:
+        node = yaml.compose(text)
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise GridError(f"{path}: not valid YAML: {err}") from None
+    if values is None:
+        raise GridError(f"{path}: the file is empty")
+    return expand(values, str(path), _lines(node))

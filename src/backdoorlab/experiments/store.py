@@ -1,0 +1,205 @@
+"""The results store: every cell of every sweep in one SQLite file, ``OUTPUT/results.sqlite``.
+
+One row per cell, keyed by :func:`~backdoorlab.experiments.grid.cell_key`: the resolved config,
+seed, package version, status (``pending``, ``running``, ``done``, ``failed``), attempts, the
+result's metrics and timings (and the whole ``result.json`` document), the error text of a failed
+cell, the saved model's path, and times. Each change is one transaction in write-ahead-log mode, so
+a sweep killed at any moment leaves the file consistent and loses no finished cell; rows it left
+``running`` are run again by the next sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from backdoorlab import __version__
+
+STORE_NAME = "results.sqlite"
+SCHEMA_VERSION = 1
+STATUSES = ("pending", "running", "done", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cells (
+    key TEXT PRIMARY KEY,
+    grid TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    config TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    version TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    metrics TEXT,
+    timings TEXT,
+    result TEXT,
+    error TEXT,
+    model_path TEXT,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL
+);
+CREATE INDEX IF NOT EXISTS cells_status ON cells (status);
+"""
+
+
+class StoreError(RuntimeError):
+    """A store file that is not a backdoorlab store, or of another schema version."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One row of the store."""
+
+    key: str
+    grid: str
+    position: int
+    label: str
+    config: dict[str, Any]
+    seed: int
+    version: str
+    status: str
+    attempts: int
+    metrics: dict[str, Any] | None
+    timings: dict[str, float] | None
+    result: dict[str, Any] | None
+    error: str | None
+    model_path: str | None
+    started: float | None
+    finished: float | None
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+class ResultStore:
+    """An SQLite results store (created if absent). Safe to read while a sweep writes to it."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / STORE_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        try:
+            self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"{path} is not a backdoorlab results store: {err}") from None
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise StoreError(f"{path}: store schema {row[0]}, this version reads {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add(self, grid: str, cells: Iterable[Any]) -> int:
+        """Add cells (:class:`~backdoorlab.experiments.grid.Cell`) not yet stored, as pending;
+        return how many were new."""
+        now = time.time()
+        rows = [
+            (c.key, grid, i, c.label, json.dumps(c.config.to_dict()), c.config.seed, __version__, now)
+            for i, c in enumerate(cells)
+        ]
+        with self._transaction() as db:
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO cells (key, grid, position, label, config, seed, version, status, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                rows,
+            )
+            return db.total_changes - before
+
+    def start(self, key: str) -> None:
+        """Mark a cell running (one more attempt)."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE cells SET status = 'running', attempts = attempts + 1, started = ?, error = NULL WHERE key = ?",
+                (time.time(), key),
+            )
+
+    def finish(self, key: str, result: dict[str, Any], model_path: str | None = None) -> None:
+        """Store a cell's result (a ``RunResult.to_dict()``) and mark it done."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE cells SET status = 'done', metrics = ?, timings = ?, result = ?, model_path = ?, "
+                "version = ?, finished = ?, error = NULL WHERE key = ?",
+                (json.dumps(result["metrics"]), json.dumps(result["timings"]), json.dumps(result), model_path,
+                 result.get("version", __version__), time.time(), key),
+            )  # fmt: skip
+
+    def fail(self, key: str, error: str) -> None:
+        """Record a cell's error and mark it failed."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE cells SET status = 'failed', error = ?, finished = ? WHERE key = ?", (error, time.time(), key)
+            )
+
+    def release(self, keys: Iterable[str]) -> None:
+        """Put running cells back to pending (a sweep that stops before they finish)."""
+        with self._transaction() as db:
+            db.executemany("UPDATE cells SET status = 'pending' WHERE key = ? AND status = 'running'", [(k,) for k in keys])
+
+    def status(self, keys: Iterable[str] | None = None) -> dict[str, str]:
+        """key -> status, for ``keys`` (default: every cell)."""
+        rows = self._db.execute("SELECT key, status FROM cells").fetchall()
+        wanted = None if keys is None else set(keys)
+        return {k: s for k, s in rows if wanted is None or k in wanted}
+
+    def records(self, status: str | None = None, grid: str | None = None) -> list[Record]:
+        """Every stored cell (in grid order), optionally only those of one status or grid."""
+        query = (
+            "SELECT key, grid, position, label, config, seed, version, status, attempts, metrics, timings, result, "
+            "error, model_path, started, finished FROM cells"
+        )
+        clauses, params = [], []
+        if status is not None:
+            if status not in STATUSES:
+                raise ValueError(f"unknown status '{status}'; valid: {', '.join(STATUSES)}")
+            clauses.append("status = ?")
+            params.append(status)
+        if grid is not None:
+            clauses.append("grid = ?")
+            params.append(grid)
+        if clauses:
+            query += " WHERE " + " AND ".join(clauses)
+        query += " ORDER BY created, position"
+        out = []
+        for row in self._db.execute(query, params).fetchall():
+            (key, grid_name, position, label, config, seed, version, state, attempts, metrics, timings, result,
+             error, model_path, started, finished) = row  # fmt: skip
+            out.append(
+                Record(
+                    key, grid_name, position, label, json.loads(config), seed, version, state, attempts,
+                    _loads(metrics), _loads(timings), _loads(result), error, model_path, started, finished,
+                )  # fmt: skip
+            )
+        return out

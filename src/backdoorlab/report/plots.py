@@ -1,0 +1,120 @@
+"""The report's figures, as PNG bytes (matplotlib, the ``plot`` extra)."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from backdoorlab.report.tables import Summary, method_label
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise RuntimeError("the report's plots need matplotlib: pip install 'backdoorlab[plot]'") from err
+    return plt
+
+
+def _png(fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def ca_vs_asr(summary: Summary) -> bytes | None:
+    """CA against ASR, one point per seed group (error bars: std over seeds), one colour per
+    defense, one marker per attack, one panel per dataset and model."""
+    rows = [r for r in summary.rows if r.get("clean_accuracy") and r.get("attack_success_rate")]
+    if not rows:
+        return None
+    plt = _pyplot()
+    panels = sorted({(r["config"]["dataset"], r["config"]["model"]) for r in rows})
+    methods = sorted({method_label(r["config"]) for r in rows})
+    attacks = sorted({r["config"]["attack"] for r in rows})
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    markers = {a: "osD^vP*Xh<>"[i % 11] for i, a in enumerate(attacks)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    for ax, (dataset, model) in zip(axes[0], panels, strict=True):
+        for r in rows:
+            c = r["config"]
+            if (c["dataset"], c["model"]) != (dataset, model):
+                continue
+            (asr, asr_std), (ca, ca_std) = r["attack_success_rate"], r["clean_accuracy"]
+            ax.errorbar(asr, ca, xerr=asr_std, yerr=ca_std, fmt=markers[c["attack"]], color=colours[method_label(c)],
+                        ms=7, capsize=2, alpha=0.85)  # fmt: skip
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_xlabel("attack success rate")
+        ax.set_ylabel("clean accuracy")
+        ax.set_title(f"{dataset} · {model}", fontsize=10)
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=colours[m], marker="o", ls="", label=m) for m in methods]
+    handles += [plt.Line2D([], [], color="grey", marker=markers[a], ls="", label=a) for a in attacks]
+    axes[0][-1].legend(handles=handles, fontsize=8, loc="best")
+    return _png(fig)
+
+
+def persistence(summary: Summary) -> bytes | None:
+    """ASR and CA at each checkpoint of each repair that records them (mean over seeds)."""
+    rows = [r for r in summary.rows if r["persistence"]]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, (ax_asr, ax_ca) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for r in rows:
+        c = r["config"]
+        label = f"{c['attack']} · {method_label(c)}" + (f" · {c['dataset']}" if len(summary.rows) > 1 else "")
+        curves = r["persistence"]
+        length = min(len(curve) for curve in curves)
+        steps = [curves[0][i]["checkpoint"] for i in range(length)]
+        for ax, metric in ((ax_asr, "attack_success_rate"), (ax_ca, "clean_accuracy")):
+            mean = [sum(curve[i][metric] for curve in curves) / len(curves) for i in range(length)]
+            ax.plot(steps, mean, marker=".", label=label)
+    for ax, title in ((ax_asr, "attack success rate"), (ax_ca, "clean accuracy")):
+        ax.set_xlabel("checkpoint (epoch of clean fine-tuning)")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    ax_asr.legend(fontsize=7)
+    return _png(fig)
+
+
+def robustness_detectability(rows: list[dict[str, Any]]) -> bytes | None:
+    """Detectability (detector AUROC) against robustness (ASR after the repair, or before where
+    the grid has no repair), one point per attack and rate, labelled with the rate."""
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 4.2))
+    series = sorted({(r["attack"], r["detector"]) for r in rows})
+    for attack, detector in series:
+        points = sorted((r for r in rows if (r["attack"], r["detector"]) == (attack, detector)), key=lambda r: r["poison_rate"])
+        ys = [r["asr_repaired"] if r["asr_repaired"] is not None else r["asr"] for r in points]
+        xs = [r["auroc"] for r in points]
+        ax.plot(xs, ys, marker="o", label=f"{attack} · {detector}")
+        for x, y, r in zip(xs, ys, points, strict=True):
+            ax.annotate(f"{r['poison_rate']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    repaired = any(r["asr_repaired"] is not None for r in rows)
+    ax.set_xlabel("detectability: detector ROC AUC against clean models")
+    ax.set_ylabel("ASR after repair" if repaired else "ASR")
+    ax.set_xlim(0.0, 1.03)
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def trigger_gallery(dataset: str, attack: str, options: dict[str, Any], data_root: str | None) -> bytes:
+    """The trigger on a few test samples of ``dataset`` (:func:`backdoorlab.gallery.trigger_grid`)."""
+    from backdoorlab.gallery import trigger_grid
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = trigger_grid(dataset, attack, options, count=6, output=Path(folder) / "trigger.png", data_root=data_root)
+        return path.read_bytes()
