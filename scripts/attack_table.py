@@ -1,52 +1,35 @@
-"""Regenerate the attack results table in docs/attacks.md: every registered attack on each dataset
-at a CPU-sized schedule, against a clean model trained with the same recipe.
+"""Regenerate an attack results table in docs/attacks.md from a grid: every attack on each dataset at
+a CPU-sized schedule (examples/attack_table.yaml, block ``table``) or on the full training sets
+(examples/attack_table_full.yaml, block ``table-gpu``), against a clean model of the same recipe.
 
-Each run is stored as ``OUTPUT/<dataset>/<attack>/result.json`` and skipped when present, so an
-interrupted table resumes where it stopped. Dirty-label attacks poison ``--rate`` of the training
-set; clean-label attacks (SIG, label-consistent) poison ``--clean-label-rate`` (all from the target
-class, which holds only about 10% of MNIST and CIFAR-10).
+Dirty-label attacks poison 10% of the training set; clean-label attacks (SIG, label-consistent) 8%
+(all from the target class, which holds only about 10% of MNIST and CIFAR-10). The cells are
+stored in ``OUTPUT/results.sqlite``; finished ones are skipped, so the table resumes.
 
 Usage::
 
-    BACKDOORLAB_DATA=../shared/data python scripts/attack_table.py --dataset mnist cifar10 \\
-        --train-size mnist=20000 cifar10=10000 --output runs/attack-table
+    BACKDOORLAB_DATA=../shared/data python scripts/attack_table.py --output runs/attack-table
+    BACKDOORLAB_DATA=../shared/data python scripts/attack_table.py --grid examples/attack_table_full.yaml \\
+        --block table-gpu --device cuda --output runs/attack-table-full
 """
 
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
 
-from doc_blocks import DOCS, replace_block
-
-from backdoorlab.attacks import ATTACKS
-from backdoorlab.experiments import RunConfig, run_cached
+from doc_blocks import DOCS, grid_arguments, replace_block, sweep_results
 
 CLEAN = "clean"
 
 
-def run_cell(dataset: str, attack: str, args: argparse.Namespace) -> dict:
-    clean_label = ATTACKS.get(attack if attack != CLEAN else "badnets").clean_label
-    rate = 0 if attack == CLEAN else (args.clean_label_rate if clean_label else args.rate)
-    config = RunConfig(
-        dataset=dataset, attack="badnets" if attack == CLEAN else attack, poison_rate=rate,
-        train_size=args.train_sizes[dataset], device=args.device, seed=args.seed, data_root=args.data_root,
-    )  # fmt: skip
-    tick = time.perf_counter()
-    result = run_cached(config, Path(args.output) / dataset / attack)
-    print(f"{dataset:8s} {attack:18s} {result['metrics']} {time.perf_counter() - tick:.0f} s", flush=True)
-    return result
-
-
-def table(results: dict[str, dict[str, dict]]) -> list[str]:
+def table(results: dict[str, dict[str, dict]], attacks: list[str]) -> list[str]:
     lines = [
         "| attack | label | poisoned | "
         + " | ".join(f"{d} CA | {d} ASR" for d in results)
         + " |",
         "| --- | --- | --- | " + " | ".join("--- | ---" for _ in results) + " |",
     ]
-    for attack in [CLEAN, *ATTACKS.names()]:
+    for attack in attacks:
         cells = []
         first = next(iter(results.values()))[attack]
         label = "-" if attack == CLEAN else ("clean" if first["config"]["clean_label"] else "dirty")
@@ -61,30 +44,21 @@ def table(results: dict[str, dict[str, dict]]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", nargs="+", default=["mnist", "cifar10"])
-    parser.add_argument("--attack", nargs="*", default=None, help="default: every registered attack")
-    parser.add_argument(
-        "--train-size", nargs="+", default=["20000"],
-        help="training images per run: one count for all datasets, or NAME=COUNT pairs",
-    )  # fmt: skip
-    parser.add_argument("--rate", type=float, default=0.1)
-    parser.add_argument("--clean-label-rate", type=float, default=0.08)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--output", default="runs/attack-table")
-    parser.add_argument("--no-docs", action="store_true", help="run, but leave docs/attacks.md alone")
+    grid_arguments(parser, "attack_table.yaml", "runs/attack-table")
     parser.add_argument("--block", default="table", help="the marked block of docs/attacks.md to fill")
     args = parser.parse_args()
-    sizes = dict(item.split("=", 1) if "=" in item else ("*", item) for item in args.train_size)
-    args.train_sizes = {d: int(sizes.get(d, sizes.get("*", 0))) or None for d in args.dataset}
-    attacks = [CLEAN, *(args.attack or ATTACKS.names())]
-    results = {d: {a: run_cell(d, a, args) for a in attacks} for d in args.dataset}
-    if args.no_docs or args.attack:
-        return
-    doc = DOCS / "attacks.md"
-    replace_block(doc, args.block, table(results))
-    print(f"wrote the table into {doc}")
+    results: dict[str, dict[str, dict]] = {}
+    attacks: list[str] = []
+    for r in sweep_results(args):
+        c = r["config"]
+        attack = CLEAN if c["poison_rate"] == 0 else c["attack"]
+        results.setdefault(c["dataset"], {})[attack] = r
+        if attack not in attacks:
+            attacks.append(attack)
+    if not args.no_docs:
+        doc = DOCS / "attacks.md"
+        replace_block(doc, args.block, table(results, attacks))
+        print(f"wrote the table into {doc}")
 
 
 if __name__ == "__main__":

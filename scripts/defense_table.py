@@ -1,43 +1,29 @@
-"""Regenerate the training-time defense table in docs/defenses.md: each attack at 10% poisoning
-against no defense, each training-time defense and each regulariser, on each dataset.
+"""Regenerate the training-time defense table in docs/defenses.md from the grid
+examples/defense_table.yaml: each attack at 10% poisoning against no defense, each training-time
+defense and each regulariser, on each dataset.
 
-Each run is stored as ``OUTPUT/<dataset>/<attack>/<defense>/result.json`` and skipped when present.
+The cells are stored in ``OUTPUT/results.sqlite``; finished ones are skipped, so the table resumes.
 
 Usage::
 
-    BACKDOORLAB_DATA=../shared/data python scripts/defense_table.py --dataset mnist cifar10 \\
-        --output runs/defense-table [--device cuda]
+    BACKDOORLAB_DATA=../shared/data python scripts/defense_table.py --output runs/defense-table [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
 
-from doc_blocks import DOCS, replace_block
+from doc_blocks import DOCS, grid_arguments, replace_block, sweep_results
 
-from backdoorlab.defenses import DEFENSES
-from backdoorlab.experiments import RunConfig, run_cached
-from backdoorlab.training.regularizers import REGULARIZERS
-
-NONE = "none"
+from backdoorlab.report.tables import method_label
 
 
-def methods() -> list[tuple[str, dict]]:
-    """(label, RunConfig fields) for no defense, every defense, every regulariser."""
-    out = [(NONE, {})]
-    out += [(name, {"defense": name}) for name in DEFENSES.names()]
-    out += [(f"reg:{name}", {"regularizer": name}) for name in REGULARIZERS.names()]
-    return out
-
-
-def table(results: dict, datasets: list[str], attacks: list[str]) -> list[str]:
+def table(results: dict, datasets: list[str], attacks: list[str], methods: list[str]) -> list[str]:
     head = "| dataset | attack | method | CA | ASR | isolated | precision | recall | time |"
     lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for dataset in datasets:
         for attack in attacks:
-            for label, _ in methods():
+            for label in methods:
                 r = results[dataset, attack, label]
                 m, t = r["metrics"], r["timings"]
                 seconds = t.get("defense", t.get("train", 0.0))
@@ -55,30 +41,19 @@ def table(results: dict, datasets: list[str], attacks: list[str]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", nargs="+", default=["mnist", "cifar10"])
-    parser.add_argument("--attack", nargs="+", default=["badnets", "blended", "wanet"])
-    parser.add_argument("--rate", type=float, default=0.1)
-    parser.add_argument("--train-size", type=int, default=None, help="default: the whole training set")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--output", default="runs/defense-table")
-    parser.add_argument("--no-docs", action="store_true", help="run, but leave docs/defenses.md alone")
+    grid_arguments(parser, "defense_table.yaml", "runs/defense-table")
     args = parser.parse_args()
-    results = {}
-    for dataset in args.dataset:
-        for attack in args.attack:
-            for label, fields in methods():
-                config = RunConfig(
-                    dataset=dataset, attack=attack, poison_rate=args.rate, train_size=args.train_size,
-                    device=args.device, seed=args.seed, data_root=args.data_root, **fields,
-                )  # fmt: skip
-                tick = time.perf_counter()
-                out = Path(args.output) / dataset / attack / label.replace(":", "-")
-                results[dataset, attack, label] = r = run_cached(config, out)
-                print(f"{dataset:8s} {attack:8s} {label:28s} {r['metrics']} {time.perf_counter() - tick:.0f} s", flush=True)
+    results: dict = {}
+    order: dict[str, list[str]] = {"dataset": [], "attack": [], "method": []}
+    for r in sweep_results(args):
+        c = r["config"]
+        key = (c["dataset"], c["attack"], method_label(c))
+        for name, value in zip(order, key):
+            if value not in order[name]:
+                order[name].append(value)
+        results[key] = r
     if not args.no_docs:
-        replace_block(DOCS / "defenses.md", "defense-table", table(results, args.dataset, args.attack))
+        replace_block(DOCS / "defenses.md", "defense-table", table(results, order["dataset"], order["attack"], order["method"]))
         print("wrote the table into docs/defenses.md")
 
 

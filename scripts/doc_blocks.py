@@ -1,10 +1,48 @@
-"""Replace a generated block of a Markdown file: the lines between two HTML-comment markers."""
+"""Helpers of the scripts that write tables into the docs: run an example grid into a results store,
+and replace a generated block of a Markdown file (the lines between two HTML-comment markers)."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+from typing import Any
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+EXAMPLES = DOCS.parent / "examples"
+
+
+def grid_arguments(parser: argparse.ArgumentParser, grid: str, output: str) -> None:
+    """The options every table script takes: the grid, where to store it, and how to run it."""
+    parser.add_argument("--grid", default=str(EXAMPLES / grid), help="the grid file (default: %(default)s)")
+    parser.add_argument("--output", default=output, help="results store folder (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--no-docs", action="store_true", help="run, but leave the docs alone")
+
+
+def sweep_results(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Sweep ``args.grid`` into ``args.output`` (finished cells are skipped, so a table resumes) and
+    return every cell's ``result.json`` document, in grid order; stops if a cell failed."""
+    from backdoorlab.experiments.grid import load_grid
+    from backdoorlab.experiments.store import ResultStore
+    from backdoorlab.experiments.sweep import sweep
+
+    grid = load_grid(args.grid)
+
+    def show(cell: Any, outcome: dict[str, Any]) -> None:
+        text = outcome["error"].strip().splitlines()[-1] if "error" in outcome else outcome["result"]["metrics"]
+        print(f"{cell.label}: {text}", flush=True)
+
+    summary = sweep(grid, args.output, workers=args.workers, device=args.device, data_root=args.data_root, on_cell=show)
+    if summary.interrupted:
+        raise SystemExit(130)
+    with ResultStore(args.output) as store:
+        by_key = {r.key: r for r in store.records()}
+    failed = [by_key[c.key].label for c in grid.cells if by_key[c.key].status != "done"]
+    if failed:
+        raise SystemExit(f"{len(failed)} cell(s) did not finish ({'; '.join(failed[:3])}); see {args.output}/results.sqlite")
+    return [by_key[c.key].result for c in grid.cells]  # type: ignore[misc]
 
 
 def replace_block(doc: Path, name: str, lines: list[str]) -> None:

@@ -1,8 +1,8 @@
-"""Regenerate the time-series table in docs/time_series.md: for each dataset, clean training, then
-each series trigger at 10% poisoning with no defense, ABL and E2ABL (the default recipe: FCN,
-100 epochs).
+"""Regenerate the time-series table in docs/time_series.md from the grid examples/time_series.yaml:
+for each dataset, clean training, then each series trigger at 10% poisoning with no defense, ABL and
+E2ABL (the default recipe: FCN, 100 epochs).
 
-Each run is stored as ``OUTPUT/<dataset>/<attack>/<method>/result.json`` and skipped when present.
+The cells are stored in ``OUTPUT/results.sqlite``; finished ones are skipped, so the table resumes.
 
 Usage::
 
@@ -12,18 +12,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
 
-from doc_blocks import DOCS, replace_block
+from doc_blocks import DOCS, grid_arguments, replace_block, sweep_results
 
-from backdoorlab.experiments import RunConfig, run_cached
+from backdoorlab.report.tables import method_label
 
-DATASETS = ["gunpoint", "arrowhead", "italypowerdemand", "basicmotions", "ucr:ECG200", "ucr:CBF"]
-ATTACKS = ["ts_pattern", "ts_sine", "ts_frequency"]
-#: ABL isolates after 20 of the recipe's 100 epochs: the official code's 10 isolation epochs to 60
-#: of training, rounded up (its default, all of the recipe's epochs, doubles the cost).
-METHODS = {"none": {}, "abl": {"defense": "abl", "defense_options": {"isolation_epochs": 20}}, "e2abl": {"defense": "e2abl"}}
+METHODS = ("none", "abl", "e2abl")
 
 
 def _cell(r: dict) -> str:
@@ -57,32 +51,27 @@ def table(results: dict, datasets: list[str], attacks: list[str]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", nargs="+", default=DATASETS)
-    parser.add_argument("--attack", nargs="+", default=ATTACKS)
-    parser.add_argument("--rate", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--output", default="runs/time-series")
-    parser.add_argument("--no-docs", action="store_true", help="run, but leave docs/time_series.md alone")
+    grid_arguments(parser, "time_series.yaml", "runs/time-series")
     args = parser.parse_args()
     from backdoorlab.data import load_dataset
 
     results: dict = {}
-    for dataset in args.dataset:
-        train = load_dataset(dataset, args.data_root).train
-        results[dataset, "shape"] = f"{train.input_shape[1]} x {train.input_shape[0]} ch, {train.num_classes}"
-        base = {"dataset": dataset, "device": args.device, "seed": args.seed, "data_root": args.data_root}
-        out = Path(args.output) / dataset.replace(":", "-")
-        results[dataset, "clean"] = run_cached(RunConfig(poison_rate=0.0, **base), out / "clean")
-        for attack in args.attack:
-            for label, fields in METHODS.items():
-                tick = time.perf_counter()
-                config = RunConfig(attack=attack, poison_rate=args.rate, **base, **fields)
-                results[dataset, attack, label] = r = run_cached(config, out / attack / label)
-                print(f"{dataset:18s} {attack:13s} {label:6s} {r['metrics']} {time.perf_counter() - tick:.0f} s", flush=True)
+    datasets, attacks = [], []
+    for r in sweep_results(args):
+        c = r["config"]
+        dataset = c["dataset"]
+        if dataset not in datasets:
+            datasets.append(dataset)
+            train = load_dataset(dataset, args.data_root).train
+            results[dataset, "shape"] = f"{train.input_shape[1]} x {train.input_shape[0]} ch, {train.num_classes}"
+        if c["poison_rate"] == 0:
+            results[dataset, "clean"] = r
+            continue
+        if c["attack"] not in attacks:
+            attacks.append(c["attack"])
+        results[dataset, c["attack"], method_label(c)] = r
     if not args.no_docs:
-        replace_block(DOCS / "time_series.md", "time-series-table", table(results, args.dataset, args.attack))
+        replace_block(DOCS / "time_series.md", "time-series-table", table(results, datasets, attacks))
         print("wrote the table into docs/time_series.md")
 
 

@@ -94,6 +94,17 @@ def test_grid_errors_say_where(tmp_path: Path, text: str, message: str) -> None:
         load_grid(write_yaml(tmp_path / "bad.yaml", text))
 
 
+def test_select_keeps_the_matching_cells() -> None:
+    from backdoorlab.experiments.grid import select
+
+    grid = expand(TINY)
+    chosen = select(grid, {"attack": "blended", "defense": None})
+    assert [(c.config.attack, c.config.defense, c.config.seed) for c in chosen.cells] == [("blended", None, 0), ("blended", None, 1)]
+    assert len(select(grid, {"train.epochs": 2}).cells) == 8
+    with pytest.raises(GridError, match="cannot select on 'atack'"):
+        select(grid, {"atack": "blended"})
+
+
 def test_missing_grid_file() -> None:
     with pytest.raises(GridError, match="does not exist"):
         load_grid("no/such/grid.yaml")
@@ -370,6 +381,10 @@ def test_cli_sweep_and_report(tmp_path: Path) -> None:
     grid = write_yaml(tmp_path / "g.yaml", "dataset: digits\nepochs: 1\nattack: [badnets, blended]\n")
     listed = runner.invoke(app, ["sweep", str(grid), "--dry-run"])
     assert listed.exit_code == 0 and "attack=blended" in listed.output
+    only = runner.invoke(app, ["sweep", str(grid), "--dry-run", "--only", "attack=blended"])
+    assert only.exit_code == 0 and "1 cells" in only.output and "attack=badnets" not in only.output
+    none = runner.invoke(app, ["sweep", str(grid), "--only", "attack=wanet"])
+    assert none.exit_code == 2 and "has attack=wanet" in " ".join(none.output.split())
     bad = runner.invoke(app, ["sweep", str(write_yaml(tmp_path / "bad.yaml", "dataset: nope\n"))])
     assert bad.exit_code == 2 and "unknown dataset 'nope'" in bad.output
     out = tmp_path / "out"

@@ -264,18 +264,26 @@ def sweep_command(
     save_models: Annotated[bool, typer.Option(help="Save each cell's model as OUTPUT/models/<key>.safetensors.")] = False,
     device: Annotated[Optional[str], typer.Option(help="Run every cell on this device (not part of a cell's key).")] = None,
     data_root: DataRootOpt = None,
+    only: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Run only the cells with FIELD=VALUE, repeatable (attack=badnets, seed=0)."),
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="Validate the grid and list its cells; run nothing.")] = False,
     report: Annotated[bool, typer.Option(help="Write OUTPUT/report.html when the sweep ends.")] = True,
 ) -> None:
     """Run a grid of experiments into a results store; a rerun skips finished cells (resumes)."""
     from backdoorlab.experiments.executors import create_executor
-    from backdoorlab.experiments.grid import GridError, load_grid
+    from backdoorlab.experiments.grid import GridError, load_grid, select
     from backdoorlab.experiments.store import StoreError
     from backdoorlab.experiments.sweep import SweepError, sweep
 
     try:
         grid = load_grid(grid_file)
-    except GridError as err:
+        if only:
+            grid = select(grid, parse_options(only))
+            if not grid.cells:
+                raise GridError(f"no cell of {grid_file} has {' and '.join(only)}")
+    except (GridError, typer.BadParameter) as err:
         _fail(err)
         return
     if dry_run:

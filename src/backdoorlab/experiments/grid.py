@@ -14,7 +14,8 @@ last axis varies fastest)::
 An element of an axis that is a mapping sets several fields at once (``{defense: pivotal_tuning,
 defense_options: {steps: 500}}``; a mapping without the axis's own key leaves that field at its
 base value). For the mapping-valued fields (``attack_options``, ``train``...), a list of mappings is
-an axis of values. A file without lists is one experiment.
+an axis of values. A file without lists is one experiment. A file of several YAML documents (``---``) is the
+union of their grids, for studies that are not one product (see ``examples/detectability.yaml``).
 
 Everything is checked before anything runs: an unknown key, a bad name or value is a
 :class:`GridError` that gives the file, the line and, for a cell, the values that made it.
@@ -160,17 +161,46 @@ def expand(values: dict[str, Any], source: str = "<grid>", lines: dict[str, tupl
     return Grid(name=name, cells=tuple(cells), description=str(values.get("description") or ""))
 
 
+def select(grid: Grid, only: dict[str, Any]) -> Grid:
+    """The cells of ``grid`` whose config has each ``field: value`` of ``only`` (dotted names reach
+    into options: ``attack_options.size``); an unknown field is an error."""
+    for name in only:
+        if name.split(".")[0] not in CONFIG_FIELDS:
+            raise GridError(f"cannot select on '{name}': not a config field; valid: {', '.join(CONFIG_FIELDS)}")
+
+    def value(config: RunConfig, name: str) -> Any:
+        current: Any = config.to_dict()
+        for part in name.split("."):
+            current = current.get(part) if isinstance(current, dict) else None
+        return current
+
+    cells = tuple(c for c in grid.cells if all(value(c.config, k) == v for k, v in only.items()))
+    return Grid(grid.name, cells, grid.description)
+
+
 def load_grid(path: str | Path) -> Grid:
-    """Read, expand and validate a grid file (YAML)."""
+    """Read, expand and validate a grid file (YAML). A file of several YAML documents (separated by
+    ``---``) is one grid whose cells are those of each document in turn; the first names it."""
     path = Path(path)
     if not path.is_file():
         raise GridError(f"grid file {path} does not exist")
     text = path.read_text()
     try:
-        node = yaml.compose(text)
-        values = yaml.safe_load(text)
+        nodes = list(yaml.compose_all(text))
+        documents = list(yaml.safe_load_all(text))
     except yaml.YAMLError as err:
         raise GridError(f"{path}: not valid YAML: {err}") from None
-    if values is None:
+    if not documents or all(d is None for d in documents):
         raise GridError(f"{path}: the file is empty")
-    return expand(values, str(path), _lines(node))
+    grids = [expand(values, str(path), _lines(node)) for values, node in zip(documents, nodes) if values is not None]
+    cells: list[Cell] = []
+    keys: set[str] = set()
+    for number, grid in enumerate(grids, 1):
+        for cell in grid.cells:
+            if cell.key in keys:
+                raise GridError(f"{path}: document {number}, cell {cell.label or 0}: the same experiment as an earlier document's")
+            keys.add(cell.key)
+            cells.append(cell)
+    first = documents[0] if isinstance(documents[0], dict) else {}
+    name = str(first.get("name") or path.stem)
+    return Grid(name=name, cells=tuple(cells), description=grids[0].description)

@@ -64,8 +64,9 @@ def _output_lock(output: Path) -> Iterator[None]:
 
 
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Let ``kill`` stop a sweep as Ctrl-C does (in the main thread only)."""
+def _signals_as_interrupt() -> Iterator[None]:
+    """Let ``kill`` (SIGTERM) stop a sweep as Ctrl-C does, and SIGINT too where the shell started
+    the sweep with it ignored (a background job); main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -73,11 +74,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 def _placed(cell: Cell, device: str | None, data_root: str | None) -> dict[str, Any]:
@@ -120,7 +122,7 @@ def sweep(
             (output / MODELS_DIR).mkdir(exist_ok=True)
         running: dict[Future, Cell] = {}
         queue = list(reversed(todo))
-        with make_progress() as progress, _sigterm_as_interrupt():
+        with make_progress() as progress, _signals_as_interrupt():
             task = progress.add_task(grid.name, total=len(todo), status="")
 
             def show() -> None:
