@@ -18,17 +18,22 @@ def grid_arguments(parser: argparse.ArgumentParser, grid: str, output: str) -> N
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--device", default=None)
     parser.add_argument("--data-root", default=None)
+    parser.add_argument("--only", nargs="*", default=[], metavar="FIELD=VALUE", help="run only the matching cells")
     parser.add_argument("--no-docs", action="store_true", help="run, but leave the docs alone")
 
 
 def sweep_results(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Sweep ``args.grid`` into ``args.output`` (finished cells are skipped, so a table resumes) and
-    return every cell's ``result.json`` document, in grid order; stops if a cell failed."""
-    from backdoorlab.experiments.grid import load_grid
+    """Sweep ``args.grid`` (the cells matching ``args.only``) into ``args.output`` (finished cells are
+    skipped, so a table resumes) and return their ``result.json`` documents, in grid order; stops if
+    a cell failed."""
+    from backdoorlab.cli import parse_options
+    from backdoorlab.experiments.grid import load_grid, select
     from backdoorlab.experiments.store import ResultStore
     from backdoorlab.experiments.sweep import sweep
 
     grid = load_grid(args.grid)
+    if args.only:
+        grid = select(grid, parse_options(args.only))
 
     def show(cell: Any, outcome: dict[str, Any]) -> None:
         text = outcome["error"].strip().splitlines()[-1] if "error" in outcome else outcome["result"]["metrics"]

@@ -135,15 +135,16 @@ def write_report(
     grids = list(dict.fromkeys(r.grid for r in records))
     sections = [_section(g, [r for r in records if r.grid == g], data_root, gallery) for g in grids]
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    path = Path(path) if path is not None else output / REPORT_NAME
+    exports = {name: Path(os.path.relpath(output / name, path.parent)).as_posix() for name in ("results.csv", "results.parquet")}
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>backdoorlab report: {_e(output.name)}</title>
 <style>{_CSS}</style></head><body>
 <h1>backdoorlab report: {_e(output.name)}</h1>
 <p class="note">{len(records)} cells in {len(grids)} grid(s) · written {now} by backdoorlab {__version__} ·
-exports: <a href="results.csv">results.csv</a>, <a href="results.parquet">results.parquet</a></p>
+exports: <a href="{_e(exports['results.csv'])}">results.csv</a>, <a href="{_e(exports['results.parquet'])}">results.parquet</a></p>
 {"".join(sections)}
 </body></html>
 """
-    path = Path(path) if path is not None else output / REPORT_NAME
     path.write_text(page)
     return path

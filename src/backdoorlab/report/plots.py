@@ -70,7 +70,8 @@ def persistence(summary: Summary) -> bytes | None:
     fig, (ax_asr, ax_ca) = plt.subplots(1, 2, figsize=(10, 3.8))
     for r in rows:
         c = r["config"]
-        label = f"{c['attack']} · {method_label(c)}" + (f" · {c['dataset']}" if len(summary.rows) > 1 else "")
+        several = len({r["config"]["dataset"] for r in rows}) > 1
+        label = f"{c['attack']} · {method_label(c)}" + (f" · {c['dataset']}" if several else "")
         curves = r["persistence"]
         length = min(len(curve) for curve in curves)
         steps = [curves[0][i]["checkpoint"] for i in range(length)]
@@ -78,7 +79,7 @@ def persistence(summary: Summary) -> bytes | None:
             mean = [sum(curve[i][metric] for curve in curves) / len(curves) for i in range(length)]
             ax.plot(steps, mean, marker=".", label=label)
     for ax, title in ((ax_asr, "attack success rate"), (ax_ca, "clean accuracy")):
-        ax.set_xlabel("checkpoint (epoch of clean fine-tuning)")
+        ax.set_xlabel("checkpoint (epoch of the repair's clean fine-tuning)")
         ax.set_title(title, fontsize=10)
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
