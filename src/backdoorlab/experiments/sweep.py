@@ -115,6 +115,8 @@ def sweep(
         todo = [cell for cell in grid.cells if status[cell.key] in wanted]
         summary = SweepSummary(total=len(grid.cells), skipped=len(grid.cells) - len(todo))
         if not todo:
+            if not isinstance(executor, str):
+                executor.shutdown()  # a cluster the caller's executor started is let go
             return summary
         if isinstance(executor, str):
             executor = create_executor(executor, workers=workers)
