@@ -111,10 +111,12 @@ def expand(values: dict[str, Any], source: str = "<grid>", lines: dict[str, tupl
     place error messages."""
     lines = lines or {}
 
-    def at(key: str, element: int | None = None) -> str:
+    def line_of(key: str, element: int | None = None) -> int | None:
         line, elements = lines.get(key, (None, []))
-        if element is not None and element < len(elements):
-            line = elements[element]
+        return elements[element] if element is not None and element < len(elements) else line
+
+    def at(key: str, element: int | None = None) -> str:
+        line = line_of(key, element)
         return f"{source}:{line}" if line else source
 
     if not isinstance(values, dict):
@@ -141,13 +143,15 @@ def expand(values: dict[str, Any], source: str = "<grid>", lines: dict[str, tupl
     seen: dict[str, int] = {}
     for combination in itertools.product(*(range(len(elements)) for _, elements in axes)):
         chosen = {}
-        places = []
+        places: list[int] = []
         for (name, elements), index in zip(axes, combination):
             chosen.update(elements[index])
-            places.append(at(name, index).rpartition(":")[2])
+            line = line_of(name, index)
+            if line is not None and line not in places:
+                places.append(line)
         label = _describe(chosen)
-        lines_text = f"line{'s' if len(set(places)) > 1 else ''} {', '.join(dict.fromkeys(places))}"
-        where = f"{source}: cell {len(cells)} ({label}; {lines_text})" if axes else source
+        place = f"; line{'s' if len(places) > 1 else ''} {', '.join(map(str, places))}" if places else ""
+        where = f"{source}: cell {len(cells)} ({label}{place})" if axes else source
         try:
             config = RunConfig.from_dict({**base, **chosen}).resolved()
         except (UnknownNameError, ValueError, TypeError) as err:

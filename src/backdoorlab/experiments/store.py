@@ -81,11 +81,12 @@ def _loads(text: str | None) -> Any:
 
 
 class ResultStore:
-    """An SQLite results store (created if absent). Safe to read while a sweep writes to it."""
+    """An SQLite results store (created if absent) at ``path``: a file, or a folder (a path without
+    a suffix) that holds ``results.sqlite``. Safe to read while a sweep writes to it."""
 
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
-        if path.is_dir():
+        if path.is_dir() or not path.suffix:  # an output folder, existing or to be made
             path = path / STORE_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
