@@ -354,20 +354,79 @@ def report_command(
     console.print(f"wrote {written} and {output / 'results.csv'}, {output / 'results.parquet'}")
 
 
+clip_app = typer.Typer(no_args_is_help=True, help="Image-text (CLIP-style) models: poisoning, zero-shot evaluation, cleaning.")
+app.add_typer(clip_app, name="clip")
+
+
+@clip_app.command("study")
+def clip_study_command(
+    output: Annotated[Path, typer.Option(help="Folder for clean.pt, attacks/*.json, clip_study.json/.md/.png (resumes).")],
+    dataset: DatasetOpt = "cifar10",
+    attacks: Annotated[str, typer.Option(help="Comma-separated attacks.")] = ",".join(
+        ("badnet_stripes", "blended_triangles", "blended_text", "badnet_rand", "blended_rand")
+    ),
+    cleanings: Annotated[str, typer.Option(help="Comma-separated: fine_tuning, cleanclip, par.")] = "fine_tuning,cleanclip,par",
+    model: Annotated[str, typer.Option(help="Image-text model: lit (offline) or open_clip.")] = "lit",
+    model_option: Annotated[Optional[list[str]], typer.Option("--model-option", "-m", help="Model option KEY=VALUE.")] = None,
+    poison_rate: Annotated[str, typer.Option(help="Fraction or count of the training pairs to poison.")] = "0.1",
+    target: Annotated[int, typer.Option(help="Target class.")] = 0,
+    train_size: Annotated[int, typer.Option(help="Training pairs (poisoned at --poison-rate).")] = 10000,
+    epochs: Annotated[float, typer.Option(help="Epochs of the (poisoned) training.")] = 5.0,
+    clean_size: Annotated[int, typer.Option(help="Trusted clean pairs for cleaning.")] = 2500,
+    test_size: Annotated[int, typer.Option(help="Test images for CA and ASR.")] = 1000,
+    clean_epochs: Annotated[float, typer.Option(help="Cleaning epochs (same for every method).")] = 2.0,
+    clean_lr: Annotated[float, typer.Option(help="Peak lr of fine-tuning and CleanCLIP (PAR keeps its ratios).")] = 2e-4,
+    eval_every: Annotated[int, typer.Option(help="Record CA/ASR every N cleaning steps.")] = 10,
+    par_threshold: Annotated[float, typer.Option(help="PAR's tau.")] = 2.15,
+    seed: Annotated[int, typer.Option(help="Seeds splits, poisoning and training.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda...")] = "auto",
+    data_root: DataRootOpt = None,
+) -> None:
+    """Poison an image-text model with each attack and clean it with fine-tuning, CleanCLIP and PAR."""
+    from backdoorlab.clip.study import ClipStudyConfig, run_clip_study, study_table
+    from backdoorlab.data import DataError
+    from backdoorlab.report.plots import clip_tradeoff
+
+    config = ClipStudyConfig(
+        dataset=dataset, data_root=data_root, model=model, model_options=parse_options(model_option),
+        attacks=tuple(a for a in attacks.split(",") if a), cleanings=tuple(c for c in cleanings.split(",") if c),
+        poison_rate=parse_size(poison_rate), target=target, train_size=train_size,
+        clean_size=clean_size, test_size=test_size, clean_epochs=clean_epochs, clean_lr=clean_lr,
+        eval_every=eval_every, par_threshold=par_threshold, seed=seed, device=device,
+    )  # fmt: skip
+    config.train.epochs = epochs
+    try:
+        result = run_clip_study(config, output)
+    except (UnknownNameError, DataError, ValueError, ImportError) as err:
+        _fail(err)
+        return
+    table = study_table(result)
+    (output / "clip_study.md").write_text(table + "\n")
+    try:
+        image = clip_tradeoff(result)
+    except RuntimeError:  # no matplotlib
+        image = None
+    if image:
+        (output / "clip_study.png").write_bytes(image)
+    console.print(table)
+    console.print(f"wrote {output / 'clip_study.json'}, clip_study.md" + (", clip_study.png" if image else ""))
+
+
 @app.command("list")
 def list_command(
     kind: Annotated[
-        Optional[str], typer.Argument(help="datasets, models, attacks, defenses, repairs or detectors (default: all).")
+        Optional[str], typer.Argument(help="datasets, models, attacks, defenses, repairs, detectors or clip-models (default: all).")
     ] = None,
 ) -> None:
     """List the registered datasets, models, attacks, defenses, repairs and detectors."""
     from backdoorlab.attacks import ATTACKS
+    from backdoorlab.clip.models import CLIP_MODELS
     from backdoorlab.defenses import DEFENSES, DETECTORS, REPAIRS
     from backdoorlab.data import DATASETS
     from backdoorlab.models import MODELS
 
     registries = {"datasets": DATASETS, "models": MODELS, "attacks": ATTACKS, "defenses": DEFENSES, "repairs": REPAIRS,
-                  "detectors": DETECTORS}
+                  "detectors": DETECTORS, "clip-models": CLIP_MODELS}
     if kind is not None and kind not in registries:
         _fail(ValueError(f"unknown kind '{kind}'; valid: {', '.join(registries)}"))
     for name, registry in registries.items():

@@ -119,3 +119,26 @@ def trigger_gallery(dataset: str, attack: str, options: dict[str, Any], data_roo
     with tempfile.TemporaryDirectory() as folder:
         path = trigger_grid(dataset, attack, options, count=6, output=Path(folder) / "trigger.png", data_root=data_root)
         return path.read_bytes()
+
+
+def clip_tradeoff(result: dict[str, Any]) -> bytes | None:
+    """The CLIP study's cleaning curves: CA against ASR along each cleaning run, one panel per
+    attack, one colour per method (starting from the poisoned model, the black star)."""
+    curves = result.get("curves") or {}
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.6), squeeze=False, sharey=True)
+    colours = {"fine_tuning": "tab:grey", "cleanclip": "tab:blue", "par": "tab:red"}
+    for ax, (attack, methods) in zip(axes[0], curves.items(), strict=True):
+        for method, records in methods.items():
+            asr, ca = [r["asr"] for r in records], [r["ca"] for r in records]
+            ax.plot(asr, ca, marker="o", ms=3, color=colours.get(method), label=method)
+            ax.plot(asr[0], ca[0], marker="*", ms=12, color="black")
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_xlabel("attack success rate")
+        ax.set_title(attack, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("zero-shot clean accuracy")
+    axes[0][-1].legend(fontsize=8, loc="best")
+    return _png(fig)
