@@ -114,7 +114,7 @@ class PerturbAndRecover:
         x = par_augment(to_float(images), model.image_mean.cpu(), generator)
         with torch.no_grad():
             image_ref, text_ref = self.reference.encode_image(x), self.reference.encode_text(captions)
-        scale = float(model.scale())  # a constant, as the code's logit_scale.exp().item()
+        scale = float(model.scale().detach())  # a constant, as the code's logit_scale.exp().item()
         return par_loss(model.encode_image(x), model.encode_text(captions), image_ref, text_ref, scale, self.threshold)
 
 
