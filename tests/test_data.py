@@ -147,7 +147,7 @@ def test_decoded_tensors_are_cached(tmp_path, monkeypatch):
     for split in ("train", "test"):
         _write_parquet(tmp_path / "mnist" / f"{split}.parquet", [_png(v) for v in (0, 9, 200)], [0, 1, 1])
     first = load_dataset("mnist", tmp_path)
-    monkeypatch.setattr(parquet_module, "_decode", lambda *a: pytest.fail("decoded again"))
+    monkeypatch.setattr(parquet_module, "decode_image", lambda *a: pytest.fail("decoded again"))
     second = load_dataset("mnist", tmp_path)
     assert torch.equal(first.train.inputs, second.train.inputs)
     assert len(list((tmp_path / "cache").glob("mnist-*.pt"))) == 2

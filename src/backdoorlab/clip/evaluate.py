@@ -9,29 +9,16 @@ import torch
 from torch import Tensor
 
 from backdoorlab.attacks.triggers import Trigger
-from backdoorlab.clip.models import ClipModel
+from backdoorlab.clip.models import ClipModel, evaluating
 from backdoorlab.clip.pairs import ImageTextPairs
 from backdoorlab.clip.templates import CLIP_TEMPLATES, caption, class_text
-
-
-class _Evaluating:
-    """Puts a model in eval mode for a block and restores its mode after."""
-
-    def __init__(self, model: ClipModel) -> None:
-        self.model, self.was_training = model, model.training
-
-    def __enter__(self) -> None:
-        self.model.eval()
-
-    def __exit__(self, *_: object) -> None:
-        self.model.train(self.was_training)
 
 
 @torch.inference_mode()
 def embed_images(model: ClipModel, images: Tensor, batch_size: int = 500) -> Tensor:
     """Normalised image embeddings of a uint8 batch, in chunks."""
     device = model.image_mean.device
-    with _Evaluating(model):
+    with evaluating(model):
         return torch.cat([model.encode_image(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)])
 
 
@@ -39,7 +26,7 @@ def embed_images(model: ClipModel, images: Tensor, batch_size: int = 500) -> Ten
 def zero_shot_classifier(model: ClipModel, classes: Sequence[str], templates: Sequence[str] = CLIP_TEMPLATES) -> Tensor:
     """One weight per class ``(C, D)``: the normalised mean of its template captions' normalised
     embeddings (CLIP's prompt ensembling)."""
-    with _Evaluating(model):
+    with evaluating(model):
         weights = [model.encode_text([caption(t, name) for t in templates]).mean(dim=0) for name in classes]
     return torch.nn.functional.normalize(torch.stack(weights), dim=-1)
 
@@ -75,7 +62,7 @@ def evaluate_zero_shot(
         result["asr"] = float(((embeddings @ classifier.T).argmax(dim=1).cpu() == target).float().mean())
         if retrieval:
             pool = sorted(set(test.captions))
-            with torch.inference_mode(), _Evaluating(model):
+            with torch.inference_mode(), evaluating(model):
                 texts = torch.cat([model.encode_text(pool[i : i + 500]) for i in range(0, len(pool), 500)])
             top = (embeddings @ texts.T).topk(min(5, len(pool)), dim=1).indices.cpu()
             name = class_text(test.classes[target])

@@ -90,6 +90,17 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the block, its mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _missing(package: str, what: str) -> ImportError:
     return ImportError(f"the '{what}' needs the package {package}: pip install 'backdoorlab[clip]'")
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from backdoorlab.attacks.triggers import Trigger
 from backdoorlab.clip.templates import CLIP_TEMPLATES, caption
 from backdoorlab.data.dataset import DataError, TensorDataset, resolve_count
-from backdoorlab.data.parquet import _decode
+from backdoorlab.data.parquet import decode_image
 from backdoorlab.progress import progress_bar
 
 
@@ -107,7 +107,7 @@ def read_caption_parquet(path: str | Path, *, image_size: int = 64, caption_colu
     images: list[np.ndarray] = []
     captions: list[str] = []
     for row, (blob, text) in enumerate(progress_bar(list(zip(blobs, texts)), f"decoding {path.name}")):
-        img = _decode(blob, path, row).convert("RGB")
+        img = decode_image(blob, path, row).convert("RGB")
         scale = image_size / min(img.size)
         img = img.resize((max(image_size, round(img.width * scale)), max(image_size, round(img.height * scale))), Image.BICUBIC)
         left, top = (img.width - image_size) // 2, (img.height - image_size) // 2

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from backdoorlab.clip.augment import autoaugment, eda, par_augment
 from backdoorlab.clip.losses import PAR_THRESHOLD, cleanclip_loss, clip_loss, par_loss
-from backdoorlab.clip.models import ClipModel
+from backdoorlab.clip.models import ClipModel, evaluating
 from backdoorlab.clip.pairs import ImageTextPairs
 from backdoorlab.progress import make_progress
 from backdoorlab.training.loop import _autocast, resolve_device, to_float
@@ -130,11 +130,8 @@ def parameter_groups(model: ClipModel, weight_decay: float) -> list[dict[str, ob
 def frozen_cache(model: ClipModel, pairs: ImageTextPairs, device: torch.device, chunk: int = 500) -> Tensor | None:
     """The frozen image features of every pair (on ``device``), for objectives without image
     augmentation; None for models without a frozen part."""
-    model.eval()
-    try:
+    with evaluating(model):
         parts = [model.frozen_features(pairs.images[i : i + chunk].to(device)) for i in range(0, len(pairs), chunk)]
-    finally:
-        model.train()
     return None if parts[0] is None else torch.cat(parts)
 
 
@@ -194,5 +191,5 @@ def fit_clip(
             progress.update(task, advance=1, status=f"loss {float(loss.detach()):.3f}")
             if every and (step + 1) % every == 0 and step + 1 < steps:
                 observe(step + 1, parts)
-        observe(steps, parts if steps else {})
+        observe(steps, parts)
     return records

@@ -54,11 +54,11 @@ def read_image_parquet(path: Path) -> tuple[Tensor, Tensor, tuple[str, ...]]:
     if len(encoded) == 0:
         raise DataError(f"{path}: the file holds no rows")
 
-    first = _decode(encoded[0], path, 0)
+    first = decode_image(encoded[0], path, 0)
     mode = "L" if first.mode in ("L", "1", "I", "I;16") else "RGB"
     out = np.empty((len(encoded), *np.asarray(first.convert(mode)).shape), dtype=np.uint8)
     for i, blob in enumerate(progress_bar(encoded, f"decoding {path.parent.name}/{path.name}")):
-        img = _decode(blob, path, i).convert(mode)
+        img = decode_image(blob, path, i).convert(mode)
         if img.size != first.size:
             raise DataError(f"{path}: row {i} is {img.size}, the first row is {first.size}")
         out[i] = np.asarray(img)
@@ -72,7 +72,8 @@ def read_image_parquet(path: Path) -> tuple[Tensor, Tensor, tuple[str, ...]]:
     return images.contiguous(), labels, names
 
 
-def _decode(blob: bytes | None, path: Path, row: int) -> Image.Image:
+def decode_image(blob: bytes | None, path: Path, row: int) -> Image.Image:
+    """One encoded image of a parquet file; an error names the file and the row."""
     if blob is None:
         raise DataError(f"{path}: row {row} has no image bytes")
     try:
