@@ -4,7 +4,9 @@ For each model, three numbers in images per second over the same number of steps
 
 - limit: forward + backward + SGD step on pre-made float tensors already in memory (what the model
   itself costs on this machine; no data work at all);
-- loop: ``backdoorlab.training.train`` on uint8 tensors, with random crop and flip on whole batches;
+- loop: ``backdoorlab.training.train`` on uint8 tensors with the ``fast`` recipe's CIFAR-10 schedule
+  (random crop and alternating flip on whole batches, the triangular schedule, BN-bias learning-rate
+  groups, Lookahead averaging from the first step);
 - peer: a torchvision ``Dataset`` with per-sample PIL transforms (RandomCrop(32, 4), flip, ToTensor,
   Normalize) through a ``DataLoader``, as BackdoorBench and BackdoorBox build it, then the same step.
 
@@ -17,6 +19,7 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +28,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from backdoorlab.data import load_dataset, subsample
-from backdoorlab.experiments.config import DATASET_DEFAULTS
+from backdoorlab.experiments.recipes import recipe_for
 from backdoorlab.models import create_model
-from backdoorlab.training import TrainConfig, train
+from backdoorlab.training import train
 
-BATCH = {"airbench": 256, "preact_resnet18": 128, "small_cnn": 256}
-OPTIONS = {"airbench": {"width": 32}, "preact_resnet18": {}}
+FAST = recipe_for("fast", "cifar10")
+BATCH = {"airbench": FAST.train.batch_size, "preact_resnet18": 128, "small_cnn": 256}
+OPTIONS = {"airbench": FAST.model_options, "preact_resnet18": {}}
 
 
 def build(name, data):
@@ -63,9 +67,8 @@ def limit(name, data, batch, steps):
 
 
 def loop(name, data, batch, steps):
-    recipe = DATASET_DEFAULTS["cifar10"].train
-    config = TrainConfig(epochs=1, batch_size=batch, lr=0.01, schedule="constant", crop_padding=recipe.crop_padding,
-                         flip=True, progress=False, data_init=False)  # fmt: skip
+    config = replace(FAST.train, epochs=1, batch_size=batch, lr=0.01, lookahead_epoch=0, flip=True, progress=False,
+                     data_init=False)  # fmt: skip
     model = build(name, data)
     train(model, subsample(data, batch, 0), config)  # warm-up, one step
     return train(model, subsample(data, batch * steps, 1), config).samples_per_second

@@ -81,8 +81,8 @@ def test_unknown_defense_and_options_are_refused():
 
 @pytest.fixture(scope="module")
 def mnist_badnets(data_root):
-    """BadNets on a 10,000-image MNIST subset (small CNN, the MNIST recipe), undefended."""
-    base = dict(dataset="mnist", train_size=10000, test_size=2000, device="cpu", data_root=str(data_root))
+    """BadNets on a 10,000-image MNIST subset (small CNN, the quick recipe), undefended."""
+    base = dict(dataset="mnist", recipe="quick", train_size=10000, test_size=2000, device="cpu", data_root=str(data_root))
     undefended = run(RunConfig(**base))
     assert undefended.metrics["attack_success_rate"] > 0.9, "the backdoor takes"
     return base, undefended.metrics

@@ -91,9 +91,10 @@ def test_a_repair_gets_the_model_and_the_trusted_split_only(monkeypatch):
 
 @pytest.fixture(scope="module")
 def mnist_victim(data_root):
-    """BadNets at 10% on a 10k MNIST subset, 5% of it trusted, small_cnn (about 40 s on 2 cores)."""
+    """BadNets at 10% on a 10k MNIST subset, 5% of it trusted, small_cnn (the quick recipe; about 40 s
+    on 2 cores)."""
     config = RunConfig(
-        dataset="mnist", train_size=10_000, test_size=2_000, trusted_size=0.05, attack="badnets", data_root=str(data_root)
+        dataset="mnist", recipe="quick", train_size=10_000, test_size=2_000, trusted_size=0.05, attack="badnets", data_root=str(data_root)
     )  # fmt: skip
     prepared = prepare(config)
     model, _ = train_victim(prepared)

@@ -45,7 +45,7 @@ def test_grid_is_the_product_of_its_lists_in_file_order() -> None:
     assert first == [("badnets", None, 0), ("badnets", None, 1), ("badnets", "fine_tuning", 0)]
     assert grid.cells[0].label == "attack=badnets, defense=none, seed=0"
     assert len({c.key for c in grid.cells}) == 8
-    # every cell is resolved: the dataset's default model and recipe are filled in
+    # every cell is resolved: the recipe's model and schedule are filled in
     assert all(c.config.model == "small_cnn" and c.config.train is not None for c in grid.cells)
 
 

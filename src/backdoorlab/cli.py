@@ -84,7 +84,10 @@ DataRootOpt = Annotated[
 @app.command("run")
 def run_command(
     dataset: DatasetOpt = "digits",
-    model: Annotated[Optional[str], typer.Option(help="Model name; default: the dataset's.")] = None,
+    recipe: Annotated[
+        str, typer.Option(help="Training recipe: fast, quick or backdoorbench (see `backdoorlab list recipes`).")
+    ] = "fast",
+    model: Annotated[Optional[str], typer.Option(help="Model name; default: the recipe's.")] = None,
     model_option: Annotated[
         Optional[list[str]], typer.Option("--model-option", "-m", help="Model option KEY=VALUE.")
     ] = None,
@@ -114,8 +117,8 @@ def run_command(
         Optional[list[str]],
         typer.Option("--regularizer-option", "-g", help="Regulariser option KEY=VALUE (weight=0.1)."),
     ] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Default: the dataset's recipe.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Default: the dataset's recipe.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Default: the recipe's.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Default: the recipe's.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
     seed: Annotated[int, typer.Option(help="Seeds splits, poisoning, init and training.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
@@ -138,7 +141,7 @@ def run_command(
 
     try:
         config = RunConfig(
-            dataset=dataset, model=model, model_options=parse_options(model_option),
+            dataset=dataset, recipe=recipe, model=model, model_options=parse_options(model_option),
             attack=attack, attack_options=parse_options(attack_option),
             poison_rate=parse_size(poison_rate), target=target, mode=mode,
             clean_label=clean_label, source=source,
@@ -415,17 +418,19 @@ def clip_study_command(
 @app.command("list")
 def list_command(
     kind: Annotated[
-        Optional[str], typer.Argument(help="datasets, models, attacks, defenses, repairs, detectors or clip-models (default: all).")
+        Optional[str],
+        typer.Argument(help="datasets, models, recipes, attacks, defenses, repairs, detectors or clip-models (default: all)."),
     ] = None,
 ) -> None:
-    """List the registered datasets, models, attacks, defenses, repairs and detectors."""
+    """List the registered datasets, models, recipes, attacks, defenses, repairs and detectors."""
     from backdoorlab.attacks import ATTACKS
     from backdoorlab.clip.models import CLIP_MODELS
     from backdoorlab.defenses import DEFENSES, DETECTORS, REPAIRS
     from backdoorlab.data import DATASETS
+    from backdoorlab.experiments.recipes import RECIPES
     from backdoorlab.models import MODELS
 
-    registries = {"datasets": DATASETS, "models": MODELS, "attacks": ATTACKS, "defenses": DEFENSES, "repairs": REPAIRS,
+    registries = {"datasets": DATASETS, "models": MODELS, "recipes": RECIPES, "attacks": ATTACKS, "defenses": DEFENSES, "repairs": REPAIRS,
                   "detectors": DETECTORS, "clip-models": CLIP_MODELS}
     if kind is not None and kind not in registries:
         _fail(ValueError(f"unknown kind '{kind}'; valid: {', '.join(registries)}"))

@@ -22,10 +22,12 @@ def evaluate_backdoor(
     *,
     device: str | torch.device | None = "cpu",
     batch_size: int = 1024,
+    tta: int = 0,
 ) -> dict[str, float]:
-    """``{"clean_accuracy", "attack_success_rate", "robust_accuracy"}`` as fractions in [0, 1]."""
+    """``{"clean_accuracy", "attack_success_rate", "robust_accuracy"}`` as fractions in [0, 1];
+    ``tta``: the recipe's test-time augmentation level (``training.loop.tta_logits``)."""
     predictions = predict(
-        model, torch.cat([test.inputs, triggered.inputs]), device=device, batch_size=batch_size
+        model, torch.cat([test.inputs, triggered.inputs]), device=device, batch_size=batch_size, tta=tta
     )
     clean, poisoned = predictions[: len(test)], predictions[len(test) :]
     return {

@@ -20,13 +20,13 @@ def fitted_trigger(
     attack: str, options: dict[str, Any], splits: Splits, seed: int = 0, device: str = "cpu"
 ) -> Trigger:
     """Build a trigger; an attack that adapts to a model (TrojanNN, label-consistent) is fitted on a
-    quick surrogate: the dataset's default model, one epoch on at most 5000 training images."""
+    quick surrogate: the quick recipe's model, one epoch on at most 5000 training images."""
     trigger = create_trigger(attack, splits.train.input_shape, **options)
     if trigger.needs_surrogate:
         from backdoorlab.experiments import RunConfig, fit_attack
 
         train = subsample(splits.train, min(5000, len(splits.train)), seed)
-        config = RunConfig(dataset=splits.train.name, attack=attack, epochs=1, seed=seed)
+        config = RunConfig(dataset=splits.train.name, recipe="quick", attack=attack, epochs=1, seed=seed)
         fit_attack(trigger, train, config, resolve_device(device))
     return trigger
 

@@ -97,11 +97,13 @@ def tuning_recipe(
     schedule: str = "cosine", momentum: float = 0.9,
 ) -> TrainConfig:  # fmt: skip
     """The recipe of a fine-tuning step inside a repair: the run's augmentation and device settings
-    with the repair's own optimiser settings, no label smoothing, and no data-dependent
-    initialisation (that would overwrite the trained weights)."""
+    with the repair's own optimiser settings, no label smoothing, no data-dependent initialisation
+    (that would overwrite the trained weights), and none of airbench's optimiser tricks (BN-bias
+    rate, Lookahead, whitening-bias schedule), which belong to training from scratch."""
     return replace(
         recipe, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, schedule=schedule,
         momentum=momentum, label_smoothing=0.0, data_init=False, regularizer=None, regularizer_options={},
+        norm_lr_scale=1.0, lookahead_epoch=None, whiten_bias_epochs=None,
     )  # fmt: skip
 
 

@@ -1,9 +1,8 @@
-"""The configuration of one attack run, and each dataset's default recipe.
+"""The configuration of one attack run.
 
 A :class:`RunConfig` is plain data: it serialises to the ``config`` of every result, and a result
-can be rerun from it. Fields left ``None`` take the dataset's defaults (:data:`DATASET_DEFAULTS`),
-which were chosen to give a benchmark-quality backdoor quickly on a 2-core CPU (see the README for
-measured figures).
+can be rerun from it. Fields left ``None`` take the named recipe's choice for the dataset
+(``experiments.recipes``: ``fast`` by default, ``quick``, ``backdoorbench``).
 """
 
 from __future__ import annotations
@@ -15,55 +14,17 @@ from backdoorlab.attacks.poisoning import PoisonSpec
 from backdoorlab.attacks.triggers import ATTACKS, attacks_for
 from backdoorlab.data.sources import dataset_loader, dataset_modality
 from backdoorlab.defenses import DETECTORS, registry_for
+from backdoorlab.experiments.recipes import DEFAULT_RECIPE, recipe_for
 from backdoorlab.models.registry import MODELS
 from backdoorlab.models.series import SERIES_MODELS, models_for
 from backdoorlab.training.loop import TrainConfig
 
 
-@dataclass(frozen=True)
-class DatasetDefaults:
-    """A dataset's default model (with options) and training recipe."""
-
-    model: str
-    model_options: dict[str, Any]
-    train: TrainConfig
-
-
-DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
-    "digits": DatasetDefaults(
-        "small_cnn", {}, TrainConfig(epochs=20, batch_size=64, lr=0.05)
-    ),
-    "mnist": DatasetDefaults(
-        "small_cnn", {}, TrainConfig(epochs=4, batch_size=128, lr=0.05)
-    ),
-    # airbench94's augmentation (translate 2, flip where it keeps the label) and label smoothing
-    # 0.2; width 32 instead of the reference 64 runs ~3x faster on a 2-core CPU.
-    "cifar10": DatasetDefaults(
-        "airbench",
-        {"width": 32},
-        TrainConfig(epochs=4, batch_size=256, lr=0.2, label_smoothing=0.2, crop_padding=2),
-    ),
-    "gtsrb": DatasetDefaults(
-        "airbench",
-        {"width": 32},
-        TrainConfig(epochs=3, batch_size=256, lr=0.2, label_smoothing=0.2, crop_padding=2),
-    ),
-}
-FALLBACK_DEFAULTS = DATASET_DEFAULTS["cifar10"]
-#: Every time-series set (``ucr:<Name>``, sktime's): FCN (Wang et al. 2017), no augmentation. The
-#: reference trains FCN with Adam for 2000 epochs at batch 16; a one-cycle SGD schedule of 100 epochs
-#: reaches its accuracy on the sets of docs/time_series.md in seconds on a CPU.
-SERIES_DEFAULTS = DatasetDefaults("fcn", {}, TrainConfig(epochs=100, batch_size=16, lr=0.01))
 #: The default attack for each modality.
 DEFAULT_ATTACK = {"image": "badnets", "series": "ts_pattern"}
 
 
-def dataset_defaults(dataset: str) -> DatasetDefaults:
-    """The default model and recipe of ``dataset``: its own, the series one, or CIFAR-10's."""
-    if dataset_modality(dataset) == "series":
-        return SERIES_DEFAULTS
-    return DATASET_DEFAULTS.get(dataset, FALLBACK_DEFAULTS)
-#: Peak learning rate for models other than a dataset's default (whose recipe is tuned for it).
+#: Peak learning rate for models other than the recipe's (whose rates are tuned for its model).
 OTHER_MODEL_MAX_LR = 0.05
 
 
@@ -73,9 +34,11 @@ class RunConfig:
 
     Attributes:
         dataset: a registered dataset name.
-        model: a registered model name; ``None`` takes the dataset's default.
-        model_options: keyword options for the model (merged over the default's when the model is
-            the default one).
+        recipe: a registered recipe (``fast``, ``quick``, ``backdoorbench``): the model, model options
+            and training schedule the fields below leave open.
+        model: a registered model name; ``None`` takes the recipe's.
+        model_options: keyword options for the model (merged over the recipe's when the model is
+            the recipe's).
         attack: a registered attack (trigger) name; ``None`` takes ``badnets`` for images and
             ``ts_pattern`` for time series.
         attack_options: keyword options for the trigger (``size``, ``alpha``...).
@@ -86,8 +49,8 @@ class RunConfig:
         clean_label: poison target-class samples only and keep labels; ``None`` takes the attack's
             default (true for SIG, false otherwise).
         source: poison, and measure ASR on, only this class (``None``: every class).
-        epochs, batch_size, lr: override the dataset's training recipe where set.
-        train: the full training recipe; ``None`` takes the dataset's (with the overrides above).
+        epochs, batch_size, lr: override the recipe's training schedule where set.
+        train: the full training schedule; ``None`` takes the recipe's (with the overrides above).
         seed: seeds the splits, the poison choice, the model's initialisation and training.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
         train_size, test_size: seeded subsamples of the splits for quick runs (fraction or count).
@@ -106,6 +69,7 @@ class RunConfig:
     """
 
     dataset: str = "digits"
+    recipe: str = DEFAULT_RECIPE
     model: str | None = None
     model_options: dict[str, Any] = field(default_factory=dict)
     attack: str | None = None
@@ -151,7 +115,7 @@ class RunConfig:
                 f"data; attacks for it: {', '.join(attacks_for(modality))}"
             )
         clean_label = trigger_class.clean_label if self.clean_label is None else self.clean_label
-        defaults = dataset_defaults(self.dataset)
+        defaults = recipe_for(self.recipe, self.dataset)
         model = self.model or defaults.model
         MODELS.get(model)
         if (model in SERIES_MODELS) != (modality == "series"):
@@ -165,10 +129,11 @@ class RunConfig:
             DETECTORS.create(self.detector, **self.detector_options)
         options = {**defaults.model_options, **self.model_options} if model == defaults.model else dict(self.model_options)
         train = replace(self.train or defaults.train)
-        if self.train is None and model != defaults.model and train.lr > OTHER_MODEL_MAX_LR:
-            # The recipe's rate is tuned for the default model; PreAct-ResNet18 diverged (NaN loss
-            # from the first epoch, with and without bf16) at CIFAR-10's 0.2, trained at 0.05.
-            train.lr = OTHER_MODEL_MAX_LR
+        if self.train is None and model != defaults.model:
+            # The recipe's rates are tuned for its model; PreAct-ResNet18 diverged (NaN loss from the
+            # first epoch, with and without bf16) at the quick CIFAR-10 recipe's 0.2, trained at 0.05.
+            train.lr = min(train.lr, OTHER_MODEL_MAX_LR)
+            train.norm_lr_scale = 1.0
         for name in ("epochs", "batch_size", "lr", "regularizer"):
             if getattr(self, name) is not None:
                 setattr(train, name, getattr(self, name))

@@ -162,8 +162,11 @@ def train_victim(prepared: Prepared) -> tuple[torch.nn.Module, TrainHistory]:
 
 
 def evaluate(prepared: Prepared, model: torch.nn.Module) -> dict[str, float]:
-    """CA, ASR and RA of ``model`` on the run's test sets."""
-    return evaluate_backdoor(model, prepared.test_set, prepared.triggered, device=prepared.device)
+    """CA, ASR and RA of ``model`` on the run's test sets (with the recipe's test-time augmentation)."""
+    assert prepared.config.train is not None
+    return evaluate_backdoor(
+        model, prepared.test_set, prepared.triggered, device=prepared.device, tta=prepared.config.train.tta
+    )
 
 
 class PersistenceRecorder:

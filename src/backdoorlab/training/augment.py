@@ -12,23 +12,42 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Tensor:
-    """Zero-pad by ``padding`` and crop each image back to its size at a random offset."""
+def random_crop(images: Tensor, padding: int, generator: torch.Generator, mode: str = "zeros") -> Tensor:
+    """Shift each image by up to ``padding`` pixels in each direction, filling the border with zeros
+    (``mode="zeros"``, torchvision's ``RandomCrop(size, padding)``) or with the mirrored image
+    (``"reflect"``, as airbench94)."""
     if padding <= 0:
         return images
+    if mode not in ("zeros", "reflect"):
+        raise ValueError(f"unknown crop padding mode '{mode}'; valid: zeros, reflect")
     n, c, h, w = images.shape
-    padded = F.pad(images, (padding,) * 4)
-    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(images.device)
-    rows = offsets[0][:, None] + torch.arange(h, device=images.device)  # (N, H)
-    cols = offsets[1][:, None] + torch.arange(w, device=images.device)  # (N, W)
-    batch = torch.arange(n, device=images.device)[:, None, None]
+    device = images.device
+    offsets = torch.randint(-padding, padding + 1, (2, n), generator=generator).to(device)
+    rows = offsets[0][:, None] + torch.arange(h, device=device)  # (N, H) source rows, may fall outside
+    cols = offsets[1][:, None] + torch.arange(w, device=device)  # (N, W)
+    if mode == "reflect":
+        source = images
+        rows = torch.where(rows < 0, -rows, torch.where(rows >= h, 2 * (h - 1) - rows, rows))
+        cols = torch.where(cols < 0, -cols, torch.where(cols >= w, 2 * (w - 1) - cols, cols))
+    else:
+        source = F.pad(images, (padding,) * 4)
+        rows, cols = rows + padding, cols + padding
+    batch = torch.arange(n, device=device)[:, None, None]
     # (N, H, W, C) from advanced indexing, back to (N, C, H, W)
-    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    return source.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
 def random_hflip(images: Tensor, generator: torch.Generator) -> Tensor:
     """Flip each image left-right with probability 1/2."""
     flip = (torch.rand(len(images), generator=generator) < 0.5).to(images.device)
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def alternating_hflip(images: Tensor, first_flips: Tensor, epoch: int) -> Tensor:
+    """airbench's derandomised flip (Jordan 2024, section 3.6): image ``i`` is mirrored in even
+    epochs where ``first_flips[i]`` (drawn once per run) is true, and in odd epochs where it is false,
+    so over any two epochs every image is seen once each way."""
+    flip = first_flips ^ bool(epoch % 2)
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 

@@ -28,10 +28,13 @@ from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.progress import make_progress
-from backdoorlab.training.augment import jitter, random_crop, random_hflip, random_scaling
+from backdoorlab.training.augment import alternating_hflip, jitter, random_crop, random_hflip, random_scaling
 from backdoorlab.training.regularizers import Regularizer, create_regularizer
 
-SCHEDULES = ("onecycle", "cosine", "constant")
+SCHEDULES = ("onecycle", "triangle", "cosine", "constant")
+#: airbench94's triangular schedule: the learning-rate factor starts at 0.2, rises linearly to 1 at
+#: ``warmup`` of the steps and falls linearly to 0.07 at the end.
+TRIANGLE_START, TRIANGLE_END = 0.2, 0.07
 
 #: ``loss_fn(logits, labels, indices, epoch) -> per-sample losses (B,)``
 PerSampleLoss = Callable[[Tensor, Tensor, Tensor, int], Tensor]
@@ -47,12 +50,27 @@ class TrainConfig:
         lr: peak learning rate (one-cycle) or initial learning rate (cosine, constant).
         momentum, nesterov, weight_decay: SGD settings.
         schedule: ``onecycle`` (linear warm-up to ``lr`` over ``warmup`` of the steps, then cosine
-            decay; ``torch.optim.lr_scheduler.OneCycleLR``), ``cosine`` (cosine decay to 0) or
-            ``constant``.
-        warmup: share of steps spent warming up, for one-cycle.
+            decay; ``torch.optim.lr_scheduler.OneCycleLR``), ``triangle`` (airbench94's: linear from
+            0.2 x ``lr`` to ``lr`` at ``warmup`` of the steps, then linear to 0.07 x ``lr``),
+            ``cosine`` (cosine decay to 0) or ``constant``.
+        warmup: share of steps spent warming up, for one-cycle and triangle.
+        norm_lr_scale: learning-rate multiplier for the parameters of normalisation layers
+            (airbench94's ``bias_scaler``, 64); their weight decay is divided by it, so the decay
+            per step stays that of the other parameters.
+        lookahead_epoch: from this epoch on, airbench94's Lookahead-style averaging: every 5 steps
+            the weights (and BN statistics) move to an exponential average whose decay rises as
+            0.95^5 x (step / steps)^3, and the average is copied back at each epoch's end; ``None``
+            is off.
+        whiten_bias_epochs: freeze a whitening layer's bias (airbench's first layer) after this many
+            epochs (airbench94: 3); ``None`` keeps it trainable.
         label_smoothing: cross-entropy label smoothing.
         crop_padding: random-crop translation in pixels (0 turns it off).
+        crop_mode: what fills the border a translation opens: ``zeros`` (torchvision's default) or
+            ``reflect`` (airbench94).
         flip: random horizontal flips; ``None`` uses the dataset's ``hflip``.
+        alternating_flip: airbench's derandomised flip (Jordan 2024, section 3.6): each image is
+            flipped at random in the first epoch and the opposite way in the next, alternating; only
+            where flips are on.
         jitter, scaling: time-series augmentation (``training.augment``): Gaussian noise of
             ``jitter`` times each series' std, and a random factor N(1, ``scaling``^2); 0 is off
             (the default: Wang et al. 2017 train their baselines without augmentation).
@@ -61,6 +79,9 @@ class TrainConfig:
             by about 20% on a 2-core CPU for the conv nets here).
         data_init: run the model's data-dependent initialisation (airbench's whitening) first.
         progress: show a progress bar (also subject to ``BACKDOORLAB_PROGRESS``).
+        tta: test-time augmentation of the run's final evaluation (``training.loop.predict_logits``):
+            0 none, 1 the mean of the image and its mirror (where flips are on), 2 also one-pixel
+            translations, as airbench94's ``tta_level``. Not used inside defenses.
         regularizer: a defensive regulariser (``training.regularizers``: ``logit_squeezing``,
             ``manifold_mixup``, ``soft_nearest_neighbour``, ``contrastive``) or ``None``.
         regularizer_options: its options (``weight``, ``alpha``...).
@@ -74,15 +95,21 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "onecycle"
     warmup: float = 0.2
+    norm_lr_scale: float = 1.0
+    lookahead_epoch: int | None = None
+    whiten_bias_epochs: int | None = None
     label_smoothing: float = 0.0
     crop_padding: int = 0
+    crop_mode: str = "zeros"
     flip: bool | None = None
+    alternating_flip: bool = False
     jitter: float = 0.0
     scaling: float = 0.0
     amp: bool = True
     channels_last: bool = True
     data_init: bool = True
     progress: bool = True
+    tta: int = 0
     regularizer: str | None = None
     regularizer_options: dict[str, Any] = field(default_factory=dict)
 
@@ -93,10 +120,16 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.crop_mode not in ("zeros", "reflect"):
+            raise ValueError(f"unknown crop_mode '{self.crop_mode}'; valid: zeros, reflect")
         if self.jitter < 0 or self.scaling < 0:
             raise ValueError("jitter and scaling must be >= 0")
         if not 0.0 < self.warmup < 1.0:
             raise ValueError(f"warmup must be in (0, 1), got {self.warmup}")
+        if self.norm_lr_scale <= 0:
+            raise ValueError(f"norm_lr_scale must be > 0, got {self.norm_lr_scale}")
+        if self.tta not in (0, 1, 2):
+            raise ValueError(f"tta must be 0 (none), 1 (mirror) or 2 (mirror and translate), got {self.tta}")
         if self.regularizer is not None:
             create_regularizer(self.regularizer, **self.regularizer_options)
 
@@ -153,13 +186,31 @@ def to_float(inputs: Tensor) -> Tensor:
     return inputs.float().div_(255.0) if inputs.dtype == torch.uint8 else inputs.float()
 
 
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+
+
 def make_optimizer(
     model: nn.Module, config: TrainConfig, steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """SGD (Nesterov) over trainable parameters, with the configured per-step schedule."""
+    """SGD (Nesterov) over trainable parameters, with the configured per-step schedule.
+
+    Normalisation-layer parameters form their own group when ``norm_lr_scale`` is not 1."""
+    norm_ids = {id(p) for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)}
     params = [p for p in model.parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": params}]
+    if config.norm_lr_scale != 1.0 and any(id(p) in norm_ids for p in params):
+        groups = [
+            {"params": [p for p in params if id(p) not in norm_ids]},
+            {
+                "params": [p for p in params if id(p) in norm_ids],
+                "lr": config.lr * config.norm_lr_scale,
+                "weight_decay": config.weight_decay / config.norm_lr_scale,
+            },
+        ]
+        groups = [group for group in groups if group["params"]]
     optimizer = torch.optim.SGD(
-        params,
+        groups,
         lr=config.lr,
         momentum=config.momentum,
         nesterov=config.nesterov and config.momentum > 0,
@@ -171,18 +222,52 @@ def make_optimizer(
     if config.schedule == "onecycle" and steps >= 4:
         scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
-            max_lr=config.lr,
+            max_lr=[group["lr"] for group in optimizer.param_groups],
             total_steps=steps,
             pct_start=min(warmup, 0.5),
             cycle_momentum=False,
             div_factor=10.0,
             final_div_factor=100.0,
         )
+    elif config.schedule == "triangle":
+        peak = max(1, round(config.warmup * steps))
+
+        def triangle(step: int) -> float:
+            if step < peak:
+                return TRIANGLE_START + (1.0 - TRIANGLE_START) * step / peak
+            return 1.0 + (TRIANGLE_END - 1.0) * (step - peak) / max(1, steps - peak)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, triangle)
     elif config.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     return optimizer, scheduler
+
+
+class Lookahead:
+    """airbench94's weight averaging (after Lookahead, Zhang et al. 2019): every ``every`` steps the
+    float state (weights and BN statistics) moves to an exponential average and is replaced by it."""
+
+    def __init__(self, model: nn.Module, every: int = 5, decay_base: float = 0.95, decay_power: float = 3.0) -> None:
+        self.state = [t for t in model.state_dict().values() if t.is_floating_point()]
+        self.average = [t.detach().clone() for t in self.state]
+        self.every, self.base, self.power = every, decay_base**every, decay_power
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        for average, current in zip(self.average, self.state, strict=True):
+            average.lerp_(current, 1.0 - decay)
+            current.copy_(average)
+
+    def step(self, step: int, steps: int) -> None:
+        """Called after optimiser step ``step`` (1-based) of ``steps``."""
+        if step % self.every == 0:
+            self.update(self.base * (step / steps) ** self.power)
+
+
+def _whitening_bias(model: nn.Module) -> Tensor | None:
+    return getattr(getattr(model, "body", None), "whitening_bias", None)
 
 
 def train(
@@ -229,21 +314,32 @@ def train(
         else None
     )
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
-    optimizer, scheduler = make_optimizer(model, config, steps_per_epoch * config.epochs)
+    total_steps = steps_per_epoch * config.epochs
+    optimizer, scheduler = make_optimizer(model, config, total_steps)
+    whitening_bias = _whitening_bias(model)
+    lookahead: Lookahead | None = None
+    first_flips = (torch.rand(len(data), generator=generator) < 0.5).to(device) if flip and config.alternating_flip else None
     history = TrainHistory()
     model.train()
     start = time.perf_counter()
+    done = 0
     with make_progress(config.progress) as progress:
-        task = progress.add_task(description, total=steps_per_epoch * config.epochs, status="")
+        task = progress.add_task(description, total=total_steps, status="")
         for epoch in range(config.epochs):
+            if whitening_bias is not None and config.whiten_bias_epochs is not None:
+                whitening_bias.requires_grad_(epoch < config.whiten_bias_epochs)
+            if config.lookahead_epoch is not None and epoch >= config.lookahead_epoch and lookahead is None:
+                lookahead = Lookahead(model)
             order = torch.randperm(len(data), generator=generator).to(device)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.int64)
             for batch in order.split(config.batch_size):
                 x = inputs[batch]
                 if config.crop_padding:
-                    x = random_crop(x, config.crop_padding, generator)
-                if flip:
+                    x = random_crop(x, config.crop_padding, generator, config.crop_mode)
+                if first_flips is not None:
+                    x = alternating_hflip(x, first_flips[batch], epoch)
+                elif flip:
                     x = random_hflip(x, generator)
                 x = to_float(x).contiguous(memory_format=memory_format)
                 if config.jitter:
@@ -262,12 +358,17 @@ def train(
                 losses.mean().backward()
                 optimizer.step()
                 scheduler.step()
+                done += 1
+                if lookahead is not None:
+                    lookahead.step(done, total_steps)
                 losses = losses.detach()
                 loss_sum += losses.sum()
                 correct += (logits.detach().argmax(1) == y).sum()
                 for callback in callbacks:
                     callback.on_batch_end(batch, losses, epoch)
                 progress.advance(task)
+            if lookahead is not None:
+                lookahead.update(1.0)  # the averaged weights are the epoch's result
             history.loss.append(float(loss_sum) / len(data))
             history.accuracy.append(float(correct) / len(data))
             progress.update(
@@ -292,11 +393,13 @@ def predict_logits(
     amp: bool = True,
     channels_last: bool = True,
     pre_logits: bool = False,
+    tta: int = 0,
 ) -> Tensor:
     """Float32 logits for ``inputs`` (uint8 images or float) on the CPU, in large batches, no
-    gradients, no augmentation. The model is put in eval mode for the call and restored afterwards.
+    gradients. The model is put in eval mode for the call and restored afterwards.
     ``pre_logits``: the pooled embedding the linear head reads instead (a :class:`Classifier`'s
-    ``forward_head(..., pre_logits=True)``)."""
+    ``forward_head(..., pre_logits=True)``). ``tta``: test-time augmentation of images
+    (:func:`tta_logits`; 0 is none)."""
     device = resolve_device(device)
     memory_format = _memory_format(inputs, channels_last)
     was_training = model.training
@@ -306,11 +409,35 @@ def predict_logits(
         for chunk in inputs.split(batch_size):
             x = to_float(chunk.to(device)).contiguous(memory_format=memory_format)
             with _autocast(device, amp):
-                y = model.forward_head(model.forward_features(x), pre_logits=True) if pre_logits else model(x)
+                if pre_logits:
+                    y = model.forward_head(model.forward_features(x), pre_logits=True)
+                else:
+                    y = tta_logits(model, x, tta) if tta else model(x)
                 out.append(y.float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
+
+
+def tta_logits(model: nn.Module, x: Tensor, level: int) -> Tensor:
+    """airbench94's test-time augmentation (Jordan 2024, section 3.7) of a float image batch: level 1
+    averages the logits of each image and its mirror; level 2 gives that weight 1/2 and splits the
+    other 1/2 between the mirror-averaged logits of the image shifted one pixel up-left and one
+    pixel down-right (reflect padding)."""
+    if x.dim() != 4:
+        raise ValueError("test-time augmentation (tta) is for images (N, C, H, W)")
+
+    def mirrored(batch: Tensor) -> Tensor:
+        return 0.5 * (model(batch) + model(batch.flip(-1)))
+
+    logits = mirrored(x)
+    if level < 2:
+        return logits
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    up_left, down_right = (padded[:, :, i : i + h, i : i + w].contiguous(memory_format=layout) for i in (0, 2))
+    return 0.5 * logits + 0.25 * (mirrored(up_left) + mirrored(down_right))
 
 
 def predict(model: nn.Module, inputs: Tensor, **options: object) -> Tensor:
