@@ -43,7 +43,7 @@ def test_bad_input_is_a_clear_error_with_exit_code_2():
         (["run", "--poison-rate", "1.5"], "poison rate must be in [0, 1]"),
         (["run", "--trusted-size", "0"], "trusted split size must be a fraction in (0, 1]"),
         (["run", "-a", "shape=star"], "valid: size, pattern, position, margin"),
-        (["list", "poisons"], "valid: datasets, models, attacks, defenses"),
+        (["list", "poisons"], "valid: datasets, models, recipes, attacks, defenses"),
         (["run", "--defense", "strip"], "training-time defenses: abl, e2abl, pt; repair defenses: fine_pruning"),
         (["run", "--detector", "strip"], "valid detectors: cti, neural_cleanse"),
         (["run", "--defense", "abl", "-d", "ratio=0.1"], "valid: gamma, isolation_ratio"),
