@@ -112,7 +112,7 @@ def test_random_hflip_flips_about_half():
 
 
 def test_bad_train_config_is_refused(digits):
-    with pytest.raises(ValueError, match="valid: onecycle, cosine, constant"):
+    with pytest.raises(ValueError, match="valid: onecycle, triangle, cosine, constant"):
         train(fresh_model(digits.train), digits.train, TrainConfig(schedule="step"))
 
 
