@@ -64,12 +64,18 @@ SERIES_RECIPE = Recipe("fcn", {}, TrainConfig(epochs=100, batch_size=16, lr=0.01
 DIGITS_RECIPE = Recipe("small_cnn", {}, TrainConfig(epochs=20, batch_size=64, lr=0.05))
 
 
-@RECIPES.register("fast", "airbench94's recipe, epochs and width set for a 2-core CPU (the default)")
-def fast(dataset: str) -> Recipe:
+def _series_or_digits(dataset: str) -> Recipe | None:
+    """The recipe ``fast`` and ``quick`` share for time series and sklearn's digits, else ``None``."""
     if dataset_modality(dataset) == "series":
         return SERIES_RECIPE
-    if dataset == "digits":
-        return DIGITS_RECIPE
+    return DIGITS_RECIPE if dataset == "digits" else None
+
+
+@RECIPES.register("fast", "airbench94's recipe, epochs and width set for a 2-core CPU (the default)")
+def fast(dataset: str) -> Recipe:
+    shared = _series_or_digits(dataset)
+    if shared is not None:
+        return shared
     if dataset == "mnist":
         # Width 24, 2 epochs, float32: at width 16 (3 epochs) and width 8 training was unstable, and
         # under bf16 autocast widths 8-16 diverged (CA 0.11); measured in docs/benchmarks.md.
@@ -82,10 +88,9 @@ def fast(dataset: str) -> Recipe:
 
 @RECIPES.register("quick", "minutes on a CPU: airbench width 32 one-cycle / small CNN (earlier defaults)")
 def quick(dataset: str) -> Recipe:
-    if dataset_modality(dataset) == "series":
-        return SERIES_RECIPE
-    if dataset == "digits":
-        return DIGITS_RECIPE
+    shared = _series_or_digits(dataset)
+    if shared is not None:
+        return shared
     if dataset == "mnist":
         return Recipe("small_cnn", {}, TrainConfig(epochs=4, batch_size=128, lr=0.05))
     # airbench94's augmentation (translate 2, flip where it keeps the label) and label smoothing 0.2.

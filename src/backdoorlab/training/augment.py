@@ -12,14 +12,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+#: What fills the border a translation opens (``random_crop``'s ``mode``).
+CROP_MODES = ("zeros", "reflect")
+
+
 def random_crop(images: Tensor, padding: int, generator: torch.Generator, mode: str = "zeros") -> Tensor:
     """Shift each image by up to ``padding`` pixels in each direction, filling the border with zeros
     (``mode="zeros"``, torchvision's ``RandomCrop(size, padding)``) or with the mirrored image
     (``"reflect"``, as airbench94)."""
     if padding <= 0:
         return images
-    if mode not in ("zeros", "reflect"):
-        raise ValueError(f"unknown crop padding mode '{mode}'; valid: zeros, reflect")
+    if mode not in CROP_MODES:
+        raise ValueError(f"unknown crop padding mode '{mode}'; valid: {', '.join(CROP_MODES)}")
     n, c, h, w = images.shape
     device = images.device
     offsets = torch.randint(-padding, padding + 1, (2, n), generator=generator).to(device)

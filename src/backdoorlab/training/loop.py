@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.progress import make_progress
-from backdoorlab.training.augment import alternating_hflip, jitter, random_crop, random_hflip, random_scaling
+from backdoorlab.training.augment import CROP_MODES, alternating_hflip, jitter, random_crop, random_hflip, random_scaling
 from backdoorlab.training.regularizers import Regularizer, create_regularizer
 
 SCHEDULES = ("onecycle", "triangle", "cosine", "constant")
@@ -120,8 +120,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.crop_mode not in ("zeros", "reflect"):
-            raise ValueError(f"unknown crop_mode '{self.crop_mode}'; valid: zeros, reflect")
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"unknown crop_mode '{self.crop_mode}'; valid: {', '.join(CROP_MODES)}")
         if self.jitter < 0 or self.scaling < 0:
             raise ValueError("jitter and scaling must be >= 0")
         if not 0.0 < self.warmup < 1.0:
