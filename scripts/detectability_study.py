@@ -36,6 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--attack", default="badnets")
+    parser.add_argument("--recipe", default="fast", help="training recipe (backdoorlab list recipes)")
     parser.add_argument("--rates", type=float, nargs="+", default=[0.005, 0.01, 0.05, 0.1])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--clean-seeds", type=int, nargs="+", default=[100, 101, 102, 103])
@@ -51,7 +52,7 @@ def main() -> None:
     parser.add_argument("--no-docs", action="store_true", help="run, but leave docs/defenses.md alone")
     args = parser.parse_args()
     base = RunConfig(
-        dataset=args.dataset, attack=args.attack, train_size=args.train_size, test_size=args.test_size, trusted_size=args.trusted_size,
+        dataset=args.dataset, attack=args.attack, recipe=args.recipe, train_size=args.train_size, test_size=args.test_size, trusted_size=args.trusted_size,
         device=args.device, data_root=args.data_root,
     )  # fmt: skip
     results = detectability_study(

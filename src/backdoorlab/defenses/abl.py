@@ -91,7 +91,9 @@ class ABL(TrainingDefense):
     Paper versus code (METHODS.md 5.1): the paper schedules 20 isolation / 60 fine-tuning / 20
     unlearning epochs, the official ``config.py`` 10 / 60 / 5 (the author: "enough"). The code's
     default isolation loss is Flooding and applies LGA to the batch mean; the paper and BackdoorBox
-    apply LGA per sample, as here. Reconstructed for the fast recipes: the isolation and training
+    apply LGA per sample. Here LGA takes the official code's batch mean (:func:`local_gradient_ascent`
+    offers both; on digits the per-sample form's 1% held no poisoned sample, docs/defenses.md).
+    Reconstructed for the fast recipes: the isolation and training
     epochs follow the run's recipe (``isolation_epochs`` defaults to the recipe's epochs, which
     for these recipes is where poisoned samples are learnt and clean ones are not yet), and the
     isolation stage trains without label smoothing (plain CE inside LGA, as the code). The
