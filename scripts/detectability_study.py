@@ -19,6 +19,7 @@ from doc_blocks import DOCS, replace_block
 
 from backdoorlab.experiments import RunConfig
 from backdoorlab.experiments.detectability import detectability_study, plot, summarize
+from backdoorlab.experiments.recipes import DEFAULT_RECIPE
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -36,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--attack", default="badnets")
-    parser.add_argument("--recipe", default="fast", help="training recipe (backdoorlab list recipes)")
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="training recipe (backdoorlab list recipes)")
     parser.add_argument("--rates", type=float, nargs="+", default=[0.005, 0.01, 0.05, 0.1])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--clean-seeds", type=int, nargs="+", default=[100, 101, 102, 103])
