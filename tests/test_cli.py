@@ -47,6 +47,7 @@ def test_bad_input_is_a_clear_error_with_exit_code_2():
         (["run", "--defense", "strip"], "training-time defenses: abl, e2abl, pt; repair defenses: fine_pruning"),
         (["run", "--detector", "strip"], "valid detectors: cti, neural_cleanse"),
         (["run", "--defense", "abl", "-d", "ratio=0.1"], "valid: gamma, isolation_ratio"),
+        (["run", "--dataset", "mnist[x]"], "unknown dataset 'mnist[x]'"),  # printed as is, not read as markup
     ]
     for args, message in cases:
         result = runner.invoke(app, args)

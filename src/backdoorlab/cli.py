@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from backdoorlab.registry import UnknownNameError
@@ -50,7 +51,8 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
 
 
 def _fail(err: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {err}")
+    """Print ``err`` as is (no markup read in it, no hard line breaks inside paths) and exit 2."""
+    err_console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
