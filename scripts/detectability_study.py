@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--clean-seeds", type=int, nargs="+", default=[100, 101, 102, 103])
     parser.add_argument("--detectors", nargs="+", default=["cti", "neural_cleanse"])
+    parser.add_argument(
+        "--detector-options", type=json.loads, default={}, help='JSON by detector name, e.g. {"cti": {"batch_size": 32}}'
+    )
     parser.add_argument("--train-size", type=int, default=None)
     parser.add_argument("--test-size", type=int, default=None)
     parser.add_argument("--trusted-size", type=float, default=0.05)
@@ -58,7 +61,7 @@ def main() -> None:
     )  # fmt: skip
     results = detectability_study(
         base, args.rates, args.seeds, args.clean_seeds, args.output, repair=args.repair, repair_options=args.repair_options,
-        detectors=args.detectors,
+        detectors=args.detectors, detector_options=args.detector_options,
     )  # fmt: skip
     rows = summarize(results)
     for line in table(rows):

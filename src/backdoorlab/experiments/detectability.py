@@ -34,14 +34,16 @@ from backdoorlab.experiments.run import _DEFENSE, apply_detector, apply_repair, 
 
 def study_model(
     config: RunConfig, directory: str | Path, *, repair: str = "pivotal_tuning", repair_options: dict[str, Any] | None = None,
-    detectors: Sequence[str] = ("cti", "neural_cleanse"),
+    detectors: Sequence[str] = ("cti", "neural_cleanse"), detector_options: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Train one (backdoored or clean) model of ``config``, repair it, score the suspect with each
-    detector; store and return ``{"config", "metrics", "scores", "timings"}`` (cached)."""
+    detector (``detector_options``: options by detector name, for example ``{"cti": {"batch_size":
+    32}}``); store and return ``{"config", "metrics", "scores", "timings"}`` (cached)."""
     path = Path(directory) / "result.json"
     if path.exists():
         return json.loads(path.read_text())
     repair_options = dict(repair_options or {})
+    detector_options = {name: dict((detector_options or {}).get(name, {})) for name in detectors}
     prepared = prepare(config)
     timings: dict[str, float] = {}
     tick = time.perf_counter()
@@ -55,15 +57,15 @@ def study_model(
     for name in detectors:
         tick = time.perf_counter()
         if name == "cti":  # calibrated with the repair just made, instead of repeating it
-            cti = CalibratedTriggerInversion(repair=repair, repair_options=repair_options)
+            cti = CalibratedTriggerInversion(**detector_options[name], repair=repair, repair_options=repair_options)
             seed = prepared.config.seed + _DEFENSE
             scores[name] = cti.calibrated_score(model, repaired, prepared.trusted, device=prepared.device, seed=seed).score
         else:
-            scores[name] = apply_detector(prepared, model, name, {})[0].score
+            scores[name] = apply_detector(prepared, model, name, detector_options[name])[0].score
         timings[name] = time.perf_counter() - tick
     stored = {
         "config": prepared.config.to_dict(), "repair": repair, "repair_options": repair_options, "metrics": metrics,
-        "scores": scores, "timings": {k: round(v, 2) for k, v in timings.items()}, "version": __version__,
+        "detector_options": detector_options, "scores": scores, "timings": {k: round(v, 2) for k, v in timings.items()}, "version": __version__,
     }  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(stored, indent=2) + "\n")
@@ -76,8 +78,9 @@ def detectability_study(
 ) -> dict[float, list[dict[str, Any]]]:  # fmt: skip
     """Run :func:`study_model` for every rate x seed and for ``clean_seeds`` at rate 0; return the
     stored results by rate (0.0 = the clean models). ``options`` go to :func:`study_model`."""
+    detector_options = options.get("detector_options") or {}
     for name in options.get("detectors", ("cti", "neural_cleanse")):
-        create_detector(name)  # an unknown name fails before any training
+        create_detector(name, **detector_options.get(name, {}))  # a bad name or option fails before any training
     results: dict[float, list[dict[str, Any]]] = {}
     for rate, rate_seeds in [(0.0, clean_seeds), *[(float(r), seeds) for r in rates]]:
         for seed in rate_seeds:
