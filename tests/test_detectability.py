@@ -45,6 +45,8 @@ def test_a_small_study_runs_end_to_end_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="unknown option.*batchsize.*valid: steps"):
         detectability_study(base, [0.1], [0], [1], tmp_path / "y", detectors=("cti",), detector_options={"cti": {"batchsize": 32}})
     assert not (tmp_path / "y").exists(), "bad options fail before any training"
+    with pytest.raises(ValueError, match="its own repair"):
+        detectability_study(base, [0.1], [0], [1], tmp_path / "z", detectors=("cti",), detector_options={"cti": {"repair": "nad"}})
 
 
 @pytest.mark.slow

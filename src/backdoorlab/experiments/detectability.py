@@ -39,11 +39,15 @@ def study_model(
     """Train one (backdoored or clean) model of ``config``, repair it, score the suspect with each
     detector (``detector_options``: options by detector name, for example ``{"cti": {"batch_size":
     32}}``); store and return ``{"config", "metrics", "scores", "timings"}`` (cached)."""
+    detector_options = {name: dict((detector_options or {}).get(name, {})) for name in detectors}
+    if {"repair", "repair_options"} & set(detector_options.get("cti", {})):
+        raise ValueError(
+            "the study calibrates CTI with its own repair: pass repair= and repair_options= to the study, not in detector_options"
+        )
     path = Path(directory) / "result.json"
     if path.exists():
         return json.loads(path.read_text())
     repair_options = dict(repair_options or {})
-    detector_options = {name: dict((detector_options or {}).get(name, {})) for name in detectors}
     prepared = prepare(config)
     timings: dict[str, float] = {}
     tick = time.perf_counter()
@@ -65,7 +69,8 @@ def study_model(
         timings[name] = time.perf_counter() - tick
     stored = {
         "config": prepared.config.to_dict(), "repair": repair, "repair_options": repair_options, "metrics": metrics,
-        "detector_options": detector_options, "scores": scores, "timings": {k: round(v, 2) for k, v in timings.items()}, "version": __version__,
+        "detector_options": detector_options, "scores": scores, "timings": {k: round(v, 2) for k, v in timings.items()},
+        "version": __version__,
     }  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(stored, indent=2) + "\n")
