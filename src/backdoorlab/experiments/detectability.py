@@ -44,6 +44,8 @@ def study_model(
         raise ValueError(
             "the study calibrates CTI with its own repair: pass repair= and repair_options= to the study, not in detector_options"
         )
+    for name in detectors:
+        create_detector(name, **detector_options[name])  # a bad name or option fails before any training
     path = Path(directory) / "result.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -82,10 +84,8 @@ def detectability_study(
     **options: Any,
 ) -> dict[float, list[dict[str, Any]]]:  # fmt: skip
     """Run :func:`study_model` for every rate x seed and for ``clean_seeds`` at rate 0; return the
-    stored results by rate (0.0 = the clean models). ``options`` go to :func:`study_model`."""
-    detector_options = options.get("detector_options") or {}
-    for name in options.get("detectors", ("cti", "neural_cleanse")):
-        create_detector(name, **detector_options.get(name, {}))  # a bad name or option fails before any training
+    stored results by rate (0.0 = the clean models). ``options`` go to :func:`study_model`, whose
+    checks of the detectors and their options fail before its first model trains."""
     results: dict[float, list[dict[str, Any]]] = {}
     for rate, rate_seeds in [(0.0, clean_seeds), *[(float(r), seeds) for r in rates]]:
         for seed in rate_seeds:
