@@ -35,6 +35,17 @@ def test_training_learns_digits(digits):
     assert accuracy > 0.9
 
 
+def test_a_model_predicted_with_before_training_still_trains(digits):
+    """Predicting converts a fresh model to channels_last; done inside inference mode, that made
+    its weights inference tensors and a later ``train`` failed."""
+    data = subsample(digits.train, 200, seed=0)
+    model = fresh_model(data)
+    predict(model, data.inputs)
+    assert not any(p.is_inference() for p in model.parameters())
+    history = train(model, data, FAST)
+    assert len(history.loss) == FAST.epochs
+
+
 def test_callbacks_see_every_sample_once_per_epoch(digits):
     data = subsample(digits.train, 200, seed=0)
 

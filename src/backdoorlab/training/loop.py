@@ -383,7 +383,6 @@ def train(
     return history
 
 
-@torch.inference_mode()
 def predict_logits(
     model: nn.Module,
     inputs: Tensor,
@@ -403,17 +402,20 @@ def predict_logits(
     device = resolve_device(device)
     memory_format = _memory_format(inputs, channels_last)
     was_training = model.training
+    # Outside inference mode: a parameter converted inside it would become an inference tensor,
+    # and training the model afterwards would fail.
     model.to(device=device, memory_format=memory_format).eval()
     out = []
     try:
-        for chunk in inputs.split(batch_size):
-            x = to_float(chunk.to(device)).contiguous(memory_format=memory_format)
-            with _autocast(device, amp):
-                if pre_logits:
-                    y = model.forward_head(model.forward_features(x), pre_logits=True)
-                else:
-                    y = tta_logits(model, x, tta) if tta else model(x)
-                out.append(y.float().cpu())
+        with torch.inference_mode():
+            for chunk in inputs.split(batch_size):
+                x = to_float(chunk.to(device)).contiguous(memory_format=memory_format)
+                with _autocast(device, amp):
+                    if pre_logits:
+                        y = model.forward_head(model.forward_features(x), pre_logits=True)
+                    else:
+                        y = tta_logits(model, x, tta) if tta else model(x)
+                    out.append(y.float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
