@@ -88,13 +88,25 @@ def mnist_badnets(data_root):
     return base, undefended.metrics
 
 
-def test_abl_removes_badnets_on_mnist(mnist_badnets):
-    """ABL at its defaults."""
-    base, _ = mnist_badnets
+@pytest.fixture(scope="module")
+def mnist_badnets_default_recipe(data_root):
+    """The same BadNets run with the default recipe (airbench width 24, 2 epochs), undefended."""
+    base = dict(dataset="mnist", train_size=10000, test_size=2000, device="cpu", data_root=str(data_root))
+    undefended = run(RunConfig(**base))
+    assert undefended.metrics["attack_success_rate"] > 0.9, "the backdoor takes"
+    return base, undefended.metrics
+
+
+def test_abl_removes_badnets_on_mnist(mnist_badnets_default_recipe):
+    """ABL at its defaults, on the default recipe, seed 0: the issue's bar (ASR below 0.2, CA within
+    5 points, the 1% isolated set over 80% poisoned). Not every seed clears it: on seed 1 the
+    isolated 1% is clean 8s and the backdoor stays; on the quick recipe's small CNN unlearning
+    takes the target class with the trigger (CA 0.86); both in docs/defenses.md."""
+    base, undefended = mnist_badnets_default_recipe
     defended = run(RunConfig(**base, defense="abl"))
     assert defended.metrics["attack_success_rate"] < 0.2
-    assert defended.metrics["clean_accuracy"] > 0.8
-    assert defended.metrics["isolation_precision"] > 0.5, "most of the 1% isolated set is poisoned"
+    assert defended.metrics["clean_accuracy"] > undefended["clean_accuracy"] - 0.05, "CA within 5 points"
+    assert defended.metrics["isolation_precision"] > 0.8, "the 1% isolated set is mostly poisoned"
 
 
 def test_e2abl_removes_badnets_on_mnist_in_one_run(mnist_badnets):
