@@ -79,22 +79,24 @@ def test_unknown_defense_and_options_are_refused():
         create_defense("abl", gama=0.5)
 
 
-@pytest.fixture(scope="module")
-def mnist_badnets(data_root):
-    """BadNets on a 10,000-image MNIST subset (small CNN, the quick recipe), undefended."""
-    base = dict(dataset="mnist", recipe="quick", train_size=10000, test_size=2000, device="cpu", data_root=str(data_root))
+def undefended_mnist_badnets(data_root, **recipe):
+    """BadNets on a 10,000-image MNIST subset, undefended: the run's settings and its metrics."""
+    base = dict(dataset="mnist", train_size=10000, test_size=2000, device="cpu", data_root=str(data_root), **recipe)
     undefended = run(RunConfig(**base))
     assert undefended.metrics["attack_success_rate"] > 0.9, "the backdoor takes"
     return base, undefended.metrics
+
+
+@pytest.fixture(scope="module")
+def mnist_badnets(data_root):
+    """The quick recipe (small CNN, 4 epochs)."""
+    return undefended_mnist_badnets(data_root, recipe="quick")
 
 
 @pytest.fixture(scope="module")
 def mnist_badnets_default_recipe(data_root):
-    """The same BadNets run with the default recipe (airbench width 24, 2 epochs), undefended."""
-    base = dict(dataset="mnist", train_size=10000, test_size=2000, device="cpu", data_root=str(data_root))
-    undefended = run(RunConfig(**base))
-    assert undefended.metrics["attack_success_rate"] > 0.9, "the backdoor takes"
-    return base, undefended.metrics
+    """The default recipe (airbench width 24, 2 epochs)."""
+    return undefended_mnist_badnets(data_root)
 
 
 def test_abl_removes_badnets_on_mnist(mnist_badnets_default_recipe):
