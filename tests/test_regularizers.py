@@ -23,17 +23,31 @@ def clusters(spread: float) -> tuple[torch.Tensor, torch.Tensor]:
     return centres[y] + spread * torch.randn(32, 16, generator=g), y
 
 
-@pytest.mark.parametrize("term", [soft_nearest_neighbour_loss, supervised_contrastive_loss])
-def test_class_separation_terms_are_low_for_separated_classes(term):
+@pytest.mark.parametrize(
+    ("term", "temperature"),
+    [(soft_nearest_neighbour_loss, 1.0), (soft_nearest_neighbour_loss, None), (supervised_contrastive_loss, 0.1)],
+)
+def test_class_separation_terms_are_low_for_separated_classes(term, temperature):
     separated, y = clusters(0.1)
     mixed = torch.randn(32, 16, generator=torch.Generator().manual_seed(1)) * 10
     snnl = term is soft_nearest_neighbour_loss
-    temperature = 1.0 if snnl else 0.1
     floor = 0.0 if snnl else math.log(7)  # SupCon's minimum is log(positives per anchor)
     assert term(separated, y, temperature) == pytest.approx(floor, abs=0.05)
     assert term(mixed, y, temperature) > floor + 1.0
     alone = term(separated[:4:1], torch.arange(4), temperature)  # no same-class partner anywhere
     assert alone == 0
+
+
+def test_optimised_snn_temperature_makes_the_term_independent_of_feature_scale():
+    h, y = clusters(3.0)  # overlapping classes: the loss is neither 0 nor at its maximum
+    reference = soft_nearest_neighbour_loss(h, y, None)
+    assert 0.1 < reference < 1.5
+    for scale in (0.01, 100.0):
+        assert float(soft_nearest_neighbour_loss(h * scale, y, None)) == pytest.approx(float(reference), rel=1e-3)
+    # a fixed temperature is not: shrunk features look fully entangled (the loss nears
+    # log(31 others / 7 same-class)); grown ones make it a hard nearest-neighbour loss that explodes
+    assert float(soft_nearest_neighbour_loss(h * 0.01, y, 1.0)) == pytest.approx(math.log(31 / 7), abs=0.05)
+    assert soft_nearest_neighbour_loss(h * 100.0, y, 1.0) > 100 * reference
 
 
 @pytest.mark.parametrize("name", REGULARIZERS.names())
