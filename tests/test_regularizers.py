@@ -11,6 +11,7 @@ from backdoorlab.experiments import RunConfig, build_model, run
 from backdoorlab.training import TrainConfig, predict_logits, train
 from backdoorlab.training.regularizers import (
     REGULARIZERS,
+    create_regularizer,
     soft_nearest_neighbour_loss,
     supervised_contrastive_loss,
 )
@@ -73,6 +74,9 @@ def test_logit_squeezing_squeezes_the_logits(digits):
 def test_unknown_regularizer_and_options_are_refused():
     with pytest.raises(ValueError, match="valid regularizers: contrastive, logit_squeezing"):
         TrainConfig(regularizer="dropout").validate()
+    with pytest.raises(ValueError, match="SupervisedContrastive needs a temperature > 0, got None"):
+        create_regularizer("contrastive", temperature=None)
+    assert create_regularizer("soft_nearest_neighbour").config() == {"weight": 0.1, "temperature": None}
     with pytest.raises(ValueError, match="valid: alpha, layers"):
         RunConfig(regularizer="manifold_mixup", regularizer_options={"beta": 1}).resolved()
 

@@ -165,7 +165,12 @@ class FeatureTerm(Regularizer):
     """``loss + weight * term(pooled penultimate features, labels, temperature)``, the term spread
     evenly over the batch's samples."""
 
+    #: whether ``temperature=None`` (optimised at every step) is supported by :meth:`term`
+    optimises_temperature = False
+
     def __init__(self, weight: float, temperature: float | None) -> None:
+        if temperature is None and not self.optimises_temperature:
+            raise ValueError(f"{type(self).__name__} needs a temperature > 0, got None")
         if temperature is not None and temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.weight = float(weight)
@@ -194,6 +199,7 @@ class SoftNearestNeighbour(FeatureTerm):
     docs/defenses.md has the measurements."""
 
     term = staticmethod(soft_nearest_neighbour_loss)
+    optimises_temperature = True
 
     def __init__(self, weight: float = 0.1, temperature: float | None = None) -> None:
         super().__init__(weight, temperature)
