@@ -131,8 +131,8 @@ def soft_nearest_neighbour_loss(h: Tensor, y: Tensor, temperature: float | None)
     if not has_partner.any():
         return h.sum() * 0.0
 
-    def loss_at(distances: Tensor, t: float | Tensor) -> Tensor:
-        logits = (-distances / t).masked_fill(eye, float("-inf"))
+    def loss_at(t: float | Tensor) -> Tensor:
+        logits = (-d / t).masked_fill(eye, float("-inf"))
         log_all = torch.logsumexp(logits, dim=1)
         log_same = torch.logsumexp(logits.masked_fill(~same, float("-inf")), dim=1)
         return -(log_same - log_all)[has_partner].mean()
@@ -141,8 +141,8 @@ def soft_nearest_neighbour_loss(h: Tensor, y: Tensor, temperature: float | None)
         with torch.no_grad():
             scale = d[~eye].median().clamp_min(1e-12)
             candidates = [scale * factor for factor in SNN_TEMPERATURE_GRID]
-            temperature = candidates[int(torch.stack([loss_at(d, t) for t in candidates]).argmin())]
-    return loss_at(d, temperature)
+            temperature = candidates[int(torch.stack([loss_at(t) for t in candidates]).argmin())]
+    return loss_at(temperature)
 
 
 def supervised_contrastive_loss(h: Tensor, y: Tensor, temperature: float) -> Tensor:
