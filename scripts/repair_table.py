@@ -5,10 +5,14 @@ The victim of each (dataset, attack) is trained once and stored as
 ``OUTPUT/<dataset>/<attack>/victim.safetensors`` (with its ``none/result.json``); each repair is
 stored as ``OUTPUT/<dataset>/<attack>/<repair>/result.json`` and skipped when present.
 
+Each dataset's table goes into its own block of docs/defenses.md (``repair-table-<dataset>``) and
+its persistence curves into ``docs/gallery/persistence-<dataset>.png``, so one dataset can be
+regenerated without the other.
+
 Usage::
 
-    BACKDOORLAB_DATA=../shared/data python scripts/repair_table.py --dataset mnist \\
-        --train-size 10000 --trusted-size 0.05 --output runs/repair-table [--device cuda]
+    BACKDOORLAB_DATA=../shared/data python scripts/repair_table.py --dataset mnist --recipe quick \\
+        --train-size 10000 --test-size 2000 --trusted-size 0.05 --output runs/repair-table [--device cuda]
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from doc_blocks import DOCS, replace_block
 
 from backdoorlab.defenses import REPAIRS
 from backdoorlab.experiments import RunConfig, load_model, run, run_cached, save_model
+from backdoorlab.experiments.recipes import DEFAULT_RECIPE
 
 NONE = "none"
 
@@ -75,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", nargs="+", default=["mnist"])
     parser.add_argument("--attack", nargs="+", default=["badnets", "blended", "wanet"])
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="training recipe (default: %(default)s)")
     parser.add_argument("--rate", type=float, default=0.1)
     parser.add_argument("--train-size", type=int, default=10_000)
     parser.add_argument("--test-size", type=int, default=None)
@@ -89,7 +95,7 @@ def main() -> None:
     for dataset in args.dataset:
         for attack in args.attack:
             config = RunConfig(
-                dataset=dataset, attack=attack, poison_rate=args.rate, train_size=args.train_size,
+                dataset=dataset, recipe=args.recipe, attack=attack, poison_rate=args.rate, train_size=args.train_size,
                 test_size=args.test_size, trusted_size=args.trusted_size, device=args.device, seed=args.seed,
                 data_root=args.data_root,
             )  # fmt: skip
@@ -105,9 +111,11 @@ def main() -> None:
                 results[dataset, attack, name] = r = run_cached(repaired, directory / name, suspect=suspect)
                 print(f"{dataset:8s} {attack:8s} {name:16s} {r['metrics']} {time.perf_counter() - tick:.0f} s", flush=True)
     if not args.no_docs:
-        replace_block(DOCS / "defenses.md", "repair-table", table(results, keys))
-        persistence_plot(results, keys, DOCS / "gallery" / "persistence.png")
-        print("wrote the table into docs/defenses.md and docs/gallery/persistence.png")
+        for dataset in args.dataset:
+            mine = [key for key in keys if key[0] == dataset]
+            replace_block(DOCS / "defenses.md", f"repair-table-{dataset}", table(results, mine))
+            persistence_plot(results, mine, DOCS / "gallery" / f"persistence-{dataset}.png")
+            print(f"wrote repair-table-{dataset} into docs/defenses.md and docs/gallery/persistence-{dataset}.png")
 
 
 if __name__ == "__main__":
