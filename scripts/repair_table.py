@@ -12,7 +12,7 @@ regenerated without the other.
 Usage::
 
     BACKDOORLAB_DATA=../shared/data python scripts/repair_table.py --dataset mnist --recipe quick \\
-        --train-size 10000 --test-size 2000 --trusted-size 0.05 --output runs/repair-table [--device cuda]
+        --train-size 10000 --trusted-size 0.05 --output runs/repair-table [--device cuda]
 """
 
 from __future__ import annotations
