@@ -151,5 +151,10 @@ def test_pivotal_tuning_returns_a_checkpoint_that_keeps_held_out_accuracy():
     _, held_out = holdout_split(prepared.trusted, 0.1, seed=7)
     assert details["held_out_accuracy_before"] == pytest.approx(accuracy(model, held_out, prepared.device), abs=1e-4)
     assert accuracy(outcome.model, held_out, prepared.device) >= details["held_out_accuracy_before"] - 0.02
-    assert len(details["held_out_curve"]) >= 5, "checkpoints every 10 steps"
+    curve = details["held_out_curve"]
+    assert len(curve) >= 6, "step 0 and checkpoints every 10 steps"
+    assert curve[0]["step"] == 0 and curve[0]["accuracy"] == details["held_out_accuracy_before"]
+    pairs = len(held_out.labels.unique()) * (len(held_out.labels.unique()) - 1) / 2
+    assert curve[0]["pivot_cosine"] == pytest.approx(pairs, abs=1e-3), "the suspect's centroid directions are the pivot's"
+    assert curve[0]["parameter_distance"] == 0.0 and curve[-1]["parameter_distance"] > 0.0
     assert all(p.requires_grad for p in model.parameters()), "the suspect model is left as it was"

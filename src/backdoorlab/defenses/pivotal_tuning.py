@@ -21,18 +21,19 @@ from backdoorlab.defenses.post_training import (
     REPAIRS,
     Observer,
     RepairDefense,
-    accuracy,
     frozen_copy,
     holdout_split,
     suspect_copy,
     tuning_recipe,
 )
-from backdoorlab.training.loop import Callback, PerSampleLoss, TrainConfig, train
+from backdoorlab.metrics import clean_accuracy
+from backdoorlab.training.loop import Callback, PerSampleLoss, TrainConfig, predict_logits, train
 from backdoorlab.training.regularizers import embedding
 
 
-def soft_latent_orthogonality(z: Tensor, z_pivot: Tensor, labels: Tensor) -> Tensor:
-    """SLOL, the latent-geometry term of Pivotal Tuning, on one batch.
+def slol_terms(z: Tensor, z_pivot: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The two parts of SLOL, the latent-geometry term of Pivotal Tuning, on one batch:
+    ``(orthogonality, pivot_cosine)``; :func:`soft_latent_orthogonality` is their sum.
 
     With ``C`` the matrix of class centroids of the batch's embeddings (one row per class present,
     ``C0`` the pivot's): ``|| offdiag(C^T C / K) ||_F + 1/2 sum_{k != l} cos(c_k - c_l, c0_k - c0_l)``.
@@ -57,7 +58,13 @@ def soft_latent_orthogonality(z: Tensor, z_pivot: Tensor, labels: Tensor) -> Ten
     pivot_diffs = (pivots[:, None] - pivots[None]).flatten(0, 1)
     cos = F.cosine_similarity(diffs, pivot_diffs, dim=1, eps=1e-8).view(len(classes), len(classes))
     off_diagonal = 1.0 - torch.eye(len(classes), device=cos.device)
-    return orthogonality + (cos * off_diagonal).sum() / 2
+    return orthogonality, (cos * off_diagonal).sum() / 2
+
+
+def soft_latent_orthogonality(z: Tensor, z_pivot: Tensor, labels: Tensor) -> Tensor:
+    """SLOL on one batch: the sum of :func:`slol_terms`."""
+    orthogonality, pivot_cosine = slol_terms(z, z_pivot, labels)
+    return orthogonality + pivot_cosine
 
 
 def parameter_distance(model: nn.Module, pivot: nn.Module) -> Tensor:
@@ -92,21 +99,47 @@ class PivotalStep:
 
 class CheckpointOnHeldOut(Callback):
     """Every ``every`` steps, measure held-out clean accuracy and keep the latest weights whose
-    accuracy is within ``max_drop`` of the suspect model's."""
+    accuracy is within ``max_drop`` of the suspect model's (``pivot``, measured as step 0).
 
-    def __init__(self, held_out: TensorDataset, floor: float, every: int, steps_per_epoch: int, device: torch.device) -> None:
-        self.held_out, self.floor, self.every, self.steps_per_epoch, self.device = held_out, floor, every, steps_per_epoch, device
+    Each measurement also records, on the same held-out images in eval mode, the terms of the loss
+    unweighted (cross-entropy, SLOL's orthogonality and pivot-cosine parts, the mean squared
+    weight distance) and the embedding's mean norm: the trace that shows which term moves the
+    model (docs/defenses.md, CIFAR-10)."""
+
+    def __init__(
+        self, held_out: TensorDataset, pivot: nn.Module, max_drop: float, every: int, steps_per_epoch: int,
+        device: torch.device,
+    ) -> None:  # fmt: skip
+        self.held_out, self.pivot, self.every = held_out, pivot, every
+        self.steps_per_epoch, self.device = steps_per_epoch, device
+        self.pivot_embedding = predict_logits(pivot, held_out.inputs, device=device, pre_logits=True)
         self.best: dict[str, Tensor] | None = None
         self.best_step = 0
-        self.curve: list[tuple[int, float]] = []
+        self.curve: list[dict[str, Any]] = []
+        self.start_accuracy = self.measure(0, pivot)
+        self.floor = self.start_accuracy - max_drop
+
+    def measure(self, step: int, model: nn.Module) -> float:
+        """Append the held-out accuracy and loss terms at ``step`` to ``curve``; return the accuracy."""
+        logits = predict_logits(model, self.held_out.inputs, device=self.device)
+        z = predict_logits(model, self.held_out.inputs, device=self.device, pre_logits=True)
+        labels = self.held_out.labels
+        orthogonality, pivot_cosine = slol_terms(z, self.pivot_embedding, labels)
+        with torch.no_grad():
+            distance = parameter_distance(model, self.pivot).item()
+        acc = clean_accuracy(logits.argmax(1), labels)
+        self.curve.append({
+            "step": step, "accuracy": acc, "cross_entropy": F.cross_entropy(logits, labels).item(),
+            "orthogonality": orthogonality.item(), "pivot_cosine": pivot_cosine.item(), "parameter_distance": distance,
+            "feature_norm": z.flatten(1).norm(dim=1).mean().item(),
+        })  # fmt: skip
+        return acc
 
     def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
         step = (epoch + 1) * self.steps_per_epoch
         if step // self.every == epoch * self.steps_per_epoch // self.every:
             return
-        acc = accuracy(model, self.held_out, self.device)
-        self.curve.append((step, acc))
-        if acc >= self.floor:
+        if self.measure(step, model) >= self.floor:
             self.best, self.best_step = copy.deepcopy(model.state_dict()), step
 
 
@@ -163,11 +196,10 @@ class PivotalTuning(RepairDefense):
         tune, held_out = holdout_split(trusted, o["held_out"], seed)
         model = suspect_copy(model).to(device)
         pivot = frozen_copy(model)
-        start_accuracy = accuracy(model, held_out, device)
         steps_per_epoch = math.ceil(len(tune) / o["batch_size"])
         epochs = math.ceil(o["steps"] / steps_per_epoch)
         config = tuning_recipe(recipe, epochs=epochs, lr=o["lr"], batch_size=o["batch_size"], weight_decay=0.0, schedule="constant")
-        checkpoints = CheckpointOnHeldOut(held_out, start_accuracy - o["max_accuracy_drop"], o["eval_every"], steps_per_epoch, device)
+        checkpoints = CheckpointOnHeldOut(held_out, pivot, o["max_accuracy_drop"], o["eval_every"], steps_per_epoch, device)
         step = PivotalStep(pivot, o["slol_weight"], o["parameter_weight"])
         train(model, tune, config, device=device, seed=seed, step=step, callbacks=[checkpoints], description="pivotal tuning")
         if checkpoints.best is not None:
@@ -176,11 +208,8 @@ class PivotalTuning(RepairDefense):
             model.load_state_dict(pivot.state_dict())
         if observer is not None:
             observer(model, checkpoints.best_step)
+        curve = [{k: v if k == "step" else float(f"{v:.4g}") for k, v in point.items()} for point in checkpoints.curve]
         return DefenseOutcome(
             model.eval(),
-            details={
-                "held_out_accuracy_before": round(start_accuracy, 4),
-                "chosen_step": checkpoints.best_step,
-                "held_out_curve": [[s, round(a, 4)] for s, a in checkpoints.curve],
-            },
+            details={"held_out_accuracy_before": curve[0]["accuracy"], "chosen_step": checkpoints.best_step, "held_out_curve": curve},
         )
