@@ -2,7 +2,8 @@
 your Poison"): for each poison rate, ASR before and after Pivotal Tuning, and the ROC AUC of CTI and
 Neural Cleanse scores against clean models trained with other seeds.
 
-Each model is stored as ``OUTPUT/rate-<r>/seed-<s>/result.json`` and reused when present.
+Each model is stored as ``OUTPUT/rate-<r>/seed-<s>/result.json`` (with its suspect and repaired
+weights) and reused when present; a detector added later scores the stored models.
 
 Usage::
 

@@ -3,9 +3,12 @@ one small real study on digits."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from backdoorlab.experiments import RunConfig
+from backdoorlab.experiments import detectability
 from backdoorlab.experiments.detectability import detectability_study, plot, summarize
 
 
@@ -31,7 +34,7 @@ def test_summary_gives_mean_asr_and_auroc_per_rate(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_small_study_runs_end_to_end_and_resumes(tmp_path):
+def test_a_small_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     base = RunConfig(dataset="digits", epochs=8, trusted_size=0.1)
     options = {"repair": "fine_tuning", "repair_options": {"epochs": 3}, "detectors": ("cti",)}
     results = detectability_study(base, [0.1], seeds=[0], clean_seeds=[1], output=tmp_path, **options)
@@ -40,6 +43,16 @@ def test_a_small_study_runs_end_to_end_and_resumes(tmp_path):
     assert set(backdoored["scores"]) == {"cti"} and backdoored["config"]["poison_rate"] == 0.1
     again = detectability_study(base, [0.1], seeds=[0], clean_seeds=[1], output=tmp_path, **options)
     assert again == results, "stored results are reused"
+    # a detector asked for later scores the stored models: nothing is trained again
+    monkeypatch.setattr(detectability, "train_victim", lambda prepared: pytest.fail("trained again"))
+    nc = {"neural_cleanse": {"steps": 20}}
+    more = detectability_study(base, [0.1], [0], [1], tmp_path, **{**options, "detectors": ("cti", "neural_cleanse"), "detector_options": nc})
+    assert more[0.1][0]["scores"]["cti"] == backdoored["scores"]["cti"] and "neural_cleanse" in more[0.1][0]["scores"]
+    assert set(summarize(more)[0]) >= {"auroc_cti", "auroc_neural_cleanse"}
+    with pytest.raises(ValueError, match="another config"):
+        detectability_study(replace(base, epochs=9), [0.1], [0], [1], tmp_path, **options)
+    with pytest.raises(ValueError, match="repaired with fine_tuning"):
+        detectability_study(base, [0.1], [0], [1], tmp_path, **{**options, "repair_options": {"epochs": 4}})
     with pytest.raises(Exception, match="valid detectors"):
         detectability_study(base, [0.1], [0], [1], tmp_path / "x", detectors=("strip",))
     with pytest.raises(ValueError, match="unknown option.*batchsize.*valid: steps"):

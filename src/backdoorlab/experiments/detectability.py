@@ -9,9 +9,10 @@ each clean model (poison rate 0, other seeds) is
   Cleanse): the ROC AUC of the backdoored models' scores at a rate against the clean models'
   scores is the attack's detectability at that rate.
 
-Every model's numbers are stored as ``OUTPUT/rate-<r>/seed-<s>/result.json`` beside its config
-and reused when present, so a study resumes where it stopped. ``summarize`` turns them into one
-row per rate; ``plot`` draws detectability against robustness.
+Every model's numbers are stored as ``OUTPUT/rate-<r>/seed-<s>/result.json`` beside its config,
+with the suspect and repaired models, and reused when present, so a study resumes where it stopped
+and a detector added later scores the stored models without training them again. ``summarize``
+turns them into one row per rate; ``plot`` draws detectability against robustness.
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from sklearn.metrics import roc_auc_score
+from torch import nn
 
 from backdoorlab import __version__
 from backdoorlab.defenses import create_detector
 from backdoorlab.defenses.cti import CalibratedTriggerInversion
 from backdoorlab.experiments.config import RunConfig
-from backdoorlab.experiments.run import _DEFENSE, apply_detector, apply_repair, evaluate, prepare, train_victim
+from backdoorlab.experiments.grid import cell_key
+from backdoorlab.experiments.run import _DEFENSE, Prepared, apply_detector, apply_repair, evaluate, prepare, train_victim
+from backdoorlab.experiments.saved_model import load_model, save_model
 
 
 def study_model(
@@ -38,7 +42,12 @@ def study_model(
 ) -> dict[str, Any]:  # fmt: skip
     """Train one (backdoored or clean) model of ``config``, repair it, score the suspect with each
     detector (``detector_options``: options by detector name, for example ``{"cti": {"batch_size":
-    32}}``); store and return ``{"config", "metrics", "scores", "timings"}`` (cached)."""
+    32}}``); store and return ``{"config", "metrics", "scores", "timings"}``.
+
+    The result is stored in ``directory`` with the suspect and repaired models
+    (``suspect.safetensors``, ``repaired.safetensors``) and reused: a detector asked for later, or
+    with other options, is computed from the stored models without training again. A directory
+    that holds another config or repair is refused rather than silently reused."""
     detector_options = {name: dict((detector_options or {}).get(name, {})) for name in detectors}
     if {"repair", "repair_options"} & set(detector_options.get("cti", {})):
         raise ValueError(
@@ -46,10 +55,29 @@ def study_model(
         )
     for name in detectors:
         create_detector(name, **detector_options[name])  # a bad name or option fails before any training
-    path = Path(directory) / "result.json"
-    if path.exists():
-        return json.loads(path.read_text())
     repair_options = dict(repair_options or {})
+    directory = Path(directory)
+    path = directory / "result.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        _check_same_study(stored, path, config, repair, repair_options)
+        stale = [n for n in detectors if n not in stored["scores"] or stored["detector_options"].get(n) != _as_stored(detector_options[n])]
+        if not stale:
+            return stored
+        files = [directory / _SUSPECT, directory / _REPAIRED]
+        if not all(f.exists() for f in files):
+            raise ValueError(
+                f"{path} has no score for {', '.join(stale)} with these options, and no stored models to compute it "
+                f"(written by an older version); remove {directory} to train its model again"
+            )
+        prepared = prepare(config)
+        model, repaired = (load_model(f)[0] for f in files)
+        scores, timings = _score(prepared, model, repaired, stale, detector_options, repair, repair_options)
+        stored["scores"].update(scores)
+        stored["timings"].update({k: round(v, 2) for k, v in timings.items()})
+        stored["detector_options"].update({n: detector_options[n] for n in stale})
+        path.write_text(json.dumps(stored, indent=2) + "\n")
+        return stored
     prepared = prepare(config)
     timings: dict[str, float] = {}
     tick = time.perf_counter()
@@ -59,24 +87,56 @@ def study_model(
     # the study needs the repair's end point only: no persistence curve to evaluate
     repaired, after, _, timings["repair"] = apply_repair(prepared, model, repair, repair_options, persistence=False)
     metrics.update({f"repaired_{k}": v for k, v in after.items()})
+    save_model(directory / _SUSPECT, model, prepared.config)
+    save_model(directory / _REPAIRED, repaired, prepared.config)
+    scores, detector_timings = _score(prepared, model, repaired, detectors, detector_options, repair, repair_options)
+    timings.update(detector_timings)
+    stored = {
+        "config": prepared.config.to_dict(), "repair": repair, "repair_options": repair_options, "metrics": metrics,
+        "detector_options": detector_options, "scores": scores, "timings": {k: round(v, 2) for k, v in timings.items()},
+        "version": __version__,
+    }  # fmt: skip
+    path.write_text(json.dumps(stored, indent=2) + "\n")
+    return stored
+
+
+_SUSPECT, _REPAIRED = "suspect.safetensors", "repaired.safetensors"
+
+
+def _check_same_study(stored: dict[str, Any], path: Path, config: RunConfig, repair: str, repair_options: dict[str, Any]) -> None:
+    """Refuse a stored result of another config (placement aside) or another repair."""
+    if cell_key(RunConfig.from_dict(stored["config"])) != cell_key(config.resolved()):
+        raise ValueError(f"{path} holds a result of another config; use another output folder or remove it")
+    if (stored["repair"], stored["repair_options"]) != (repair, _as_stored(repair_options)):
+        raise ValueError(
+            f"{path} holds a result repaired with {stored['repair']} {stored['repair_options']}, not {repair} {repair_options}; "
+            "use another output folder or remove it"
+        )
+
+
+def _as_stored(options: dict[str, Any]) -> Any:
+    """``options`` as they read back from ``result.json`` (tuples become lists)."""
+    return json.loads(json.dumps(options))
+
+
+def _score(
+    prepared: Prepared, model: nn.Module, repaired: nn.Module, detectors: Sequence[str],
+    detector_options: dict[str, dict[str, Any]], repair: str, repair_options: dict[str, Any],
+) -> tuple[dict[str, float], dict[str, float]]:  # fmt: skip
+    """Each detector's score of the suspect ``model`` and its seconds; CTI is calibrated with
+    ``repaired`` (the study's repair of it) instead of repeating that repair."""
     scores: dict[str, float] = {}
+    timings: dict[str, float] = {}
     for name in detectors:
         tick = time.perf_counter()
-        if name == "cti":  # calibrated with the repair just made, instead of repeating it
+        if name == "cti":
             cti = CalibratedTriggerInversion(**detector_options[name], repair=repair, repair_options=repair_options)
             seed = prepared.config.seed + _DEFENSE
             scores[name] = cti.calibrated_score(model, repaired, prepared.trusted, device=prepared.device, seed=seed).score
         else:
             scores[name] = apply_detector(prepared, model, name, detector_options[name])[0].score
         timings[name] = time.perf_counter() - tick
-    stored = {
-        "config": prepared.config.to_dict(), "repair": repair, "repair_options": repair_options, "metrics": metrics,
-        "detector_options": detector_options, "scores": scores, "timings": {k: round(v, 2) for k, v in timings.items()},
-        "version": __version__,
-    }  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(stored, indent=2) + "\n")
-    return stored
+    return scores, timings
 
 
 def detectability_study(
@@ -97,7 +157,8 @@ def detectability_study(
 
 def summarize(results: dict[float, list[dict[str, Any]]]) -> list[dict[str, float]]:
     """One row per poison rate: mean ASR before / after repair and, per detector, the ROC AUC of
-    that rate's scores against the clean models' (1.0: always detected; 0.5: chance)."""
+    that rate's scores against the clean models' (1.0: always detected; 0.5: chance), for the
+    detectors that scored every model of the rate and every clean one."""
     clean = results[0.0]
     rows = []
     for rate in sorted(r for r in results if r > 0):
@@ -109,7 +170,7 @@ def summarize(results: dict[float, list[dict[str, Any]]]) -> list[dict[str, floa
             "asr_after": sum(m["metrics"]["repaired_attack_success_rate"] for m in models) / len(models),
             "ca_after": sum(m["metrics"]["repaired_clean_accuracy"] for m in models) / len(models),
         }
-        for name in models[0]["scores"]:
+        for name in [n for n in models[0]["scores"] if all(n in m["scores"] for m in [*clean, *models])]:
             labels = [0] * len(clean) + [1] * len(models)
             scores = [m["scores"][name] for m in clean] + [m["scores"][name] for m in models]
             row[f"auroc_{name}"] = float(roc_auc_score(labels, scores))
