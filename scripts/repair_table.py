@@ -89,8 +89,14 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--output", default="runs/repair-table")
+    parser.add_argument("--repairs", nargs="+", default=None, help="only these repairs (default: every one)")
     parser.add_argument("--no-docs", action="store_true", help="run, but leave docs/defenses.md alone")
     args = parser.parse_args()
+    repairs = args.repairs or REPAIRS.names()
+    for name in repairs:
+        REPAIRS.get(name)  # an unknown name fails here, listing the valid ones
+    if args.repairs and not args.no_docs:
+        parser.error("--repairs makes a partial table: add --no-docs")
     results, keys = {}, []
     for dataset in args.dataset:
         for attack in args.attack:
@@ -103,7 +109,7 @@ def main() -> None:
             model_file = victim(config, directory)
             keys.append((dataset, attack))
             results[dataset, attack, NONE] = run_cached(config, directory / NONE)
-            for name in REPAIRS.names():
+            for name in repairs:
                 tick = time.perf_counter()
                 suspect, stored = load_model(model_file)
                 stored.device = args.device

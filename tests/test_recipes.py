@@ -36,6 +36,17 @@ def test_triangle_schedule_follows_airbench():
     assert all(a >= b for a, b in zip(factors[25:-1], factors[26:], strict=True))
 
 
+def test_step_schedule_divides_the_rate_by_ten_at_each_milestone_epoch():
+    model = nn.Linear(4, 2)
+    optimizer, scheduler = make_optimizer(model, TrainConfig(lr=0.1, epochs=5, schedule="step", milestones=[2, 4]), steps=15)
+    rates = []
+    for _ in range(15):  # 3 steps an epoch
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([0.1] * 6 + [0.01] * 6 + [0.001] * 3)
+
+
 def test_norm_parameters_get_the_scaled_rate_and_the_same_decay_per_step():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
     model(torch.zeros(1, 3, 8, 8))

@@ -11,13 +11,15 @@ import torch
 from backdoorlab.data import TensorDataset
 from backdoorlab.defenses import REPAIRS, DefenseOutcome, RepairDefense, create_repair, defense_kind
 from backdoorlab.defenses.fine_pruning import pruning_order
-from backdoorlab.defenses.nad import attention_map
+from backdoorlab.defenses.nad import attention_map, map_scaled_betas
 from backdoorlab.defenses.neural_cleanse import anomaly_indices
 from backdoorlab.defenses.pivotal_tuning import parameter_distance, soft_latent_orthogonality
 from backdoorlab.defenses.post_training import accuracy, holdout_split
 from backdoorlab.experiments import RunConfig, run
 from backdoorlab.experiments.run import apply_repair, evaluate, prepare, train_victim
+from backdoorlab.models import create_model
 from backdoorlab.registry import UnknownNameError
+from backdoorlab.training.loop import TrainConfig
 
 
 def test_slol_matches_a_hand_computed_value():
@@ -122,11 +124,24 @@ def test_repair_removes_badnets_and_keeps_clean_accuracy(mnist_victim, name):
 @pytest.mark.slow
 def test_nad_removes_badnets(mnist_victim):
     prepared, model, suspect = mnist_victim
-    _, metrics, _, _ = apply_repair(prepared, model, "nad", {})
+    _, metrics, details, _ = apply_repair(prepared, model, "nad", {})
+    assert details["betas"] == [500.0, 1000.0, 1000.0], "the betas as the references use them, unless scale_betas"
     assert metrics["attack_success_rate"] < 0.2
     # Measured: -7.5 points here (500 trusted samples; the attention term at betas 500-1000 fights
     # the cross-entropy on a 3-block CNN); documented in docs/defenses.md.
     assert metrics["clean_accuracy"] >= suspect["clean_accuracy"] - 0.10
+
+
+def test_nad_can_scale_its_betas_to_the_model_attention_maps(digits):
+    # airbench's maps on CIFAR-10 (15x15, 7x7, 3x3) against WRN-16-1's (32x32, 16x16, 8x8)
+    assert map_scaled_betas([500, 1000, 1000], [225, 49, 9]) == pytest.approx([109.86, 191.41, 140.63], abs=0.01)
+    with pytest.raises(ValueError, match="needs 3 betas"):
+        create_repair("nad", betas=[1.0, 2.0], scale_betas=True)
+    data = digits.train
+    model = create_model("small_cnn", data.num_classes, data.in_channels, data.mean, data.std, width=8)
+    nad = create_repair("nad", epochs=1, teacher_epochs=1, scale_betas=True)
+    outcome = nad.repair(model, data.subset(torch.arange(64)), TrainConfig(progress=False), device=torch.device("cpu"), seed=0)
+    assert outcome.details["betas"] == pytest.approx([500 / 16, 1000 / 16, 1000 / 16])  # 8x8 digits: 8x8, 4x4, 2x2 maps
 
 
 def test_unknown_repair_lists_the_valid_ones():

@@ -123,8 +123,10 @@ def test_random_hflip_flips_about_half():
 
 
 def test_bad_train_config_is_refused(digits):
-    with pytest.raises(ValueError, match="valid: onecycle, triangle, cosine, constant"):
-        train(fresh_model(digits.train), digits.train, TrainConfig(schedule="step"))
+    with pytest.raises(ValueError, match="valid: onecycle, triangle, cosine, step, constant"):
+        train(fresh_model(digits.train), digits.train, TrainConfig(schedule="steps"))
+    with pytest.raises(ValueError, match="milestones between 1 and epochs - 1 .4., got \\[5\\]"):
+        train(fresh_model(digits.train), digits.train, TrainConfig(epochs=5, schedule="step", milestones=[5]))
 
 
 @pytest.mark.parametrize("samples", [1, 3, 5, 9])

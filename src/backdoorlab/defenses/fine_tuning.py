@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -31,16 +33,25 @@ class FineTuning(RepairDefense):
     Measured on MNIST (10k, 5% trusted, BadNets, small_cnn), 20 epochs at lr 0.01 leave ASR at
     0.998, at 0.05 at 0.877, and at 0.1 bring it to 0.17 with CA 0.950 (suspect 0.963): a small
     learning rate does not leave the backdoor's basin, the observation of Truong et al. and of
-    "Pick your Poison". The run's augmentation applies. The persistence curve
+    "Pick your Poison". ``schedule`` and ``milestones`` take :class:`TrainConfig`'s (``step`` with
+    ``milestones=[2]`` is NAD's official schedule). The run's augmentation applies. The persistence curve
     (clean accuracy and ASR after each epoch) comes from the evaluation's observer, called with the
     model before fine-tuning (checkpoint 0) and after every epoch.
     """
 
-    def __init__(self, epochs: int = 20, lr: float = 0.1, batch_size: int = 128, weight_decay: float = 5e-4) -> None:
+    def __init__(
+        self, epochs: int = 20, lr: float = 0.1, batch_size: int = 128, weight_decay: float = 5e-4,
+        schedule: str = "cosine", milestones: Sequence[int] = (),
+    ) -> None:  # fmt: skip
         if epochs < 1 or batch_size < 1 or lr <= 0:
             raise ValueError("fine-tuning needs epochs >= 1, batch_size >= 1 and lr > 0")
         self.epochs, self.lr, self.batch_size, self.weight_decay = int(epochs), float(lr), int(batch_size), float(weight_decay)
-        self._options = {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size, "weight_decay": self.weight_decay}
+        self.schedule, self.milestones = schedule, [int(m) for m in milestones]
+        TrainConfig(epochs=self.epochs, lr=self.lr, schedule=schedule, milestones=self.milestones).validate()  # fail early
+        self._options = {
+            "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size, "weight_decay": self.weight_decay,
+            "schedule": schedule, "milestones": self.milestones,
+        }  # fmt: skip
 
     def repair(
         self,
@@ -64,5 +75,8 @@ class FineTuning(RepairDefense):
         their own training ``step`` where they change the loss)."""
         if observer is not None:
             observer(model, 0)
-        config = tuning_recipe(recipe, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay)
+        config = tuning_recipe(
+            recipe, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
+            schedule=self.schedule, milestones=self.milestones,
+        )  # fmt: skip
         train(model, data, config, device=device, seed=seed, callbacks=[ObserveEachEpoch(observer)], step=step, description=description)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -94,7 +94,7 @@ def create_detector(name: str, **options: Any) -> Detector:
 
 def tuning_recipe(
     recipe: TrainConfig, *, epochs: int, lr: float, batch_size: int, weight_decay: float = 5e-4,
-    schedule: str = "cosine", momentum: float = 0.9,
+    schedule: str = "cosine", milestones: Sequence[int] = (), momentum: float = 0.9,
 ) -> TrainConfig:  # fmt: skip
     """The recipe of a fine-tuning step inside a repair: the run's augmentation and device settings
     with the repair's own optimiser settings, no label smoothing, no data-dependent initialisation
@@ -102,7 +102,7 @@ def tuning_recipe(
     rate, Lookahead, whitening-bias schedule), which belong to training from scratch."""
     return replace(
         recipe, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, schedule=schedule,
-        momentum=momentum, label_smoothing=0.0, data_init=False, regularizer=None, regularizer_options={},
+        milestones=list(milestones), momentum=momentum, label_smoothing=0.0, data_init=False, regularizer=None, regularizer_options={},
         norm_lr_scale=1.0, lookahead_epoch=None, whiten_bias_epochs=None,
     )  # fmt: skip
 

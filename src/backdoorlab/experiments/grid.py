@@ -44,6 +44,9 @@ MAPPING_FIELDS = frozenset(
 #: Fields that say where and how a cell runs, not what it computes: left out of a cell's key.
 PLACEMENT_FIELDS = ("device", "data_root")
 CONFIG_FIELDS = tuple(f.name for f in fields(RunConfig))
+#: Training-recipe fields added after results were first stored, with their defaults: left out of a
+#: key at that default, so a store written before them still finds its cells.
+ADDED_TRAIN_FIELDS: dict[str, Any] = {"milestones": []}
 
 
 class GridError(ValueError):
@@ -73,6 +76,10 @@ def cell_key(config: RunConfig) -> str:
     values = config.to_dict()
     for name in PLACEMENT_FIELDS:
         values.pop(name, None)
+    train = values.get("train") or {}
+    for name, default in ADDED_TRAIN_FIELDS.items():  # at their defaults, keys stay those of earlier versions
+        if train.get(name) == default:
+            train.pop(name)
     text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

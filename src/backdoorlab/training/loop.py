@@ -31,7 +31,7 @@ from backdoorlab.progress import make_progress
 from backdoorlab.training.augment import CROP_MODES, alternating_hflip, jitter, random_crop, random_hflip, random_scaling
 from backdoorlab.training.regularizers import Regularizer, create_regularizer
 
-SCHEDULES = ("onecycle", "triangle", "cosine", "constant")
+SCHEDULES = ("onecycle", "triangle", "cosine", "step", "constant")
 #: airbench94's triangular schedule: the learning-rate factor starts at 0.2, rises linearly to 1 at
 #: ``warmup`` of the steps and falls linearly to 0.07 at the end.
 TRIANGLE_START, TRIANGLE_END = 0.2, 0.07
@@ -52,7 +52,9 @@ class TrainConfig:
         schedule: ``onecycle`` (linear warm-up to ``lr`` over ``warmup`` of the steps, then cosine
             decay; ``torch.optim.lr_scheduler.OneCycleLR``), ``triangle`` (airbench94's: linear from
             0.2 x ``lr`` to ``lr`` at ``warmup`` of the steps, then linear to 0.07 x ``lr``),
-            ``cosine`` (cosine decay to 0) or ``constant``.
+            ``cosine`` (cosine decay to 0), ``step`` (``lr`` divided by 10 at each epoch in
+            ``milestones``; ``torch.optim.lr_scheduler.MultiStepLR``) or ``constant``.
+        milestones: the epochs at which the ``step`` schedule divides the rate by 10.
         warmup: share of steps spent warming up, for one-cycle and triangle.
         norm_lr_scale: learning-rate multiplier for the parameters of normalisation layers
             (airbench94's ``bias_scaler``, 64); their weight decay is divided by it, so the decay
@@ -94,6 +96,7 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     schedule: str = "onecycle"
+    milestones: list[int] = field(default_factory=list)
     warmup: float = 0.2
     norm_lr_scale: float = 1.0
     lookahead_epoch: int | None = None
@@ -118,6 +121,8 @@ class TrainConfig:
             raise ValueError(f"unknown schedule '{self.schedule}'; valid: {', '.join(SCHEDULES)}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
+        if self.schedule == "step" and (not self.milestones or any(not 0 < m < self.epochs for m in self.milestones)):
+            raise ValueError(f"the step schedule needs milestones between 1 and epochs - 1 ({self.epochs - 1}), got {list(self.milestones)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.crop_mode not in CROP_MODES:
@@ -240,6 +245,9 @@ def make_optimizer(
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, triangle)
     elif config.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    elif config.schedule == "step":  # the scheduler steps per batch: epochs become steps
+        per_epoch = steps // config.epochs
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [m * per_epoch for m in sorted(config.milestones)], gamma=0.1)
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     return optimizer, scheduler
