@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--output", default="runs/detectability")
     parser.add_argument("--no-docs", action="store_true", help="run, but leave docs/defenses.md alone")
+    parser.add_argument("--block", default="detectability-table", help="the docs/defenses.md block to fill")
+    parser.add_argument("--plot", default="detectability.png", help="the plot's file name in docs/gallery")
     args = parser.parse_args()
     base = RunConfig(
         dataset=args.dataset, attack=args.attack, recipe=args.recipe, train_size=args.train_size, test_size=args.test_size, trusted_size=args.trusted_size,
@@ -68,9 +70,9 @@ def main() -> None:
     for line in table(rows):
         print(line)
     if not args.no_docs:
-        replace_block(DOCS / "defenses.md", "detectability-table", table(rows))
-        plot(rows, DOCS / "gallery" / "detectability.png", f"{args.attack} on {args.dataset}, {args.repair}")
-        print("wrote the table into docs/defenses.md and docs/gallery/detectability.png")
+        replace_block(DOCS / "defenses.md", args.block, table(rows))
+        plot(rows, DOCS / "gallery" / args.plot, f"{args.attack} on {args.dataset}, {args.repair}")
+        print(f"wrote the table into docs/defenses.md (block {args.block}) and docs/gallery/{args.plot}")
 
 
 if __name__ == "__main__":
