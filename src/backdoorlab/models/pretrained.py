@@ -8,8 +8,11 @@ and this is the one pretrained image classifier a machine without internet can b
 
 As a :class:`Classifier` it normalises with ImageNet's mean and std whatever the dataset (the weights
 expect them), runs the stem, the 16 MBConv blocks and the 1x1 head convolution, average-pools and
-classifies with a fresh linear head. One input channel (MNIST) sums the stem's RGB filters, as
-timm's ``adapt_input_conv`` does, and takes the mean of ImageNet's statistics.
+classifies with a fresh linear head behind the package's dropout of 0.2. The package's
+drop-connect (stochastic depth, rate 0.2) is left out: the blocks run as a plain ``nn.Sequential``,
+which keeps the body sliceable for shallow heads and feature-reading defenses, and fine-tuning runs
+here are a few epochs long. One input channel (MNIST) sums the stem's RGB filters, as timm's
+``adapt_input_conv`` does, and takes the mean of ImageNet's statistics.
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ def efficientnet_lite0(
         pretrained: load the ImageNet weights (the default).
         image_size: inputs of another side are resized to it first (bilinear). 32 by default: the
             network's padding needs at least 32 px (MNIST's 28 px failed), where its last feature map
-            is 1x1; 64 gives 2x2 at about twice the cost (CIFAR-10, measured below).
+            is 1x1; 64 gives 2x2 at about twice the cost (CIFAR-10 figures in the README).
     """
     del mean, std
     if in_channels not in (1, 3):
