@@ -90,8 +90,10 @@ class E2ABLStep(Regularizer):
 class E2ABL(TrainingDefense):
     """End-to-end anti-backdoor learning in one training run (reconstructed).
 
-    A second, shallow head learns from ``body[:depth]`` (default 2: the stem and the first stage;
-    1 where the body has only two stages, as InceptionTime's two residual blocks)
+    A second, shallow head learns from ``body[:depth]`` (default: the model's ``shallow_depth``,
+    the first activated feature map: 2 for most bodies, the stem and the first stage; 3 or 4 where
+    the stem's convolution, normalisation and activation are separate modules, as in ResNet, VGG and
+    EfficientNet-Lite0; 1 where the body has only two stages, as InceptionTime's two residual blocks)
     with ABL's loss floor (LGA, gamma 0.5): clean samples are held near gamma, while a trigger, an
     easy shallow feature, drives its samples' loss far below. After ``warmup_epochs`` (1), a
     sample whose shallow-head cross-entropy is below ``flag_loss`` (0.01) when its batch is drawn
@@ -137,7 +139,7 @@ class E2ABL(TrainingDefense):
         if self.warmup_epochs >= recipe.epochs:
             raise ValueError(f"warmup_epochs {self.warmup_epochs} leaves no epoch of the recipe's {recipe.epochs}")
         model = build_model()
-        depth = self.depth if self.depth is not None else min(2, len(model.body) - 1)
+        depth = self.depth if self.depth is not None else min(getattr(model, "shallow_depth", 2), len(model.body) - 1)
         net = ShallowHeadNet(model, depth, to_float(data.inputs[:2]), self.head_width)
         step = E2ABLStep(len(data), self.gamma, self.flag_loss, self.warmup_epochs)
         train(net, data, recipe, device=device, seed=seed, step=step, description="E2ABL")

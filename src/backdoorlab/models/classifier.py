@@ -21,7 +21,9 @@ from torch import Tensor, nn
 
 
 class Classifier(nn.Module):
-    """Normalise, run ``body``, pool globally (mean or max), then a linear head."""
+    """Normalise, run ``body``, pool globally (mean or max), then a linear head.
+
+    ``shallow_depth``: the number of body modules a shallow head sees (see the attribute)."""
 
     def __init__(
         self,
@@ -35,6 +37,7 @@ class Classifier(nn.Module):
         head_bias: bool = True,
         logit_scale: float = 1.0,
         dropout: float = 0.0,
+        shallow_depth: int = 2,
     ) -> None:
         super().__init__()
         if pool not in ("avg", "max"):
@@ -48,6 +51,11 @@ class Classifier(nn.Module):
         self.logit_scale = logit_scale
         self.num_features = num_features
         self.num_classes = num_classes
+        #: How many body modules make the "shallow layers" a second head attaches to (E2ABL): the
+        #: first activated feature map. 2 for most bodies (a conv block and its pooling, a stem and
+        #: its first stage); builders whose body lists a convolution, its normalisation and its
+        #: activation as separate modules set where the activation ends.
+        self.shallow_depth = shallow_depth
 
     def normalize(self, x: Tensor) -> Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)

@@ -115,4 +115,7 @@ def efficientnet_lite0(
     layers = [Resize(image_size), stem, net._bn0, nn.ReLU6(), *net._blocks, net._conv_head, net._bn1, nn.ReLU6()]
     image_mean = IMAGENET_MEAN if in_channels == 3 else (sum(IMAGENET_MEAN) / 3,)
     image_std = IMAGENET_STD if in_channels == 3 else (sum(IMAGENET_STD) / 3,)
-    return Classifier(nn.Sequential(*layers), LITE0_FEATURES, num_classes, image_mean, image_std, dropout=0.2)
+    # shallow_depth 4: resize, stem convolution, its batch-norm and ReLU6 (the first activated map)
+    return Classifier(
+        nn.Sequential(*layers), LITE0_FEATURES, num_classes, image_mean, image_std, dropout=0.2, shallow_depth=4
+    )

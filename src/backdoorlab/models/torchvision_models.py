@@ -29,13 +29,13 @@ def _resnet(model: tvm.ResNet, in_channels: int) -> tuple[nn.Module, int]:
 @MODELS.register("resnet18", "torchvision ResNet-18, 3x3 stride-1 stem, no max pool")
 def resnet18(num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float]) -> Classifier:
     body, features = _resnet(tvm.resnet18(), in_channels)
-    return Classifier(body, features, num_classes, mean, std)
+    return Classifier(body, features, num_classes, mean, std, shallow_depth=3)  # stem conv, BN, ReLU
 
 
 @MODELS.register("resnet50", "torchvision ResNet-50, 3x3 stride-1 stem, no max pool")
 def resnet50(num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float]) -> Classifier:
     body, features = _resnet(tvm.resnet50(), in_channels)
-    return Classifier(body, features, num_classes, mean, std)
+    return Classifier(body, features, num_classes, mean, std, shallow_depth=3)  # stem conv, BN, ReLU
 
 
 @MODELS.register("vgg16_bn", "torchvision VGG-16 with BatchNorm, conv features + linear head")
@@ -43,7 +43,7 @@ def vgg16_bn(num_classes: int, in_channels: int, mean: Sequence[float], std: Seq
     features = tvm.vgg16_bn().features
     first = features[0]
     features[0] = nn.Conv2d(in_channels, first.out_channels, 3, padding=1)
-    return Classifier(features, 512, num_classes, mean, std)
+    return Classifier(features, 512, num_classes, mean, std, shallow_depth=3)  # first conv, BN, ReLU
 
 
 @MODELS.register("mobilenet_v2", "torchvision MobileNetV2, stride-1 first conv")
