@@ -109,6 +109,9 @@ class E2ABL(TrainingDefense):
     warm-up of one epoch. The threshold was set during development by looking at isolation
     precision on one MNIST BadNets run (0.05 flagged 2181 samples at precision 0.43; 0.01, 1113 at
     0.85): a choice made with the poison mask in view, on one attack, to be revisited on others.
+    The attachment at the first activated feature map likewise: on the pretrained
+    EfficientNet-Lite0, a head on the stem's convolution alone (2 modules) or after four blocks (8)
+    flagged nothing, on its activated map (4) exactly the poisoned samples (docs/defenses.md).
     """
 
     def __init__(
