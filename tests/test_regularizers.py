@@ -83,7 +83,7 @@ def test_unknown_regularizer_and_options_are_refused():
 
 def test_hidden_state_methods_work_on_sequential_subclasses(digits):
     """airbench's body subclasses nn.Sequential with its own constructor, which slicing breaks."""
-    from backdoorlab.defenses.e2abl import ShallowHeadNet
+    from backdoorlab.defenses.e2abl import ShallowHead, split_at
     from backdoorlab.models import create_model
     from backdoorlab.training.regularizers import create_regularizer
 
@@ -93,5 +93,5 @@ def test_hidden_state_methods_work_on_sequential_subclasses(digits):
     ce = lambda logits, labels, _i, _e: torch.nn.functional.cross_entropy(logits, labels, reduction="none")  # noqa: E731
     logits, losses = create_regularizer("manifold_mixup")(model, x, y, ce, y, 0, torch.Generator().manual_seed(0))
     assert logits.shape == (4, 10) and losses.shape == (4,)
-    main, shallow = ShallowHeadNet(model, 2, x).both(x)
-    assert main.shape == shallow.shape == (4, 10)
+    main, h = split_at(model, x, 2)
+    assert main.shape == ShallowHead.for_model(model, 2, x)(h).shape == (4, 10)

@@ -173,3 +173,18 @@ def test_pivotal_tuning_returns_a_checkpoint_that_keeps_held_out_accuracy():
     assert curve[0]["pivot_cosine"] == pytest.approx(pairs, abs=1e-3), "the suspect's centroid directions are the pivot's"
     assert curve[0]["parameter_distance"] == 0.0 and curve[-1]["parameter_distance"] > 0.0
     assert all(p.requires_grad for p in model.parameters()), "the suspect model is left as it was"
+
+
+def test_pivotal_tuning_warns_when_it_returns_the_suspect_model():
+    """At a learning rate that wrecks every checkpoint, no checkpoint keeps the held-out accuracy:
+    the suspect model comes back unchanged, with a warning that says so."""
+    from backdoorlab.defenses import DefenseWarning
+
+    prepared = prepare(RunConfig(dataset="digits", epochs=10, trusted_size=0.2))
+    model, _ = train_victim(prepared)
+    repair = create_repair("pivotal_tuning", steps=20, lr=50.0, eval_every=10, parameter_weight=0.0)
+    with pytest.warns(DefenseWarning, match="returns the suspect model unchanged"):
+        outcome = repair.repair(model, prepared.trusted, prepared.config.train, device=prepared.device, seed=0)
+    assert outcome.details["chosen_step"] == 0
+    x = prepared.test_set.inputs[:200].float() / 255.0 if prepared.test_set.inputs.dtype == torch.uint8 else prepared.test_set.inputs[:200]
+    assert torch.equal(outcome.model.eval()(x).argmax(1), model.eval()(x).argmax(1))

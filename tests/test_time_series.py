@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from backdoorlab.attacks import attacks_for, create_trigger
 from backdoorlab.cli import app
 from backdoorlab.data import DataError, load_dataset
-from backdoorlab.defenses.e2abl import ShallowHeadNet
+from backdoorlab.defenses.e2abl import ShallowHead, split_at
 from backdoorlab.experiments import RunConfig, run
 from backdoorlab.models import create_model
 from backdoorlab.training.augment import jitter, random_scaling
@@ -163,9 +163,9 @@ def test_series_models_share_the_classifier_interface(name):
         assert features.dim() == 3 and features.shape[1] == model.num_features
         assert model(x).shape == (4, 3)
         assert model.forward_head(features, pre_logits=True).shape == (4, model.num_features)
-    net = ShallowHeadNet(model, min(2, len(model.body) - 1), x)
-    main, shallow = net.both(x)
-    assert main.shape == shallow.shape == (4, 3)
+    depth = min(2, len(model.body) - 1)
+    main, h = split_at(model, x, depth)
+    assert main.shape == ShallowHead.for_model(model, depth, x)(h).shape == (4, 3)
 
 
 def test_series_augmentations():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -475,5 +476,11 @@ def show_trigger_command(
     console.print(f"wrote {path}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Warnings on stderr as one ``warning:`` line, like errors (no source line or path)."""
+    err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", soft_wrap=True)
+
+
 def main() -> None:
+    warnings.showwarning = _show_warning
     app()

@@ -24,6 +24,7 @@ from backdoorlab.defenses import (  # noqa: F401  (registers the defenses)
 from backdoorlab.defenses.base import (
     DEFENSES,
     DefenseOutcome,
+    DefenseWarning,
     ModelFactory,
     TrainingDefense,
     create_defense,
@@ -60,7 +61,7 @@ def registry_for(name: str) -> Registry[Any]:
 
 
 __all__ = [
-    "DEFENSES", "DETECTORS", "REPAIRS", "DefenseOutcome", "Detection", "Detector", "ModelFactory", "Observer",
+    "DEFENSES", "DETECTORS", "REPAIRS", "DefenseOutcome", "DefenseWarning", "Detection", "Detector", "ModelFactory", "Observer",
     "RepairDefense", "TrainingDefense", "create_defense", "create_detector", "create_repair", "defense_kind",
     "lowest", "registry_for",
 ]  # fmt: skip

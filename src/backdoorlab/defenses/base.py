@@ -27,6 +27,12 @@ DEFENSES: Registry[type[TrainingDefense]] = Registry("defense")
 ModelFactory = Callable[[], nn.Module]
 
 
+class DefenseWarning(UserWarning):
+    """A defense ran but could not act: it returns the model as undefended training (or the suspect
+    model, for a repair) would. Shown once per place in the code; turn it into an error with
+    ``warnings.simplefilter("error", DefenseWarning)``."""
+
+
 @dataclass
 class DefenseOutcome:
     """What a defense returns: the model to deploy, the samples it isolated (a boolean mask over

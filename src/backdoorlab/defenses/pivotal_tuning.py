@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses.base import DefenseOutcome
+from backdoorlab.defenses.base import DefenseOutcome, DefenseWarning
 from backdoorlab.defenses.post_training import (
     REPAIRS,
     Observer,
@@ -206,6 +207,11 @@ class PivotalTuning(RepairDefense):
             model.load_state_dict(checkpoints.best)
         else:  # no checkpoint kept the accuracy: the suspect model is the safest answer
             model.load_state_dict(pivot.state_dict())
+            warnings.warn(
+                f"pivotal tuning kept no checkpoint within {o['max_accuracy_drop']} of the suspect model's held-out "
+                "accuracy, so it returns the suspect model unchanged (details: held_out_curve)",
+                DefenseWarning, stacklevel=2,
+            )  # fmt: skip
         if observer is not None:
             observer(model, checkpoints.best_step)
         curve = [{k: v if k == "step" else float(f"{v:.4g}") for k, v in point.items()} for point in checkpoints.curve]
