@@ -19,7 +19,7 @@ from backdoorlab.experiments import RunConfig, run
 from backdoorlab.experiments.run import apply_repair, evaluate, prepare, train_victim
 from backdoorlab.models import create_model
 from backdoorlab.registry import UnknownNameError
-from backdoorlab.training.loop import TrainConfig
+from backdoorlab.training.loop import TrainConfig, predict_logits
 
 
 def test_slol_matches_a_hand_computed_value():
@@ -186,5 +186,5 @@ def test_pivotal_tuning_warns_when_it_returns_the_suspect_model():
     with pytest.warns(DefenseWarning, match="returns the suspect model unchanged"):
         outcome = repair.repair(model, prepared.trusted, prepared.config.train, device=prepared.device, seed=0)
     assert outcome.details["chosen_step"] == 0
-    x = prepared.test_set.inputs[:200].float() / 255.0 if prepared.test_set.inputs.dtype == torch.uint8 else prepared.test_set.inputs[:200]
-    assert torch.equal(outcome.model.eval()(x).argmax(1), model.eval()(x).argmax(1))
+    x = prepared.test_set.inputs[:200]
+    assert torch.equal(predict_logits(outcome.model, x).argmax(1), predict_logits(model, x).argmax(1))

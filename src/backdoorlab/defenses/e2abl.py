@@ -119,7 +119,6 @@ class E2ABLStep(Regularizer):
             self.ready = epoch >= self.warmup_epochs
         else:
             h = h.float()
-            self.head.to(h.device)  # a no-op after the first step
             with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
                 plain = F.cross_entropy(self.head(h), y, reduction="none")
             # its own optimiser trains the head within the first epoch: flag from its loss floor on
@@ -200,8 +199,7 @@ class E2ABL(TrainingDefense):
         self._options = {
             "depth": self.depth, "gamma": self.gamma, "flag_loss": self.flag_loss,
             "warmup_epochs": self.warmup_epochs, "head_width": self.head_width, "head_optimizer": self.head_optimizer,
-            "head_lr": self.head_lr,
-            "head_batch_size": self.head_batch_size, "head_passes": self.head_passes,
+            "head_lr": self.head_lr, "head_batch_size": self.head_batch_size, "head_passes": self.head_passes,
         }  # fmt: skip
 
     def train(
@@ -218,7 +216,9 @@ class E2ABL(TrainingDefense):
         model = build_model()
         depth = self.depth if self.depth is not None else min(getattr(model, "shallow_depth", 2), len(model.body) - 1)
         head = ShallowHead.for_model(model, depth, to_float(data.inputs[:2]), self.head_width)
-        own = HeadOptimizer(head, self.head_lr, self.head_batch_size, self.head_passes) if self.head_optimizer == "own" else None
+        own = None
+        if self.head_optimizer == "own":  # the training loop moves only the model it trains
+            own = HeadOptimizer(head.to(device), self.head_lr, self.head_batch_size, self.head_passes)
         step = E2ABLStep(model, head, depth, len(data), self.gamma, self.flag_loss, self.warmup_epochs, own)
         trained = model if own is not None else WithShallowHead(model, head)
         train(trained, data, recipe, device=device, seed=seed, step=step, description="E2ABL")
