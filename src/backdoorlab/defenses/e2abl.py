@@ -192,7 +192,7 @@ class E2ABL(TrainingDefense):
     seeds) and on the pretrained EfficientNet-Lite0 (after one restart), and Blended on CIFAR-10's
     airbench. Where ``recipe`` works (those three) it keeps up to 3.5 points more accuracy on the
     small CNN and 2 on CIFAR-10, at higher isolation precision; on 8x8 digits (20 epochs) ``own``
-    learns clean digits too and costs 18 points, and on the time-series sets measured neither flags
+    learns clean digits too and costs 22 points, and on the time-series sets measured neither flags
     anything (docs/defenses.md, docs/time_series.md).
 
     Reconstructed choices (no code, no paper body): attachment depth, the head's shape and
