@@ -36,6 +36,12 @@ class ShallowHead(nn.Sequential):
         conv, pool = (nn.Conv1d, nn.AdaptiveMaxPool1d) if spatial_dims == 1 else (nn.Conv2d, nn.AdaptiveMaxPool2d)
         super().__init__(conv(channels, width, 3, padding=1), nn.ReLU(), pool(1), nn.Flatten(), nn.Linear(width, num_classes))
 
+    def pooled(self, h: Tensor) -> Tensor:
+        """The pooled units the linear layer reads: every layer but the last."""
+        for layer in list(self)[:-1]:
+            h = layer(h)
+        return h
+
     @classmethod
     def for_model(cls, model: nn.Module, depth: int, example: Tensor, width: int = 64) -> ShallowHead:
         body = getattr(model, "body", None)
@@ -81,7 +87,7 @@ class HeadOptimizer:
     def dead(self, h: Tensor) -> bool:
         """Whether every pooled unit of the head (before its linear layer) is zero on ``h``."""
         with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
-            return not bool(nn.Sequential(*list(self.head)[:-1])(h).any())
+            return not bool(self.head.pooled(h).any())
 
     def restart(self) -> None:
         for module in self.head:
@@ -196,8 +202,8 @@ class E2ABL(TrainingDefense):
     anything (docs/defenses.md, docs/time_series.md).
 
     Reconstructed choices (no code, no paper body): attachment depth, the head's shape and
-    optimiser, LGA on the shallow head, the flag threshold, relabelling to the main head's best
-    other class, and when flagging starts. Several were set during development by looking at
+    optimiser (with its restart of a dead head), LGA on the shallow head, the flag threshold,
+    relabelling to the main head's best other class, and when flagging starts. Several were set during development by looking at
     isolation precision or ASR, with the poison mask in view, on MNIST BadNets: the threshold (0.05
     flagged 2181 samples at precision 0.43; 0.01, 1113 at 0.85, on the small CNN); ``own``'s
     settings and its start of flagging (on airbench, seeds 0, 1 and 4: 4 passes left ASR at
