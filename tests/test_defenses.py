@@ -13,7 +13,7 @@ from backdoorlab.defenses import DEFENSES, DefenseOutcome, TrainingDefense, crea
 from backdoorlab.defenses.abl import local_gradient_ascent
 from backdoorlab.experiments import RunConfig, run
 from backdoorlab.metrics import isolation_metrics
-from backdoorlab.training import train
+from backdoorlab.training import TrainConfig, train
 
 
 def test_lowest_isolates_the_lowest_share():
@@ -111,11 +111,13 @@ def test_abl_removes_badnets_on_mnist(mnist_badnets_default_recipe):
     assert defended.metrics["isolation_precision"] > 0.8, "the 1% isolated set is mostly poisoned"
 
 
-def test_e2abl_in_the_recipes_optimiser_removes_badnets_on_mnist_in_one_run(mnist_badnets):
-    """E2ABL (reconstructed) with ``head_optimizer='recipe'`` on the small CNN's schedule, where it
-    flags at higher precision than the default (docs/defenses.md)."""
+def test_e2abl_removes_badnets_on_mnist_in_one_run(mnist_badnets):
+    """E2ABL (reconstructed) at its defaults on the small CNN's schedule, where the head lives in the
+    recipe's optimiser throughout and flags at higher precision than its own optimiser would
+    (docs/defenses.md; measured CA 0.954, ASR 0.100, precision 0.61, recall 0.85)."""
     base, undefended = mnist_badnets
-    defended = run(RunConfig(**base, defense="e2abl", defense_options={"head_optimizer": "recipe"}))
+    defended = run(RunConfig(**base, defense="e2abl"))
+    assert defended.details["head_switched_at"] is None, "the recipe's optimiser keeps the head alive here"
     assert defended.metrics["attack_success_rate"] < 0.2
     assert defended.metrics["clean_accuracy"] > undefended["clean_accuracy"] - 0.05, "CA within 5 points"
     assert defended.metrics["isolation_recall"] > 0.8 and defended.metrics["isolation_precision"] > 0.5
@@ -123,26 +125,38 @@ def test_e2abl_in_the_recipes_optimiser_removes_badnets_on_mnist_in_one_run(mnis
 
 @pytest.mark.slow
 def test_e2abl_removes_badnets_on_the_default_recipe(mnist_badnets_default_recipe):
-    """E2ABL at its defaults on the default recipe's MNIST schedule (20 steps of 1024 at lr up to 1.5),
-    where a head in the recipe's optimiser flags nothing: its own optimiser (8 passes of 128 per batch,
-    flags from its loss floor) removed BadNets on seeds 0-4 (docs/defenses.md; this is seed 0)."""
+    """E2ABL at its defaults (``auto``) on the default recipe's MNIST schedule (20 steps of 1024 at lr up
+    to 1.5), where the recipe's steps kill the shallow head within the first epoch and a head left
+    there flags nothing: ``auto`` hands it to its own optimiser, which removed BadNets on seeds 0-4
+    (docs/defenses.md; this is seed 0: measured CA 0.969, ASR 0.003, precision 0.49, recall 0.71)."""
     base, undefended = mnist_badnets_default_recipe
     defended = run(RunConfig(**base, defense="e2abl"))
+    assert defended.details["head_switched_at"] is not None, "the recipe's steps killed the head"
     assert defended.metrics["attack_success_rate"] < 0.2
     assert defended.metrics["clean_accuracy"] > undefended["clean_accuracy"] - 0.05, "CA within 5 points"
-    assert defended.metrics["isolation_recall"] > 0.8
+    assert defended.metrics["isolation_recall"] > 0.5 and defended.metrics["isolation_precision"] > 0.3, (
+        "well above the 10% poisoned share"
+    )
 
 
-def test_e2abl_warns_when_it_flags_nothing():
-    """On 8x8 digits, in the recipe's optimiser, no shallow-head loss falls below the threshold in the
-    last epoch: the isolated set is empty, the backdoor stays, and the user is told so."""
+@pytest.mark.parametrize("head_optimizer", ["recipe", "own", "auto"])
+def test_e2abl_warns_when_it_flags_nothing(head_optimizer):
+    """When no shallow-head loss falls below the threshold in the last epoch, the isolated set is
+    empty and any backdoor stays: the user is told so. Every image here is the same, so no head can
+    tell its samples apart: its best is the class prior, a loss of -log 1/4 on every sample."""
     from backdoorlab.defenses import DefenseWarning
+    from backdoorlab.defenses.e2abl import E2ABL
+    from backdoorlab.models.registry import create_model
 
-    with pytest.warns(DefenseWarning, match="E2ABL flagged no training sample in its last epoch"):
-        config = RunConfig(dataset="digits", defense="e2abl", defense_options={"head_optimizer": "recipe"}, device="cpu")
-        result = run(config)
-    assert result.metrics["isolated"] == 0 and result.metrics["attack_success_rate"] > 0.9
-    with pytest.raises(ValueError, match="unknown head_optimizer 'adam'; valid: recipe, own"):
+    data = TensorDataset(
+        torch.full((64, 1, 8, 8), 128, dtype=torch.uint8), torch.arange(64) % 4, tuple("abcd"), (0.5,), (0.25,), "same"
+    )  # fmt: skip
+    with pytest.warns(DefenseWarning, match=f"E2ABL flagged no training sample in its last epoch.*'{head_optimizer}'"):
+        outcome = E2ABL(head_optimizer=head_optimizer).train(
+            data, lambda: create_model("small_cnn", 4, 1), TrainConfig(epochs=3, batch_size=16), device=torch.device("cpu"), seed=0
+        )  # fmt: skip
+    assert not outcome.isolated.any()
+    with pytest.raises(ValueError, match="unknown head_optimizer 'adam'; valid: auto, recipe, own"):
         run(RunConfig(dataset="digits", defense="e2abl", defense_options={"head_optimizer": "adam"}))
 
 
@@ -157,27 +171,85 @@ def test_e2abl_restarts_a_dead_shallow_head():
         head[0].bias.fill_(-100.0)  # conv outputs below zero for any input in [0, 1]: ReLU is zero
     optimizer = HeadOptimizer(head, lr=0.05, batch_size=16, passes=1)
     h, y, generator = torch.rand(32, 8, 5, 5), torch.randint(0, 3, (32,)), torch.Generator().manual_seed(0)
-    assert optimizer.dead(h)
+    assert head.dead(h, y)
     optimizer.fit(h, y, local_gradient_ascent(0.5), torch.arange(32), 0, generator)
-    assert optimizer.restarts == 1 and not optimizer.dead(h)
+    assert optimizer.restarts == 1 and not head.dead(h, y)
     assert optimizer.optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
     optimizer.fit(h, y, local_gradient_ascent(0.5), torch.arange(32), 0, generator)
     assert optimizer.restarts == 1, "a live head is left alone"
 
 
+def test_a_shallow_head_is_dead_when_silent_on_most_samples_and_no_better_than_the_prior():
+    """``ShallowHead.dead``: a head that fires on a few (triggered) samples only is alive if it predicts
+    them; silent and uninformative, it is dead; a fresh head is alive."""
+    from backdoorlab.defenses.e2abl import ShallowHead
+
+    h = torch.zeros(32, 1, 6, 6)
+    h[:10, :, 2:5, 2:5] = 10.0  # ten "triggered" samples, labelled 1; the rest half 0, half 1
+    y = torch.tensor([1] * 10 + [0, 1] * 11)
+    head = ShallowHead(1, 2, 2, width=2)
+    assert not head.dead(h + torch.rand_like(h), y), "a fresh head's units are active on every sample"
+    with torch.no_grad():
+        head[0].weight.fill_(1.0 / 9)
+        head[0].bias.fill_(-5.0)  # fires only where the 3x3 mean is above 5: on the ten samples
+        head[-1].weight.copy_(torch.tensor([[-5.0, -5.0], [5.0, 5.0]]))
+        head[-1].bias.zero_()  # silent samples: 50/50, as their labels
+    assert head.dead(h, y) is False, "silent on 22 of 32, but its CE (0.48) beats the prior's (0.64)"
+    with torch.no_grad():
+        head[-1].weight.zero_()
+    assert head.dead(h, y), "silent on most samples and no better than the prior"
+    with torch.no_grad():
+        head[0].bias.fill_(-100.0)
+    assert head.dead(h, y), "silent everywhere"
+
+
+def test_e2abl_auto_hands_a_dead_head_to_its_own_optimiser():
+    """``head_optimizer='auto'``: while the head in the recipe's optimiser lives it stays there; once it
+    is dead, a fresh head takes over with its own optimiser, for the rest of the run."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from backdoorlab.defenses.e2abl import E2ABLStep, HeadOptimizer, ShallowHead
+    from backdoorlab.models.classifier import Classifier
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+    model = Classifier(body, 4, 3, mean=[0.0], std=[1.0])
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    head = ShallowHead.for_model(model, 2, x)
+
+    def loss(logits, targets, _indices, _epoch):
+        return F.cross_entropy(logits, targets, reduction="none")
+
+    def step_with(head):
+        return E2ABLStep(model, head, 2, 16, 0.5, 0.01, 1, None, lambda fresh: HeadOptimizer(fresh, 0.05, 8, 1))
+
+    live = step_with(head)
+    live(model, x, y, loss, torch.arange(16), 0, torch.Generator().manual_seed(0))
+    assert live.switched_at is None and live.own is None and live.head is head
+    with torch.no_grad():
+        head[0].bias.fill_(-100.0)
+    dying = step_with(head)
+    logits, losses = dying(model, x, y, loss, torch.arange(16), 0, torch.Generator().manual_seed(0))
+    assert dying.switched_at == (0, 1) and dying.own is not None and dying.head is not head
+    assert dying.own.head is dying.head and not dying.head.dead(model.body[:2](x), y), "a fresh head"
+    assert logits.shape == (16, 3) and losses.shape == (16,)
+
+
 @pytest.mark.slow
 def test_e2abl_removes_badnets_from_a_fine_tuned_pretrained_model(data_root):
-    """E2ABL with ``head_optimizer='recipe'`` on the pretrained EfficientNet-Lite0 (about 90 s on 2
-    cores): its shallow head sits on the first activated feature map (the model's ``shallow_depth``,
-    4) and flags the poisoned samples (the default flags 1,001 at precision 0.82, docs/defenses.md).
+    """E2ABL at its defaults on the pretrained EfficientNet-Lite0 (about 100 s on 2 cores): its shallow
+    head sits on the first activated feature map (the model's ``shallow_depth``, 4), lives in the
+    recipe's optimiser throughout, and flags the poisoned samples (its own optimiser, ``own``, flags
+    1,001 at precision 0.82, docs/defenses.md).
     Undefended, the same run has CA 0.978 and ASR 1.000, and ABL and PT isolate no more than 12
     poisoned samples in 95 (docs/defenses.md, "On a pretrained model")."""
     config = RunConfig(
         dataset="mnist", recipe="quick", model="efficientnet_lite0", train_size=10000, test_size=2000,
-        trusted_size=0.05, defense="e2abl", defense_options={"head_optimizer": "recipe"}, device="cpu",
-        data_root=str(data_root),
+        trusted_size=0.05, defense="e2abl", device="cpu", data_root=str(data_root),
     )  # fmt: skip
     defended = run(config)
+    assert defended.details["head_switched_at"] is None
     assert defended.metrics["isolation_precision"] > 0.9 and defended.metrics["isolation_recall"] > 0.9
     assert defended.metrics["attack_success_rate"] < 0.2
     assert defended.metrics["clean_accuracy"] > 0.95, "within 3 points of the undefended 0.978"

@@ -6,7 +6,9 @@ No official code exists and the paper body was not retrievable (METHODS.md 5.2):
 
 from __future__ import annotations
 
+import copy
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,25 @@ class ShallowHead(nn.Sequential):
             h = layer(h)
         return h
 
+    def dead(self, h: Tensor, y: Tensor) -> bool:
+        """Whether the head has died on the batch ``(h, y)``: no unit is active on most of its samples
+        (a fresh head's units are active on every sample), and its cross-entropy is no lower than that
+        of the class prior (the batch's label frequencies), so the samples it still sees tell it
+        nothing. Where no unit is active at all, no gradient reaches the convolution and the head
+        predicts its bias, which by Gibbs' inequality is never better than the prior."""
+        with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
+            pooled = self.pooled(h.float())
+            if float((pooled > 0).any(1).float().mean()) >= 0.5:
+                return False
+            prior = torch.distributions.Categorical(probs=torch.bincount(y, minlength=self[-1].out_features).float())
+            return float(F.cross_entropy(self[-1](pooled), y)) >= float(prior.entropy())
+
+    def reset(self) -> None:
+        """Re-initialise every layer (PyTorch's default initialisation)."""
+        for module in self:
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
     @classmethod
     def for_model(cls, model: nn.Module, depth: int, example: Tensor, width: int = 64) -> ShallowHead:
         body = getattr(model, "body", None)
@@ -57,17 +78,17 @@ class ShallowHead(nn.Sequential):
 
 
 #: Where the shallow head's weights are trained (``E2ABL(head_optimizer=...)``).
-HEAD_OPTIMIZERS = ("recipe", "own")
+HEAD_OPTIMIZERS = ("auto", "recipe", "own")
 
 
 class HeadOptimizer:
     """The shallow head's own optimiser (``head_optimizer="own"``): SGD ``lr``, Nesterov momentum 0.9,
     ``passes`` passes over each training batch in micro-batches of ``batch_size``.
 
-    A head whose every unit is zero on a whole batch has died (a step too large for its input's
-    scale: on EfficientNet-Lite0's ReLU6 stem at lr 0.05 it sat at the class prior from the first
-    epoch on) and can no longer learn; it is re-initialised with a tenth of the rate, at most
-    ``max_restarts`` times (``restarts`` counts them)."""
+    A head that has died on a batch (:meth:`ShallowHead.dead`; a step too large for its input's
+    scale: on EfficientNet-Lite0's ReLU6 stem at lr 0.05 every unit was zero and it sat at the class
+    prior from the first epoch on) can no longer learn; it is re-initialised with a tenth of the
+    rate, at most ``max_restarts`` times (``restarts`` counts them)."""
 
     def __init__(self, head: ShallowHead, lr: float, batch_size: int, passes: int, max_restarts: int = 3) -> None:
         self.head, self.batch_size, self.passes, self.max_restarts = head, batch_size, passes, max_restarts
@@ -81,18 +102,11 @@ class HeadOptimizer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss(self.head(h[part]), y[part], indices[part], epoch).mean().backward()
                 self.optimizer.step()
-        if self.restarts < self.max_restarts and self.dead(h):
+        if self.restarts < self.max_restarts and self.head.dead(h, y):
             self.restart()
 
-    def dead(self, h: Tensor) -> bool:
-        """Whether every pooled unit of the head (before its linear layer) is zero on ``h``."""
-        with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
-            return not bool(self.head.pooled(h).any())
-
     def restart(self) -> None:
-        for module in self.head:
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+        self.head.reset()
         self.optimizer.state.clear()
         for group in self.optimizer.param_groups:
             group["lr"] *= 0.1
@@ -128,18 +142,27 @@ class E2ABLStep(Regularizer):
 
     def __init__(
         self, model: nn.Module, head: ShallowHead, depth: int, size: int, gamma: float, flag_loss: float,
-        warmup_epochs: int, own: HeadOptimizer | None,
+        warmup_epochs: int, own: HeadOptimizer | None, fallback: Callable[[ShallowHead], HeadOptimizer] | None = None,
     ) -> None:  # fmt: skip
-        self.model, self.head, self.depth, self.own = model, head, depth, own
+        self.model, self.head, self.depth, self.own, self.fallback = model, head, depth, own, fallback
         self.flagged = torch.zeros(size, dtype=torch.bool)
         self.shallow_loss = local_gradient_ascent(gamma)
         self.flag_loss, self.warmup_epochs, self.gamma = flag_loss, warmup_epochs, gamma
         self.ready = False
         self.recovered = 0
+        self.switched_at: tuple[int, int] | None = None  # (epoch, step) where ``auto`` left the recipe's optimiser
+        self.steps = 0
 
     def __call__(self, model, x, y, loss_fn, indices, epoch, generator):  # noqa: ANN001, ANN204, ARG002
         main, h = split_at(self.model, x, self.depth)
         main, h = main.float(), h.detach()
+        self.steps += 1
+        if self.own is None and self.fallback is not None and self.head.dead(h, y):
+            # ``auto``: the recipe's steps killed the head; a fresh one goes on with its own optimiser
+            fresh = copy.deepcopy(self.head)
+            fresh.reset()
+            self.own, self.head, self.fallback = self.fallback(fresh), fresh, None
+            self.switched_at = (epoch, self.steps)
         if self.own is None:
             shallow = self.head(h).float()
             shallow_losses = self.shallow_loss(shallow, y, indices, epoch)
@@ -186,23 +209,28 @@ class E2ABL(TrainingDefense):
     too (the head's conv follows the feature map).
 
     The shallow head trains on the detached feature map, so the shortcut it learns does not shape
-    the main network. ``head_optimizer`` says with what: ``"own"`` (the default), with an optimiser
-    of its own (:class:`HeadOptimizer`: SGD ``head_lr`` 0.05, Nesterov momentum 0.9, ``head_passes`` 8
-    passes over each training batch in micro-batches of ``head_batch_size`` 128, re-initialised at a
-    tenth of the rate if it dies), flagging from the first batch on which its median loss is below
-    gamma (its loss floor), or after the warm-up at the latest; ``"recipe"``, in the loss of the main
-    network's optimiser at the recipe's learning rate. ``own`` is the default because ``recipe``
-    fails on the default recipe's MNIST (steps of 1024 at lr up to 1.5: the head diverges and flags
-    nothing, on 10,000 images at 2, 3, 4 and 6 epochs and on all 60,000 at 2), where ``own`` removed
-    BadNets on five seeds and on the full set; ``own`` also removed BadNets on the small CNN (3
-    seeds) and on the pretrained EfficientNet-Lite0 (after one restart), and Blended on CIFAR-10's
-    airbench. Where ``recipe`` works (those three) it keeps up to 3.5 points more accuracy on the
-    small CNN and 2 on CIFAR-10, at higher isolation precision; on 8x8 digits (20 epochs) ``own``
-    learns clean digits too and costs 22 points, and on the time-series sets measured neither flags
-    anything (docs/defenses.md, docs/time_series.md).
+    the main network. ``head_optimizer`` says with what: ``"recipe"``, in the loss of the main
+    network's optimiser at the recipe's learning rate; ``"own"``, with an optimiser of its own
+    (:class:`HeadOptimizer`: SGD ``head_lr`` 0.05, Nesterov momentum 0.9, ``head_passes`` 8 passes
+    over each training batch in micro-batches of ``head_batch_size`` 128, re-initialised at a tenth
+    of the rate if it dies), flagging from the first batch on which its median loss is below gamma
+    (its loss floor), or after the warm-up at the latest; ``"auto"`` (the default), in the recipe's
+    optimiser until the head dies (:meth:`ShallowHead.dead`: no unit active on most of a batch and
+    no better than the class prior), then a fresh head with its own optimiser for the rest of the
+    run (``details.head_switched_at``: the epoch and step, or ``None``). The rule reads only the
+    head's own activations and loss on the training batch, no mask. ``recipe`` fails on the default
+    recipe's MNIST: steps of 1024 at lr up to 1.5 kill the head within the first epoch's six steps
+    (its loss spikes to 11, then its units fall silent and it predicts the prior), so it flags
+    nothing, on 10,000 images at 2, 3, 4 and 6 epochs and on all 60,000 at 2; ``own`` removed BadNets
+    there on five seeds and on the full set, and ``auto`` switched at step 5 or 6 on each of five
+    seeds and removed it too. Where the recipe's head lives (the small CNN, the pretrained
+    EfficientNet-Lite0, CIFAR-10's airbench at 16 epochs, 8x8 digits), ``auto`` is ``recipe``, which
+    there keeps up to 3.5 points more accuracy than ``own`` at higher isolation precision, in a
+    third to a half of the time (docs/defenses.md). On 8x8 digits and the time-series sets measured
+    no setting removes the backdoor (docs/time_series.md).
 
     Reconstructed choices (no code, no paper body): attachment depth, the head's shape and
-    optimiser (with its restart of a dead head), LGA on the shallow head, the flag threshold,
+    optimiser (with its restart of a dead head, and ``auto``'s switch), LGA on the shallow head, the flag threshold,
     relabelling to the main head's best other class, and when flagging starts. Several were set during development by looking at
     isolation precision or ASR, with the poison mask in view, on MNIST BadNets: the threshold (0.05
     flagged 2181 samples at precision 0.43; 0.01, 1113 at 0.85, on the small CNN); ``own``'s
@@ -210,12 +238,15 @@ class E2ABL(TrainingDefense):
     0.19-0.44, or at 0.01-0.69 with the early start; 8 passes with it, 0.003-0.005; docs/defenses.md);
     the attachment at the first activated feature map (on the pretrained EfficientNet-Lite0, a head
     on the stem's convolution alone, 2 modules, or after four blocks, 8, flagged nothing, on its
-    activated map, 4, exactly the poisoned samples).
+    activated map, 4, exactly the poisoned samples); the rule for a dead head, after seeing which
+    heads worked (the recipe's head on the pretrained EfficientNet-Lite0 works while silent on 38-73%
+    of a batch, so silence alone does not mark death; the dying head on MNIST's airbench was silent
+    on 91-99% and no better than the prior).
     """
 
     def __init__(
         self, depth: int | None = None, gamma: float = 0.5, flag_loss: float = 0.01, warmup_epochs: int = 1,
-        head_width: int = 64, head_optimizer: str = "own", head_lr: float = 0.05, head_batch_size: int = 128,
+        head_width: int = 64, head_optimizer: str = "auto", head_lr: float = 0.05, head_batch_size: int = 128,
         head_passes: int = 8,
     ) -> None:  # fmt: skip
         if gamma <= 0 or not 0 < flag_loss < gamma:
@@ -249,22 +280,25 @@ class E2ABL(TrainingDefense):
         model = build_model()
         depth = self.depth if self.depth is not None else min(getattr(model, "shallow_depth", 2), len(model.body) - 1)
         head = ShallowHead.for_model(model, depth, to_float(data.inputs[:2]), self.head_width)
-        own = None
-        if self.head_optimizer == "own":  # the training loop moves only the model it trains
-            own = HeadOptimizer(head.to(device), self.head_lr, self.head_batch_size, self.head_passes)
-        step = E2ABLStep(model, head, depth, len(data), self.gamma, self.flag_loss, self.warmup_epochs, own)
+        def own_optimizer(head: ShallowHead) -> HeadOptimizer:  # the training loop moves only the model it trains
+            return HeadOptimizer(head.to(device), self.head_lr, self.head_batch_size, self.head_passes)
+
+        own = own_optimizer(head) if self.head_optimizer == "own" else None
+        fallback = own_optimizer if self.head_optimizer == "auto" else None
+        step = E2ABLStep(model, head, depth, len(data), self.gamma, self.flag_loss, self.warmup_epochs, own, fallback)
         trained = model if own is not None else WithShallowHead(model, head)
         train(trained, data, recipe, device=device, seed=seed, step=step, description="E2ABL")
         if not step.flagged.any():
             warnings.warn(
                 f"E2ABL flagged no training sample in its last epoch (no shallow-head loss below flag_loss="
                 f"{self.flag_loss}): its isolated set is empty and any backdoor is likely still in place "
-                f"(head_optimizer='{self.head_optimizer}'; the other setting, and where each was measured: "
+                f"(head_optimizer='{self.head_optimizer}'; the other settings, and where each was measured: "
                 "docs/defenses.md)",
                 DefenseWarning, stacklevel=2,
             )  # fmt: skip
         return DefenseOutcome(
             model, step.flagged.clone(),
             {"flagged_last_epoch": int(step.flagged.sum()), "relabelled_steps": step.recovered}
-            | ({} if own is None else {"head_restarts": own.restarts}),
+            | ({} if step.own is None else {"head_restarts": step.own.restarts})
+            | ({} if self.head_optimizer != "auto" else {"head_switched_at": step.switched_at}),
         )  # fmt: skip
