@@ -29,6 +29,7 @@ def test_run_with_a_defense_reports_its_isolation(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "against abl" in result.output and "precision" in result.output
+    assert "details: isolated=" in result.output and "isolation_loss_max=" in result.output, "the defense's scalars"
     stored = json.loads((out / "result.json").read_text())
     assert stored["config"]["defense_options"]["isolation_ratio"] == 0.05
     assert stored["metrics"]["isolated"] == round(0.05 * stored["data"]["train"])

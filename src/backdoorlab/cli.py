@@ -162,6 +162,17 @@ def run_command(
     _report(result, output, save_model)
 
 
+def _short(value: Any) -> str | None:
+    """``value`` as a short text if it is a scalar or a tuple of at most four scalars, else ``None``."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if value is None or isinstance(value, (bool, int)) or (isinstance(value, str) and len(value) <= 40):
+        return str(value)
+    if isinstance(value, (list, tuple)) and len(value) <= 4 and all(_short(v) is not None for v in value):
+        return "(" + ", ".join(str(_short(v)) for v in value) + ")"
+    return None
+
+
 def _report(result: Any, output: Path | None, save_model: Path | None) -> None:
     """Print a run's table (suspect and repaired rows for a repair), write result.json and the model."""
     from backdoorlab.experiments import RunConfig, save_model as write_model
@@ -189,6 +200,9 @@ def _report(result: Any, output: Path | None, save_model: Path | None) -> None:
         cells = [f"{values[k]:.4f}" for k in ("clean_accuracy", "attack_success_rate", "robust_accuracy")]
         table.add_row(label, *cells, *(extra.values() if i == len(rows) - 1 else [""] * len(extra)))
     console.print(table)
+    notes = {key: value for key, value in result.details.items() if _short(value) is not None}
+    if notes:  # the defense's own scalars (E2ABL's head_switched_at...); the rest is in result.json
+        console.print("details: " + ", ".join(f"{key}={_short(value)}" for key, value in notes.items()), soft_wrap=True)
     if output is not None:
         console.print(f"wrote {result.write(output)}")
     if save_model is not None:

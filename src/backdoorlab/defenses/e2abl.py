@@ -6,9 +6,7 @@ No official code exists and the paper body was not retrievable (METHODS.md 5.2):
 
 from __future__ import annotations
 
-import copy
 import warnings
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -135,34 +133,39 @@ class WithShallowHead(nn.Module):
             init(x)
 
 
+class HeadDied(Exception):
+    """Raised by :class:`E2ABLStep` with ``stop_if_dead`` when the head in the recipe's optimiser dies;
+    ``at`` is the (epoch, step) where it was found dead."""
+
+    def __init__(self, at: tuple[int, int]) -> None:
+        super().__init__(f"the shallow head died at epoch {at[0]}, step {at[1]}")
+        self.at = at
+
+
 class E2ABLStep(Regularizer):
     """One training step of E2ABL: forward the classifier once, flag with the shallow head, recover
     the flagged samples' labels for the main head, and train the shallow head on the batch's detached
-    feature map: in the returned loss (``own`` is ``None``) or with its own optimiser."""
+    feature map: in the returned loss (``own`` is ``None``) or with its own optimiser. With
+    ``stop_if_dead`` (``auto``), a head in the recipe's optimiser found dead raises :class:`HeadDied`."""
 
     def __init__(
         self, model: nn.Module, head: ShallowHead, depth: int, size: int, gamma: float, flag_loss: float,
-        warmup_epochs: int, own: HeadOptimizer | None, fallback: Callable[[ShallowHead], HeadOptimizer] | None = None,
+        warmup_epochs: int, own: HeadOptimizer | None, stop_if_dead: bool = False,
     ) -> None:  # fmt: skip
-        self.model, self.head, self.depth, self.own, self.fallback = model, head, depth, own, fallback
+        self.model, self.head, self.depth, self.own, self.stop_if_dead = model, head, depth, own, stop_if_dead
         self.flagged = torch.zeros(size, dtype=torch.bool)
         self.shallow_loss = local_gradient_ascent(gamma)
         self.flag_loss, self.warmup_epochs, self.gamma = flag_loss, warmup_epochs, gamma
         self.ready = False
         self.recovered = 0
-        self.switched_at: tuple[int, int] | None = None  # (epoch, step) where ``auto`` left the recipe's optimiser
         self.steps = 0
 
     def __call__(self, model, x, y, loss_fn, indices, epoch, generator):  # noqa: ANN001, ANN204, ARG002
         main, h = split_at(self.model, x, self.depth)
         main, h = main.float(), h.detach()
         self.steps += 1
-        if self.own is None and self.fallback is not None and self.head.dead(h, y):
-            # ``auto``: the recipe's steps killed the head; a fresh one goes on with its own optimiser
-            fresh = copy.deepcopy(self.head)
-            fresh.reset()
-            self.own, self.head, self.fallback = self.fallback(fresh), fresh, None
-            self.switched_at = (epoch, self.steps)
+        if self.own is None and self.stop_if_dead and self.head.dead(h, y):
+            raise HeadDied((epoch, self.steps))
         if self.own is None:
             shallow = self.head(h).float()
             shallow_losses = self.shallow_loss(shallow, y, indices, epoch)
@@ -215,23 +218,29 @@ class E2ABL(TrainingDefense):
     over each training batch in micro-batches of ``head_batch_size`` 128, re-initialised at a tenth
     of the rate if it dies), flagging from the first batch on which its median loss is below gamma
     (its loss floor), or after the warm-up at the latest; ``"auto"`` (the default), in the recipe's
-    optimiser until the head dies (:meth:`ShallowHead.dead`: no unit active on most of a batch and
-    no better than the class prior), then a fresh head with its own optimiser for the rest of the
-    run (``details.head_switched_at``: the epoch and step, or ``None``). The rule reads only the
-    head's own activations and loss on the training batch, no mask. ``recipe`` fails on the default
-    recipe's MNIST: steps of 1024 at lr up to 1.5 kill the head within the first epoch's six steps
-    (its loss spikes to 11, then its units fall silent and it predicts the prior), so it flags
-    nothing, on 10,000 images at 2, 3, 4 and 6 epochs and on all 60,000 at 2; ``own`` removed BadNets
-    there on five seeds and on the full set, and ``auto`` switched at step 5 or 6 on each of five
-    seeds and removed it too. Where the recipe's head lives (the small CNN, the pretrained
-    EfficientNet-Lite0, CIFAR-10's airbench at 16 epochs, 8x8 digits), ``auto`` is ``recipe``, which
-    there keeps up to 3.5 points more accuracy than ``own`` at higher isolation precision, in a
-    third to a half of the time (docs/defenses.md). On 8x8 digits and the time-series sets measured
-    no setting removes the backdoor (docs/time_series.md).
+    optimiser unless the head dies there (:meth:`ShallowHead.dead`: no unit active on most of a
+    batch and no better than the class prior), in which case the run starts over, from the same
+    random state, as an ``own`` run (``details.head_switched_at``: the epoch and step where it died,
+    or ``None``; the steps before it are spent). The rule reads only the head's own activations and
+    loss on the training batch, no mask. Starting over, rather than going on with a fresh head,
+    keeps the first steps' poisoned samples from teaching the main network before any are flagged:
+    on all 59,400 MNIST images, going on with a fresh head from step 6 left ASR at 0.629 (flag recall
+    0.92), where ``own`` from the start gives 0.018 (recall 0.92) on the same machine.
+
+    ``recipe`` fails on the default recipe's MNIST: steps of 1024 at lr up to 1.5 kill the head
+    within the first epoch's six steps (its loss spikes to 11, then its units fall silent and it
+    predicts the prior), so it flags nothing, on 10,000 images at 2, 3, 4 and 6 epochs and on all
+    60,000 at 2; ``own`` removed BadNets there on five seeds and on the full set, and ``auto`` found
+    the head dead at step 5 or 6 on each of five seeds and on the full set, and so is ``own`` there.
+    Where the recipe's head lives (the small CNN, the pretrained EfficientNet-Lite0, CIFAR-10's
+    airbench at 16 epochs, 8x8 digits), ``auto`` is ``recipe``, which there keeps up to 3.5 points
+    more accuracy than ``own`` at higher isolation precision, in a third to a half of the time
+    (docs/defenses.md). On 8x8 digits and the time-series sets measured no setting removes the
+    backdoor (docs/time_series.md).
 
     Reconstructed choices (no code, no paper body): attachment depth, the head's shape and
-    optimiser (with its restart of a dead head, and ``auto``'s switch), LGA on the shallow head, the flag threshold,
-    relabelling to the main head's best other class, and when flagging starts. Several were set during development by looking at
+    optimiser (with its restart of a dead head, and ``auto``'s switch), LGA on the shallow head, the
+    flag threshold, relabelling to the main head's best other class, and when flagging starts. Several were set during development by looking at
     isolation precision or ASR, with the poison mask in view, on MNIST BadNets: the threshold (0.05
     flagged 2181 samples at precision 0.43; 0.01, 1113 at 0.85, on the small CNN); ``own``'s
     settings and its start of flagging (on airbench, seeds 0, 1 and 4: 4 passes left ASR at
@@ -277,17 +286,14 @@ class E2ABL(TrainingDefense):
     ) -> DefenseOutcome:
         if self.warmup_epochs >= recipe.epochs:
             raise ValueError(f"warmup_epochs {self.warmup_epochs} leaves no epoch of the recipe's {recipe.epochs}")
-        model = build_model()
-        depth = self.depth if self.depth is not None else min(getattr(model, "shallow_depth", 2), len(model.body) - 1)
-        head = ShallowHead.for_model(model, depth, to_float(data.inputs[:2]), self.head_width)
-        def own_optimizer(head: ShallowHead) -> HeadOptimizer:  # the training loop moves only the model it trains
-            return HeadOptimizer(head.to(device), self.head_lr, self.head_batch_size, self.head_passes)
-
-        own = own_optimizer(head) if self.head_optimizer == "own" else None
-        fallback = own_optimizer if self.head_optimizer == "auto" else None
-        step = E2ABLStep(model, head, depth, len(data), self.gamma, self.flag_loss, self.warmup_epochs, own, fallback)
-        trained = model if own is not None else WithShallowHead(model, head)
-        train(trained, data, recipe, device=device, seed=seed, step=step, description="E2ABL")
+        rng = torch.get_rng_state()  # models and heads are initialised on the CPU generator
+        switched_at = None
+        try:
+            model, step = self._run(data, build_model, recipe, device, seed, self.head_optimizer)
+        except HeadDied as died:  # ``auto``: start over in the head's own optimiser, exactly an ``own`` run
+            torch.set_rng_state(rng)
+            switched_at = died.at
+            model, step = self._run(data, build_model, recipe, device, seed, "own")
         if not step.flagged.any():
             warnings.warn(
                 f"E2ABL flagged no training sample in its last epoch (no shallow-head loss below flag_loss="
@@ -300,5 +306,24 @@ class E2ABL(TrainingDefense):
             model, step.flagged.clone(),
             {"flagged_last_epoch": int(step.flagged.sum()), "relabelled_steps": step.recovered}
             | ({} if step.own is None else {"head_restarts": step.own.restarts})
-            | ({} if self.head_optimizer != "auto" else {"head_switched_at": step.switched_at}),
+            | ({} if self.head_optimizer != "auto" else {"head_switched_at": switched_at}),
         )  # fmt: skip
+
+    def _run(
+        self, data: TensorDataset, build_model: ModelFactory, recipe: TrainConfig, device: torch.device, seed: int,
+        head_optimizer: str,
+    ) -> tuple[nn.Module, E2ABLStep]:  # fmt: skip
+        """One E2ABL training run with the head in ``head_optimizer``: the trained model and its step."""
+        model = build_model()
+        depth = self.depth if self.depth is not None else min(getattr(model, "shallow_depth", 2), len(model.body) - 1)
+        head = ShallowHead.for_model(model, depth, to_float(data.inputs[:2]), self.head_width)
+        own = None
+        if head_optimizer == "own":  # the training loop moves only the model it trains
+            own = HeadOptimizer(head.to(device), self.head_lr, self.head_batch_size, self.head_passes)
+        step = E2ABLStep(
+            model, head, depth, len(data), self.gamma, self.flag_loss, self.warmup_epochs, own,
+            stop_if_dead=head_optimizer == "auto",
+        )  # fmt: skip
+        trained = model if own is not None else WithShallowHead(model, head)
+        train(trained, data, recipe, device=device, seed=seed, step=step, description="E2ABL")
+        return model, step
