@@ -234,8 +234,9 @@ class E2ABL(TrainingDefense):
     the head dead at step 5 or 6 on each of five seeds and on the full set, and so is ``own`` there.
     Where the recipe's head lives (the small CNN, the pretrained EfficientNet-Lite0, CIFAR-10's
     airbench at 16 epochs, 8x8 digits), ``auto`` is ``recipe``, which there keeps up to 3.5 points
-    more accuracy than ``own`` at higher isolation precision, in a third to a half of the time
-    (docs/defenses.md). On 8x8 digits and the time-series sets measured no setting removes the
+    more accuracy than ``own`` at higher isolation precision, in a third to a half of the time, but
+    takes ``recipe``'s failures too: on the small CNN it misses Blended (ASR 1.000), which ``own``
+    removes (0.008) (docs/defenses.md). On 8x8 digits and the time-series sets measured no setting removes the
     backdoor (docs/time_series.md).
 
     Reconstructed choices (no code, no paper body): attachment depth, the head's shape and
