@@ -217,13 +217,13 @@ def test_e2abl_auto_starts_over_as_own_when_the_head_dies(monkeypatch):
     assert alive.metrics == recipe_run.metrics
     own = run(RunConfig(**config, defense="e2abl", defense_options={"head_optimizer": "own"}))
     checks = {"count": 0}
-    real_dead = ShallowHead.dead
+    real_dead_on = ShallowHead.dead_on
 
-    def dies_at_the_fourth_check(self, h, y):
+    def dies_at_the_fourth_check(self, pooled, y):
         checks["count"] += 1
-        return checks["count"] == 4 or real_dead(self, h, y)
+        return checks["count"] == 4 or real_dead_on(self, pooled, y)
 
-    monkeypatch.setattr(ShallowHead, "dead", dies_at_the_fourth_check)
+    monkeypatch.setattr(ShallowHead, "dead_on", dies_at_the_fourth_check)
     switched = run(RunConfig(**config, defense="e2abl"))
     assert switched.details["head_switched_at"] == (0, 4)
     assert switched.metrics == own.metrics

@@ -49,7 +49,12 @@ class ShallowHead(nn.Sequential):
         nothing. Where no unit is active at all, no gradient reaches the convolution and the head
         predicts its bias, which by Gibbs' inequality is never better than the prior."""
         with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
-            pooled = self.pooled(h.float())
+            return self.dead_on(self.pooled(h.float()), y)
+
+    def dead_on(self, pooled: Tensor, y: Tensor) -> bool:
+        """:meth:`dead` from the pooled units of a forward already made (:meth:`pooled`)."""
+        with torch.no_grad(), torch.autocast(pooled.device.type, enabled=False):
+            pooled = pooled.float()
             if float((pooled > 0).any(1).float().mean()) >= 0.5:
                 return False
             prior = torch.distributions.Categorical(probs=torch.bincount(y, minlength=self[-1].out_features).float())
@@ -164,10 +169,11 @@ class E2ABLStep(Regularizer):
         main, h = split_at(self.model, x, self.depth)
         main, h = main.float(), h.detach()
         self.steps += 1
-        if self.own is None and self.stop_if_dead and self.head.dead(h, y):
-            raise HeadDied((epoch, self.steps))
         if self.own is None:
-            shallow = self.head(h).float()
+            pooled = self.head.pooled(h)  # one forward of the head for the death check and the loss
+            if self.stop_if_dead and self.head.dead_on(pooled, y):
+                raise HeadDied((epoch, self.steps))
+            shallow = self.head[-1](pooled).float()
             shallow_losses = self.shallow_loss(shallow, y, indices, epoch)
             plain = F.cross_entropy(shallow.detach(), y, reduction="none")
             self.ready = epoch >= self.warmup_epochs
