@@ -7,6 +7,8 @@ The cells are stored in ``OUTPUT/results.sqlite``; finished ones are skipped, so
 Usage::
 
     BACKDOORLAB_DATA=../shared/data python scripts/time_series_table.py --output runs/time-series
+    BACKDOORLAB_DATA=../shared/data python scripts/time_series_table.py --grid examples/time_series_larger.yaml \
+        --output runs/time-series-larger --block time-series-larger-table
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def table(results: dict, datasets: list[str], attacks: list[str]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     grid_arguments(parser, "time_series.yaml", "runs/time-series")
+    parser.add_argument("--block", default="time-series-table", help="the docs/time_series.md block to fill")
     args = parser.parse_args()
     from backdoorlab.data import load_dataset
 
@@ -71,8 +74,8 @@ def main() -> None:
             attacks.append(c["attack"])
         results[dataset, c["attack"], method_label(c)] = r
     if not args.no_docs:
-        replace_block(DOCS / "time_series.md", "time-series-table", table(results, datasets, attacks))
-        print("wrote the table into docs/time_series.md")
+        replace_block(DOCS / "time_series.md", args.block, table(results, datasets, attacks))
+        print(f"wrote the table into docs/time_series.md (block {args.block})")
 
 
 if __name__ == "__main__":
