@@ -140,7 +140,7 @@ class WithShallowHead(nn.Module):
 
 class HeadDied(Exception):
     """Raised by :class:`E2ABLStep` with ``stop_if_dead`` when the head in the recipe's optimiser dies;
-    ``at`` is the (epoch, step) where it was found dead."""
+    ``at`` is the epoch and the step, counted from the run's first, where it was found dead."""
 
     def __init__(self, at: tuple[int, int]) -> None:
         super().__init__(f"the shallow head died at epoch {at[0]}, step {at[1]}")
