@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from backdoorlab.data import TensorDataset
-from backdoorlab.defenses import REPAIRS, DefenseOutcome, RepairDefense, create_repair, defense_kind
+from backdoorlab.defenses import REPAIRS, DefenseOutcome, DefenseWarning, RepairDefense, create_repair, defense_kind
 from backdoorlab.defenses.fine_pruning import pruning_order
 from backdoorlab.defenses.nad import attention_map, map_scaled_betas
 from backdoorlab.defenses.neural_cleanse import anomaly_indices
@@ -161,9 +161,11 @@ def test_pivotal_tuning_returns_a_checkpoint_that_keeps_held_out_accuracy():
     prepared = prepare(RunConfig(dataset="digits", epochs=10, trusted_size=0.2))
     model, _ = train_victim(prepared)
     repair = create_repair("pivotal_tuning", steps=60, lr=0.5, eval_every=10, slol_weight=0.05, parameter_weight=0.0)
-    outcome = repair.repair(model, prepared.trusted, prepared.config.train, device=prepared.device, seed=7)
+    with pytest.warns(DefenseWarning, match="the held-out share has 29 images"):
+        outcome = repair.repair(model, prepared.trusted, prepared.config.train, device=prepared.device, seed=7)
     details = outcome.details
     _, held_out = holdout_split(prepared.trusted, 0.1, seed=7)
+    assert details["held_out_size"] == len(held_out) == 29 and details["held_out_standard_error"] > 0.02
     assert details["held_out_accuracy_before"] == pytest.approx(accuracy(model, held_out, prepared.device), abs=1e-4)
     assert accuracy(outcome.model, held_out, prepared.device) >= details["held_out_accuracy_before"] - 0.02
     curve = details["held_out_curve"]
@@ -175,10 +177,17 @@ def test_pivotal_tuning_returns_a_checkpoint_that_keeps_held_out_accuracy():
     assert all(p.requires_grad for p in model.parameters()), "the suspect model is left as it was"
 
 
+def test_held_out_resolution_is_the_binomial_standard_error_and_at_least_one_image():
+    from backdoorlab.defenses.pivotal_tuning import held_out_resolution
+
+    assert held_out_resolution(0.75, 50) == pytest.approx(0.0612, abs=1e-4), "CIFAR-10's 1% split: 50 images"
+    assert held_out_resolution(1.0, 50) == pytest.approx(0.02), "all correct: still one image in 50"
+    assert held_out_resolution(0.95, 1000) < 0.02
+
+
 def test_pivotal_tuning_warns_when_it_returns_the_suspect_model():
     """At a learning rate that wrecks every checkpoint, no checkpoint keeps the held-out accuracy:
     the suspect model comes back unchanged, with a warning that says so."""
-    from backdoorlab.defenses import DefenseWarning
 
     prepared = prepare(RunConfig(dataset="digits", epochs=10, trusted_size=0.2))
     model, _ = train_victim(prepared)
