@@ -188,7 +188,6 @@ def test_held_out_resolution_is_the_binomial_standard_error_and_at_least_one_ima
 def test_pivotal_tuning_warns_when_it_returns_the_suspect_model():
     """At a learning rate that wrecks every checkpoint, no checkpoint keeps the held-out accuracy:
     the suspect model comes back unchanged, with a warning that says so."""
-
     prepared = prepare(RunConfig(dataset="digits", epochs=10, trusted_size=0.2))
     model, _ = train_victim(prepared)
     repair = create_repair("pivotal_tuning", steps=20, lr=50.0, eval_every=10, parameter_weight=0.0)
