@@ -7,6 +7,8 @@ The cells are stored in ``OUTPUT/results.sqlite``; finished ones are skipped, so
 Usage::
 
     BACKDOORLAB_DATA=../shared/data python scripts/defense_table.py --output runs/defense-table [--device cuda]
+    BACKDOORLAB_DATA=../shared/data python scripts/defense_table.py --grid examples/defense_table_cpu.yaml \
+        --output runs/defense-table-cpu --block defense-table-cpu
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def table(results: dict, datasets: list[str], attacks: list[str], methods: list[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     grid_arguments(parser, "defense_table.yaml", "runs/defense-table")
+    parser.add_argument("--block", default="defense-table", help="the docs/defenses.md block to fill")
     args = parser.parse_args()
     results: dict = {}
     order: dict[str, list[str]] = {"dataset": [], "attack": [], "method": []}
@@ -53,8 +56,8 @@ def main() -> None:
                 order[name].append(value)
         results[key] = r
     if not args.no_docs:
-        replace_block(DOCS / "defenses.md", "defense-table", table(results, order["dataset"], order["attack"], order["method"]))
-        print("wrote the table into docs/defenses.md")
+        replace_block(DOCS / "defenses.md", args.block, table(results, order["dataset"], order["attack"], order["method"]))
+        print(f"wrote the table into docs/defenses.md (block {args.block})")
 
 
 if __name__ == "__main__":
