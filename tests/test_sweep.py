@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -123,8 +124,6 @@ def test_every_example_grid_loads_and_docs_list_it_with_its_cell_count() -> None
     """docs/experiments.md's table of reproduction configs names each grid of examples/ with its
     number of cells; a grid that no longer loads (a renamed option, attack or defense) or whose
     size changed fails here."""
-    import re
-
     listed = dict(re.findall(r"^\| \[(\w+\.yaml)\]\(\.\./examples/\1\) \| .* \| (\d+) \|$",
                              (REPO / "docs" / "experiments.md").read_text(), re.MULTILINE))  # fmt: skip
     grids = {p.name: len(load_grid(p).cells) for p in sorted((REPO / "examples").glob("*.yaml"))}
