@@ -44,6 +44,18 @@ def test_badnets_custom_image_patch():
     assert y[0, 0, 6:, 6:].tolist() == [[0, 255], [255, 0]]
 
 
+def test_badnets_alpha_blends_the_patch_in_place_and_is_checked():
+    x = torch.full((3, 1, 8, 8), 100, dtype=torch.uint8)
+    faint = BadNets((1, 8, 8), size=2, position="top-left", margin=0, alpha=0.2)(x)
+    assert (faint[:, :, :2, :2] == 131).all(), "0.8 * 100 + 0.2 * 255, rounded"
+    assert (faint[:, :, 2:, :] == 100).all() and (faint[:, :, :, 2:] == 100).all()
+    placed = BadNets((1, 8, 8), size=2, position="random", alpha=0.2)(x, torch.Generator().manual_seed(0))
+    assert sorted(placed.unique().tolist()) == [100, 131] and int((placed == 131).sum()) == 3 * 4
+    assert create_trigger("badnets", (1, 8, 8), alpha=0.2).config()["alpha"] == 0.2
+    with pytest.raises(ValueError, match="alpha"):
+        BadNets((1, 8, 8), alpha=0.0)
+
+
 def test_badnets_random_position_is_one_patch_per_image_and_seeded():
     x = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)
     trigger = BadNets((3, 32, 32), size=4, position="random")

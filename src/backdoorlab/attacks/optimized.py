@@ -67,6 +67,7 @@ class LabelConsistent(BadNets):
             raise ValueError("eps and step_size must be in (0, 255] and steps >= 1")
         self.eps, self.steps, self.step_size = float(eps), int(steps), float(step_size)
         self.surrogate: nn.Module | None = None
+        del self._options["alpha"]  # the pattern is pasted at full amplitude, as the official config
         self._options.update(pattern="turner", eps=self.eps, steps=self.steps, step_size=self.step_size)
 
     def fit(self, surrogate: nn.Module, generator: torch.Generator | None = None) -> None:
@@ -131,6 +132,7 @@ class TrojanNN(BadNets):
             raise ValueError("neurons and steps must be >= 1 and lr > 0")
         self.neurons, self.target_value, self.steps, self.lr = int(neurons), float(target_value), int(steps), float(lr)
         self.neuron_index: Tensor | None = None
+        del self._options["alpha"]  # the optimised patch is pasted opaque
         self._options.update(
             pattern="optimised", neurons=self.neurons, target_value=self.target_value,
             steps=self.steps, lr=self.lr, seed=seed,

@@ -159,6 +159,9 @@ class BadNets(Trigger):
             pattern trigger), or an image (tensor or file path), resized to the patch.
         position: a corner, or ``"random"`` (drawn per image from the generator).
         margin: pixels between the patch and the image border at a fixed corner.
+        alpha: the patch's opacity: ``x' = (1 - alpha) x + alpha patch`` inside it (default 1, an
+            opaque patch as Gu et al. and BackdoorBench; the "Pick your Poison" framework,
+            ``Ben-Schneider-code/Universal-Backdoor-Attacks``, blends its mark at 0.2).
     """
 
     def __init__(
@@ -168,9 +171,11 @@ class BadNets(Trigger):
         pattern: str | Tensor = "white",
         position: str = "bottom-right",
         margin: int = 1,
+        alpha: float = 1.0,
     ) -> None:
         super().__init__(input_shape)
         c, h, w = self.input_shape
+        self.alpha = blend_weight(alpha)
         size = default_patch_size(self.input_shape) if size is None else int(size)
         if not 1 <= size <= min(h, w):
             raise ValueError(f"patch size {size} does not fit {h}x{w} images")
@@ -191,6 +196,7 @@ class BadNets(Trigger):
             "pattern": pattern if isinstance(pattern, str) else "custom",
             "position": position,
             "margin": margin,
+            "alpha": self.alpha,
         }
 
     def _corner(self) -> tuple[int, int]:
@@ -204,7 +210,8 @@ class BadNets(Trigger):
         s, patch = self.size, self.patch.to(x.device)
         if self.position != "random":
             top, left = self._corner()
-            out[:, :, top : top + s, left : left + s] = patch
+            region = out[:, :, top : top + s, left : left + s]
+            out[:, :, top : top + s, left : left + s] = torch.lerp(region, patch.expand_as(region), self.alpha)
             return out
         n, _, h, w = x.shape
         tops = torch.randint(0, h - s + 1, (n,), generator=generator).to(x.device)
@@ -213,7 +220,7 @@ class BadNets(Trigger):
         cols = torch.arange(w, device=x.device)[None, :] - lefts[:, None]  # (N, W)
         inside = ((rows >= 0) & (rows < s))[:, :, None] & ((cols >= 0) & (cols < s))[:, None, :]
         canvas = patch[:, rows.clamp(0, s - 1)[:, :, None], cols.clamp(0, s - 1)[:, None, :]]
-        return torch.where(inside[:, None], canvas.permute(1, 0, 2, 3), out)
+        return torch.where(inside[:, None], torch.lerp(out, canvas.permute(1, 0, 2, 3), self.alpha), out)
 
 
 @ATTACKS.register("blended", "Blended (Chen et al. 2017): a full-image pattern blended with alpha")
