@@ -41,6 +41,8 @@ def test_a_small_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     backdoored, clean = results[0.1][0], results[0.0][0]
     assert backdoored["metrics"]["suspect_attack_success_rate"] > 0.8 > clean["metrics"]["suspect_attack_success_rate"]
     assert set(backdoored["scores"]) == {"cti"} and backdoored["config"]["poison_rate"] == 0.1
+    class_scores = backdoored["detector_details"]["cti"]["class_scores"]
+    assert len(class_scores) == 10 and max(class_scores) == pytest.approx(backdoored["scores"]["cti"], abs=1e-4)
     again = detectability_study(base, [0.1], seeds=[0], clean_seeds=[1], output=tmp_path, **options)
     assert again == results, "stored results are reused"
     # a detector asked for later scores the stored models: nothing is trained again
@@ -48,6 +50,7 @@ def test_a_small_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     nc = {"neural_cleanse": {"steps": 20}}
     more = detectability_study(base, [0.1], [0], [1], tmp_path, **{**options, "detectors": ("cti", "neural_cleanse"), "detector_options": nc})
     assert more[0.1][0]["scores"]["cti"] == backdoored["scores"]["cti"] and "neural_cleanse" in more[0.1][0]["scores"]
+    assert set(more[0.1][0]["detector_details"]) == {"cti", "neural_cleanse"}
     assert set(summarize(more)[0]) >= {"auroc_cti", "auroc_neural_cleanse"}
     with pytest.raises(ValueError, match="another config"):
         detectability_study(replace(base, epochs=9), [0.1], [0], [1], tmp_path, **options)

@@ -42,7 +42,7 @@ def study_model(
 ) -> dict[str, Any]:  # fmt: skip
     """Train one (backdoored or clean) model of ``config``, repair it, score the suspect with each
     detector (``detector_options``: options by detector name, for example ``{"cti": {"batch_size":
-    32}}``); store and return ``{"config", "metrics", "scores", "timings"}``.
+    32}}``); store and return ``{"config", "metrics", "scores", "detector_details", "timings"}``.
 
     The result is stored in ``directory`` with the suspect and repaired models
     (``suspect.safetensors``, ``repaired.safetensors``) and reused: a detector asked for later, or
@@ -72,8 +72,9 @@ def study_model(
             )
         prepared = prepare(config)
         model, repaired = (load_model(f)[0] for f in files)
-        scores, timings = _score(prepared, model, repaired, stale, detector_options, repair, repair_options)
+        scores, details, timings = _score(prepared, model, repaired, stale, detector_options, repair, repair_options)
         stored["scores"].update(scores)
+        stored.setdefault("detector_details", {}).update(details)
         stored["timings"].update({k: round(v, 2) for k, v in timings.items()})
         stored["detector_options"].update({n: detector_options[n] for n in stale})
         path.write_text(json.dumps(stored, indent=2) + "\n")
@@ -89,11 +90,11 @@ def study_model(
     metrics.update({f"repaired_{k}": v for k, v in after.items()})
     save_model(directory / _SUSPECT, model, prepared.config)
     save_model(directory / _REPAIRED, repaired, prepared.config)
-    scores, detector_timings = _score(prepared, model, repaired, detectors, detector_options, repair, repair_options)
+    scores, details, detector_timings = _score(prepared, model, repaired, detectors, detector_options, repair, repair_options)
     timings.update(detector_timings)
     stored = {
         "config": prepared.config.to_dict(), "repair": repair, "repair_options": repair_options, "metrics": metrics,
-        "detector_options": detector_options, "scores": scores, "timings": {k: round(v, 2) for k, v in timings.items()},
+        "detector_options": detector_options, "scores": scores, "detector_details": details, "timings": {k: round(v, 2) for k, v in timings.items()},
         "version": __version__,
     }  # fmt: skip
     path.write_text(json.dumps(stored, indent=2) + "\n")
@@ -122,21 +123,24 @@ def _as_stored(options: dict[str, Any]) -> Any:
 def _score(
     prepared: Prepared, model: nn.Module, repaired: nn.Module, detectors: Sequence[str],
     detector_options: dict[str, dict[str, Any]], repair: str, repair_options: dict[str, Any],
-) -> tuple[dict[str, float], dict[str, float]]:  # fmt: skip
-    """Each detector's score of the suspect ``model`` and its seconds; CTI is calibrated with
-    ``repaired`` (the study's repair of it) instead of repeating that repair."""
+) -> tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, float]]:  # fmt: skip
+    """Each detector's score of the suspect ``model``, its details (CTI's and Neural Cleanse's
+    per-class figures) and its seconds; CTI is calibrated with ``repaired`` (the study's repair of
+    it) instead of repeating that repair."""
     scores: dict[str, float] = {}
+    details: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {}
     for name in detectors:
         tick = time.perf_counter()
         if name == "cti":
             cti = CalibratedTriggerInversion(**detector_options[name], repair=repair, repair_options=repair_options)
             seed = prepared.config.seed + _DEFENSE
-            scores[name] = cti.calibrated_score(model, repaired, prepared.trusted, device=prepared.device, seed=seed).score
+            detection = cti.calibrated_score(model, repaired, prepared.trusted, device=prepared.device, seed=seed)
         else:
-            scores[name] = apply_detector(prepared, model, name, detector_options[name])[0].score
+            detection = apply_detector(prepared, model, name, detector_options[name])[0]
+        scores[name], details[name] = detection.score, detection.details
         timings[name] = time.perf_counter() - tick
-    return scores, timings
+    return scores, details, timings
 
 
 def detectability_study(
