@@ -48,7 +48,7 @@ def test_result_json_schema(badnets_digits, tmp_path):
     assert all(0.0 <= v <= 1.0 for v in stored["metrics"].values())
     config = stored["config"]
     assert config["model"] == "small_cnn" and config["train"]["epochs"] == 20
-    assert config["attack_options"] == {"size": 2, "pattern": "white", "position": "bottom-right", "margin": 1}
+    assert config["attack_options"] == {"size": 2, "pattern": "white", "position": "bottom-right", "margin": 1, "alpha": 1.0}
     assert stored["data"]["trusted"] == 14 and stored["data"]["poisoned"] == 142
     assert RunConfig.from_dict(config).resolved().to_dict() == config
 
