@@ -1,6 +1,7 @@
 """Regenerate the robustness-detectability table and plot in docs/defenses.md (the study of "Pick
 your Poison"): for each poison rate, ASR before and after Pivotal Tuning, and the ROC AUC of CTI and
-Neural Cleanse scores against clean models trained with other seeds.
+Neural Cleanse scores against clean models trained with other seeds on the same training subset
+and trusted split (``--own-splits``: each model on its own seed's).
 
 Each model is stored as ``OUTPUT/rate-<r>/seed-<s>/result.json`` (with its suspect and repaired
 weights) and reused when present; a detector added later scores the stored models.
@@ -42,6 +43,12 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.005, 0.01, 0.05, 0.1])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--clean-seeds", type=int, nargs="+", default=[100, 101, 102, 103])
+    parser.add_argument(
+        "--data-seed", type=int, default=0, help="the one training subset and trusted split every model draws (default 0)"
+    )
+    parser.add_argument(
+        "--own-splits", action="store_true", help="each model draws the split of its own seed instead (the earlier design)"
+    )
     parser.add_argument("--detectors", nargs="+", default=["cti", "neural_cleanse"])
     parser.add_argument(
         "--detector-options", type=json.loads, default={}, help='JSON by detector name, e.g. {"cti": {"batch_size": 32}}'
@@ -63,8 +70,8 @@ def main() -> None:
         device=args.device, data_root=args.data_root,
     )  # fmt: skip
     results = detectability_study(
-        base, args.rates, args.seeds, args.clean_seeds, args.output, repair=args.repair, repair_options=args.repair_options,
-        detectors=args.detectors, detector_options=args.detector_options,
+        base, args.rates, args.seeds, args.clean_seeds, args.output, data_seed=None if args.own_splits else args.data_seed,
+        repair=args.repair, repair_options=args.repair_options, detectors=args.detectors, detector_options=args.detector_options,
     )  # fmt: skip
     rows = summarize(results)
     for line in table(rows):

@@ -85,3 +85,18 @@ def test_non_default_models_get_a_safe_learning_rate():
         other = RunConfig(dataset="cifar10", recipe=recipe, model="preact_resnet18").resolved().train
         assert (other.lr, other.norm_lr_scale) == (0.05, 1.0)
     assert RunConfig(dataset="cifar10", model="preact_resnet18", lr=0.1).resolved().train.lr == 0.1
+
+
+def test_data_seed_fixes_the_data_and_leaves_poison_and_training_to_the_seed():
+    from backdoorlab.experiments.run import prepare
+
+    def split(**fields):
+        p = prepare(RunConfig(train_size=0.8, test_size=0.5, trusted_size=0.05, **fields))
+        return p.trusted.inputs, p.test_set.inputs, p.poisoned.mask
+
+    trusted, test, mask = split(seed=1, data_seed=7)
+    other_trusted, other_test, other_mask = split(seed=2, data_seed=7)
+    assert torch.equal(trusted, other_trusted) and torch.equal(test, other_test), "one data seed, one split"
+    assert not torch.equal(mask, other_mask), "the poison choice still follows the seed"
+    assert torch.equal(split(seed=7)[0], trusted), "no data seed: the seed draws the split"
+    assert not torch.equal(split(seed=2)[0], other_trusted)

@@ -76,13 +76,14 @@ def test_cell_key_ignores_placement_but_not_content() -> None:
     assert cell_key(config) == cell_key(RunConfig(dataset="digits", device="cpu", data_root="/x").resolved())
     assert cell_key(config) != cell_key(RunConfig(dataset="digits", seed=1).resolved())
     assert cell_key(config) != cell_key(RunConfig(dataset="digits", attack_options={"size": 4}).resolved())
-    # a recipe field added later leaves earlier keys alone at its default, and changes them otherwise
-    earlier = {k: v for k, v in config.to_dict().items() if k not in ("device", "data_root")}
+    # a field added later leaves earlier keys alone at its default, and changes them otherwise
+    earlier = {k: v for k, v in config.to_dict().items() if k not in ("device", "data_root", "data_seed")}
     del earlier["train"]["milestones"]  # the dict a version before the step schedule hashed
     text = json.dumps(earlier, sort_keys=True, separators=(",", ":"), default=str)
     assert cell_key(config) == hashlib.sha256(text.encode()).hexdigest()[:16]
     stepped = replace(config, train=replace(config.train, schedule="step", milestones=[2]))
     assert cell_key(stepped) != cell_key(replace(config, train=replace(config.train, schedule="step")))
+    assert cell_key(config) != cell_key(replace(config, data_seed=0))
 
 
 @pytest.mark.parametrize(

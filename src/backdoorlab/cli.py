@@ -124,6 +124,9 @@ def run_command(
     batch_size: Annotated[Optional[int], typer.Option(help="Default: the recipe's.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
     seed: Annotated[int, typer.Option(help="Seeds splits, poisoning, init and training.")] = 0,
+    data_seed: Annotated[
+        Optional[int], typer.Option(help="Seeds the subsamples and trusted split alone (default: --seed).")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     train_size: Annotated[
         Optional[str], typer.Option(help="Subsample the training split (fraction or count).")
@@ -151,8 +154,8 @@ def run_command(
             defense=defense, defense_options=parse_options(defense_option),
             detector=detector, detector_options=parse_options(detector_option),
             regularizer=regularizer, regularizer_options=parse_options(regularizer_option),
-            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
-            train_size=parse_size(train_size), test_size=parse_size(test_size),
+            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, data_seed=data_seed,
+            device=device, train_size=parse_size(train_size), test_size=parse_size(test_size),
             trusted_size=parse_size(trusted_size), data_root=data_root,
         )  # fmt: skip
         result = run(config)

@@ -52,6 +52,10 @@ class RunConfig:
         epochs, batch_size, lr: override the recipe's training schedule where set.
         train: the full training schedule; ``None`` takes the recipe's (with the overrides above).
         seed: seeds the splits, the poison choice, the model's initialisation and training.
+        data_seed: seeds the data alone (the ``train_size`` / ``test_size`` subsamples and the
+            trusted split) when set, so that runs with other ``seed`` values train on the same data
+            and differ only in poison choice, initialisation and training order; ``None`` (the
+            default) takes ``seed``.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
         train_size, test_size: seeded subsamples of the splits for quick runs (fraction or count).
         trusted_size: the trusted clean split carved from the training set before poisoning
@@ -90,11 +94,17 @@ class RunConfig:
     lr: float | None = None
     train: TrainConfig | None = None
     seed: int = 0
+    data_seed: int | None = None
     device: str = "auto"
     train_size: float | int | None = None
     test_size: float | int | None = None
     trusted_size: float | int = 0.01
     data_root: str | None = None
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the data's subsamples and trusted split: ``data_seed``, else ``seed``."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def poison_spec(self) -> PoisonSpec:
         return PoisonSpec(

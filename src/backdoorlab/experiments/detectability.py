@@ -1,7 +1,8 @@
 """The robustness-detectability study of "Pick your Poison" (Lukas & Kerschbaum 2023).
 
 For one attack and a range of poison rates, each backdoored model (several seeds per rate) and
-each clean model (poison rate 0, other seeds) is
+each clean model (poison rate 0, other seeds; by default all on one training subset and trusted
+split) is
 
 - **repaired** with Pivotal Tuning (or another repair): its ASR before and after is the attack's
   robustness at that rate;
@@ -145,15 +146,21 @@ def _score(
 
 def detectability_study(
     base: RunConfig, rates: Sequence[float], seeds: Sequence[int], clean_seeds: Sequence[int], output: str | Path,
-    **options: Any,
+    *, data_seed: int | None = 0, **options: Any,
 ) -> dict[float, list[dict[str, Any]]]:  # fmt: skip
     """Run :func:`study_model` for every rate x seed and for ``clean_seeds`` at rate 0; return the
     stored results by rate (0.0 = the clean models). ``options`` go to :func:`study_model`, whose
-    checks of the detectors and their options fail before its first model trains."""
+    checks of the detectors and their options fail before its first model trains.
+
+    ``data_seed`` (it replaces ``base.data_seed``) draws one training subset and trusted split for
+    every model, so clean and backdoored models differ in training seed and poison alone, as the
+    paper's clean models do. ``None`` gives each model the split of its own seed; then a detector's
+    clean baseline moves with the split (docs/defenses.md: CTI scored clean models 0.51-0.89 on
+    four splits) and an AUROC measures the splits the seeds drew as much as the poison."""
     results: dict[float, list[dict[str, Any]]] = {}
     for rate, rate_seeds in [(0.0, clean_seeds), *[(float(r), seeds) for r in rates]]:
         for seed in rate_seeds:
-            config = replace(base, poison_rate=rate, seed=seed, defense=None, detector=None)
+            config = replace(base, poison_rate=rate, seed=seed, data_seed=data_seed, defense=None, detector=None)
             directory = Path(output) / f"rate-{rate:g}" / f"seed-{seed}"
             results.setdefault(rate, []).append(study_model(config, directory, **options))
     return results

@@ -47,6 +47,8 @@ CONFIG_FIELDS = tuple(f.name for f in fields(RunConfig))
 #: Training-recipe fields added after results were first stored, with their defaults: left out of a
 #: key at that default, so a store written before them still finds its cells.
 ADDED_TRAIN_FIELDS: dict[str, Any] = {"milestones": []}
+#: Config fields added after results were first stored, with their defaults: the same.
+ADDED_FIELDS: dict[str, Any] = {"data_seed": None}
 
 
 class GridError(ValueError):
@@ -76,6 +78,9 @@ def cell_key(config: RunConfig) -> str:
     values = config.to_dict()
     for name in PLACEMENT_FIELDS:
         values.pop(name, None)
+    for name, default in ADDED_FIELDS.items():
+        if values.get(name) == default:
+            values.pop(name)
     train = values.get("train") or {}
     for name, default in ADDED_TRAIN_FIELDS.items():  # at their defaults, keys stay those of earlier versions
         if train.get(name) == default:

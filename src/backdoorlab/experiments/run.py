@@ -127,12 +127,12 @@ def prepare(config: RunConfig) -> Prepared:
     splits = load_dataset(config.dataset, config.data_root)
     train_set, test_set = splits.train, splits.test
     if config.train_size is not None:
-        train_set = subsample(train_set, config.train_size, config.seed + _SPLIT)
+        train_set = subsample(train_set, config.train_size, config.split_seed + _SPLIT)
     if config.test_size is not None:
-        test_set = subsample(test_set, config.test_size, config.seed + _SPLIT)
+        test_set = subsample(test_set, config.test_size, config.split_seed + _SPLIT)
     spec = config.poison_spec()
     spec.validate(train_set.num_classes)
-    rest, trusted = split_trusted(train_set, config.trusted_size, config.seed + _SPLIT)
+    rest, trusted = split_trusted(train_set, config.trusted_size, config.split_seed + _SPLIT)
     trigger = create_trigger(config.attack, train_set.input_shape, **config.attack_options)
     timings["load_data"] = time.perf_counter() - tick
 

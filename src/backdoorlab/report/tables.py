@@ -18,7 +18,7 @@ from backdoorlab.experiments.store import Record
 
 #: Config fields that do not say what a cell computed, or repeat another field.
 HIDDEN_FIELDS = frozenset(
-    {"seed", "device", "data_root", "train.epochs", "train.batch_size", "train.lr", "train.regularizer",
+    {"seed", "data_seed", "device", "data_root", "train.epochs", "train.batch_size", "train.lr", "train.regularizer",
      "train.regularizer_options"}
 )  # fmt: skip
 #: (metric key, column title), in table order; a column shows where any cell has the metric.
