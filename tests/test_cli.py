@@ -15,11 +15,11 @@ runner = CliRunner()
 
 def test_run_writes_result_json(tmp_path):
     out = tmp_path / "run"
-    result = runner.invoke(app, ["run", "--epochs", "10", "--seed", "1", "--output", str(out)])
+    result = runner.invoke(app, ["run", "--epochs", "10", "--seed", "1", "--data-seed", "3", "--output", str(out)])
     assert result.exit_code == 0, result.output
-    assert "CA" in result.output and "ASR" in result.output
+    assert "CA" in result.output and "ASR" in result.output and "seed 1, data seed 3" in result.output
     stored = json.loads((out / "result.json").read_text())
-    assert stored["seed"] == 1 and stored["config"]["epochs"] == 10
+    assert stored["seed"] == 1 and stored["config"]["data_seed"] == 3 and stored["config"]["epochs"] == 10
     assert stored["metrics"]["attack_success_rate"] > 0.5
 
 

@@ -182,7 +182,8 @@ def _report(result: Any, output: Path | None, save_model: Path | None) -> None:
 
     config = RunConfig.from_dict(result.config)
     against = f" against {config.defense}" if config.defense else ""
-    table = Table(title=f"{config.attack} on {config.dataset}{against} ({config.model}, seed {config.seed})")
+    seeds = f"seed {config.seed}" + ("" if config.data_seed is None else f", data seed {config.data_seed}")
+    table = Table(title=f"{config.attack} on {config.dataset}{against} ({config.model}, {seeds})")
     m, rows = result.metrics, []
     if "suspect_clean_accuracy" in m:
         rows.append(("suspect", {k: m[f"suspect_{k}"] for k in ("clean_accuracy", "attack_success_rate", "robust_accuracy")}))
