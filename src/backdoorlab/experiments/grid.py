@@ -78,15 +78,18 @@ def cell_key(config: RunConfig) -> str:
     values = config.to_dict()
     for name in PLACEMENT_FIELDS:
         values.pop(name, None)
-    for name, default in ADDED_FIELDS.items():
-        if values.get(name) == default:
-            values.pop(name)
-    train = values.get("train") or {}
-    for name, default in ADDED_TRAIN_FIELDS.items():  # at their defaults, keys stay those of earlier versions
-        if train.get(name) == default:
-            train.pop(name)
+    # fields added later are left out at their defaults, so keys stay those of earlier versions
+    _drop_defaults(values, ADDED_FIELDS)
+    _drop_defaults(values.get("train") or {}, ADDED_TRAIN_FIELDS)
     text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _drop_defaults(values: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Remove from ``values`` each key of ``defaults`` whose value is its default."""
+    for name, default in defaults.items():
+        if name in values and values[name] == default:
+            del values[name]
 
 
 def _lines(node: yaml.Node) -> dict[str, tuple[int, list[int]]]:
