@@ -26,11 +26,11 @@ from backdoorlab.experiments.recipes import DEFAULT_RECIPE
 
 def table(rows: list[dict]) -> list[str]:
     detectors = [k.removeprefix("auroc_") for k in rows[0] if k.startswith("auroc_")]
-    head = "| poison rate | models | ASR before | ASR after | CA after | " + " | ".join(f"AUROC {d}" for d in detectors) + " |"
+    head = "| poison rate | models | ASR before | ASR after | CA after | " + " | ".join(f"AUROC {d} (p)" for d in detectors) + " |"
     lines = [head, "| " + " | ".join(["---"] * (5 + len(detectors))) + " |"]
     for r in rows:
         cells = [f"{100 * r['poison_rate']:g}%", str(r["models"]), f"{r['asr_before']:.3f}", f"{r['asr_after']:.3f}", f"{r['ca_after']:.3f}"]
-        cells += [f"{r[f'auroc_{d}']:.2f}" for d in detectors]
+        cells += [f"{r[f'auroc_{d}']:.2f} ({r[f'p_{d}']:.2g})" for d in detectors]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

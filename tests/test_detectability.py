@@ -29,6 +29,8 @@ def test_summary_gives_mean_asr_and_auroc_per_rate(tmp_path):
     assert [r["poison_rate"] for r in rows] == [0.01, 0.1]
     assert rows[0]["asr_before"] == pytest.approx(0.6) and rows[1]["asr_after"] == pytest.approx(0.8)
     assert rows[0]["auroc_cti"] == pytest.approx(0.5) and rows[1]["auroc_cti"] == 1.0
+    # two against two, perfectly separated: 1 of the C(4, 2) = 6 equally likely orderings
+    assert rows[1]["p_cti"] == pytest.approx(1 / 6) and rows[0]["p_cti"] > 0.5
     path = plot(rows, tmp_path / "study.png")
     assert path.stat().st_size > 1000
 

@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from scipy.stats import mannwhitneyu
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
@@ -168,8 +169,11 @@ def detectability_study(
 
 def summarize(results: dict[float, list[dict[str, Any]]]) -> list[dict[str, float]]:
     """One row per poison rate: mean ASR before / after repair and, per detector, the ROC AUC of
-    that rate's scores against the clean models' (1.0: always detected; 0.5: chance), for the
-    detectors that scored every model of the rate and every clean one."""
+    that rate's scores against the clean models' (1.0: always detected; 0.5: chance) with its
+    one-sided Mann-Whitney p-value (``p_<detector>``: how often scores unrelated to the poison
+    would reach that AUROC with these numbers of models; the exact distribution of the statistic,
+    as without ties, since the normal approximation is poor at a study's size), for the detectors
+    that scored every model of the rate and every clean one."""
     clean = results[0.0]
     rows = []
     for rate in sorted(r for r in results if r > 0):
@@ -182,9 +186,10 @@ def summarize(results: dict[float, list[dict[str, Any]]]) -> list[dict[str, floa
             "ca_after": sum(m["metrics"]["repaired_clean_accuracy"] for m in models) / len(models),
         }
         for name in [n for n in models[0]["scores"] if all(n in m["scores"] for m in [*clean, *models])]:
-            labels = [0] * len(clean) + [1] * len(models)
-            scores = [m["scores"][name] for m in clean] + [m["scores"][name] for m in models]
-            row[f"auroc_{name}"] = float(roc_auc_score(labels, scores))
+            clean_scores = [m["scores"][name] for m in clean]
+            scores = [m["scores"][name] for m in models]
+            row[f"auroc_{name}"] = float(roc_auc_score([0] * len(clean) + [1] * len(models), clean_scores + scores))
+            row[f"p_{name}"] = float(mannwhitneyu(scores, clean_scores, alternative="greater", method="exact").pvalue)
         rows.append(row)
     return rows
 
