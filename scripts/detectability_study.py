@@ -4,7 +4,8 @@ Neural Cleanse scores against clean models trained with other seeds on the same 
 and trusted split (``--own-splits``: each model on its own seed's).
 
 Each model is stored as ``OUTPUT/rate-<r>/seed-<s>/result.json`` (with its suspect and repaired
-weights) and reused when present; a detector added later scores the stored models.
+weights) and reused when present; a detector added later scores the stored models. Users run the
+same study with ``backdoorlab detectability``; this script also fills the docs' blocks.
 
 Usage::
 
@@ -20,19 +21,8 @@ import json
 from doc_blocks import DOCS, replace_block
 
 from backdoorlab.experiments import RunConfig
-from backdoorlab.experiments.detectability import detectability_study, plot, summarize
+from backdoorlab.experiments.detectability import detectability_study, plot, study_table, summarize
 from backdoorlab.experiments.recipes import DEFAULT_RECIPE
-
-
-def table(rows: list[dict]) -> list[str]:
-    detectors = [k.removeprefix("auroc_") for k in rows[0] if k.startswith("auroc_")]
-    head = "| poison rate | models | ASR before | ASR after | CA after | " + " | ".join(f"AUROC {d} (p)" for d in detectors) + " |"
-    lines = [head, "| " + " | ".join(["---"] * (5 + len(detectors))) + " |"]
-    for r in rows:
-        cells = [f"{100 * r['poison_rate']:g}%", str(r["models"]), f"{r['asr_before']:.3f}", f"{r['asr_after']:.3f}", f"{r['ca_after']:.3f}"]
-        cells += [f"{r[f'auroc_{d}']:.2f} ({r[f'p_{d}']:.2g})" for d in detectors]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
 
 
 def main() -> None:
@@ -74,10 +64,10 @@ def main() -> None:
         repair=args.repair, repair_options=args.repair_options, detectors=args.detectors, detector_options=args.detector_options,
     )  # fmt: skip
     rows = summarize(results)
-    for line in table(rows):
-        print(line)
+    table = study_table(rows)
+    print(table)
     if not args.no_docs:
-        replace_block(DOCS / "defenses.md", args.block, table(rows))
+        replace_block(DOCS / "defenses.md", args.block, table.splitlines())
         plot(rows, DOCS / "gallery" / args.plot, f"{args.attack} on {args.dataset}, {args.repair}")
         print(f"wrote the table into docs/defenses.md (block {args.block}) and docs/gallery/{args.plot}")
 

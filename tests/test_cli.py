@@ -90,6 +90,29 @@ def test_model_file_errors_name_the_file(tmp_path):
         assert path.name in result.output.replace("\n", "")
 
 
+def test_detectability_study_runs_from_the_command_line_and_resumes(tmp_path):
+    out = tmp_path / "study"
+    args = ["detectability", "--output", str(out), "--rates", "0.1", "--seeds", "0", "--clean-seeds", "1,2", "--epochs", "8"]
+    args += ["--trusted-size", "0.1", "--repair", "fine_tuning", "-d", "epochs=3", "--detectors", "cti", "-x", "cti.steps=10"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads((out / "detectability.json").read_text())
+    assert row["poison_rate"] == 0.1 and row["models"] == 1 and row["asr_before"] > 0.8
+    assert 0.0 <= row["auroc_cti"] <= 1.0 and row["p_cti"] >= 1 / 3, "one model against two: p is at least 1/3"
+    assert "| 10% | 1 |" in result.output and (out / "detectability.md").read_text().startswith("| poison rate |")
+    stored = json.loads((out / "rate-0.1" / "seed-0" / "result.json").read_text())
+    assert stored["detector_options"]["cti"] == {"steps": 10} and stored["config"]["data_seed"] == 0
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and json.loads((out / "detectability.json").read_text()) == [row], "stored models reused"
+    for bad, message in [
+        (["-x", "steps=10"], "names no detector: write DETECTOR.KEY=VALUE"),
+        (["--rates", "0.1,x"], "--rates takes comma-separated floats"),
+        (["--detectors", "strip"], "valid detectors: cti, neural_cleanse"),
+    ]:
+        result = runner.invoke(app, ["detectability", "--output", str(tmp_path / "bad"), *bad])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), (bad, result.output)
+
+
 def test_list_shows_every_registry():
     result = runner.invoke(app, ["list"])
     assert result.exit_code == 0

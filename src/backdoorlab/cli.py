@@ -378,6 +378,91 @@ def report_command(
     console.print(f"wrote {written} and {output / 'results.csv'}, {output / 'results.parquet'}")
 
 
+def _numbers(text: str, kind: type, name: str) -> list[Any]:
+    """``"0.01,0.1"`` -> ``[0.01, 0.1]`` (``kind`` float or int); a bad item names the option."""
+    try:
+        return [kind(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--{name} takes comma-separated {kind.__name__}s, got '{text}'") from None
+
+
+def _per_detector(pairs: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``["cti.batch_size=32"]`` -> ``{"cti": {"batch_size": 32}}``."""
+    options: dict[str, dict[str, Any]] = {}
+    for key, value in parse_options(pairs).items():
+        detector, dot, option = key.partition(".")
+        if not dot or not detector or not option:
+            raise typer.BadParameter(f"'{key}' names no detector: write DETECTOR.KEY=VALUE (cti.batch_size=32)")
+        options.setdefault(detector, {})[option] = value
+    return options
+
+
+@app.command("detectability")
+def detectability_command(
+    output: Annotated[Path, typer.Option(help="Folder of the per-model results (resumes) and the summary.")] = Path(
+        "runs/detectability"
+    ),
+    dataset: DatasetOpt = "digits",
+    recipe: Annotated[str, typer.Option(help="Training recipe (see `backdoorlab list recipes`).")] = "fast",
+    model: Annotated[Optional[str], typer.Option(help="Model name; default: the recipe's.")] = None,
+    attack: AttackOpt = None,
+    attack_option: AttackOptionOpt = None,
+    rates: Annotated[str, typer.Option(help="Comma-separated poison rates of the backdoored models.")] = "0.005,0.01,0.05,0.1",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds of the backdoored models (each rate).")] = "0,1",
+    clean_seeds: Annotated[str, typer.Option(help="Comma-separated seeds of the clean models.")] = "100,101,102,103",
+    data_seed: Annotated[int, typer.Option(help="The one training subset and trusted split of every model.")] = 0,
+    own_splits: Annotated[bool, typer.Option(help="Each model draws the split of its own seed instead.")] = False,
+    repair: Annotated[str, typer.Option(help="The repair (robustness) and CTI's calibration.")] = "pivotal_tuning",
+    repair_option: Annotated[
+        Optional[list[str]], typer.Option("--repair-option", "-d", help="Repair option KEY=VALUE, repeatable.")
+    ] = None,
+    detectors: Annotated[str, typer.Option(help="Comma-separated detectors.")] = "cti,neural_cleanse",
+    detector_option: Annotated[
+        Optional[list[str]],
+        typer.Option("--detector-option", "-x", help="Detector option DETECTOR.KEY=VALUE, repeatable (cti.batch_size=32)."),
+    ] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Default: the recipe's.")] = None,
+    train_size: Annotated[Optional[str], typer.Option(help="Subsample the training split (fraction or count).")] = None,
+    test_size: Annotated[Optional[str], typer.Option(help="Subsample the test split (fraction or count).")] = None,
+    trusted_size: Annotated[str, typer.Option(help="Trusted clean split given to the repair and detectors.")] = "0.05",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    data_root: DataRootOpt = None,
+) -> None:
+    """The robustness-detectability study of "Pick your Poison": backdoored models over poison rates
+    and seeds against clean models, each repaired (ASR before and after) and scored by detectors
+    (ROC AUC against the clean models, with its p-value)."""
+    from backdoorlab.data.dataset import DataError
+    from backdoorlab.experiments import RunConfig
+    from backdoorlab.experiments.detectability import detectability_study, plot, study_table, summarize
+
+    try:
+        base = RunConfig(
+            dataset=dataset, recipe=recipe, model=model, attack=attack, attack_options=parse_options(attack_option),
+            epochs=epochs, train_size=parse_size(train_size), test_size=parse_size(test_size),
+            trusted_size=parse_size(trusted_size), device=device, data_root=data_root,
+        )  # fmt: skip
+        results = detectability_study(
+            base, _numbers(rates, float, "rates"), _numbers(seeds, int, "seeds"), _numbers(clean_seeds, int, "clean-seeds"),
+            output, data_seed=None if own_splits else data_seed, repair=repair, repair_options=parse_options(repair_option),
+            detectors=tuple(d for d in detectors.split(",") if d), detector_options=_per_detector(detector_option),
+        )  # fmt: skip
+    except (UnknownNameError, DataError, ValueError, TypeError) as err:
+        _fail(err)
+        return
+    rows = summarize(results)
+    table = study_table(rows)
+    (output / "detectability.md").write_text(table + "\n")
+    (output / "detectability.json").write_text(json.dumps(rows, indent=2) + "\n")
+    written = ["detectability.md", "detectability.json"]
+    try:
+        plot(rows, output / "detectability.png", f"{base.resolved().attack} on {dataset}, {repair}")
+        written.append("detectability.png")
+    except ImportError:
+        err_console.print("no plot: it needs matplotlib (pip install 'backdoorlab[plot]')")
+    console.print(table)
+    console.print(f"wrote {', '.join(str(output / name) for name in written)}", soft_wrap=True)
+
+
 clip_app = typer.Typer(no_args_is_help=True, help="Image-text (CLIP-style) models: poisoning, zero-shot evaluation, cleaning.")
 app.add_typer(clip_app, name="clip")
 

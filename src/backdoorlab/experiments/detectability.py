@@ -13,7 +13,8 @@ split) is
 Every model's numbers are stored as ``OUTPUT/rate-<r>/seed-<s>/result.json`` beside its config,
 with the suspect and repaired models, and reused when present, so a study resumes where it stopped
 and a detector added later scores the stored models without training them again. ``summarize``
-turns them into one row per rate; ``plot`` draws detectability against robustness.
+turns them into one row per rate, ``study_table`` into Markdown, and ``plot`` draws detectability
+against robustness. ``backdoorlab detectability`` runs it from the command line.
 """
 
 from __future__ import annotations
@@ -192,6 +193,18 @@ def summarize(results: dict[float, list[dict[str, Any]]]) -> list[dict[str, floa
             row[f"p_{name}"] = float(mannwhitneyu(scores, clean_scores, alternative="greater", method="exact").pvalue)
         rows.append(row)
     return rows
+
+
+def study_table(rows: list[dict[str, float]]) -> str:
+    """:func:`summarize`'s rows as a Markdown table, each AUROC with its p-value in brackets."""
+    detectors = [k.removeprefix("auroc_") for k in rows[0] if k.startswith("auroc_")]
+    head = ["poison rate", "models", "ASR before", "ASR after", "CA after", *(f"AUROC {d} (p)" for d in detectors)]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * len(head)) + " |"]
+    for r in rows:
+        cells = [f"{100 * r['poison_rate']:g}%", str(r["models"]), f"{r['asr_before']:.3f}", f"{r['asr_after']:.3f}", f"{r['ca_after']:.3f}"]
+        cells += [f"{r[f'auroc_{d}']:.2f} ({r[f'p_{d}']:.2g})" for d in detectors]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict[str, float]], path: str | Path, title: str = "") -> Path:
