@@ -108,6 +108,8 @@ def test_detectability_study_runs_from_the_command_line_and_resumes(tmp_path):
         (["-x", "steps=10"], "names no detector: write DETECTOR.KEY=VALUE"),
         (["--rates", "0.1,x"], "--rates takes comma-separated floats"),
         (["--detectors", "strip"], "valid detectors: cti, neural_cleanse"),
+        (["--detectors", "cti", "-x", "neural_cleanse.steps=5"], "options for neural_cleanse, which --detectors (cti) does not run"),
+        (["--rates", ","], "needs at least one poison rate"),
     ]:
         result = runner.invoke(app, ["detectability", "--output", str(tmp_path / "bad"), *bad])
         assert result.exit_code == 2 and message in " ".join(result.output.split()), (bad, result.output)

@@ -379,11 +379,12 @@ def report_command(
 
 
 def _numbers(text: str, kind: type, name: str) -> list[Any]:
-    """``"0.01,0.1"`` -> ``[0.01, 0.1]`` (``kind`` float or int); a bad item names the option."""
+    """``"0.01,0.1"`` -> ``[0.01, 0.1]`` (``kind`` float or int); a bad item is a ``ValueError``
+    that names the option."""
     try:
         return [kind(item) for item in text.split(",") if item.strip()]
     except ValueError:
-        raise typer.BadParameter(f"--{name} takes comma-separated {kind.__name__}s, got '{text}'") from None
+        raise ValueError(f"--{name} takes comma-separated {kind.__name__}s, got '{text}'") from None
 
 
 def _per_detector(pairs: list[str] | None) -> dict[str, dict[str, Any]]:
@@ -392,7 +393,7 @@ def _per_detector(pairs: list[str] | None) -> dict[str, dict[str, Any]]:
     for key, value in parse_options(pairs).items():
         detector, dot, option = key.partition(".")
         if not dot or not detector or not option:
-            raise typer.BadParameter(f"'{key}' names no detector: write DETECTOR.KEY=VALUE (cti.batch_size=32)")
+            raise ValueError(f"'{key}' names no detector: write DETECTOR.KEY=VALUE (cti.batch_size=32)")
         options.setdefault(detector, {})[option] = value
     return options
 
@@ -436,6 +437,11 @@ def detectability_command(
     from backdoorlab.experiments.detectability import detectability_study, plot, study_table, summarize
 
     try:
+        names = tuple(d for d in detectors.split(",") if d)
+        detector_options = _per_detector(detector_option)
+        if set(detector_options) - set(names):
+            unused = ", ".join(sorted(set(detector_options) - set(names)))
+            raise ValueError(f"options for {unused}, which --detectors ({', '.join(names)}) does not run")
         base = RunConfig(
             dataset=dataset, recipe=recipe, model=model, attack=attack, attack_options=parse_options(attack_option),
             epochs=epochs, train_size=parse_size(train_size), test_size=parse_size(test_size),
@@ -444,7 +450,7 @@ def detectability_command(
         results = detectability_study(
             base, _numbers(rates, float, "rates"), _numbers(seeds, int, "seeds"), _numbers(clean_seeds, int, "clean-seeds"),
             output, data_seed=None if own_splits else data_seed, repair=repair, repair_options=parse_options(repair_option),
-            detectors=tuple(d for d in detectors.split(",") if d), detector_options=_per_detector(detector_option),
+            detectors=names, detector_options=detector_options,
         )  # fmt: skip
     except (UnknownNameError, DataError, ValueError, TypeError) as err:
         _fail(err)

@@ -159,6 +159,8 @@ def detectability_study(
     paper's clean models do. ``None`` gives each model the split of its own seed; then a detector's
     clean baseline moves with the split (docs/defenses.md: CTI scored clean models 0.51-0.89 on
     four splits) and an AUROC measures the splits the seeds drew as much as the poison."""
+    if not (rates and seeds and clean_seeds):
+        raise ValueError("a detectability study needs at least one poison rate, one seed and one clean seed")
     results: dict[float, list[dict[str, Any]]] = {}
     for rate, rate_seeds in [(0.0, clean_seeds), *[(float(r), seeds) for r in rates]]:
         for seed in rate_seeds:
