@@ -90,10 +90,12 @@ def test_model_file_errors_name_the_file(tmp_path):
         assert path.name in result.output.replace("\n", "")
 
 
+@pytest.mark.filterwarnings("ignore:the held-out share has")  # 14 held-out digits: Pivotal Tuning says so, rightly
 def test_detectability_study_runs_from_the_command_line_and_resumes(tmp_path):
     out = tmp_path / "study"
     args = ["detectability", "--output", str(out), "--rates", "0.1", "--seeds", "0", "--clean-seeds", "1,2", "--epochs", "8"]
-    args += ["--trusted-size", "0.1", "--repair", "fine_tuning", "-d", "epochs=3", "--detectors", "cti", "-x", "cti.steps=10"]
+    args += ["--trusted-size", "0.1", "--repair", "pivotal_tuning", "-d", "steps=40", "-d", "eval_every=10"]
+    args += ["--detectors", "cti", "-x", "cti.steps=10"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     (row,) = json.loads((out / "detectability.json").read_text())
@@ -102,6 +104,8 @@ def test_detectability_study_runs_from_the_command_line_and_resumes(tmp_path):
     assert "| 10% | 1 |" in result.output and (out / "detectability.md").read_text().startswith("| poison rate |")
     stored = json.loads((out / "rate-0.1" / "seed-0" / "result.json").read_text())
     assert stored["detector_options"]["cti"] == {"steps": 10} and stored["config"]["data_seed"] == 0
+    details = stored["repair_details"]  # the repair's own: Pivotal Tuning's held-out curve and the step it kept
+    assert details["held_out_size"] > 0 and details["chosen_step"] in [p["step"] for p in details["held_out_curve"]]
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and json.loads((out / "detectability.json").read_text()) == [row], "stored models reused"
     for bad, message in [

@@ -45,7 +45,9 @@ def study_model(
 ) -> dict[str, Any]:  # fmt: skip
     """Train one (backdoored or clean) model of ``config``, repair it, score the suspect with each
     detector (``detector_options``: options by detector name, for example ``{"cti": {"batch_size":
-    32}}``); store and return ``{"config", "metrics", "scores", "detector_details", "timings"}``.
+    32}}``); store and return ``{"config", "metrics", "repair_details", "scores", "detector_details",
+    "timings"}`` (``repair_details``: the repair's own, such as Pivotal Tuning's chosen step and
+    held-out curve).
 
     The result is stored in ``directory`` with the suspect and repaired models
     (``suspect.safetensors``, ``repaired.safetensors``) and reused: a detector asked for later, or
@@ -89,7 +91,7 @@ def study_model(
     timings["train"] = time.perf_counter() - tick
     metrics = {f"suspect_{k}": v for k, v in evaluate(prepared, model).items()}
     # the study needs the repair's end point only: no persistence curve to evaluate
-    repaired, after, _, timings["repair"] = apply_repair(prepared, model, repair, repair_options, persistence=False)
+    repaired, after, repair_details, timings["repair"] = apply_repair(prepared, model, repair, repair_options, persistence=False)
     metrics.update({f"repaired_{k}": v for k, v in after.items()})
     save_model(directory / _SUSPECT, model, prepared.config)
     save_model(directory / _REPAIRED, repaired, prepared.config)
@@ -97,6 +99,7 @@ def study_model(
     timings.update(detector_timings)
     stored = {
         "config": prepared.config.to_dict(), "repair": repair, "repair_options": repair_options, "metrics": metrics,
+        "repair_details": repair_details,
         "detector_options": detector_options, "scores": scores, "detector_details": details, "timings": {k: round(v, 2) for k, v in timings.items()},
         "version": __version__,
     }  # fmt: skip
