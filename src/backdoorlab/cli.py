@@ -82,15 +82,21 @@ DataRootOpt = Annotated[
     Optional[str],
     typer.Option(help="Folder with <dataset>/{train,test}.parquet [env: BACKDOORLAB_DATA]."),
 ]
+RecipeOpt = Annotated[
+    str, typer.Option(help="Training recipe: fast, quick or backdoorbench (see `backdoorlab list recipes`).")
+]
+ModelOpt = Annotated[Optional[str], typer.Option(help="Model name; default: the recipe's.")]
+EpochsOpt = Annotated[Optional[int], typer.Option(help="Default: the recipe's.")]
+TrainSizeOpt = Annotated[Optional[str], typer.Option(help="Subsample the training split (fraction or count).")]
+TestSizeOpt = Annotated[Optional[str], typer.Option(help="Subsample the test split (fraction or count).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
 
 
 @app.command("run")
 def run_command(
     dataset: DatasetOpt = "digits",
-    recipe: Annotated[
-        str, typer.Option(help="Training recipe: fast, quick or backdoorbench (see `backdoorlab list recipes`).")
-    ] = "fast",
-    model: Annotated[Optional[str], typer.Option(help="Model name; default: the recipe's.")] = None,
+    recipe: RecipeOpt = "fast",
+    model: ModelOpt = None,
     model_option: Annotated[
         Optional[list[str]], typer.Option("--model-option", "-m", help="Model option KEY=VALUE.")
     ] = None,
@@ -120,20 +126,16 @@ def run_command(
         Optional[list[str]],
         typer.Option("--regularizer-option", "-g", help="Regulariser option KEY=VALUE (weight=0.1)."),
     ] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Default: the recipe's.")] = None,
+    epochs: EpochsOpt = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Default: the recipe's.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
     seed: Annotated[int, typer.Option(help="Seeds splits, poisoning, init and training.")] = 0,
     data_seed: Annotated[
         Optional[int], typer.Option(help="Seeds the subsamples and trusted split alone (default: --seed).")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
-    train_size: Annotated[
-        Optional[str], typer.Option(help="Subsample the training split (fraction or count).")
-    ] = None,
-    test_size: Annotated[
-        Optional[str], typer.Option(help="Subsample the test split (fraction or count).")
-    ] = None,
+    device: DeviceOpt = "auto",
+    train_size: TrainSizeOpt = None,
+    test_size: TestSizeOpt = None,
     trusted_size: Annotated[
         str, typer.Option(help="Trusted clean split kept out of training, for defenses.")
     ] = "0.01",
@@ -378,11 +380,11 @@ def report_command(
     console.print(f"wrote {written} and {output / 'results.csv'}, {output / 'results.parquet'}")
 
 
-def _numbers(text: str, kind: type, name: str) -> list[Any]:
-    """``"0.01,0.1"`` -> ``[0.01, 0.1]`` (``kind`` float or int); a bad item is a ``ValueError``
-    that names the option."""
+def comma_list(text: str, kind: type = str, name: str = "") -> list[Any]:
+    """``"0.01,0.1"`` -> ``[0.01, 0.1]`` with ``kind=float`` (empty items skipped); an item that is
+    not a ``kind`` is a ``ValueError`` that names the option ``--name``."""
     try:
-        return [kind(item) for item in text.split(",") if item.strip()]
+        return [kind(item) for item in text.split(",") if item]
     except ValueError:
         raise ValueError(f"--{name} takes comma-separated {kind.__name__}s, got '{text}'") from None
 
@@ -404,8 +406,8 @@ def detectability_command(
         "runs/detectability"
     ),
     dataset: DatasetOpt = "digits",
-    recipe: Annotated[str, typer.Option(help="Training recipe (see `backdoorlab list recipes`).")] = "fast",
-    model: Annotated[Optional[str], typer.Option(help="Model name; default: the recipe's.")] = None,
+    recipe: RecipeOpt = "fast",
+    model: ModelOpt = None,
     attack: AttackOpt = None,
     attack_option: AttackOptionOpt = None,
     rates: Annotated[str, typer.Option(help="Comma-separated poison rates of the backdoored models.")] = "0.005,0.01,0.05,0.1",
@@ -422,11 +424,11 @@ def detectability_command(
         Optional[list[str]],
         typer.Option("--detector-option", "-x", help="Detector option DETECTOR.KEY=VALUE, repeatable (cti.batch_size=32)."),
     ] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Default: the recipe's.")] = None,
-    train_size: Annotated[Optional[str], typer.Option(help="Subsample the training split (fraction or count).")] = None,
-    test_size: Annotated[Optional[str], typer.Option(help="Subsample the test split (fraction or count).")] = None,
+    epochs: EpochsOpt = None,
+    train_size: TrainSizeOpt = None,
+    test_size: TestSizeOpt = None,
     trusted_size: Annotated[str, typer.Option(help="Trusted clean split given to the repair and detectors.")] = "0.05",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    device: DeviceOpt = "auto",
     data_root: DataRootOpt = None,
 ) -> None:
     """The robustness-detectability study of "Pick your Poison": backdoored models over poison rates
@@ -437,7 +439,7 @@ def detectability_command(
     from backdoorlab.experiments.detectability import detectability_study, plot, study_table, summarize
 
     try:
-        names = tuple(d for d in detectors.split(",") if d)
+        names = tuple(comma_list(detectors))
         detector_options = _per_detector(detector_option)
         if set(detector_options) - set(names):
             unused = ", ".join(sorted(set(detector_options) - set(names)))
@@ -448,7 +450,7 @@ def detectability_command(
             trusted_size=parse_size(trusted_size), device=device, data_root=data_root,
         )  # fmt: skip
         results = detectability_study(
-            base, _numbers(rates, float, "rates"), _numbers(seeds, int, "seeds"), _numbers(clean_seeds, int, "clean-seeds"),
+            base, comma_list(rates, float, "rates"), comma_list(seeds, int, "seeds"), comma_list(clean_seeds, int, "clean-seeds"),
             output, data_seed=None if own_splits else data_seed, repair=repair, repair_options=parse_options(repair_option),
             detectors=names, detector_options=detector_options,
         )  # fmt: skip
@@ -504,7 +506,7 @@ def clip_study_command(
 
     config = ClipStudyConfig(
         dataset=dataset, data_root=data_root, model=model, model_options=parse_options(model_option),
-        attacks=tuple(a for a in attacks.split(",") if a), cleanings=tuple(c for c in cleanings.split(",") if c),
+        attacks=tuple(comma_list(attacks)), cleanings=tuple(comma_list(cleanings)),
         poison_rate=parse_size(poison_rate), target=target, train_size=train_size,
         clean_size=clean_size, test_size=test_size, clean_epochs=clean_epochs, clean_lr=clean_lr,
         eval_every=eval_every, par_threshold=par_threshold, seed=seed, device=device,
