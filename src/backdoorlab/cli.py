@@ -465,8 +465,8 @@ def detectability_command(
     try:
         plot(rows, output / "detectability.png", f"{base.resolved().attack} on {dataset}, {repair}")
         written.append("detectability.png")
-    except ImportError:
-        err_console.print("no plot: it needs matplotlib (pip install 'backdoorlab[plot]')")
+    except RuntimeError as err:  # no matplotlib
+        err_console.print(f"no plot: {err}")
     console.print(table)
     console.print(f"wrote {', '.join(str(output / name) for name in written)}", soft_wrap=True)
 

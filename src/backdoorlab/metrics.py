@@ -9,6 +9,8 @@ Definitions (as BackdoorBench reports them):
 - **RA**: share of the same triggered samples still given their true label.
 - **Isolation precision / recall** of a defense's isolated set against the hidden poison mask:
   share of isolated samples that are poisoned, share of poisoned samples isolated.
+- **Detection AUROC** of a detector's scores on backdoored models against its scores on clean
+  models, with its p-value.
 """
 
 from __future__ import annotations
@@ -58,3 +60,18 @@ def isolation_metrics(isolated: Tensor, poisoned: Tensor) -> dict[str, float]:
         "isolation_recall": float(recall_score(truth, verdict, zero_division=0)),
         "isolated": int(verdict.sum()),
     }
+
+
+def detection_auroc(clean_scores: list[float], backdoored_scores: list[float]) -> tuple[float, float]:
+    """``(auroc, p)``: the ROC AUC of a detector's scores on backdoored models against its scores on
+    clean models (1: every backdoored model above every clean one; 0.5: chance), and its one-sided
+    Mann-Whitney p-value: how often scores unrelated to the poison would reach that AUROC with
+    these numbers of models (the exact distribution of the statistic, as without ties, since the
+    normal approximation is poor at a study's size)."""
+    from scipy.stats import mannwhitneyu
+    from sklearn.metrics import roc_auc_score
+
+    labels = [0] * len(clean_scores) + [1] * len(backdoored_scores)
+    auroc = float(roc_auc_score(labels, [*clean_scores, *backdoored_scores]))
+    p = float(mannwhitneyu(backdoored_scores, clean_scores, alternative="greater", method="exact").pvalue)
+    return auroc, p

@@ -26,8 +26,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from scipy.stats import mannwhitneyu
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from backdoorlab import __version__
@@ -37,6 +35,7 @@ from backdoorlab.experiments.config import RunConfig
 from backdoorlab.experiments.grid import cell_key
 from backdoorlab.experiments.run import _DEFENSE, Prepared, apply_detector, apply_repair, evaluate, prepare, train_victim
 from backdoorlab.experiments.saved_model import load_model, save_model
+from backdoorlab.metrics import detection_auroc
 
 
 def study_model(
@@ -176,9 +175,7 @@ def detectability_study(
 def summarize(results: dict[float, list[dict[str, Any]]]) -> list[dict[str, float]]:
     """One row per poison rate: mean ASR before / after repair and, per detector, the ROC AUC of
     that rate's scores against the clean models' (1.0: always detected; 0.5: chance) with its
-    one-sided Mann-Whitney p-value (``p_<detector>``: how often scores unrelated to the poison
-    would reach that AUROC with these numbers of models; the exact distribution of the statistic,
-    as without ties, since the normal approximation is poor at a study's size), for the detectors
+    p-value (``p_<detector>``; :func:`backdoorlab.metrics.detection_auroc`), for the detectors
     that scored every model of the rate and every clean one."""
     clean = results[0.0]
     rows = []
@@ -192,10 +189,9 @@ def summarize(results: dict[float, list[dict[str, Any]]]) -> list[dict[str, floa
             "ca_after": sum(m["metrics"]["repaired_clean_accuracy"] for m in models) / len(models),
         }
         for name in [n for n in models[0]["scores"] if all(n in m["scores"] for m in [*clean, *models])]:
-            clean_scores = [m["scores"][name] for m in clean]
-            scores = [m["scores"][name] for m in models]
-            row[f"auroc_{name}"] = float(roc_auc_score([0] * len(clean) + [1] * len(models), clean_scores + scores))
-            row[f"p_{name}"] = float(mannwhitneyu(scores, clean_scores, alternative="greater", method="exact").pvalue)
+            row[f"auroc_{name}"], row[f"p_{name}"] = detection_auroc(
+                [m["scores"][name] for m in clean], [m["scores"][name] for m in models]
+            )
         rows.append(row)
     return rows
 
@@ -213,12 +209,11 @@ def study_table(rows: list[dict[str, float]]) -> str:
 
 
 def plot(rows: list[dict[str, float]], path: str | Path, title: str = "") -> Path:
-    """Detectability (ROC AUC) against robustness (ASR after repair), one point per rate."""
-    import matplotlib
+    """Detectability (ROC AUC) against robustness (ASR after repair), one point per rate; a
+    ``RuntimeError`` where matplotlib is missing."""
+    from backdoorlab.report.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.8))
     for key in [k for k in rows[0] if k.startswith("auroc_")]:
         xs, ys = [r["asr_after"] for r in rows], [r[key] for r in rows]
@@ -233,4 +228,5 @@ def plot(rows: list[dict[str, float]], path: str | Path, title: str = "") -> Pat
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path

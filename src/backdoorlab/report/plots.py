@@ -10,14 +10,16 @@ from typing import Any
 from backdoorlab.report.tables import Summary, method_label
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend; a ``RuntimeError`` that says how to install it where
+    it is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as err:
-        raise RuntimeError("the report's plots need matplotlib: pip install 'backdoorlab[plot]'") from err
+        raise RuntimeError("plots need matplotlib: pip install 'backdoorlab[plot]'") from err
     return plt
 
 
@@ -25,7 +27,7 @@ def _png(fig: Any) -> bytes:
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=100)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return buffer.getvalue()
 
 
@@ -35,7 +37,7 @@ def ca_vs_asr(summary: Summary) -> bytes | None:
     rows = [r for r in summary.rows if r.get("clean_accuracy") and r.get("attack_success_rate")]
     if not rows:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     panels = sorted({(r["config"]["dataset"], r["config"]["model"]) for r in rows})
     methods = sorted({method_label(r["config"]) for r in rows})
     attacks = sorted({r["config"]["attack"] for r in rows})
@@ -66,7 +68,7 @@ def persistence(summary: Summary) -> bytes | None:
     rows = [r for r in summary.rows if r["persistence"]]
     if not rows:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_asr, ax_ca) = plt.subplots(1, 2, figsize=(10, 3.8))
     for r in rows:
         c = r["config"]
@@ -92,7 +94,7 @@ def robustness_detectability(rows: list[dict[str, Any]]) -> bytes | None:
     the grid has no repair), one point per attack and rate, labelled with the rate."""
     if not rows:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 4.2))
     series = sorted({(r["attack"], r["detector"]) for r in rows})
     for attack, detector in series:
@@ -127,7 +129,7 @@ def clip_tradeoff(result: dict[str, Any]) -> bytes | None:
     curves = result.get("curves") or {}
     if not curves:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.6), squeeze=False, sharey=True)
     colours = {"fine_tuning": "tab:grey", "cleanclip": "tab:blue", "par": "tab:red"}
     for ax, (attack, methods) in zip(axes[0], curves.items(), strict=True):

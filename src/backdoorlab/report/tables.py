@@ -166,7 +166,7 @@ def detectability(records: list[Record]) -> list[dict[str, Any]]:
     dataset and model. Robustness: the ASR of the same attack and rate before and after a repair
     (cells with a repair defense), where the grid has them.
     """
-    from sklearn.metrics import roc_auc_score
+    from backdoorlab.metrics import detection_auroc
 
     done = [r for r in records if r.status == "done" and r.metrics]
     scores: dict[tuple, list[float]] = defaultdict(list)
@@ -190,7 +190,7 @@ def detectability(records: list[Record]) -> list[dict[str, Any]]:
         clean = [s for (d, mo, de, _, ra), v in scores.items() if (d, mo, de, ra) == (dataset, model, detector, 0.0) for s in v]
         if not rate or not clean:
             continue
-        auroc = float(roc_auc_score([0] * len(clean) + [1] * len(values), clean + values))
+        auroc = detection_auroc(clean, values)[0]
         key = (dataset, model, attack, rate)
         rows.append({
             "dataset": dataset, "model": model, "attack": attack, "poison_rate": rate, "detector": detector,
