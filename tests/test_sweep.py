@@ -356,6 +356,10 @@ def test_detectability_rows_from_a_grid(tmp_path: Path) -> None:
     assert row["attack"] == "badnets" and row["poison_rate"] == 0.1 and (row["n"], row["n_clean"]) == (3, 3)
     assert row["auroc"] == pytest.approx(8 / 9)  # 8 of the 9 (backdoored, clean) pairs are ordered right
     assert row["asr"] == pytest.approx(0.8) and row["asr_repaired"] is None
+    pytest.importorskip("matplotlib")
+    from backdoorlab.report import plots
+
+    assert plots.robustness_detectability([row]).startswith(b"\x89PNG")
 
 
 def _chromium() -> str:

@@ -581,7 +581,7 @@ def show_trigger_command(
         path = trigger_grid(
             dataset, attack, parse_options(attack_option), count, output, seed, data_root, difference
         )
-    except (UnknownNameError, DataError, ValueError, TypeError) as err:
+    except (UnknownNameError, DataError, ValueError, TypeError, RuntimeError) as err:
         _fail(err)
         return
     console.print(f"wrote {path}")

@@ -64,16 +64,12 @@ def series_plot(
     images: TensorDataset, trigger: Trigger, count: int, seed: int, output: str | Path
 ) -> Path:
     """Save ``count`` test series (first channel) with their triggered copies overlaid, one panel
-    each (needs matplotlib: the ``plot`` extra)."""
-    try:
-        import matplotlib
+    each (needs matplotlib: the ``plot`` extra; a ``RuntimeError`` says so where it is missing)."""
+    from backdoorlab.report.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise ValueError("plotting series needs matplotlib: pip install 'backdoorlab[plot]'") from err
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
+    plt = pyplot()
     chosen = seeded_permutation(len(images), seed)[: min(count, len(images))]
     clean = images.inputs[chosen]
     triggered = trigger.poison(clean, images.labels[chosen], torch.Generator().manual_seed(seed))

@@ -209,24 +209,20 @@ def study_table(rows: list[dict[str, float]]) -> str:
 
 
 def plot(rows: list[dict[str, float]], path: str | Path, title: str = "") -> Path:
-    """Detectability (ROC AUC) against robustness (ASR after repair), one point per rate; a
-    ``RuntimeError`` where matplotlib is missing."""
-    from backdoorlab.report.plots import pyplot
+    """Detectability (ROC AUC) against robustness (ASR after repair), one point per rate and one
+    line per detector (the grid report's :func:`~backdoorlab.report.plots.robustness_detectability`);
+    a ``RuntimeError`` where matplotlib is missing."""
+    from backdoorlab.report.plots import robustness_detectability
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.8))
-    for key in [k for k in rows[0] if k.startswith("auroc_")]:
-        xs, ys = [r["asr_after"] for r in rows], [r[key] for r in rows]
-        ax.plot(xs, ys, marker="o", label=key.removeprefix("auroc_"))
-        for r, x, y in zip(rows, xs, ys):
-            ax.annotate(f"{100 * r['poison_rate']:g}%", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set(xlabel="ASR after repair (robustness)", ylabel="ROC AUC vs clean models (detectability)", title=title)
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    points = [
+        {"attack": "", "detector": key.removeprefix("auroc_"), "poison_rate": r["poison_rate"], "auroc": r[key],
+         "asr": r["asr_before"], "asr_repaired": r["asr_after"]}
+        for r in rows for key in r if key.startswith("auroc_")
+    ]  # fmt: skip
+    png = robustness_detectability(points, title)
+    if png is None:
+        raise ValueError("the study has no rows to plot")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path.write_bytes(png)
     return path

@@ -89,9 +89,12 @@ def persistence(summary: Summary) -> bytes | None:
     return _png(fig)
 
 
-def robustness_detectability(rows: list[dict[str, Any]]) -> bytes | None:
-    """Detectability (detector AUROC) against robustness (ASR after the repair, or before where
-    the grid has no repair), one point per attack and rate, labelled with the rate."""
+def robustness_detectability(rows: list[dict[str, Any]], title: str = "") -> bytes | None:
+    """Detectability (detector ROC AUC against clean models, y) against robustness (ASR after the
+    repair, or before where there is no repair, x): one line per attack and detector, one point per
+    poison rate, labelled with the rate. ``rows`` hold ``attack``, ``detector``, ``poison_rate``,
+    ``auroc``, ``asr`` and ``asr_repaired`` (``None`` without a repair); the grid report and the
+    detectability study draw with it."""
     if not rows:
         return None
     plt = pyplot()
@@ -99,18 +102,20 @@ def robustness_detectability(rows: list[dict[str, Any]]) -> bytes | None:
     series = sorted({(r["attack"], r["detector"]) for r in rows})
     for attack, detector in series:
         points = sorted((r for r in rows if (r["attack"], r["detector"]) == (attack, detector)), key=lambda r: r["poison_rate"])
-        ys = [r["asr_repaired"] if r["asr_repaired"] is not None else r["asr"] for r in points]
-        xs = [r["auroc"] for r in points]
-        ax.plot(xs, ys, marker="o", label=f"{attack} · {detector}")
+        xs = [r["asr_repaired"] if r["asr_repaired"] is not None else r["asr"] for r in points]
+        ys = [r["auroc"] for r in points]
+        ax.plot(xs, ys, marker="o", label=" · ".join(part for part in (attack, detector) if part))
         for x, y, r in zip(xs, ys, points, strict=True):
-            ax.annotate(f"{r['poison_rate']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(f"{100 * r['poison_rate']:g}%", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     repaired = any(r["asr_repaired"] is not None for r in rows)
-    ax.set_xlabel("detectability: detector ROC AUC against clean models")
-    ax.set_ylabel("ASR after repair" if repaired else "ASR")
-    ax.set_xlim(0.0, 1.03)
+    ax.set_xlabel("robustness: ASR after repair" if repaired else "robustness: ASR")
+    ax.set_ylabel("detectability: ROC AUC against clean models")
+    ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(-0.03, 1.03)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
     return _png(fig)
 
 
