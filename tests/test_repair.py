@@ -177,6 +177,24 @@ def test_pivotal_tuning_returns_a_checkpoint_that_keeps_held_out_accuracy():
     assert all(p.requires_grad for p in model.parameters()), "the suspect model is left as it was"
 
 
+def test_pivotal_tuning_persistence_curve_follows_its_held_out_checkpoints():
+    """The evaluation watches Pivotal Tuning at each held-out measurement (steps, not epochs), and
+    the model it returns is the chosen checkpoint of that curve."""
+    prepared = prepare(RunConfig(dataset="digits", epochs=10, trusted_size=0.2))
+    model, _ = train_victim(prepared)
+    options = {"steps": 60, "lr": 1e-2, "eval_every": 10}
+    with pytest.warns(DefenseWarning, match="the held-out share has 29 images"):
+        _, metrics, details, _ = apply_repair(prepared, model, "pivotal_tuning", options)
+    curve = details["persistence"]
+    assert details["persistence_unit"] == "step"
+    assert [p["checkpoint"] for p in curve] == [p["step"] for p in details["held_out_curve"]]
+    assert curve[0]["clean_accuracy"] == pytest.approx(evaluate(prepared, model)["clean_accuracy"], abs=1e-4)
+    assert details["chosen_step"] > 0, "a step of the repair, not the suspect model"
+    [chosen] = [p for p in curve if p["checkpoint"] == details["chosen_step"]]
+    assert chosen["clean_accuracy"] == pytest.approx(metrics["clean_accuracy"], abs=1e-4)
+    assert chosen["attack_success_rate"] == pytest.approx(metrics["attack_success_rate"], abs=1e-4)
+
+
 def test_pivotal_tuning_latent_term_turns_the_class_geometry_away_from_the_pivot():
     """SLOL is what moves the directions between class centroids away from the suspect's: with it
     the pivot-cosine part falls further than the cross-entropy and anchor move it alone (digits,

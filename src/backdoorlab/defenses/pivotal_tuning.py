@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +106,9 @@ class PivotalStep:
 
 class CheckpointOnHeldOut(Callback):
     """Every ``every`` steps, measure held-out clean accuracy and keep the latest weights whose
-    accuracy is within ``max_drop`` of the suspect model's (``pivot``, measured as step 0).
+    accuracy is within ``max_drop`` of the suspect model's (``pivot``, measured as step 0). An
+    ``observer`` (the evaluation's persistence recorder) is called with the model at each of these
+    checkpoints, step 0 included; what it measures never reaches the choice.
 
     Each measurement also records, on the same held-out images in eval mode, the terms of the loss
     unweighted (cross-entropy, SLOL's orthogonality and pivot-cosine parts, the mean squared
@@ -115,9 +117,9 @@ class CheckpointOnHeldOut(Callback):
 
     def __init__(
         self, held_out: TensorDataset, pivot: nn.Module, max_drop: float, every: int, steps_per_epoch: int,
-        device: torch.device,
+        device: torch.device, observer: Observer | None = None,
     ) -> None:  # fmt: skip
-        self.held_out, self.pivot, self.every = held_out, pivot, every
+        self.held_out, self.pivot, self.every, self.observer = held_out, pivot, every, observer
         self.steps_per_epoch, self.device = steps_per_epoch, device
         self.pivot_embedding = predict_logits(pivot, held_out.inputs, device=device, pre_logits=True)
         self.best: dict[str, Tensor] | None = None
@@ -125,6 +127,8 @@ class CheckpointOnHeldOut(Callback):
         self.curve: list[dict[str, Any]] = []
         self.start_accuracy = self.measure(0, pivot)
         self.floor = self.start_accuracy - max_drop
+        if observer is not None:
+            observer(pivot, 0)
 
     def measure(self, step: int, model: nn.Module) -> float:
         """Append the held-out accuracy and loss terms at ``step`` to ``curve``; return the accuracy."""
@@ -148,6 +152,8 @@ class CheckpointOnHeldOut(Callback):
             return
         if self.measure(step, model) >= self.floor:
             self.best, self.best_step = copy.deepcopy(model.state_dict()), step
+        if self.observer is not None:
+            self.observer(model, step)
 
 
 @REPAIRS.register("pivotal_tuning", "Pivotal Tuning (Lukas & Kerschbaum 2023): CE + SLOL + weight anchor to the suspect model")
@@ -170,6 +176,8 @@ class PivotalTuning(RepairDefense):
     accuracy above it: 50 images at accuracy 0.75 measure it to 0.06), a ``DefenseWarning`` says
     so: on CIFAR-10 WaNet such a share let a checkpoint 7 points below the suspect through.
     """
+
+    checkpoint_unit: ClassVar[str] = "step"
 
     def __init__(
         self,
@@ -209,7 +217,9 @@ class PivotalTuning(RepairDefense):
         steps_per_epoch = math.ceil(len(tune) / o["batch_size"])
         epochs = math.ceil(o["steps"] / steps_per_epoch)
         config = tuning_recipe(recipe, epochs=epochs, lr=o["lr"], batch_size=o["batch_size"], weight_decay=0.0, schedule="constant")
-        checkpoints = CheckpointOnHeldOut(held_out, pivot, o["max_accuracy_drop"], o["eval_every"], steps_per_epoch, device)
+        checkpoints = CheckpointOnHeldOut(
+            held_out, pivot, o["max_accuracy_drop"], o["eval_every"], steps_per_epoch, device, observer
+        )  # fmt: skip
         resolution = held_out_resolution(checkpoints.start_accuracy, len(held_out))
         if resolution > o["max_accuracy_drop"]:
             warnings.warn(
@@ -230,8 +240,6 @@ class PivotalTuning(RepairDefense):
                 "accuracy, so it returns the suspect model unchanged (details: held_out_curve)",
                 DefenseWarning, stacklevel=2,
             )  # fmt: skip
-        if observer is not None:
-            observer(model, checkpoints.best_step)
         curve = [{k: v if k == "step" else float(f"{v:.4g}") for k, v in point.items()} for point in checkpoints.curve]
         return DefenseOutcome(
             model.eval(),

@@ -15,7 +15,7 @@ import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -49,6 +49,9 @@ class _Configurable:
 
 class RepairDefense(_Configurable, ABC):
     """Base class of post-training repairs; subclasses keep their options in ``self._options``."""
+
+    #: What the checkpoints passed to an ``observer`` count: epochs of clean fine-tuning here.
+    checkpoint_unit: ClassVar[str] = "epoch"
 
     @abstractmethod
     def repair(

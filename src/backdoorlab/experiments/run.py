@@ -191,7 +191,8 @@ def apply_repair(
 ) -> tuple[torch.nn.Module, dict[str, float], dict[str, Any], float]:
     """Repair ``model`` with the trusted split only; return ``(repaired, metrics, details, seconds)``
     where ``details`` holds the repair's own details and, with ``persistence``, the evaluation's
-    ``persistence`` curve (CA, ASR, RA at each checkpoint: for fine-tuning, each epoch), and
+    ``persistence`` curve (CA, ASR, RA at each checkpoint: for fine-tuning, each epoch; for Pivotal
+    Tuning, each held-out measurement; ``persistence_unit`` says which), and
     ``seconds`` the repair's time without the curve's evaluations."""
     config = prepared.config
     assert config.train is not None
@@ -205,6 +206,7 @@ def apply_repair(
     details = dict(outcome.details)
     if recorder is not None and len(recorder.curve) > 1:
         details["persistence"] = recorder.curve
+        details["persistence_unit"] = repair.checkpoint_unit
     return outcome.model, evaluate(prepared, outcome.model), details, seconds
 
 

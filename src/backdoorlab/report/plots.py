@@ -64,28 +64,31 @@ def ca_vs_asr(summary: Summary) -> bytes | None:
 
 
 def persistence(summary: Summary) -> bytes | None:
-    """ASR and CA at each checkpoint of each repair that records them (mean over seeds)."""
+    """ASR and CA at each checkpoint of each repair that records them (mean over seeds): one row
+    of two panels per checkpoint unit (fine-tuning's epochs, Pivotal Tuning's steps)."""
     rows = [r for r in summary.rows if r["persistence"]]
     if not rows:
         return None
     plt = pyplot()
-    fig, (ax_asr, ax_ca) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for r in rows:
-        c = r["config"]
-        several = len({r["config"]["dataset"] for r in rows}) > 1
-        label = f"{c['attack']} · {method_label(c)}" + (f" · {c['dataset']}" if several else "")
-        curves = r["persistence"]
-        length = min(len(curve) for curve in curves)
-        steps = [curves[0][i]["checkpoint"] for i in range(length)]
-        for ax, metric in ((ax_asr, "attack_success_rate"), (ax_ca, "clean_accuracy")):
-            mean = [sum(curve[i][metric] for curve in curves) / len(curves) for i in range(length)]
-            ax.plot(steps, mean, marker=".", label=label)
-    for ax, title in ((ax_asr, "attack success rate"), (ax_ca, "clean accuracy")):
-        ax.set_xlabel("checkpoint (epoch of the repair's clean fine-tuning)")
-        ax.set_title(title, fontsize=10)
-        ax.set_ylim(-0.03, 1.03)
-        ax.grid(alpha=0.3)
-    ax_asr.legend(fontsize=7)
+    units = sorted({r.get("persistence_unit") or "epoch" for r in rows})
+    fig, axes = plt.subplots(len(units), 2, figsize=(10, 3.8 * len(units)), squeeze=False)
+    several = len({r["config"]["dataset"] for r in rows}) > 1
+    for (ax_asr, ax_ca), unit in zip(axes, units, strict=True):
+        for r in (r for r in rows if (r.get("persistence_unit") or "epoch") == unit):
+            c = r["config"]
+            label = f"{c['attack']} · {method_label(c)}" + (f" · {c['dataset']}" if several else "")
+            curves = r["persistence"]
+            length = min(len(curve) for curve in curves)
+            steps = [curves[0][i]["checkpoint"] for i in range(length)]
+            for ax, metric in ((ax_asr, "attack_success_rate"), (ax_ca, "clean_accuracy")):
+                mean = [sum(curve[i][metric] for curve in curves) / len(curves) for i in range(length)]
+                ax.plot(steps, mean, marker=".", label=label)
+        for ax, title in ((ax_asr, "attack success rate"), (ax_ca, "clean accuracy")):
+            ax.set_xlabel(f"checkpoint ({unit} of the repair)")
+            ax.set_title(title, fontsize=10)
+            ax.set_ylim(-0.03, 1.03)
+            ax.grid(alpha=0.3)
+        ax_asr.legend(fontsize=7)
     return _png(fig)
 
 

@@ -135,8 +135,9 @@ def summarize(grid: str, records: list[Record]) -> Summary:
         for key, _ in metrics:
             values = [float(done[i].metrics[key]) for i in members if key in done[i].metrics]  # type: ignore[index]
             row[key] = mean_std(values) if values else None
-        curves = [done[i].result.get("details", {}).get("persistence") for i in members if done[i].result]
-        row["persistence"] = [c for c in curves if c]
+        details = [done[i].result.get("details", {}) for i in members if done[i].result]
+        row["persistence"] = [d["persistence"] for d in details if d.get("persistence")]
+        row["persistence_unit"] = next((d.get("persistence_unit", "epoch") for d in details if d.get("persistence")), None)
         rows.append(row)
     return Summary(grid, columns, metrics, rows)
 
