@@ -195,6 +195,27 @@ def test_pivotal_tuning_persistence_curve_follows_its_held_out_checkpoints():
     assert chosen["attack_success_rate"] == pytest.approx(metrics["attack_success_rate"], abs=1e-4)
 
 
+def test_pivotal_tuning_first_drop_rule_stops_at_the_first_held_out_fall():
+    """``checkpoint_rule="first_drop"`` returns a checkpoint from before the held-out accuracy
+    first falls below the floor; the default may return a later one where it climbs back (digits,
+    lr 0.02 without the anchor: held-out 0.97 -> 0.69 -> 0.97; measured: latest step 90, first
+    drop step 0). A bad rule lists the valid ones."""
+    with pytest.raises(ValueError, match="valid: latest, first_drop"):
+        create_repair("pivotal_tuning", checkpoint_rule="best")
+    prepared = prepare(RunConfig(dataset="digits", epochs=10, trusted_size=0.2))
+    model, _ = train_victim(prepared)
+    chosen = {}
+    for rule in ("latest", "first_drop"):
+        repair = create_repair("pivotal_tuning", steps=100, lr=0.02, eval_every=5, parameter_weight=0.0, checkpoint_rule=rule)
+        with pytest.warns(DefenseWarning):
+            outcome = repair.repair(model, prepared.trusted, prepared.config.train, device=prepared.device, seed=7)
+        curve, chosen[rule] = outcome.details["held_out_curve"], outcome.details["chosen_step"]
+    floor = curve[0]["accuracy"] - 0.02
+    first_drop = next(p["step"] for p in curve if p["accuracy"] < floor)
+    assert chosen["first_drop"] < first_drop < chosen["latest"]
+    assert all(p["accuracy"] >= floor for p in curve if p["step"] <= chosen["first_drop"])
+
+
 def test_pivotal_tuning_latent_term_turns_the_class_geometry_away_from_the_pivot():
     """SLOL is what moves the directions between class centroids away from the suspect's: with it
     the pivot-cosine part falls further than the cross-entropy and anchor move it alone (digits,

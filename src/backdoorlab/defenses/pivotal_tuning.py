@@ -104,9 +104,14 @@ class PivotalStep:
         return logits, losses + extra
 
 
+#: How Pivotal Tuning picks its checkpoint from the held-out curve (``checkpoint_rule``).
+CHECKPOINT_RULES = ("latest", "first_drop")
+
+
 class CheckpointOnHeldOut(Callback):
     """Every ``every`` steps, measure held-out clean accuracy and keep the latest weights whose
-    accuracy is within ``max_drop`` of the suspect model's (``pivot``, measured as step 0). An
+    accuracy is within ``max_drop`` of the suspect model's (``pivot``, measured as step 0); with
+    ``rule="first_drop"``, only checkpoints before the accuracy first falls below that floor. An
     ``observer`` (the evaluation's persistence recorder) is called with the model at each of these
     checkpoints, step 0 included; what it measures never reaches the choice.
 
@@ -117,9 +122,10 @@ class CheckpointOnHeldOut(Callback):
 
     def __init__(
         self, held_out: TensorDataset, pivot: nn.Module, max_drop: float, every: int, steps_per_epoch: int,
-        device: torch.device, observer: Observer | None = None,
+        device: torch.device, observer: Observer | None = None, rule: str = "latest",
     ) -> None:  # fmt: skip
         self.held_out, self.pivot, self.every, self.observer = held_out, pivot, every, observer
+        self.stop_at_first_drop, self.dropped = rule == "first_drop", False
         self.steps_per_epoch, self.device = steps_per_epoch, device
         self.pivot_embedding = predict_logits(pivot, held_out.inputs, device=device, pre_logits=True)
         self.best: dict[str, Tensor] | None = None
@@ -150,7 +156,9 @@ class CheckpointOnHeldOut(Callback):
         step = (epoch + 1) * self.steps_per_epoch
         if step // self.every == epoch * self.steps_per_epoch // self.every:
             return
-        if self.measure(step, model) >= self.floor:
+        within = self.measure(step, model) >= self.floor
+        self.dropped = self.dropped or (self.stop_at_first_drop and not within)
+        if within and not self.dropped:
             self.best, self.best_step = copy.deepcopy(model.state_dict()), step
         if self.observer is not None:
             self.observer(model, step)
@@ -172,6 +180,10 @@ class PivotalTuning(RepairDefense):
     (``held_out``, 10%) of the trusted split is measured, and the latest checkpoint whose held-out
     accuracy is within ``max_accuracy_drop`` = 0.02 of the suspect model's is returned (the paper's
     headline accepts at most a 2% accuracy decline). Only clean trusted data enters the choice.
+    ``checkpoint_rule="first_drop"`` keeps only checkpoints before the held-out accuracy first
+    falls below that floor (early stopping on the same measurements): on 22 MNIST repairs it lost
+    more than 2 points of test CA on 3 where the default lost it on 4-5, at the same ASR
+    (docs/defenses.md, "How well the checkpoint rule keeps CA").
     Where the held-out share is too small to see that tolerance (one standard error of its
     accuracy above it: 50 images at accuracy 0.75 measure it to 0.06), a ``DefenseWarning`` says
     so: on CIFAR-10 WaNet such a share let a checkpoint 7 points below the suspect through.
@@ -189,15 +201,18 @@ class PivotalTuning(RepairDefense):
         eval_every: int = 50,
         held_out: float = 0.1,
         max_accuracy_drop: float = 0.02,
+        checkpoint_rule: str = "latest",
     ) -> None:
         if steps < 1 or lr <= 0 or batch_size < 1 or eval_every < 1:
             raise ValueError("pivotal tuning needs steps, batch_size, eval_every >= 1 and lr > 0")
         if not 0.0 < held_out < 1.0:
             raise ValueError(f"held_out must be in (0, 1), got {held_out}")
+        if checkpoint_rule not in CHECKPOINT_RULES:
+            raise ValueError(f"unknown checkpoint_rule {checkpoint_rule!r}; valid: {', '.join(CHECKPOINT_RULES)}")
         self._options: dict[str, Any] = {
             "steps": int(steps), "lr": float(lr), "batch_size": int(batch_size), "slol_weight": float(slol_weight),
             "parameter_weight": float(parameter_weight), "eval_every": int(eval_every), "held_out": float(held_out),
-            "max_accuracy_drop": float(max_accuracy_drop),
+            "max_accuracy_drop": float(max_accuracy_drop), "checkpoint_rule": checkpoint_rule,
         }  # fmt: skip
 
     def repair(
@@ -218,7 +233,8 @@ class PivotalTuning(RepairDefense):
         epochs = math.ceil(o["steps"] / steps_per_epoch)
         config = tuning_recipe(recipe, epochs=epochs, lr=o["lr"], batch_size=o["batch_size"], weight_decay=0.0, schedule="constant")
         checkpoints = CheckpointOnHeldOut(
-            held_out, pivot, o["max_accuracy_drop"], o["eval_every"], steps_per_epoch, device, observer
+            held_out, pivot, o["max_accuracy_drop"], o["eval_every"], steps_per_epoch, device, observer,
+            o["checkpoint_rule"],
         )  # fmt: skip
         resolution = held_out_resolution(checkpoints.start_accuracy, len(held_out))
         if resolution > o["max_accuracy_drop"]:
