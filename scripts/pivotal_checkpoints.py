@@ -4,7 +4,7 @@ persistence curve), then ask which checkpoint each rule would have returned and 
 
 - ``latest``: the latest checkpoint whose held-out accuracy is within the tolerance of the
   suspect's (the rule Pivotal Tuning uses; reconstructed);
-- ``first drop``: the last checkpoint before the held-out accuracy first falls below that floor
+- ``first_drop``: the last checkpoint before the held-out accuracy first falls below that floor
   (early stopping on the same measurements);
 - ``last step``: the end of the schedule (the reference code's choice).
 
@@ -22,16 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from backdoorlab.cli import parse_options
+from backdoorlab.defenses.pivotal_tuning import CHECKPOINT_RULES, chosen_checkpoint
 from backdoorlab.experiments import load_model
 from backdoorlab.experiments.run import apply_repair, prepare
 
 
 def chosen_steps(held_out: list[dict[str, Any]], tolerance: float) -> dict[str, int]:
-    """The step each rule keeps, from the held-out curve (step 0 is the suspect model)."""
-    floor = held_out[0]["accuracy"] - tolerance
-    within = [p["step"] for p in held_out if p["accuracy"] >= floor]
-    first_drop = next((i for i, p in enumerate(held_out) if p["accuracy"] < floor), len(held_out))
-    return {"latest": within[-1], "first drop": held_out[first_drop - 1]["step"], "last step": held_out[-1]["step"]}
+    """The step each rule keeps, from the held-out curve (step 0 is the suspect model): Pivotal
+    Tuning's own rules, and the last step."""
+    accuracies = [p["accuracy"] for p in held_out]
+    steps = {rule: held_out[chosen_checkpoint(accuracies, tolerance, rule)]["step"] for rule in CHECKPOINT_RULES}
+    return {**steps, "last step": held_out[-1]["step"]}
 
 
 def repaired(model_file: Path, options: dict[str, Any], output: Path) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     options = parse_options(args.defense_option)
     tolerance = float(options.get("max_accuracy_drop", 0.02))
-    rules = ["latest", "first drop", "last step"]
+    rules = [*CHECKPOINT_RULES, "last step"]
     header = ["poison rate", "seed", "held-out images", "suspect CA"]
     header += [f"{rule}: {what}" for rule in rules for what in ("step", "CA lost", "ASR")]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]

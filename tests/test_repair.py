@@ -13,7 +13,7 @@ from backdoorlab.defenses import REPAIRS, DefenseOutcome, DefenseWarning, Repair
 from backdoorlab.defenses.fine_pruning import pruning_order
 from backdoorlab.defenses.nad import attention_map, map_scaled_betas
 from backdoorlab.defenses.neural_cleanse import anomaly_indices
-from backdoorlab.defenses.pivotal_tuning import parameter_distance, soft_latent_orthogonality
+from backdoorlab.defenses.pivotal_tuning import chosen_checkpoint, parameter_distance, soft_latent_orthogonality
 from backdoorlab.defenses.post_training import accuracy, holdout_split
 from backdoorlab.experiments import RunConfig, run
 from backdoorlab.experiments.run import apply_repair, evaluate, prepare, train_victim
@@ -202,6 +202,8 @@ def test_pivotal_tuning_first_drop_rule_stops_at_the_first_held_out_fall():
     drop step 0). A bad rule lists the valid ones."""
     with pytest.raises(ValueError, match="valid: latest, first_drop"):
         create_repair("pivotal_tuning", checkpoint_rule="best")
+    dip = [0.90, 0.89, 0.80, 0.90, 0.85]  # within 0.02, below, back within, below
+    assert chosen_checkpoint(dip, 0.02, "latest") == 3 and chosen_checkpoint(dip, 0.02, "first_drop") == 1
     prepared = prepare(RunConfig(dataset="digits", epochs=10, trusted_size=0.2))
     model, _ = train_victim(prepared)
     chosen = {}

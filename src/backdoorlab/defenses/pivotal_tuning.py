@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Sequence
+from itertools import takewhile
 from typing import Any, ClassVar
 
 import torch
@@ -108,6 +110,16 @@ class PivotalStep:
 CHECKPOINT_RULES = ("latest", "first_drop")
 
 
+def chosen_checkpoint(accuracies: Sequence[float], max_drop: float, rule: str = "latest") -> int:
+    """The index of the checkpoint a rule keeps from held-out accuracies (index 0: the suspect
+    model): ``latest``, the last within ``max_drop`` of the suspect's; ``first_drop``, the last
+    before the accuracy first falls below that floor."""
+    floor = accuracies[0] - max_drop
+    if rule == "first_drop":
+        accuracies = list(takewhile(lambda accuracy: accuracy >= floor, accuracies))
+    return max(i for i, accuracy in enumerate(accuracies) if accuracy >= floor)
+
+
 class CheckpointOnHeldOut(Callback):
     """Every ``every`` steps, measure held-out clean accuracy and keep the latest weights whose
     accuracy is within ``max_drop`` of the suspect model's (``pivot``, measured as step 0); with
@@ -125,14 +137,13 @@ class CheckpointOnHeldOut(Callback):
         device: torch.device, observer: Observer | None = None, rule: str = "latest",
     ) -> None:  # fmt: skip
         self.held_out, self.pivot, self.every, self.observer = held_out, pivot, every, observer
-        self.stop_at_first_drop, self.dropped = rule == "first_drop", False
+        self.max_drop, self.rule = max_drop, rule
         self.steps_per_epoch, self.device = steps_per_epoch, device
         self.pivot_embedding = predict_logits(pivot, held_out.inputs, device=device, pre_logits=True)
         self.best: dict[str, Tensor] | None = None
         self.best_step = 0
         self.curve: list[dict[str, Any]] = []
         self.start_accuracy = self.measure(0, pivot)
-        self.floor = self.start_accuracy - max_drop
         if observer is not None:
             observer(pivot, 0)
 
@@ -156,9 +167,9 @@ class CheckpointOnHeldOut(Callback):
         step = (epoch + 1) * self.steps_per_epoch
         if step // self.every == epoch * self.steps_per_epoch // self.every:
             return
-        within = self.measure(step, model) >= self.floor
-        self.dropped = self.dropped or (self.stop_at_first_drop and not within)
-        if within and not self.dropped:
+        self.measure(step, model)
+        accuracies = [point["accuracy"] for point in self.curve]
+        if chosen_checkpoint(accuracies, self.max_drop, self.rule) == len(accuracies) - 1:
             self.best, self.best_step = copy.deepcopy(model.state_dict()), step
         if self.observer is not None:
             self.observer(model, step)

@@ -70,11 +70,11 @@ def persistence(summary: Summary) -> bytes | None:
     if not rows:
         return None
     plt = pyplot()
-    units = sorted({r.get("persistence_unit") or "epoch" for r in rows})
+    units = sorted({r["persistence_unit"] for r in rows})
     fig, axes = plt.subplots(len(units), 2, figsize=(10, 3.8 * len(units)), squeeze=False)
     several = len({r["config"]["dataset"] for r in rows}) > 1
     for (ax_asr, ax_ca), unit in zip(axes, units, strict=True):
-        for r in (r for r in rows if (r.get("persistence_unit") or "epoch") == unit):
+        for r in (r for r in rows if r["persistence_unit"] == unit):
             c = r["config"]
             label = f"{c['attack']} · {method_label(c)}" + (f" · {c['dataset']}" if several else "")
             curves = r["persistence"]
