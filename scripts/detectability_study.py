@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--attack", default="badnets")
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="training recipe (backdoorlab list recipes)")
+    parser.add_argument("--model", default=None, help="model name; default: the recipe's (backdoorlab list models)")
     parser.add_argument("--rates", type=float, nargs="+", default=[0.005, 0.01, 0.05, 0.1])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--clean-seeds", type=int, nargs="+", default=[100, 101, 102, 103])
@@ -53,10 +54,10 @@ def main() -> None:
     parser.add_argument("--output", default="runs/detectability")
     parser.add_argument("--no-docs", action="store_true", help="run, but leave docs/defenses.md alone")
     parser.add_argument("--block", default="detectability-table", help="the docs/defenses.md block to fill")
-    parser.add_argument("--plot", default="detectability.png", help="the plot's file name in docs/gallery")
+    parser.add_argument("--plot", default="detectability.png", help="the plot's file name in docs/gallery; '' for none")
     args = parser.parse_args()
     base = RunConfig(
-        dataset=args.dataset, attack=args.attack, recipe=args.recipe, train_size=args.train_size, test_size=args.test_size, trusted_size=args.trusted_size,
+        dataset=args.dataset, attack=args.attack, recipe=args.recipe, model=args.model, train_size=args.train_size, test_size=args.test_size, trusted_size=args.trusted_size,
         device=args.device, data_root=args.data_root,
     )  # fmt: skip
     results = detectability_study(
@@ -68,8 +69,10 @@ def main() -> None:
     print(table)
     if not args.no_docs:
         replace_block(DOCS / "defenses.md", args.block, table.splitlines())
-        plot(rows, DOCS / "gallery" / args.plot, f"{args.attack} on {args.dataset}, {args.repair}")
-        print(f"wrote the table into docs/defenses.md (block {args.block}) and docs/gallery/{args.plot}")
+        print(f"wrote the table into docs/defenses.md (block {args.block})")
+        if args.plot:
+            plot(rows, DOCS / "gallery" / args.plot, f"{args.attack} on {args.dataset}, {args.repair}")
+            print(f"wrote docs/gallery/{args.plot}")
 
 
 if __name__ == "__main__":
