@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from backdoorlab.cli import parse_options
+from backdoorlab.defenses import create_repair
 from backdoorlab.defenses.pivotal_tuning import CHECKPOINT_RULES, chosen_checkpoint
 from backdoorlab.experiments import load_model
 from backdoorlab.experiments.run import apply_repair, prepare
@@ -58,7 +59,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("runs/pivotal-checkpoints"))
     args = parser.parse_args()
     options = parse_options(args.defense_option)
-    tolerance = float(options.get("max_accuracy_drop", 0.02))
+    tolerance = create_repair("pivotal_tuning", **options).config()["max_accuracy_drop"]  # the repair's own default
     rules = [*CHECKPOINT_RULES, "last step"]
     header = ["poison rate", "seed", "held-out images", "suspect CA"]
     header += [f"{rule}: {what}" for rule in rules for what in ("step", "CA lost", "ASR")]
