@@ -13,12 +13,11 @@ from torchvision.utils import save_image
 from backdoorlab.attacks.triggers import Trigger, create_trigger
 from backdoorlab.data.dataset import Splits, TensorDataset, seeded_permutation, subsample
 from backdoorlab.data.sources import load_dataset
+from backdoorlab.plotting import pyplot
 from backdoorlab.training.loop import resolve_device
 
 
-def fitted_trigger(
-    attack: str, options: dict[str, Any], splits: Splits, seed: int = 0, device: str = "cpu"
-) -> Trigger:
+def fitted_trigger(attack: str, options: dict[str, Any], splits: Splits, seed: int = 0, device: str = "cpu") -> Trigger:
     """Build a trigger; an attack that adapts to a model (TrojanNN, label-consistent) is fitted on a
     quick surrogate: the quick recipe's model, one epoch on at most 5000 training images."""
     trigger = create_trigger(attack, splits.train.input_shape, **options)
@@ -31,9 +30,7 @@ def fitted_trigger(
     return trigger
 
 
-def trigger_rows(
-    images: TensorDataset, trigger: Trigger, count: int, seed: int, difference: bool
-) -> torch.Tensor:
+def trigger_rows(images: TensorDataset, trigger: Trigger, count: int, seed: int, difference: bool) -> torch.Tensor:
     """Float images in [0, 1]: ``count`` clean test images, then as poisoned training images
     (:meth:`Trigger.poison`: the trigger, plus label-consistent's perturbation), then (optionally)
     the absolute difference scaled so its largest value is white."""
@@ -60,13 +57,9 @@ def save_grid(images: torch.Tensor, columns: int, output: str | Path, min_side: 
     return output
 
 
-def series_plot(
-    images: TensorDataset, trigger: Trigger, count: int, seed: int, output: str | Path
-) -> Path:
+def series_plot(images: TensorDataset, trigger: Trigger, count: int, seed: int, output: str | Path) -> Path:
     """Save ``count`` test series (first channel) with their triggered copies overlaid, one panel
     each (needs matplotlib: the ``plot`` extra; a ``RuntimeError`` says so where it is missing)."""
-    from backdoorlab.report.plots import pyplot
-
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     plt = pyplot()
