@@ -13,11 +13,29 @@ from backdoorlab.clip.losses import PAR_THRESHOLD, cleanclip_loss, clip_loss, pa
 from backdoorlab.clip.models import CLIP_MODELS, ClipModel, LiTClip, OpenClip, create_clip_model
 from backdoorlab.clip.pairs import ImageTextPairs, PoisonedPairs, pairs_from_dataset, poison_pairs, read_caption_parquet
 from backdoorlab.clip.templates import CLIP_TEMPLATES
-from backdoorlab.clip.training import ClipTrainConfig, CleanClip, PerturbAndRecover, contrastive, fit_clip
+from backdoorlab.clip.training import CleanClip, ClipTrainConfig, PerturbAndRecover, contrastive, fit_clip
 
 __all__ = [
-    "CLIP_MODELS", "CLIP_TEMPLATES", "PAR_THRESHOLD", "CleanClip", "ClipModel", "ClipTrainConfig", "ImageTextPairs",
-    "LiTClip", "OpenClip", "PerturbAndRecover", "PoisonedPairs", "cleanclip_loss", "clip_loss", "contrastive",
-    "create_clip_model", "evaluate_zero_shot", "fit_clip", "pairs_from_dataset", "par_loss", "poison_pairs",
-    "read_caption_parquet", "zero_shot_classifier",
-]  # fmt: skip
+    "CLIP_MODELS",
+    "CLIP_TEMPLATES",
+    "PAR_THRESHOLD",
+    "CleanClip",
+    "ClipModel",
+    "ClipTrainConfig",
+    "ImageTextPairs",
+    "LiTClip",
+    "OpenClip",
+    "PerturbAndRecover",
+    "PoisonedPairs",
+    "cleanclip_loss",
+    "clip_loss",
+    "contrastive",
+    "create_clip_model",
+    "evaluate_zero_shot",
+    "fit_clip",
+    "pairs_from_dataset",
+    "par_loss",
+    "poison_pairs",
+    "read_caption_parquet",
+    "zero_shot_classifier",
+]

@@ -19,8 +19,15 @@ from torch import Tensor
 from torchvision.transforms import AutoAugment, AutoAugmentPolicy
 
 
-def par_augment(x: Tensor, fill: Tensor, generator: torch.Generator, *, noise_std: float = 0.2, p: float = 0.5,
-                erase_scale: tuple[float, float] = (0.005, 0.01)) -> Tensor:
+def par_augment(
+    x: Tensor,
+    fill: Tensor,
+    generator: torch.Generator,
+    *,
+    noise_std: float = 0.2,
+    p: float = 0.5,
+    erase_scale: tuple[float, float] = (0.005, 0.01),
+) -> Tensor:
     """PAR's light augmentation of float images in [0, 1] ``(B, C, H, W)``; ``fill`` is the per-channel
     value a cut-out takes (the model's normalisation mean)."""
     n, _, h, w = x.shape

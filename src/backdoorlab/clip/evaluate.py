@@ -19,7 +19,9 @@ def embed_images(model: ClipModel, images: Tensor, batch_size: int = 500) -> Ten
     """Normalised image embeddings of a uint8 batch, in chunks."""
     device = model.image_mean.device
     with evaluating(model):
-        return torch.cat([model.encode_image(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)])
+        return torch.cat(
+            [model.encode_image(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)]
+        )
 
 
 @torch.inference_mode()

@@ -28,8 +28,13 @@ def inmodal_loss(anchor: Tensor, augmented: Tensor, scale: float | Tensor) -> Te
 
 
 def cleanclip_loss(
-    image: Tensor, text: Tensor, image_aug: Tensor, text_aug: Tensor, scale: float | Tensor,
-    clip_weight: float = 1.0, inmodal_weight: float = 1.0,
+    image: Tensor,
+    text: Tensor,
+    image_aug: Tensor,
+    text_aug: Tensor,
+    scale: float | Tensor,
+    clip_weight: float = 1.0,
+    inmodal_weight: float = 1.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """CleanCLIP (Bansal et al. 2023): ``λ1·L_CLIP + λ2·½(L_SS(image) + L_SS(text))``, both weights 1
     (``--clip_weight``, ``--inmodal_weight``)."""
@@ -45,7 +50,11 @@ def squared_distance(a: Tensor, b: Tensor) -> Tensor:
 
 
 def par_loss(
-    image: Tensor, text: Tensor, image_ref: Tensor, text_ref: Tensor, scale: float | Tensor,
+    image: Tensor,
+    text: Tensor,
+    image_ref: Tensor,
+    text_ref: Tensor,
+    scale: float | Tensor,
     threshold: float = PAR_THRESHOLD,
 ) -> tuple[Tensor, dict[str, float]]:
     """Perturb-and-Recover (Singh, Croce, Hein 2024; ``losses.py`` of nmndeep/PerturbAndRecover):
@@ -56,5 +65,7 @@ def par_loss(
     s_image, s_text = squared_distance(image, image_ref), squared_distance(text, text_ref)
     push = 0.5 * (torch.where(s_image <= threshold, s_image, 0.0) + torch.where(s_text <= threshold, s_text, 0.0))
     return contrastive - push, {
-        "clip": float(contrastive.detach()), "s_image": float(s_image.detach()), "s_text": float(s_text.detach())
+        "clip": float(contrastive.detach()),
+        "s_image": float(s_image.detach()),
+        "s_text": float(s_text.detach()),
     }

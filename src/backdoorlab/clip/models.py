@@ -27,7 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backdoorlab.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, efficientnet_lite0_network, missing_package, quiet
+from backdoorlab.models.pretrained import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    efficientnet_lite0_network,
+    missing_package,
+    quiet,
+)
 from backdoorlab.registry import Registry
 from backdoorlab.training.loop import to_float
 
@@ -58,7 +64,9 @@ class ClipModel(nn.Module):
         """uint8 or [0, 1] images to the model's resolution and normalisation."""
         x = to_float(images.to(self.image_mean.device))
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False
+            )
         return (x - self.image_mean.view(1, -1, 1, 1)) / self.image_std.view(1, -1, 1, 1)
 
     def encode_image(self, images: Tensor) -> Tensor:
@@ -138,7 +146,9 @@ class LiTClip(ClipModel):
         pretrained: load the ImageNet weights (False gives a random image tower, for tests).
     """
 
-    def __init__(self, embed_dim: int = 256, image_size: int = 64, trainable_blocks: int = 11, pretrained: bool = True) -> None:
+    def __init__(
+        self, embed_dim: int = 256, image_size: int = 64, trainable_blocks: int = 11, pretrained: bool = True
+    ) -> None:
         super().__init__(mean=IMAGENET_MEAN, std=IMAGENET_STD)
         net = efficientnet_lite0_network(pretrained)
         if not 0 <= trainable_blocks <= len(net._blocks):

@@ -44,7 +44,9 @@ class ImageTextPairs:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
-            raise DataError(f"{self.name}: images must be uint8 (N, 3, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+            raise DataError(
+                f"{self.name}: images must be uint8 (N, 3, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
+            )
         if not (len(self.captions) == len(self.images) == len(self.labels)):
             raise DataError(
                 f"{self.name}: {len(self.images)} images, {len(self.captions)} captions and {len(self.labels)} labels"
@@ -56,7 +58,10 @@ class ImageTextPairs:
     def subset(self, indices: Tensor) -> ImageTextPairs:
         idx = indices.tolist()
         return replace(
-            self, images=self.images[indices], captions=tuple(self.captions[i] for i in idx), labels=self.labels[indices]
+            self,
+            images=self.images[indices],
+            captions=tuple(self.captions[i] for i in idx),
+            labels=self.labels[indices],
         )
 
 
@@ -78,7 +83,9 @@ def pairs_from_dataset(
     return ImageTextPairs(rgb(data.inputs), captions, data.labels.clone(), data.classes, data.name)
 
 
-def read_caption_parquet(path: str | Path, *, image_size: int = 64, caption_column: str | None = None) -> ImageTextPairs:
+def read_caption_parquet(
+    path: str | Path, *, image_size: int = 64, caption_column: str | None = None
+) -> ImageTextPairs:
     """Read a captions file in the Hugging Face layout: an ``image`` column (a struct with ``bytes``,
     or raw bytes) and a caption column (``caption``, ``text`` or ``sentences``; a list of captions
     gives one pair per caption, as COCO's five). Images are resized (shorter side) and centre-cropped
@@ -93,7 +100,9 @@ def read_caption_parquet(path: str | Path, *, image_size: int = 64, caption_colu
     names = schema.names
     column = caption_column or next((c for c in ("caption", "text", "sentences", "captions") if c in names), None)
     if "image" not in names or column is None or column not in names:
-        raise DataError(f"{path}: needs an 'image' column and a caption column (caption, text, sentences); has {', '.join(names)}")
+        raise DataError(
+            f"{path}: needs an 'image' column and a caption column (caption, text, sentences); has {', '.join(names)}"
+        )
     table = pq.read_table(path, columns=["image", column])
     images_col = table.column("image").combine_chunks()
     if pa.types.is_struct(images_col.type):
@@ -109,7 +118,9 @@ def read_caption_parquet(path: str | Path, *, image_size: int = 64, caption_colu
     for row, (blob, text) in enumerate(progress_bar(list(zip(blobs, texts)), f"decoding {path.name}")):
         img = decode_image(blob, path, row).convert("RGB")
         scale = image_size / min(img.size)
-        img = img.resize((max(image_size, round(img.width * scale)), max(image_size, round(img.height * scale))), Image.BICUBIC)
+        img = img.resize(
+            (max(image_size, round(img.width * scale)), max(image_size, round(img.height * scale))), Image.BICUBIC
+        )
         left, top = (img.width - image_size) // 2, (img.height - image_size) // 2
         array = np.asarray(img.crop((left, top, left + image_size, top + image_size)))
         for text_item in text if isinstance(text, list) else [text]:
@@ -150,7 +161,9 @@ def poison_pairs(
     candidates = (pairs.labels != target).nonzero().squeeze(1)
     count = 0 if rate == 0 else resolve_count(rate, len(pairs), "poison rate")  # of all pairs, as for images
     if count > len(candidates):
-        raise DataError(f"poison rate {rate} asks for {count} pairs but only {len(candidates)} are outside the target class")
+        raise DataError(
+            f"poison rate {rate} asks for {count} pairs but only {len(candidates)} are outside the target class"
+        )
     chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count]].sort().values
     images = pairs.images.clone()
     if count:

@@ -23,7 +23,6 @@ half-way, cosine to 1e-9. Each method keeps its own optimiser settings (CleanCLI
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,9 +34,18 @@ from backdoorlab.attacks.triggers import ATTACKS
 from backdoorlab.clip.evaluate import evaluate_zero_shot
 from backdoorlab.clip.models import ClipModel, create_clip_model
 from backdoorlab.clip.pairs import ImageTextPairs, pairs_from_dataset, poison_pairs
-from backdoorlab.clip.training import ClipTrainConfig, CleanClip, Objective, PerturbAndRecover, contrastive, fit_clip
+from backdoorlab.clip.training import CleanClip, ClipTrainConfig, Objective, PerturbAndRecover, contrastive, fit_clip
 from backdoorlab.data.dataset import seeded_permutation, subsample
 from backdoorlab.data.sources import load_dataset
+from backdoorlab.files import (
+    CorruptFileError,
+    ResumeMismatchError,
+    atomic_path,
+    differences,
+    mismatch_error,
+    read_json_object,
+    write_json,
+)
 
 #: PAR's structured triggers and the two random ones it compares with.
 STUDY_ATTACKS = ("badnet_stripes", "blended_triangles", "blended_text", "badnet_rand", "blended_rand")
@@ -75,7 +83,9 @@ class ClipStudyConfig:
         if method in ("fine_tuning", "cleanclip"):
             return base
         if method == "par":
-            return replace(base, lr=0.3 * self.clean_lr, start_factor=10.0, schedule="par", betas=(0.9, 0.98), weight_decay=1e-4)
+            return replace(
+                base, lr=0.3 * self.clean_lr, start_factor=10.0, schedule="par", betas=(0.9, 0.98), weight_decay=1e-4
+            )
         raise ValueError(f"unknown cleaning '{method}'; valid: {', '.join(CLEANINGS)}")
 
     def validate(self) -> None:
@@ -109,44 +119,112 @@ def study_data(config: ClipStudyConfig) -> StudyData:
         raise ValueError(f"train + clean sizes ({sum(sizes)}) exceed {config.dataset}'s {len(order)} training images")
     parts, start = [], 0
     for offset, size in enumerate(sizes):
-        parts.append(pairs_from_dataset(splits.train.subset(order[start : start + size].sort().values), seed=config.seed + offset))
+        parts.append(
+            pairs_from_dataset(
+                splits.train.subset(order[start : start + size].sort().values), seed=config.seed + offset
+            )
+        )
         start += size
     test = pairs_from_dataset(subsample(splits.test, config.test_size, config.seed), seed=config.seed + 10)
     return StudyData(*parts, test)
 
 
 def run_clip_study(config: ClipStudyConfig, output: str | Path) -> dict[str, Any]:
-    """Run (or resume) the study into ``output``: ``clean.pt`` (the clean reference model),
-    ``attacks/<attack>.json`` per attack (skipped when present), and ``clip_study.json`` with every
-    row and curve."""
+    """Run (or resume) the study into ``output``: ``clean.pt`` and ``clean.json`` (the clean
+    reference model, its training time and the config fields it depends on), ``attacks/<attack>.json``
+    per attack (with the config that made it) and ``clip_study.json`` with every row and curve.
+
+    A file is reused only when it was made with this config (:func:`clean_key`,
+    :func:`attack_key`: the fields that file depends on; device and data root aside). Otherwise the
+    study stops before any training with a :class:`~backdoorlab.files.ResumeMismatchError` naming
+    the file and the fields that differ (use another ``output``, or remove the file); a file it
+    cannot read stops it with a :class:`~backdoorlab.files.CorruptFileError` naming the file. Every
+    file is written whole or not at all."""
     config.validate()
     output = Path(output)
-    (output / "attacks").mkdir(parents=True, exist_ok=True)
+    clean_path, clean_meta = output / "clean.pt", output / "clean.json"
+    attack_paths = {attack: output / "attacks" / f"{attack}.json" for attack in config.attacks}
+    for attack, path in attack_paths.items():  # refuse a mismatch before any training
+        _check_stored(path, attack_key(config, attack), f"the {attack} results")
+    resume_clean = _check_stored(clean_meta, clean_key(config), "a clean reference model") and clean_path.exists()
     data = study_data(config)
     torch.manual_seed(config.seed)  # the projections' initialisation
     clean = create_clip_model(config.model, **config.model_options)
-    clean_path = output / "clean.pt"
-    if clean_path.exists():
-        clean.load_state_dict(torch.load(clean_path, map_location="cpu"))
-        clean_seconds = json.loads((output / "clean.json").read_text())["seconds"]
+    if resume_clean:
+        clean.load_state_dict(_load_state(clean_path))
+        clean_seconds = read_json_object(clean_meta, required=("seconds",))["seconds"]
     else:
         start = time.perf_counter()
-        fit_clip(clean, data.train, config.train, device=config.device, seed=config.seed + 1, description="clean reference")
+        fit_clip(
+            clean, data.train, config.train, device=config.device, seed=config.seed + 1, description="clean reference"
+        )
         clean_seconds = time.perf_counter() - start
-        torch.save(clean.state_dict(), clean_path)
-        (output / "clean.json").write_text(json.dumps({"seconds": clean_seconds}))
-    rows: list[dict[str, Any]] = [{"attack": None, "stage": "clean", **evaluate_zero_shot(clean, data.test), "seconds": clean_seconds}]
+        with atomic_path(clean_path) as tmp:
+            torch.save(clean.state_dict(), tmp)
+        write_json(clean_meta, {"seconds": clean_seconds, "config": clean_key(config)})  # written last: the marker
+    rows: list[dict[str, Any]] = [
+        {"attack": None, "stage": "clean", **evaluate_zero_shot(clean, data.test), "seconds": clean_seconds}
+    ]
     curves: dict[str, dict[str, list[dict[str, float]]]] = {}
-    for attack in config.attacks:
-        path = output / "attacks" / f"{attack}.json"
+    for attack, path in attack_paths.items():
         if not path.exists():
-            path.write_text(json.dumps(run_attack(config, data, clean, attack), indent=1))
-        record = json.loads(path.read_text())
+            write_json(
+                path, {"config": attack_key(config, attack), **run_attack(config, data, clean, attack)}, indent=1
+            )
+        record = read_json_object(path, required=("rows", "curves"))
         rows += record["rows"]
         curves[attack] = record["curves"]
     result = {"config": to_jsonable(config), "rows": rows, "curves": curves}
-    (output / "clip_study.json").write_text(json.dumps(result, indent=1))
+    write_json(output / "clip_study.json", result, indent=1)
     return result
+
+
+#: Fields of the study config that no stored file depends on (where it runs, where data lives).
+_PLACEMENT = ("device", "data_root")
+#: The fields the clean reference model depends on.
+_CLEAN_FIELDS = ("dataset", "model", "model_options", "train", "train_size", "seed")
+
+
+def clean_key(config: ClipStudyConfig) -> dict[str, Any]:
+    """The config fields that make the clean reference model (stored in ``clean.json``)."""
+    values = to_jsonable(config)
+    return {name: values[name] for name in _CLEAN_FIELDS}
+
+
+def attack_key(config: ClipStudyConfig, attack: str) -> dict[str, Any]:
+    """The config fields that make one attack's results (stored in ``attacks/<attack>.json``): all
+    but placement and the other attacks, with this attack's own options."""
+    values = {k: v for k, v in to_jsonable(config).items() if k not in (*_PLACEMENT, "attacks")}
+    values["attack"], values["attack_options"] = attack, config.attack_options.get(attack, {})
+    return values
+
+
+def _check_stored(path: Path, key: dict[str, Any], what: str) -> bool:
+    """Whether ``path`` exists and was made with ``key``; a :class:`ResumeMismatchError` naming the
+    differing fields where it was made with another (or with none stored: an older version)."""
+    if not path.exists():
+        return False
+    stored = read_json_object(path)
+    if "config" not in stored:
+        raise ResumeMismatchError(
+            f"{path} holds {what} with no record of its config (written by an older version); "
+            "use another output folder or remove it"
+        )
+    found = differences(stored["config"], key)
+    if found:
+        raise mismatch_error(path, found, what)
+    return True
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict saved by the study (tensors only: ``weights_only``, no pickled code runs)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a truncated or foreign file
+        reason = " ".join(str(err).split())[:200]
+        raise CorruptFileError(
+            f"{path}: not a readable model state ({type(err).__name__}: {reason}); remove it to train it again"
+        ) from None
 
 
 def run_attack(config: ClipStudyConfig, data: StudyData, clean: ClipModel, attack: str) -> dict[str, Any]:
@@ -162,18 +240,38 @@ def run_attack(config: ClipStudyConfig, data: StudyData, clean: ClipModel, attac
     torch.manual_seed(config.seed)
     model = create_clip_model(config.model, **config.model_options)
     start = time.perf_counter()
-    fit_clip(model, poisoned_pairs.pairs, config.train, device=config.device, seed=config.seed + 1, description=f"poisoned training ({attack})")
-    rows.append({"attack": attack, "stage": "poisoned", **evaluate(model), "seconds": time.perf_counter() - start,
-                 "poisoned_pairs": int(poisoned_pairs.mask.sum())})  # fmt: skip
+    fit_clip(
+        model,
+        poisoned_pairs.pairs,
+        config.train,
+        device=config.device,
+        seed=config.seed + 1,
+        description=f"poisoned training ({attack})",
+    )
+    rows.append(
+        {
+            "attack": attack,
+            "stage": "poisoned",
+            **evaluate(model),
+            "seconds": time.perf_counter() - start,
+            "poisoned_pairs": int(poisoned_pairs.mask.sum()),
+        }
+    )
     curves = {}
     for method in config.cleanings:
         cleaned = copy.deepcopy(model)
         start = time.perf_counter()
         records = fit_clip(
-            cleaned, data.clean, config.cleaning(method), objective_for(method, cleaned, config.par_threshold),
-            device=config.device, seed=config.seed + 2, every=config.eval_every,
-            observer=lambda _step, m: evaluate(m), description=f"{method} ({attack})",
-        )  # fmt: skip
+            cleaned,
+            data.clean,
+            config.cleaning(method),
+            objective_for(method, cleaned, config.par_threshold),
+            device=config.device,
+            seed=config.seed + 2,
+            every=config.eval_every,
+            observer=lambda _step, m: evaluate(m),
+            description=f"{method} ({attack})",
+        )
         final = {k: records[-1][k] for k in ("ca", "asr", "retrieval_asr")}
         rows.append({"attack": attack, "stage": method, **final, "seconds": time.perf_counter() - start})
         curves[method] = records

@@ -70,7 +70,9 @@ class ClipTrainConfig:
 Objective = Callable[[ClipModel, Tensor, list[str], torch.Generator], tuple[Tensor, dict[str, float]]]
 
 
-def contrastive(model: ClipModel, images: Tensor, captions: list[str], _: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+def contrastive(
+    model: ClipModel, images: Tensor, captions: list[str], _: torch.Generator
+) -> tuple[Tensor, dict[str, float]]:
     """Plain CLIP training (and the fine-tuning baseline): symmetric InfoNCE, no augmentation."""
     loss = clip_loss(model.encode_image(images), model.encode_text(captions), model.scale())
     return loss, {"clip": float(loss.detach())}
@@ -94,13 +96,20 @@ class CleanClip:
             self._pool[text] = [eda(text, generator) for _ in range(self.variants)]
         return self._pool[text][int(torch.randint(self.variants, (1,), generator=generator))]
 
-    def __call__(self, model: ClipModel, images: Tensor, captions: list[str], generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    def __call__(
+        self, model: ClipModel, images: Tensor, captions: list[str], generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float]]:
         image_aug = autoaugment(images, generator)
         text_aug = [self.augmented_caption(c, generator) for c in captions]
         return cleanclip_loss(
-            model.encode_image(images), model.encode_text(captions), model.encode_image(image_aug),
-            model.encode_text(text_aug), model.scale(), self.clip_weight, self.inmodal_weight,
-        )  # fmt: skip
+            model.encode_image(images),
+            model.encode_text(captions),
+            model.encode_image(image_aug),
+            model.encode_text(text_aug),
+            model.scale(),
+            self.clip_weight,
+            self.inmodal_weight,
+        )
 
 
 class PerturbAndRecover:
@@ -110,7 +119,9 @@ class PerturbAndRecover:
         self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         self.threshold = threshold
 
-    def __call__(self, model: ClipModel, images: Tensor, captions: list[str], generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    def __call__(
+        self, model: ClipModel, images: Tensor, captions: list[str], generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float]]:
         x = par_augment(to_float(images), model.image_mean.cpu(), generator)
         with torch.no_grad():
             image_ref, text_ref = self.reference.encode_image(x), self.reference.encode_text(captions)
@@ -155,7 +166,9 @@ def fit_clip(
     device = resolve_device(device)
     model.to(device).train()
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps
+    )
     per_epoch = max(1, len(pairs) // config.batch_size)
     steps = max(1, round(config.epochs * per_epoch))
     records: list[dict[str, float]] = []
@@ -179,10 +192,14 @@ def fit_clip(
             captions = [pairs.captions[i] for i in batch.tolist()]
             with _autocast(device, config.amp):
                 if cache is not None:
-                    loss = clip_loss(model.encode_frozen(cache[batch.to(cache.device)]), model.encode_text(captions), model.scale())
+                    loss = clip_loss(
+                        model.encode_frozen(cache[batch.to(cache.device)]), model.encode_text(captions), model.scale()
+                    )
                     parts = {"clip": float(loss.detach())}
                 else:
-                    loss, parts = objective(model, pairs.images[batch].to(device, non_blocking=True), captions, generator)
+                    loss, parts = objective(
+                        model, pairs.images[batch].to(device, non_blocking=True), captions, generator
+                    )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -16,21 +18,40 @@ from typing import Any, Protocol
 EXECUTORS = ("local", "inline", "ray")
 
 
-def run_cell(config: dict[str, Any], model_file: str | None = None, threads: int | None = None) -> dict[str, Any]:
+def run_cell(
+    config: dict[str, Any], model_file: str | None = None, threads: int | None = None, suspect_file: str | None = None
+) -> dict[str, Any]:
     """Run one cell from its config (``RunConfig.to_dict()``); save its model to ``model_file``
-    where given. Returns ``{"result": result.json document, "model_path": ...}``, or
-    ``{"error": traceback text}``: a failing cell never raises, so the sweep records it and goes on."""
+    where given. With ``suspect_file`` (``grid.suspect_key``), the cell's trained victim is shared
+    with the cells that differ from it only in the repair or detector: read from that file where it
+    exists, else trained (as the same config without repair and detector) and written there first.
+    Returns ``{"result": result.json document, "model_path": ...}``, or ``{"error": traceback
+    text}``: a failing cell never raises, so the sweep records it and goes on."""
     try:
         import torch
 
         from backdoorlab.experiments.config import RunConfig
         from backdoorlab.experiments.run import run
-        from backdoorlab.experiments.saved_model import save_model
+        from backdoorlab.experiments.saved_model import load_model, save_model
 
         if threads:
             torch.set_num_threads(threads)
         config_object = RunConfig.from_dict(config)
-        result = run(config_object)
+        if suspect_file is None:
+            result = run(config_object)
+        else:
+            from backdoorlab.experiments.grid import suspect_config
+
+            victim = suspect_config(config_object)
+            reused = os.path.exists(suspect_file)
+            if reused:
+                suspect, _ = load_model(suspect_file)
+            else:
+                trained = run(victim)
+                save_model(suspect_file, trained.model, victim)
+                suspect = trained.model
+            result = trained if not reused and victim == config_object else run(config_object, suspect=suspect)
+            result.details["suspect"] = {"file": os.path.basename(suspect_file), "reused": reused}
         if model_file is not None:
             save_model(model_file, result.model, config_object)
         return {"result": result.to_dict(), "model_path": model_file}
@@ -72,19 +93,43 @@ class InlineExecutor:
         pass
 
 
+def _watch_parent(parent: int, interval: float = 0.5) -> None:
+    """Pool initializer: a daemon thread that ends this worker as soon as the process that started
+    it is gone (its parent id changes when it dies and the worker is re-parented), so a sweep killed
+    with ``kill -9`` leaves no worker training on for minutes. Portable; Linux's
+    ``PR_SET_PDEATHSIG`` is not used: it fires when the parent *thread* that started the worker
+    ends, which need not be the main thread (the pool starts workers from the submitting thread)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="backdoorlab-parent-watch", daemon=True).start()
+
+
 class LocalExecutor:
     """``workers`` worker processes on this machine (spawned, so CUDA and torch's threads are safe);
-    each gets an equal share of the CPU cores as torch threads."""
+    each gets an equal share of the CPU cores as torch threads, or ``OMP_NUM_THREADS`` where set. A
+    worker exits within about a second of this process's death, even by ``kill -9``
+    (:func:`_watch_parent`)."""
 
     def __init__(self, workers: int = 1) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.capacity = workers
-        self.threads = max(1, (os.cpu_count() or 1) // workers)
+        # OMP_NUM_THREADS, where set, is each worker's thread count, as for any torch process;
+        # a cell whose config sets ``threads`` runs at that instead (``experiments.run``)
+        self.threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // workers)
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.capacity, mp_context=multiprocessing.get_context("spawn"))
+        return ProcessPoolExecutor(
+            self.capacity,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_watch_parent,
+            initargs=(os.getpid(),),
+        )
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         return self._pool.submit(fn, *args)
@@ -146,9 +191,12 @@ class RayExecutor:
 
 
 def create_executor(
-    name: str, workers: int | None = None, address: str | None = None, cpus_per_cell: float = 1,
+    name: str,
+    workers: int | None = None,
+    address: str | None = None,
+    cpus_per_cell: float = 1,
     gpus_per_cell: float = 0,
-) -> Executor:  # fmt: skip
+) -> Executor:
     """An executor by name: ``local`` (``workers`` processes, default 1), ``inline`` or ``ray``."""
     if name == "local":
         return LocalExecutor(workers or 1)

@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from backdoorlab.experiments.config import RunConfig
+from backdoorlab.files import atomic_path
 from backdoorlab.models.classifier import Classifier
 from backdoorlab.models.registry import create_model
 
@@ -30,14 +30,15 @@ class ModelFileError(ValueError):
 
 
 def save_model(path: str | Path, model: Classifier, config: RunConfig) -> Path:
-    """Write ``model``'s weights and, as metadata, ``config`` (resolved) and the model's shape."""
+    """Write ``model``'s weights and, as metadata, ``config`` (resolved) and the model's shape; the
+    file appears whole or not at all (:func:`~backdoorlab.files.atomic_path`)."""
     config = config.resolved()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     shape = {"num_classes": model.num_classes, "in_channels": model.mean.numel()}
     meta = {"format": FORMAT_VERSION, "config": config.to_dict(), "shape": shape}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={_KEY: json.dumps(meta)})
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={_KEY: json.dumps(meta)})
     return path
 
 
@@ -57,19 +58,35 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         meta = json.loads(metadata[_KEY])
     except json.JSONDecodeError as err:
         raise ModelFileError(f"{path}: its backdoorlab metadata is not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{path}: its backdoorlab metadata is not a JSON object")
     if meta.get("format") != FORMAT_VERSION:
         raise ModelFileError(f"{path}: model file format {meta.get('format')!r}, this version reads {FORMAT_VERSION}")
+    missing = [key for key in ("config", "shape") if not isinstance(meta.get(key), dict)]
+    if missing:
+        raise ModelFileError(
+            f"{path}: its backdoorlab metadata has no {' or '.join(missing)} (write it with save_model())"
+        )
     return meta
 
 
 def load_model(path: str | Path) -> tuple[Classifier, RunConfig]:
     """Rebuild a model written by :func:`save_model` (in eval mode) and the run config that made it."""
     meta = read_metadata(path)
-    config = RunConfig.from_dict(meta["config"])
-    assert config.model is not None
-    model = create_model(config.model, **meta["shape"], **config.model_options)
     try:
-        model.load_state_dict(load_file(str(path)))
-    except (RuntimeError, SafetensorError) as err:
-        raise ModelFileError(f"{path}: the weights do not fit model '{config.model}': {err}") from None
+        config = RunConfig.from_dict(meta["config"])
+        if config.model is None:
+            raise ValueError("it names no model")
+        model = create_model(config.model, **meta["shape"], **config.model_options)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ModelFileError(f"{path}: its stored config cannot rebuild the model ({err})") from None
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ModelFileError(f"{path}: its weights cannot be read (truncated or corrupt?): {err}") from None
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        reason = " ".join(str(err).split())  # load_state_dict's message spans lines
+        raise ModelFileError(f"{path}: the weights do not fit model '{config.model}': {reason}") from None
     return model.eval(), config

@@ -6,6 +6,11 @@ result's metrics and timings (and the whole ``result.json`` document), the error
 cell, the saved model's path, and times. Each change is one transaction in write-ahead-log mode, so
 a sweep killed at any moment leaves the file consistent and loses no finished cell; rows it left
 ``running`` are run again by the next sweep.
+
+JSON columns hold finite numbers only (NaN and infinities are stored as ``null``, see
+:func:`backdoorlab.metrics.dumps_json`), so SQLite's ``json_extract`` works on every row. A done
+cell's health warnings are in its result document: ``json_extract(result, '$.warnings')``, or
+:attr:`Record.warnings`.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from backdoorlab import __version__
+from backdoorlab.metrics import dumps_json
 
 STORE_NAME = "results.sqlite"
 SCHEMA_VERSION = 1
@@ -75,9 +81,22 @@ class Record:
     started: float | None
     finished: float | None
 
+    @property
+    def warnings(self) -> list[str]:
+        """The health warnings of a done cell's result (:class:`~backdoorlab.experiments.run.RunResult`);
+        empty for a healthy cell, a cell not done, or a result stored before warnings existed."""
+        return [str(w) for w in ((self.result or {}).get("warnings") or [])]
 
-def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
+
+def _loads(text: str | None, where: str = "a store row") -> Any:
+    """A JSON column's value; a :class:`StoreError` naming ``where`` (the file, the cell and the
+    column) for text that is not valid JSON."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError) as err:
+        raise StoreError(f"{where} is not valid JSON ({err}); fix or delete that row to go on") from None
 
 
 class ResultStore:
@@ -153,9 +172,16 @@ class ResultStore:
             db.execute(
                 "UPDATE cells SET status = 'done', metrics = ?, timings = ?, result = ?, model_path = ?, "
                 "version = ?, finished = ?, error = NULL WHERE key = ?",
-                (json.dumps(result["metrics"]), json.dumps(result["timings"]), json.dumps(result), model_path,
-                 result.get("version", __version__), time.time(), key),
-            )  # fmt: skip
+                (
+                    dumps_json(result["metrics"]),
+                    dumps_json(result["timings"]),
+                    dumps_json(result),
+                    model_path,
+                    result.get("version", __version__),
+                    time.time(),
+                    key,
+                ),
+            )
 
     def fail(self, key: str, error: str) -> None:
         """Record a cell's error and mark it failed."""
@@ -167,11 +193,13 @@ class ResultStore:
     def release(self, keys: Iterable[str]) -> None:
         """Put running cells back to pending (a sweep that stops before they finish)."""
         with self._transaction() as db:
-            db.executemany("UPDATE cells SET status = 'pending' WHERE key = ? AND status = 'running'", [(k,) for k in keys])
+            db.executemany(
+                "UPDATE cells SET status = 'pending' WHERE key = ? AND status = 'running'", [(k,) for k in keys]
+            )
 
     def status(self, keys: Iterable[str] | None = None) -> dict[str, str]:
         """key -> status, for ``keys`` (default: every cell)."""
-        rows = self._db.execute("SELECT key, status FROM cells").fetchall()
+        rows = self._fetch("SELECT key, status FROM cells")
         wanted = None if keys is None else set(keys)
         return {k: s for k, s in rows if wanted is None or k in wanted}
 
@@ -194,13 +222,60 @@ class ResultStore:
             query += " WHERE " + " AND ".join(clauses)
         query += " ORDER BY created, position"
         out = []
-        for row in self._db.execute(query, params).fetchall():
-            (key, grid_name, position, label, config, seed, version, state, attempts, metrics, timings, result,
-             error, model_path, started, finished) = row  # fmt: skip
+        for row in self._fetch(query, params):
+            (
+                key,
+                grid_name,
+                position,
+                label,
+                config,
+                seed,
+                version,
+                state,
+                attempts,
+                metrics,
+                timings,
+                result,
+                error,
+                model_path,
+                started,
+                finished,
+            ) = row
+            where = f"{self.path}: cell {key}'s {{}}"
+            config, metrics, timings, result = (
+                _loads(text, where.format(column))
+                for text, column in ((config, "config"), (metrics, "metrics"), (timings, "timings"), (result, "result"))
+            )
+            if not isinstance(config, dict):
+                raise StoreError(f"{where.format('config')} is not a JSON object; fix or delete that row to go on")
             out.append(
                 Record(
-                    key, grid_name, position, label, json.loads(config), seed, version, state, attempts,
-                    _loads(metrics), _loads(timings), _loads(result), error, model_path, started, finished,
-                )  # fmt: skip
+                    key,
+                    grid_name,
+                    position,
+                    label,
+                    config,
+                    seed,
+                    version,
+                    state,
+                    attempts,
+                    metrics,
+                    timings,
+                    result,
+                    error,
+                    model_path,
+                    started,
+                    finished,
+                )
             )
         return out
+
+    def _fetch(self, query: str, params: list[Any] | tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """All rows of a read query; a damaged file (a malformed page) raises a :class:`StoreError`
+        that names it instead of SQLite's bare error."""
+        try:
+            return self._db.execute(query, params).fetchall()
+        except sqlite3.DatabaseError as err:
+            raise StoreError(
+                f"{self.path}: cannot read the store ({err}); restore it from a copy or start a new one"
+            ) from None
