@@ -1,18 +1,117 @@
-"""Evaluate a model against a backdoor: CA on the clean test set, ASR and RA on its triggered copy.
+"""Evaluate a model against a backdoor: CA on the clean test set, ASR and RA on its triggered copy,
+and health checks that keep a broken model's numbers from reading as a finding.
 
 The evaluation is the only place that holds the trigger, the target and the test set together.
-Clean and triggered inputs go through the model in one batched, gradient-free pass.
+Clean and triggered inputs go through the model in one batched, gradient-free pass; the health
+checks (:func:`health_warnings`) read the same clean predictions, no extra pass.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from backdoorlab.attacks.poisoning import TriggeredTestSet
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.metrics import attack_success_rate, clean_accuracy, robust_accuracy
 from backdoorlab.training.loop import predict
+
+#: A model that gives one class to at least this share of the clean test set is flagged as
+#: collapsed (unless the test set itself is that lopsided: see :func:`health_warnings`).
+COLLAPSE_SHARE = 0.9
+#: CA within this much of chance (or within two binomial standard errors of it, whichever is larger)
+#: is flagged as chance-level.
+CHANCE_MARGIN = 0.05
+#: A repair that loses more clean accuracy than this against the suspect model is flagged.
+MAX_REPAIR_CA_DROP = 0.10
+
+
+@dataclass
+class Assessment:
+    """What one evaluation found: the metrics, and warnings where the model looks broken (each a
+    sentence starting with ``subject``, e.g. ``"model: ..."``)."""
+
+    metrics: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+
+
+def health_warnings(predictions: Tensor, labels: Tensor, subject: str = "model") -> list[str]:
+    """Warnings about a model from its predictions on the clean test set (``labels``: the truth).
+
+    - **Collapsed**: one class gets at least :data:`COLLAPSE_SHARE` (0.9) of the predictions, and
+      more than halfway from that class's true share to 1 (so a test set that is itself 95% one
+      class needs 0.975, and a single-class test set never triggers it). Such a model's ASR is the
+      share of triggered samples it happens to give the target, not evidence of a backdoor.
+    - **Chance-level CA**: CA at most chance plus ``max(CHANCE_MARGIN, 2 standard errors)``, where
+      chance is the best constant guess: the largest class's share of the test set (0.1 on
+      balanced 10-class sets); the standard error is the binomial one at chance for this test size.
+      Not checked where that bound reaches 1 (a test set of nearly one class).
+
+    The README's healthy runs (digits BadNets: CA 0.99, ASR 0.997) are far from both thresholds.
+    """
+    predictions, labels = torch.as_tensor(predictions), torch.as_tensor(labels)
+    n = len(labels)
+    if n == 0:
+        return []
+    size = int(max(int(predictions.max()), int(labels.max()))) + 1
+    predicted = torch.bincount(predictions, minlength=size).double() / n
+    truth = torch.bincount(labels, minlength=size).double() / n
+    top = int(predicted.argmax())
+    share, true_share = float(predicted[top]), float(truth[top])
+    out = []
+    if share >= COLLAPSE_SHARE and share > (1.0 + true_share) / 2:
+        out.append(
+            f"{subject}: predicts class {top} for {share:.0%} of the clean test set (its true share: {true_share:.0%}): "
+            "a collapsed model, whose CA and ASR say nothing about a backdoor"
+        )
+    chance = float(truth.max())
+    margin = max(CHANCE_MARGIN, 2 * math.sqrt(chance * (1 - chance) / n))
+    accuracy = float((predictions == labels).double().mean())
+    if accuracy <= chance + margin < 1.0:  # where a test set is (nearly) one class, no CA beats chance
+        out.append(
+            f"{subject}: clean accuracy {accuracy:.4f} is at chance level (the largest class's share, {chance:.4f}, "
+            f"plus {margin:.2f}): it learned nothing usable"
+        )
+    return out
+
+
+def repair_warnings(suspect_accuracy: float, repaired_accuracy: float) -> list[str]:
+    """A warning where a repair lost more than :data:`MAX_REPAIR_CA_DROP` (0.10) of clean accuracy
+    against the suspect model: a low ASR after it may mean a destroyed model, not a removed backdoor."""
+    drop = suspect_accuracy - repaired_accuracy
+    if drop <= MAX_REPAIR_CA_DROP:
+        return []
+    return [
+        f"repaired model: the repair lost {drop:.4f} of clean accuracy ({suspect_accuracy:.4f} -> {repaired_accuracy:.4f}), "
+        f"more than the {MAX_REPAIR_CA_DROP:.2f} tolerated: its ASR may reflect a destroyed model, not a removed backdoor"
+    ]
+
+
+def assess_backdoor(
+    model: nn.Module,
+    test: TensorDataset,
+    triggered: TriggeredTestSet,
+    *,
+    device: str | torch.device | None = "cpu",
+    batch_size: int = 1024,
+    tta: int = 0,
+    subject: str = "model",
+) -> Assessment:
+    """:func:`evaluate_backdoor`'s metrics and :func:`health_warnings` about the model (named
+    ``subject`` in them), from one pass over the clean and triggered test sets."""
+    predictions = predict(
+        model, torch.cat([test.inputs, triggered.inputs]), device=device, batch_size=batch_size, tta=tta
+    )
+    clean, poisoned = predictions[: len(test)], predictions[len(test) :]
+    metrics = {
+        "clean_accuracy": clean_accuracy(clean, test.labels),
+        "attack_success_rate": attack_success_rate(poisoned, triggered.target_labels),
+        "robust_accuracy": robust_accuracy(poisoned, triggered.true_labels),
+    }
+    return Assessment(metrics, health_warnings(clean, test.labels, subject))
 
 
 def evaluate_backdoor(
@@ -26,12 +125,4 @@ def evaluate_backdoor(
 ) -> dict[str, float]:
     """``{"clean_accuracy", "attack_success_rate", "robust_accuracy"}`` as fractions in [0, 1];
     ``tta``: the recipe's test-time augmentation level (``training.loop.tta_logits``)."""
-    predictions = predict(
-        model, torch.cat([test.inputs, triggered.inputs]), device=device, batch_size=batch_size, tta=tta
-    )
-    clean, poisoned = predictions[: len(test)], predictions[len(test) :]
-    return {
-        "clean_accuracy": clean_accuracy(clean, test.labels),
-        "attack_success_rate": attack_success_rate(poisoned, triggered.target_labels),
-        "robust_accuracy": robust_accuracy(poisoned, triggered.true_labels),
-    }
+    return assess_backdoor(model, test, triggered, device=device, batch_size=batch_size, tta=tta).metrics

@@ -11,12 +11,38 @@ Definitions (as BackdoorBench reports them):
   share of isolated samples that are poisoned, share of poisoned samples isolated.
 - **Detection AUROC** of a detector's scores on backdoored models against its scores on clean
   models, with its p-value.
+
+A metric value is finite or absent: :func:`finite_json` and :func:`dumps_json` turn NaN and
+infinities into ``None`` (JSON ``null``) wherever results are written (``result.json``, the store),
+since JSON has no NaN and SQLite's ``json_extract`` fails on it.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from typing import Any
+
 import torch
 from torch import Tensor
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, infinity), at any depth of dicts, lists and
+    tuples (as lists), replaced by ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def dumps_json(value: Any, **options: Any) -> str:
+    """``json.dumps`` of :func:`finite_json` (``value``) with ``allow_nan=False``: valid JSON, never
+    ``NaN`` or ``Infinity``; ``options`` go to ``json.dumps`` (``indent``...)."""
+    return json.dumps(finite_json(value), allow_nan=False, **options)
 
 
 def _rate(predictions: Tensor, labels: Tensor, what: str) -> float:

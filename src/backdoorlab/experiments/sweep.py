@@ -5,6 +5,10 @@ done (and failed ones unless ``retry_failed``), and runs the rest, at most ``exe
 a time. A cell that raises is stored as failed with its traceback and the sweep goes on; Ctrl-C or
 SIGTERM stops the running cells and puts them back to pending, so rerunning the same command
 resumes. One sweep at a time may write to an output folder (a lock file says so).
+
+A cell whose training diverges raises (``TrainingDivergedError``) and is stored as failed with that
+message, never as done; a done cell whose model the health checks flagged keeps its warnings in its
+stored result (``Record.warnings``) and counts in ``SweepSummary.warned``.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from backdoorlab.experiments.executors import Executor, create_executor, run_cell
-from backdoorlab.experiments.grid import Cell, Grid
+from backdoorlab.experiments.grid import Cell, Grid, suspect_key
 from backdoorlab.experiments.store import ResultStore
 from backdoorlab.progress import make_progress
 
 MODELS_DIR = "models"
+#: Trained victims shared by the cells that differ only in the repair or detector.
+SUSPECTS_DIR = "suspects"
 
 
 class SweepError(RuntimeError):
@@ -36,10 +42,12 @@ class SweepError(RuntimeError):
 
 @dataclass
 class SweepSummary:
-    """What a sweep did: cells of the grid, done and failed now, skipped (done before), left."""
+    """What a sweep did: cells of the grid, done and failed now, skipped (done before), left;
+    ``warned``: cells done now whose result carries health warnings (counted in ``done`` too)."""
 
     total: int
     done: int = 0
+    warned: int = 0
     failed: int = 0
     skipped: int = 0
     interrupted: bool = False
@@ -102,7 +110,9 @@ def sweep(
     on_cell: Callable[[Cell, dict[str, Any]], None] | None = None,
 ) -> SweepSummary:
     """Run ``grid`` into ``output`` (its ``results.sqlite``, and ``models/<key>.safetensors`` with
-    ``save_models``). ``device`` and ``data_root`` say where cells run without changing their keys.
+    ``save_models``). Cells that differ only in the repair or detector share one trained victim
+    (``suspects/<suspect key>.safetensors``): the first trains it, the others wait for it and reuse it.
+    ``device`` and ``data_root`` say where cells run without changing their keys.
     ``on_cell(cell, outcome)`` is called as each cell ends (``outcome`` as :func:`run_cell`'s).
     Returns a summary; ``summary.interrupted`` after Ctrl-C or SIGTERM."""
     output = Path(output)
@@ -124,6 +134,20 @@ def sweep(
             (output / MODELS_DIR).mkdir(exist_ok=True)
         running: dict[Future, Cell] = {}
         queue = list(reversed(todo))
+        training: dict[str, Future] = {}  # suspect key -> the running cell that trains it
+        keys = [suspect_key(cell.config) for cell in grid.cells]
+        shared = {key for key in keys if key is not None and keys.count(key) > 1}
+        if shared:
+            (output / SUSPECTS_DIR).mkdir(exist_ok=True)
+
+        def next_cell() -> Cell | None:
+            """The next cell whose victim is not being trained by a running cell (it waits for
+            that cell, then reuses the victim instead of training it again)."""
+            for i in range(len(queue) - 1, -1, -1):
+                if suspect_key(queue[i].config) not in training or suspect_key(queue[i].config) not in shared:
+                    return queue.pop(i)
+            return None
+
         with make_progress() as progress, _signals_as_interrupt():
             task = progress.add_task(grid.name, total=len(todo), status="")
 
@@ -133,16 +157,23 @@ def sweep(
 
             try:
                 while queue or running:
-                    while queue and len(running) < executor.capacity:
-                        cell = queue.pop()
+                    while queue and len(running) < executor.capacity and (cell := next_cell()) is not None:
                         store.start(cell.key)
                         model_file = str(output / MODELS_DIR / f"{cell.key}.safetensors") if save_models else None
-                        running[executor.submit(run_cell, _placed(cell, device, data_root), model_file, executor.threads)] = cell
+                        key = suspect_key(cell.config) if suspect_key(cell.config) in shared else None
+                        suspect_file = str(output / SUSPECTS_DIR / f"{key}.safetensors") if key else None
+                        future = executor.submit(
+                            run_cell, _placed(cell, device, data_root), model_file, executor.threads, suspect_file
+                        )
+                        running[future] = cell
+                        if key and not Path(suspect_file).exists():
+                            training[key] = future
                         show()
                     finished, _ = wait(running, return_when=FIRST_COMPLETED)
                     broken = False
                     for future in finished:
                         cell = running.pop(future)
+                        training = {k: f for k, f in training.items() if f is not future}
                         try:
                             outcome = future.result()
                         except BrokenProcessPool:
@@ -158,6 +189,7 @@ def sweep(
                             relative = str(Path(model_path).relative_to(output)) if model_path else None
                             store.finish(cell.key, outcome["result"], relative)
                             summary.done += 1
+                            summary.warned += bool(outcome["result"].get("warnings"))
                         if on_cell is not None:
                             on_cell(cell, outcome)
                         show()

@@ -1,4 +1,5 @@
-"""The report's figures, as PNG bytes (matplotlib, the ``plot`` extra)."""
+"""The report's figures, as PNG bytes, and the detectability study's plot as a file (matplotlib, the
+``plot`` extra)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from backdoorlab.files import write_bytes
+from backdoorlab.plotting import pyplot
 from backdoorlab.report.tables import Summary, method_label
-
-
-def pyplot() -> Any:
-    """matplotlib's pyplot on the Agg backend; a ``RuntimeError`` that says how to install it where
-    it is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise RuntimeError("plots need matplotlib: pip install 'backdoorlab[plot]'") from err
-    return plt
 
 
 def _png(fig: Any) -> bytes:
@@ -33,7 +23,8 @@ def _png(fig: Any) -> bytes:
 
 def ca_vs_asr(summary: Summary) -> bytes | None:
     """CA against ASR, one point per seed group (error bars: std over seeds), one colour per
-    defense, one marker per attack, one panel per dataset and model."""
+    defense, one marker per attack, one panel per dataset and model; a red ring marks a group with
+    cells the health checks flagged (collapsed, chance-level, or a destructive repair)."""
     rows = [r for r in summary.rows if r.get("clean_accuracy") and r.get("attack_success_rate")]
     if not rows:
         return None
@@ -50,8 +41,19 @@ def ca_vs_asr(summary: Summary) -> bytes | None:
             if (c["dataset"], c["model"]) != (dataset, model):
                 continue
             (asr, asr_std), (ca, ca_std) = r["attack_success_rate"], r["clean_accuracy"]
-            ax.errorbar(asr, ca, xerr=asr_std, yerr=ca_std, fmt=markers[c["attack"]], color=colours[method_label(c)],
-                        ms=7, capsize=2, alpha=0.85)  # fmt: skip
+            ax.errorbar(
+                asr,
+                ca,
+                xerr=asr_std,
+                yerr=ca_std,
+                fmt=markers[c["attack"]],
+                color=colours[method_label(c)],
+                ms=7,
+                capsize=2,
+                alpha=0.85,
+            )
+            if r.get("warned"):
+                ax.plot(asr, ca, marker="o", ms=15, mfc="none", mec="red", mew=1.5, ls="")
         ax.set_xlim(-0.03, 1.03)
         ax.set_xlabel("attack success rate")
         ax.set_ylabel("clean accuracy")
@@ -59,6 +61,10 @@ def ca_vs_asr(summary: Summary) -> bytes | None:
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=colours[m], marker="o", ls="", label=m) for m in methods]
     handles += [plt.Line2D([], [], color="grey", marker=markers[a], ls="", label=a) for a in attacks]
+    if any(r.get("warned") for r in rows):
+        handles.append(
+            plt.Line2D([], [], marker="o", ms=10, mfc="none", mec="red", ls="", label="flagged (see warnings)")
+        )
     axes[0][-1].legend(handles=handles, fontsize=8, loc="best")
     return _png(fig)
 
@@ -104,7 +110,9 @@ def robustness_detectability(rows: list[dict[str, Any]], title: str = "") -> byt
     fig, ax = plt.subplots(figsize=(5.6, 4.2))
     series = sorted({(r["attack"], r["detector"]) for r in rows})
     for attack, detector in series:
-        points = sorted((r for r in rows if (r["attack"], r["detector"]) == (attack, detector)), key=lambda r: r["poison_rate"])
+        points = sorted(
+            (r for r in rows if (r["attack"], r["detector"]) == (attack, detector)), key=lambda r: r["poison_rate"]
+        )
         xs = [r["asr_repaired"] if r["asr_repaired"] is not None else r["asr"] for r in points]
         ys = [r["auroc"] for r in points]
         ax.plot(xs, ys, marker="o", label=" · ".join(part for part in (attack, detector) if part))
@@ -120,6 +128,30 @@ def robustness_detectability(rows: list[dict[str, Any]], title: str = "") -> byt
     if title:
         ax.set_title(title, fontsize=10)
     return _png(fig)
+
+
+def detectability_plot(rows: list[dict[str, float]], path: str | Path, title: str = "") -> Path:
+    """The detectability study's figure (:func:`backdoorlab.experiments.detectability.summarize`'s
+    rows): detectability (ROC AUC) against robustness (ASR after repair), one point per rate and one
+    line per detector (:func:`robustness_detectability`), written to ``path``; a ``RuntimeError``
+    where matplotlib is missing, a ``ValueError`` for no rows."""
+    points = [
+        {
+            "attack": "",
+            "detector": key.removeprefix("auroc_"),
+            "poison_rate": r["poison_rate"],
+            "auroc": r[key],
+            "asr": r["asr_before"],
+            "asr_repaired": r["asr_after"],
+        }
+        for r in rows
+        for key in r
+        if key.startswith("auroc_")
+    ]
+    png = robustness_detectability(points, title)
+    if png is None:
+        raise ValueError("the study has no rows to plot")
+    return write_bytes(path, png)
 
 
 def trigger_gallery(dataset: str, attack: str, options: dict[str, Any], data_root: str | None) -> bytes:

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 #: What fills the border a translation opens (``random_crop``'s ``mode``).
 CROP_MODES = ("zeros", "reflect")
 

@@ -11,6 +11,10 @@ Defenses hook in two ways, without copying the loop:
 - ``loss_fn(logits, labels, indices, epoch) -> per-sample losses`` replaces the per-sample loss
   (ABL's loss floor, gradient ascent on isolated samples, ...); ``indices`` index the training set;
 - ``callbacks`` see every batch's per-sample losses and the model at each epoch's end.
+
+A non-finite loss (NaN or infinity) stops training with :class:`TrainingDivergedError`, whichever
+defense drives the loop: a diverged model must never be evaluated as if it had learned something
+(NaN logits argmax to class 0, which reads as a perfect backdoor against target 0).
 """
 
 from __future__ import annotations
@@ -27,8 +31,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
+from backdoorlab.options import check_fields
 from backdoorlab.progress import make_progress
-from backdoorlab.training.augment import CROP_MODES, alternating_hflip, jitter, random_crop, random_hflip, random_scaling
+from backdoorlab.training.augment import (
+    CROP_MODES,
+    alternating_hflip,
+    jitter,
+    random_crop,
+    random_hflip,
+    random_scaling,
+)
 from backdoorlab.training.regularizers import Regularizer, create_regularizer
 
 SCHEDULES = ("onecycle", "triangle", "cosine", "step", "constant")
@@ -117,12 +129,16 @@ class TrainConfig:
     regularizer_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
+        """Check every field's type (converting an int given for a float) and range."""
+        check_fields(self, "train field")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule '{self.schedule}'; valid: {', '.join(SCHEDULES)}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
         if self.schedule == "step" and (not self.milestones or any(not 0 < m < self.epochs for m in self.milestones)):
-            raise ValueError(f"the step schedule needs milestones between 1 and epochs - 1 ({self.epochs - 1}), got {list(self.milestones)}")
+            raise ValueError(
+                f"the step schedule needs milestones between 1 and epochs - 1 ({self.epochs - 1}), got {list(self.milestones)}"
+            )
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.crop_mode not in CROP_MODES:
@@ -140,6 +156,78 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+class NonFiniteError(ValueError):
+    """A loss, a weight or a score that is NaN or infinite where a number was needed."""
+
+
+class TrainingDivergedError(NonFiniteError):
+    """Training diverged: a non-finite loss, or non-finite weights after the last step. The message
+    names the training, the epoch and step (1-based) and the learning rate, and suggests a lower one."""
+
+
+def nonfinite_tensors(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``model`` that hold a NaN or an infinity."""
+    return [
+        name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+
+
+def _diverged(description: str, config: TrainConfig, where: str, what: str) -> TrainingDivergedError:
+    return TrainingDivergedError(
+        f"training ({description}) diverged: {what} {where} (learning rate {config.lr:g}, {config.schedule} schedule); "
+        "lower the learning rate (run --lr, or the defense's -d lr=...)"
+    )
+
+
+class FiniteLossGuard:
+    """Stops training on a non-finite batch loss with :class:`TrainingDivergedError`.
+
+    ``at_once`` (default: on the CPU, where reading the loss costs nothing) raises at the batch
+    itself; otherwise the first non-finite step of an epoch is recorded on the device and raised at
+    the epoch's end, so that a CUDA loop keeps no per-step host synchronisation."""
+
+    def __init__(
+        self,
+        description: str,
+        config: TrainConfig,
+        steps_per_epoch: int,
+        device: torch.device,
+        at_once: bool | None = None,
+    ) -> None:
+        self.description, self.config, self.steps_per_epoch, self.device = description, config, steps_per_epoch, device
+        self.at_once = device.type == "cpu" if at_once is None else at_once
+        self.first = torch.full((), -1, device=device, dtype=torch.int64)
+
+    def _where(self, epoch: int, step: int) -> str:
+        return f"at epoch {epoch + 1}/{self.config.epochs}, step {step + 1}/{self.steps_per_epoch}"
+
+    def batch(self, loss: Tensor, epoch: int, step: int) -> None:
+        """After the loss of step ``step`` (0-based, within ``epoch``) is computed."""
+        loss = loss.detach()
+        if self.at_once:
+            if not bool(torch.isfinite(loss)):
+                raise _diverged(
+                    self.description, self.config, self._where(epoch, step), f"the training loss is {float(loss)}"
+                )
+        else:
+            self.first = torch.where((self.first < 0) & ~torch.isfinite(loss), step, self.first)
+
+    def epoch_end(self, epoch: int) -> None:
+        """At the end of ``epoch``, before its callbacks see the model."""
+        if not self.at_once and int(self.first) >= 0:
+            what = "the training loss became non-finite (NaN or infinity)"
+            raise _diverged(self.description, self.config, self._where(epoch, int(self.first)), what)
+        self.first.fill_(-1)
+
+    def finish(self, model: nn.Module) -> None:
+        """After the last step: the weights must be finite too."""
+        broken = nonfinite_tensors(model)
+        if broken:
+            shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+            where = f"after the last step of epoch {self.config.epochs}"
+            raise _diverged(self.description, self.config, where, f"the weights are NaN or infinite ({shown})")
 
 
 class Callback:
@@ -162,14 +250,23 @@ class TrainHistory:
     samples_per_second: float = 0.0
 
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``"auto"``/None picks CUDA when available; otherwise the given device."""
+def parse_device(device: str | torch.device | None = None) -> torch.device | None:
+    """The device ``device`` names (``None`` for ``"auto"``/None), without asking whether this
+    machine has it; a name torch does not know is a ``ValueError``."""
     if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return None
     try:
-        resolved = torch.device(device)
+        return torch.device(device)
     except RuntimeError as err:
         raise ValueError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from err
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``"auto"``/None picks CUDA when available; otherwise the given device, refused where this
+    machine does not have it."""
+    resolved = parse_device(device)
+    if resolved is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device '{device}' was asked for but CUDA is not available; use cpu or auto")
     return resolved
@@ -247,7 +344,9 @@ def make_optimizer(
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     elif config.schedule == "step":  # the scheduler steps per batch: epochs become steps
         per_epoch = steps // config.epochs
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [m * per_epoch for m in sorted(config.milestones)], gamma=0.1)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, [m * per_epoch for m in sorted(config.milestones)], gamma=0.1
+        )
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     return optimizer, scheduler
@@ -294,7 +393,11 @@ def train(
 
     ``step`` replaces the forward-and-loss of a batch (same signature as a regulariser:
     ``step(model, x, y, loss_fn, indices, epoch, generator) -> (logits, per-sample losses)``), for
-    defenses that train extra heads in the same run (E2ABL)."""
+    defenses that train extra heads in the same run (E2ABL).
+
+    Raises :class:`TrainingDivergedError` when a batch's mean loss is not finite (on the CPU at that
+    step; on CUDA at the end of its epoch, naming the first such step, so that the loop stays free of
+    per-step host synchronisation) or when the weights are not finite after the last step."""
     config = config or TrainConfig()
     config.validate()
     device = resolve_device(device)
@@ -317,17 +420,18 @@ def train(
     if step is not None and config.regularizer is not None:
         raise ValueError("a custom training step and a regularizer cannot be combined")
     regularizer = step or (
-        create_regularizer(config.regularizer, **config.regularizer_options)
-        if config.regularizer is not None
-        else None
+        create_regularizer(config.regularizer, **config.regularizer_options) if config.regularizer is not None else None
     )
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     optimizer, scheduler = make_optimizer(model, config, total_steps)
     whitening_bias = _whitening_bias(model)
     lookahead: Lookahead | None = None
-    first_flips = (torch.rand(len(data), generator=generator) < 0.5).to(device) if flip and config.alternating_flip else None
+    first_flips = (
+        (torch.rand(len(data), generator=generator) < 0.5).to(device) if flip and config.alternating_flip else None
+    )
     history = TrainHistory()
+    guard = FiniteLossGuard(description, config, steps_per_epoch, device)
     model.train()
     start = time.perf_counter()
     done = 0
@@ -341,7 +445,7 @@ def train(
             order = torch.randperm(len(data), generator=generator).to(device)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.int64)
-            for batch in order.split(config.batch_size):
+            for step_in_epoch, batch in enumerate(order.split(config.batch_size)):
                 x = inputs[batch]
                 if config.crop_padding:
                     x = random_crop(x, config.crop_padding, generator, config.crop_mode)
@@ -362,8 +466,10 @@ def train(
                     else:
                         logits, losses = regularizer(model, x, y, loss_fn, batch, epoch, generator)
                 losses = losses.float()
+                loss = losses.mean()
+                guard.batch(loss, epoch, step_in_epoch)
                 optimizer.zero_grad(set_to_none=True)
-                losses.mean().backward()
+                loss.backward()
                 optimizer.step()
                 scheduler.step()
                 done += 1
@@ -375,18 +481,19 @@ def train(
                 for callback in callbacks:
                     callback.on_batch_end(batch, losses, epoch)
                 progress.advance(task)
+            guard.epoch_end(epoch)
             if lookahead is not None:
                 lookahead.update(1.0)  # the averaged weights are the epoch's result
             history.loss.append(float(loss_sum) / len(data))
             history.accuracy.append(float(correct) / len(data))
             progress.update(
                 task,
-                status=f"epoch {epoch + 1}/{config.epochs} loss {history.loss[-1]:.3f} "
-                f"acc {history.accuracy[-1]:.3f}",
+                status=f"epoch {epoch + 1}/{config.epochs} loss {history.loss[-1]:.3f} acc {history.accuracy[-1]:.3f}",
             )
             for callback in callbacks:
                 callback.on_epoch_end(epoch, model)
     history.seconds = time.perf_counter() - start
+    guard.finish(model)
     history.samples_per_second = len(data) * config.epochs / history.seconds
     return history
 

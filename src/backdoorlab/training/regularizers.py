@@ -14,12 +14,14 @@ open the docstring says "reconstructed".
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from backdoorlab.options import NonNegativeFloat, NonNegativeInt, PositiveFloat
 from backdoorlab.registry import Registry
 
 #: Regularisers by name: ``cls(**options)``.
@@ -44,9 +46,15 @@ class Regularizer(ABC):
 
     @abstractmethod
     def __call__(
-        self, model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, indices: Tensor, epoch: int,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        loss_fn: LossFn,
+        indices: Tensor,
+        epoch: int,
         generator: torch.Generator,
-    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    ) -> tuple[Tensor, Tensor]:
         """Forward ``x`` and return logits (for accuracy) and regularised per-sample losses."""
 
     def config(self) -> dict[str, Any]:
@@ -64,7 +72,7 @@ class LogitSqueezing(Regularizer):
     "Adversarial Logit Pairing" (2018), weight 0.05. Reconstructed: the L2 norm, not its square
     (implementations differ)."""
 
-    def __init__(self, weight: float = 0.05) -> None:
+    def __init__(self, weight: NonNegativeFloat = 0.05) -> None:
         if weight < 0:
             raise ValueError(f"weight must be >= 0, got {weight}")
         self.weight = float(weight)
@@ -87,7 +95,7 @@ class ManifoldMixup(Regularizer):
     losses equals mixing one-hot targets for cross-entropy and keeps any ``loss_fn`` usable.
     """
 
-    def __init__(self, alpha: float = 2.0, layers: tuple[int, ...] | list[int] = (0, 1, 2)) -> None:
+    def __init__(self, alpha: PositiveFloat = 2.0, layers: Sequence[NonNegativeInt] = (0, 1, 2)) -> None:
         if alpha <= 0 or not layers or min(layers) < 0:
             raise ValueError("alpha must be > 0 and layers non-negative body indices")
         self.alpha, self.layers = float(alpha), tuple(int(k) for k in layers)
@@ -201,7 +209,7 @@ class SoftNearestNeighbour(FeatureTerm):
     term = staticmethod(soft_nearest_neighbour_loss)
     optimises_temperature = True
 
-    def __init__(self, weight: float = 0.1, temperature: float | None = None) -> None:
+    def __init__(self, weight: NonNegativeFloat = 0.1, temperature: PositiveFloat | None = None) -> None:
         super().__init__(weight, temperature)
 
 
@@ -213,5 +221,5 @@ class SupervisedContrastive(FeatureTerm):
 
     term = staticmethod(supervised_contrastive_loss)
 
-    def __init__(self, weight: float = 1.0, temperature: float = 0.1) -> None:
+    def __init__(self, weight: NonNegativeFloat = 1.0, temperature: PositiveFloat = 0.1) -> None:
         super().__init__(weight, temperature)
