@@ -38,13 +38,16 @@ def test_run_with_a_defense_reports_its_isolation(tmp_path):
 
 def test_bad_input_is_a_clear_error_with_exit_code_2():
     cases = [
-        (["run", "--dataset", "imagenet"], "cifar10, digits, gtsrb, gunpoint, italypowerdemand, mnist, osuleaf; or a prefixed time-series name: ucr:<Name>, sktime:<Name>"),
+        (
+            ["run", "--dataset", "imagenet"],
+            "cifar10, digits, gtsrb, gunpoint, italypowerdemand, mnist, osuleaf; or a prefixed time-series name: ucr:<Name>, sktime:<Name>",
+        ),
         (["run", "--attack", "trojan"], "valid attacks: badnet_rand, badnet_stripes, badnets, blended"),
         (["run", "--target", "11"], "outside the dataset's classes 0..9"),
-        (["run", "--poison-rate", "1.5"], "poison rate must be in [0, 1]"),
-        (["run", "--trusted-size", "0"], "trusted split size must be a fraction in (0, 1]"),
+        (["run", "--poison-rate", "1.5"], "poison_rate 1.5 is neither a fraction in (0, 1] nor a count"),
+        (["run", "--trusted-size", "0"], "trusted_size must be a fraction in (0, 1] or a count >= 2"),
         (["run", "-a", "shape=star"], "valid: size, pattern, position, margin"),
-        (["list", "poisons"], "valid: datasets, models, recipes, attacks, defenses"),
+        (["list", "poisons"], "valid: datasets, models, recipes, presets, attacks, defenses"),
         (["run", "--defense", "strip"], "training-time defenses: abl, e2abl, pt; repair defenses: fine_pruning"),
         (["run", "--detector", "strip"], "valid detectors: cti, neural_cleanse"),
         (["run", "--defense", "abl", "-d", "ratio=0.1"], "valid: gamma, isolation_ratio"),
@@ -84,7 +87,10 @@ def test_saved_model_is_repaired_and_scored_from_the_command_line(tmp_path):
 def test_model_file_errors_name_the_file(tmp_path):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a model")
-    for path, message in [(tmp_path / "missing.safetensors", "does not exist"), (garbage, "is not a safetensors model file")]:
+    for path, message in [
+        (tmp_path / "missing.safetensors", "does not exist"),
+        (garbage, "is not a safetensors model file"),
+    ]:
         result = runner.invoke(app, ["detect", str(path)])
         assert result.exit_code == 2 and message in " ".join(result.output.split())
         assert path.name in result.output.replace("\n", "")
@@ -93,26 +99,48 @@ def test_model_file_errors_name_the_file(tmp_path):
 @pytest.mark.filterwarnings("ignore:the held-out share has")  # 14 held-out digits: Pivotal Tuning says so, rightly
 def test_detectability_study_runs_from_the_command_line_and_resumes(tmp_path):
     out = tmp_path / "study"
-    args = ["detectability", "--output", str(out), "--rates", "0.1", "--seeds", "0", "--clean-seeds", "1,2", "--epochs", "8"]
+    args = [
+        "detectability",
+        "--output",
+        str(out),
+        "--rates",
+        "0.1",
+        "--seeds",
+        "0",
+        "--clean-seeds",
+        "1,2",
+        "--epochs",
+        "8",
+    ]
     args += ["--trusted-size", "0.1", "--repair", "pivotal_tuning", "-d", "steps=40", "-d", "eval_every=10"]
     args += ["--detectors", "cti", "-x", "cti.steps=10"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     (row,) = json.loads((out / "detectability.json").read_text())
     assert row["poison_rate"] == 0.1 and row["models"] == 1 and row["asr_before"] > 0.8
-    assert 0.0 <= row["auroc_cti"] <= 1.0 and row["p_cti"] >= 1 / 3, "one model against two: p is at least 1/3"
+    # One backdoored model against two clean ones: the AUROC is the share of clean scores below its
+    # score (ties count half) and the exact one-sided p-value is (clean scores at or above it + 1) / 3.
+    clean = [json.loads((out / "rate-0" / f"seed-{s}" / "result.json").read_text())["scores"]["cti"] for s in (1, 2)]
+    suspect = json.loads((out / "rate-0.1" / "seed-0" / "result.json").read_text())["scores"]["cti"]
+    assert row["auroc_cti"] == pytest.approx(sum((c < suspect) + 0.5 * (c == suspect) for c in clean) / 2)
+    assert row["p_cti"] == pytest.approx((sum(c >= suspect for c in clean) + 1) / 3)
     assert "| 10% | 1 |" in result.output and (out / "detectability.md").read_text().startswith("| poison rate |")
     stored = json.loads((out / "rate-0.1" / "seed-0" / "result.json").read_text())
     assert stored["detector_options"]["cti"] == {"steps": 10} and stored["config"]["data_seed"] == 0
     details = stored["repair_details"]  # the repair's own: Pivotal Tuning's held-out curve and the step it kept
     assert details["held_out_size"] > 0 and details["chosen_step"] in [p["step"] for p in details["held_out_curve"]]
     again = runner.invoke(app, args)
-    assert again.exit_code == 0 and json.loads((out / "detectability.json").read_text()) == [row], "stored models reused"
+    assert again.exit_code == 0 and json.loads((out / "detectability.json").read_text()) == [row], (
+        "stored models reused"
+    )
     for bad, message in [
         (["-x", "steps=10"], "names no detector: write DETECTOR.KEY=VALUE"),
         (["--rates", "0.1,x"], "--rates takes comma-separated floats"),
         (["--detectors", "strip"], "valid detectors: cti, neural_cleanse"),
-        (["--detectors", "cti", "-x", "neural_cleanse.steps=5"], "options for neural_cleanse, which --detectors (cti) does not run"),
+        (
+            ["--detectors", "cti", "-x", "neural_cleanse.steps=5"],
+            "options for neural_cleanse, which --detectors (cti) does not run",
+        ),
         (["--rates", ","], "needs at least one poison rate"),
     ]:
         result = runner.invoke(app, ["detectability", "--output", str(tmp_path / "bad"), *bad])
@@ -122,7 +150,17 @@ def test_detectability_study_runs_from_the_command_line_and_resumes(tmp_path):
 def test_list_shows_every_registry():
     result = runner.invoke(app, ["list"])
     assert result.exit_code == 0
-    for name in ("digits", "cifar10", "airbench", "preact_resnet18", "badnets", "blended", "abl", "pivotal_tuning", "cti"):
+    for name in (
+        "digits",
+        "cifar10",
+        "airbench",
+        "preact_resnet18",
+        "badnets",
+        "blended",
+        "abl",
+        "pivotal_tuning",
+        "cti",
+    ):
         assert name in result.output
 
 

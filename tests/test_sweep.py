@@ -28,8 +28,15 @@ REPO = Path(__file__).resolve().parents[1]
 BACKDOORLAB = [sys.executable, "-m", "backdoorlab"]
 
 # A grid of tiny digits runs (one or two seconds each).
-TINY = {"name": "tiny", "dataset": "digits", "epochs": 2, "attack": ["badnets", "blended"],
-        "defense": [None, "fine_tuning"], "defense_options": {}, "seed": [0, 1]}  # fmt: skip
+TINY = {
+    "name": "tiny",
+    "dataset": "digits",
+    "epochs": 2,
+    "attack": ["badnets", "blended"],
+    "defense": [None, "fine_tuning"],
+    "defense_options": {},
+    "seed": [0, 1],
+}
 
 
 def write_yaml(path: Path, text: str) -> Path:
@@ -53,11 +60,17 @@ def test_grid_is_the_product_of_its_lists_in_file_order() -> None:
 
 
 def test_grid_mapping_elements_set_several_fields_and_option_lists_are_axes() -> None:
-    grid = expand({
-        "dataset": "digits",
-        "defense": [None, {"regularizer": "logit_squeezing"}, {"defense": "fine_tuning", "defense_options": {"epochs": 3}}],
-        "attack_options": [{"size": 2}, {"size": 4}],
-    })  # fmt: skip
+    grid = expand(
+        {
+            "dataset": "digits",
+            "defense": [
+                None,
+                {"regularizer": "logit_squeezing"},
+                {"defense": "fine_tuning", "defense_options": {"epochs": 3}},
+            ],
+            "attack_options": [{"size": 2}, {"size": 4}],
+        }
+    )
     assert len(grid.cells) == 6
     configs = [c.config for c in grid.cells]
     assert [c.attack_options["size"] for c in configs[:2]] == [2, 4]
@@ -77,7 +90,8 @@ def test_cell_key_ignores_placement_but_not_content() -> None:
     assert cell_key(config) != cell_key(RunConfig(dataset="digits", seed=1).resolved())
     assert cell_key(config) != cell_key(RunConfig(dataset="digits", attack_options={"size": 4}).resolved())
     # a field added later leaves earlier keys alone at its default, and changes them otherwise
-    earlier = {k: v for k, v in config.to_dict().items() if k not in ("device", "data_root", "data_seed")}
+    added = ("data_seed", "threads", "deterministic", "preset", "poison_rate_of")
+    earlier = {k: v for k, v in config.to_dict().items() if k not in ("device", "data_root", *added)}
     del earlier["train"]["milestones"]  # the dict a version before the step schedule hashed
     text = json.dumps(earlier, sort_keys=True, separators=(",", ":"), default=str)
     assert cell_key(config) == hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -90,7 +104,10 @@ def test_cell_key_ignores_placement_but_not_content() -> None:
     ("text", "message"),
     [
         ("dataset: digits\natack: [badnets]\n", r"bad\.yaml:2: unknown key 'atack' \(did you mean 'attack'\?\)"),
-        ("dataset: digits\nattack: [badnets, nope]\n", r"bad\.yaml: cell 1 \(attack=nope; line 2\): unknown attack 'nope'; valid attacks: .*badnets"),
+        (
+            "dataset: digits\nattack: [badnets, nope]\n",
+            r"bad\.yaml: cell 1 \(attack=nope; line 2\): unknown attack 'nope'; valid attacks: .*badnets",
+        ),
         ("dataset: digits\nseed: []\n", r"bad\.yaml:2: 'seed' is an empty list"),
         ("dataset: digits\ndefense: [{defence: abl}]\n", r"bad\.yaml:2: unknown key\(s\) defence"),
         ("dataset: digits\nseed: [1, 1]\n", r"cell 1 \(seed=1; line 2\): the same experiment as cell 0"),
@@ -110,7 +127,10 @@ def test_select_keeps_the_matching_cells() -> None:
 
     grid = expand(TINY)
     chosen = select(grid, {"attack": "blended", "defense": None})
-    assert [(c.config.attack, c.config.defense, c.config.seed) for c in chosen.cells] == [("blended", None, 0), ("blended", None, 1)]
+    assert [(c.config.attack, c.config.defense, c.config.seed) for c in chosen.cells] == [
+        ("blended", None, 0),
+        ("blended", None, 1),
+    ]
     assert len(select(grid, {"train.epochs": 2}).cells) == 8
     with pytest.raises(GridError, match="cannot select on 'atack'"):
         select(grid, {"atack": "blended"})
@@ -125,8 +145,13 @@ def test_every_example_grid_loads_and_docs_list_it_with_its_cell_count() -> None
     """docs/experiments.md's table of reproduction configs names each grid of examples/ with its
     number of cells; a grid that no longer loads (a renamed option, attack or defense) or whose
     size changed fails here."""
-    listed = dict(re.findall(r"^\| \[(\w+\.yaml)\]\(\.\./examples/\1\) \| .* \| (\d+) \|$",
-                             (REPO / "docs" / "experiments.md").read_text(), re.MULTILINE))  # fmt: skip
+    listed = dict(
+        re.findall(
+            r"^\| \[(\w+\.yaml)\]\(\.\./examples/\1\) \| .* \| (\d+) \|$",
+            (REPO / "docs" / "experiments.md").read_text(),
+            re.MULTILINE,
+        )
+    )
     grids = {p.name: len(load_grid(p).cells) for p in sorted((REPO / "examples").glob("*.yaml"))}
     assert {name: str(count) for name, count in grids.items() if name in listed} == listed
     unlisted = set(grids) - set(listed)
@@ -188,8 +213,11 @@ def test_sweep_stores_every_cell_and_a_rerun_skips_them(swept: Path) -> None:
     assert len(done) == 8
     assert all(0.0 <= r.metrics["attack_success_rate"] <= 1.0 for r in done)
     # the stored result.json document carries the config that made it (with the trigger's full options)
-    assert all({k: r.result["config"][k] for k in ("attack", "defense", "seed")} ==
-               {k: r.config[k] for k in ("attack", "defense", "seed")} for r in done)  # fmt: skip
+    assert all(
+        {k: r.result["config"][k] for k in ("attack", "defense", "seed")}
+        == {k: r.config[k] for k in ("attack", "defense", "seed")}
+        for r in done
+    )
     summary = sweep(expand(TINY), swept, executor="inline")
     assert (summary.done, summary.skipped) == (0, 8)
     with ResultStore(swept) as store:
@@ -273,14 +301,21 @@ def test_a_killed_sweep_loses_nothing_and_resumes(tmp_path: Path) -> None:
     # the rerun runs only what is left
     result = subprocess.run(
         [*BACKDOORLAB, "sweep", str(grid), "--output", str(output), "--no-report"],
-        env={**os.environ, "BACKDOORLAB_PROGRESS": "0"}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        env={**os.environ, "BACKDOORLAB_PROGRESS": "0"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"{6 - len(finished)} done, 0 failed, {len(finished)} already in the store" in result.stdout.replace("\n", " ")
+    assert f"{6 - len(finished)} done, 0 failed, {len(finished)} already in the store" in result.stdout.replace(
+        "\n", " "
+    )
     with ResultStore(output) as store:
         records = store.records()
     assert all(r.status == "done" for r in records) and len(records) == 6
-    assert {k: v for k, v in ((r.key, (r.attempts, r.finished, r.metrics)) for r in records) if k in finished} == finished
+    assert {
+        k: v for k, v in ((r.key, (r.attempts, r.finished, r.metrics)) for r in records) if k in finished
+    } == finished
 
 
 @pytest.mark.slow
@@ -292,18 +327,43 @@ def test_ray_executor_on_a_local_cluster(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": ray_tmp}
-    start = [str(ray_cli), "start", "--head", f"--temp-dir={ray_tmp}", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-             "--object-store-memory=100000000", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]  # fmt: skip
+    start = [
+        str(ray_cli),
+        "start",
+        "--head",
+        f"--temp-dir={ray_tmp}",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--include-dashboard=false",
+        "--object-store-memory=100000000",
+        "--node-ip-address=127.0.0.1",
+        "--disable-usage-stats",
+    ]
     started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
     if started.returncode != 0:
         pytest.skip(f"could not start a local Ray cluster: {started.stderr[-500:]}")
     try:
         grid = write_yaml(tmp_path / "grid.yaml", "name: ray\ndataset: digits\nepochs: 1\nattack: [badnets, blended]\n")
         result = subprocess.run(
-            [*BACKDOORLAB, "sweep", str(grid), "--output", str(tmp_path / "out"), "--executor", "ray",
-             "--address", f"127.0.0.1:{port}", "--cpus-per-cell", "1", "--no-report"],
-            env={**env, "BACKDOORLAB_PROGRESS": "0"}, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            [
+                *BACKDOORLAB,
+                "sweep",
+                str(grid),
+                "--output",
+                str(tmp_path / "out"),
+                "--executor",
+                "ray",
+                "--address",
+                f"127.0.0.1:{port}",
+                "--cpus-per-cell",
+                "1",
+                "--no-report",
+            ],
+            env={**env, "BACKDOORLAB_PROGRESS": "0"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         with ResultStore(tmp_path / "out") as store:
             records = store.records()
@@ -330,8 +390,11 @@ def test_report_tables_and_exports(swept: Path) -> None:
     assert summary.columns == ["attack", "defense"]
     assert [row["n"] for row in summary.rows] == [2, 2, 2, 2]
     row = summary.rows[0]
-    asr = [r.metrics["attack_success_rate"] for r in records if r.grid == "tiny" and r.config["attack"] == "badnets"
-           and r.config["defense"] is None]  # fmt: skip
+    asr = [
+        r.metrics["attack_success_rate"]
+        for r in records
+        if r.grid == "tiny" and r.config["attack"] == "badnets" and r.config["defense"] is None
+    ]
     assert row["attack_success_rate"][0] == pytest.approx(sum(asr) / 2)
     assert page.count('<table class="results">') == 1 and "Persistence under clean fine-tuning" in page
     assert "Failed cells" in page and "mnist" in page.split("Failed cells")[1]
@@ -343,14 +406,18 @@ def test_report_tables_and_exports(swept: Path) -> None:
 def test_detectability_rows_from_a_grid(tmp_path: Path) -> None:
     from backdoorlab.report import detectability
 
-    grid = expand({"name": "study", "dataset": "digits", "detector": "neural_cleanse", "poison_rate": [0, 0.1],
-                   "seed": [0, 1, 2]})  # fmt: skip
+    grid = expand(
+        {"name": "study", "dataset": "digits", "detector": "neural_cleanse", "poison_rate": [0, 0.1], "seed": [0, 1, 2]}
+    )
     with ResultStore(tmp_path) as store:
         store.add("study", grid.cells)
         for i, cell in enumerate(grid.cells):  # backdoored models score higher, but for one overlap
             score = {0: [1.0, 2.0, 3.0], 1: [2.5, 4.0, 5.0]}[int(cell.config.poison_rate > 0)][cell.config.seed]
-            metrics = {"clean_accuracy": 0.9, "attack_success_rate": 0.8 if cell.config.poison_rate else 0.1,
-                       "detection_score": score}  # fmt: skip
+            metrics = {
+                "clean_accuracy": 0.9,
+                "attack_success_rate": 0.8 if cell.config.poison_rate else 0.1,
+                "detection_score": score,
+            }
             store.finish(cell.key, {"metrics": metrics, "timings": {"total": 1.0}})
         [row] = detectability(store.records())
     assert row["attack"] == "badnets" and row["poison_rate"] == 0.1 and (row["n"], row["n_clean"]) == (3, 3)
@@ -423,3 +490,46 @@ def test_cli_sweep_and_report(tmp_path: Path) -> None:
     missing = runner.invoke(app, ["report", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "has no results.sqlite" in " ".join(missing.output.split())
     assert json.loads((out / "results.csv").read_text().splitlines()[0].split(",")[0]) == "key"
+
+
+def test_a_repair_grid_trains_its_victim_once(tmp_path, monkeypatch):
+    """Cells that differ only in the repair or detector share one trained victim: the undefended
+    cell trains it, the repair and detector cells reuse it (counted at the training loop), and a
+    reused victim gives the repair the same figures as training it inline."""
+    import importlib
+
+    from backdoorlab.experiments import run as run_once
+
+    module = importlib.import_module("backdoorlab.experiments.run")
+    trained: list[str] = []
+    original = module.train_victim
+
+    def counting(prepared):
+        trained.append(prepared.config.attack)
+        return original(prepared)
+
+    monkeypatch.setattr(module, "train_victim", counting)
+    grid = expand(
+        {
+            "name": "repairs",
+            "dataset": "digits",
+            "epochs": 4,
+            "train_size": 600,
+            "test_size": 200,
+            "trusted_size": 0.1,
+            "defense": [
+                None,
+                {"defense": "fine_tuning", "defense_options": {"epochs": 2}},
+                {"defense": "fine_pruning", "defense_options": {"epochs": 1}},
+            ],
+        }
+    )
+    summary = sweep(grid, tmp_path / "out", executor="inline")
+    assert summary.done == 3 and summary.failed == 0
+    assert trained == ["badnets"], "one victim trained for three cells"
+    assert len(list((tmp_path / "out" / "suspects").glob("*.safetensors"))) == 1
+    with ResultStore(tmp_path / "out") as store:
+        results = {r.config["defense"]: r for r in store.records("done")}
+    assert results["fine_tuning"].result["details"]["suspect"]["reused"] is True
+    inline = run_once(grid.cells[1].config)
+    assert results["fine_tuning"].metrics == pytest.approx({k: v for k, v in inline.metrics.items()})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from backdoorlab.files import write_bytes, write_json, write_text
 from backdoorlab.registry import UnknownNameError
 
 app = typer.Typer(
@@ -51,6 +53,29 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
     return options
 
 
+def check_output_dir(path: Path | None, option: str) -> None:
+    """Refuse, before any work, an output folder that is a file or cannot be created or written
+    (it is created, and a scratch file written and removed in it, to know)."""
+    if path is None:
+        return
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as err:
+        raise ValueError(f"{option} {path} cannot be written: {err.strerror or err}") from None
+
+
+def check_output_file(path: Path | None, option: str) -> None:
+    """Refuse, before any work, an output file that is a folder or whose folder cannot be written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file name")
+    check_output_dir(path.parent, f"{option}'s folder")
+
+
 def _fail(err: Exception) -> None:
     """Print ``err`` as is (no markup read in it, no hard line breaks inside paths) and exit 2."""
     err_console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
@@ -87,8 +112,12 @@ RecipeOpt = Annotated[
 ]
 ModelOpt = Annotated[Optional[str], typer.Option(help="Model name; default: the recipe's.")]
 EpochsOpt = Annotated[Optional[int], typer.Option(help="Default: the recipe's.")]
-TrainSizeOpt = Annotated[Optional[str], typer.Option(help="Subsample the training split (fraction or count).")]
-TestSizeOpt = Annotated[Optional[str], typer.Option(help="Subsample the test split (fraction or count).")]
+TrainSizeOpt = Annotated[
+    Optional[str], typer.Option(help="Subsample the training split: a fraction (0.5) or a count (5000).")
+]
+TestSizeOpt = Annotated[
+    Optional[str], typer.Option(help="Subsample the test split: a fraction (0.5) or a count (1000).")
+]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
 
 
@@ -103,24 +132,33 @@ def run_command(
     attack: AttackOpt = None,
     attack_option: AttackOptionOpt = None,
     poison_rate: Annotated[
-        str, typer.Option(help="Fraction in [0, 1] of the training set, or a count (500); 0 = clean baseline.")
+        str,
+        typer.Option(
+            help="Fraction in (0, 1] of the training set (0.1; 1.0 = all), or a count (500, an integer >= 2); 0 = clean baseline."
+        ),
     ] = "0.1",
+    poison_rate_of: Annotated[
+        str,
+        typer.Option(
+            help="What a fractional --poison-rate is of: train (the training set) or target (clean-label: the target class's samples; 1.0 = all of them)."
+        ),
+    ] = "train",
     target: Annotated[int, typer.Option(help="Target class (all-to-one).")] = 0,
     mode: Annotated[str, typer.Option(help="all-to-one or all-to-all.")] = "all-to-one",
     clean_label: Annotated[
         Optional[bool],
         typer.Option("--clean-label/--dirty-label", help="Default: the attack's (SIG: clean-label)."),
     ] = None,
-    source: Annotated[
-        Optional[int], typer.Option(help="Poison, and measure ASR on, only this class.")
-    ] = None,
+    source: Annotated[Optional[int], typer.Option(help="Poison, and measure ASR on, only this class.")] = None,
     defense: DefenseOpt = None,
     defense_option: DefenseOptionOpt = None,
     detector: DetectorOpt = None,
     detector_option: DetectorOptionOpt = None,
     regularizer: Annotated[
         Optional[str],
-        typer.Option(help="Regularised training: logit_squeezing, manifold_mixup, soft_nearest_neighbour, contrastive."),
+        typer.Option(
+            help="Regularised training: logit_squeezing, manifold_mixup, soft_nearest_neighbour, contrastive."
+        ),
     ] = None,
     regularizer_option: Annotated[
         Optional[list[str]],
@@ -137,8 +175,15 @@ def run_command(
     train_size: TrainSizeOpt = None,
     test_size: TestSizeOpt = None,
     trusted_size: Annotated[
-        str, typer.Option(help="Trusted clean split kept out of training, for defenses.")
-    ] = "0.01",
+        Optional[str],
+        typer.Option(help="Trusted clean split kept out of training, for defenses (default: 0.01, or the preset's)."),
+    ] = None,
+    preset: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Attack and defense settings of another toolkit: backdoorbench (see `backdoorlab list presets`)."
+        ),
+    ] = None,
     data_root: DataRootOpt = None,
     output: OutputOpt = None,
     save_model: SaveModelOpt = None,
@@ -149,17 +194,38 @@ def run_command(
 
     try:
         config = RunConfig(
-            dataset=dataset, recipe=recipe, model=model, model_options=parse_options(model_option),
-            attack=attack, attack_options=parse_options(attack_option),
-            poison_rate=parse_size(poison_rate), target=target, mode=mode,
-            clean_label=clean_label, source=source,
-            defense=defense, defense_options=parse_options(defense_option),
-            detector=detector, detector_options=parse_options(detector_option),
-            regularizer=regularizer, regularizer_options=parse_options(regularizer_option),
-            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, data_seed=data_seed,
-            device=device, train_size=parse_size(train_size), test_size=parse_size(test_size),
-            trusted_size=parse_size(trusted_size), data_root=data_root,
-        )  # fmt: skip
+            dataset=dataset,
+            recipe=recipe,
+            model=model,
+            model_options=parse_options(model_option),
+            attack=attack,
+            attack_options=parse_options(attack_option),
+            poison_rate=parse_size(poison_rate),
+            poison_rate_of=poison_rate_of,
+            target=target,
+            mode=mode,
+            clean_label=clean_label,
+            source=source,
+            defense=defense,
+            defense_options=parse_options(defense_option),
+            detector=detector,
+            detector_options=parse_options(detector_option),
+            regularizer=regularizer,
+            regularizer_options=parse_options(regularizer_option),
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            data_seed=data_seed,
+            device=device,
+            train_size=parse_size(train_size),
+            test_size=parse_size(test_size),
+            trusted_size=parse_size(trusted_size),
+            preset=preset,
+            data_root=data_root,
+        )
+        check_output_dir(output, "--output")
+        check_output_file(save_model, "--save-model")
         result = run(config)
     except (UnknownNameError, DataError, ValueError, TypeError) as err:
         _fail(err)
@@ -178,9 +244,22 @@ def _short(value: Any) -> str | None:
     return None
 
 
+def _flagged_rows(labels: list[str], warnings: list[str]) -> set[str]:
+    """The table rows (``suspect``, ``repaired``, ``model``) a run's warnings are about: each warning
+    starts with its subject (``suspect model:``...); one naming no row marks the last row."""
+    subjects = {label: "model" if label == "model" else f"{label} model" for label in labels}
+    flagged = {label for label, subject in subjects.items() for w in warnings if w.startswith(f"{subject}:")}
+    if any(not any(w.startswith(f"{subject}:") for subject in subjects.values()) for w in warnings):
+        flagged.add(labels[-1])
+    return flagged
+
+
 def _report(result: Any, output: Path | None, save_model: Path | None) -> None:
-    """Print a run's table (suspect and repaired rows for a repair), write result.json and the model."""
-    from backdoorlab.experiments import RunConfig, save_model as write_model
+    """Print a run's table (suspect and repaired rows for a repair), write result.json and the model.
+    A row the health checks flagged says WARNING in a ``check`` column, and each warning follows the
+    table as a ``warning:`` line, so that a broken model's numbers never read as a plain result."""
+    from backdoorlab.experiments import RunConfig
+    from backdoorlab.experiments import save_model as write_model
 
     config = RunConfig.from_dict(result.config)
     against = f" against {config.defense}" if config.defense else ""
@@ -188,12 +267,18 @@ def _report(result: Any, output: Path | None, save_model: Path | None) -> None:
     table = Table(title=f"{config.attack} on {config.dataset}{against} ({config.model}, {seeds})")
     m, rows = result.metrics, []
     if "suspect_clean_accuracy" in m:
-        rows.append(("suspect", {k: m[f"suspect_{k}"] for k in ("clean_accuracy", "attack_success_rate", "robust_accuracy")}))
+        rows.append(
+            ("suspect", {k: m[f"suspect_{k}"] for k in ("clean_accuracy", "attack_success_rate", "robust_accuracy")})
+        )
     rows.append(("repaired" if rows else "model", m))
-    columns = ["", "CA", "ASR", "RA"]
+    warned = list(getattr(result, "warnings", []) or [])
+    flagged = _flagged_rows([label for label, _ in rows], warned)
+    columns = ["", "check", "CA", "ASR", "RA"] if warned else ["", "CA", "ASR", "RA"]
     extra: dict[str, str] = {"poisoned": f"{result.data['poisoned']}/{result.data['train']}"}
     if "isolation_precision" in m:
-        extra["isolated (precision/recall)"] = f"{m['isolated']} ({m['isolation_precision']:.2f}/{m['isolation_recall']:.2f})"
+        extra["isolated (precision/recall)"] = (
+            f"{m['isolated']} ({m['isolation_precision']:.2f}/{m['isolation_recall']:.2f})"
+        )
     if "detection_score" in m:
         flagged = result.details.get("detection", {}).get("flagged")
         extra["detection score"] = f"{m['detection_score']:.3f}" + {True: " (flagged)", False: "", None: ""}[flagged]
@@ -204,8 +289,12 @@ def _report(result: Any, output: Path | None, save_model: Path | None) -> None:
         table.add_column(column, justify="right")
     for i, (label, values) in enumerate(rows):
         cells = [f"{values[k]:.4f}" for k in ("clean_accuracy", "attack_success_rate", "robust_accuracy")]
+        if warned:
+            cells.insert(0, "[bold yellow]WARNING[/]" if label in flagged else "ok")
         table.add_row(label, *cells, *(extra.values() if i == len(rows) - 1 else [""] * len(extra)))
     console.print(table)
+    for warning in warned:
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     notes = {key: value for key, value in result.details.items() if _short(value) is not None}
     if notes:  # the defense's own scalars (E2ABL's head_switched_at...); the rest is in result.json
         console.print("details: " + ", ".join(f"{key}={_short(value)}" for key, value in notes.items()), soft_wrap=True)
@@ -216,22 +305,34 @@ def _report(result: Any, output: Path | None, save_model: Path | None) -> None:
 
 
 def _rerun_saved(
-    model_file: Path, defense: str | None, defense_option: list[str] | None, detector: str | None,
-    detector_option: list[str] | None, data_root: str | None, device: str | None, output: Path | None,
+    model_file: Path,
+    defense: str | None,
+    defense_option: list[str] | None,
+    detector: str | None,
+    detector_option: list[str] | None,
+    data_root: str | None,
+    device: str | None,
+    output: Path | None,
     save_model: Path | None,
-) -> None:  # fmt: skip
+) -> None:
     from dataclasses import replace
 
     from backdoorlab.data.dataset import DataError
     from backdoorlab.experiments import ModelFileError, load_model, run
 
     try:
+        check_output_dir(output, "--output")
+        check_output_file(save_model, "--save-model")
         model, config = load_model(model_file)
         config = replace(
-            config, defense=defense, defense_options=parse_options(defense_option), detector=detector,
-            detector_options=parse_options(detector_option), data_root=data_root or config.data_root,
+            config,
+            defense=defense,
+            defense_options=parse_options(defense_option),
+            detector=detector,
+            detector_options=parse_options(detector_option),
+            data_root=data_root or config.data_root,
             device=device or config.device,
-        )  # fmt: skip
+        )
         result = run(config, suspect=model)
     except (UnknownNameError, DataError, ModelFileError, ValueError, TypeError) as err:
         _fail(err)
@@ -278,17 +379,25 @@ def detect_command(
 @app.command("sweep")
 def sweep_command(
     grid_file: Annotated[Path, typer.Argument(help="A grid (or one experiment) as YAML; see docs/experiments.md.")],
-    output: Annotated[Path, typer.Option(help="Folder of the results store (results.sqlite) and models.")] = Path("runs/sweep"),
+    output: Annotated[Path, typer.Option(help="Folder of the results store (results.sqlite) and models.")] = Path(
+        "runs/sweep"
+    ),
     workers: Annotated[int, typer.Option(help="Cells at once (local processes; with Ray, default: what fits).")] = 1,
     executor: Annotated[str, typer.Option(help="local (worker processes), ray, or inline (this process).")] = "local",
     address: Annotated[
         Optional[str], typer.Option(help="Ray cluster address (ray://host:10001, auto); default: start a local one.")
     ] = None,
     cpus_per_cell: Annotated[float, typer.Option(help="Ray: CPUs each cell asks for.")] = 1.0,
-    gpus_per_cell: Annotated[float, typer.Option(help="Ray: GPUs each cell asks for (0.5 shares one GPU by two).")] = 0.0,
+    gpus_per_cell: Annotated[
+        float, typer.Option(help="Ray: GPUs each cell asks for (0.5 shares one GPU by two).")
+    ] = 0.0,
     retry_failed: Annotated[bool, typer.Option(help="Run failed cells again.")] = False,
-    save_models: Annotated[bool, typer.Option(help="Save each cell's model as OUTPUT/models/<key>.safetensors.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="Run every cell on this device (not part of a cell's key).")] = None,
+    save_models: Annotated[
+        bool, typer.Option(help="Save each cell's model as OUTPUT/models/<key>.safetensors.")
+    ] = False,
+    device: Annotated[
+        Optional[str], typer.Option(help="Run every cell on this device (not part of a cell's key).")
+    ] = None,
     data_root: DataRootOpt = None,
     only: Annotated[
         Optional[list[str]],
@@ -304,12 +413,17 @@ def sweep_command(
     from backdoorlab.experiments.sweep import SweepError, sweep
 
     try:
+        check_output_dir(output, "--output")
+        if device is not None and executor != "ray":  # a Ray cluster's devices are its workers'
+            from backdoorlab.training.loop import resolve_device
+
+            resolve_device(device)
         grid = load_grid(grid_file)
         if only:
             grid = select(grid, parse_options(only))
             if not grid.cells:
                 raise GridError(f"no cell of {grid_file} has {' and '.join(only)}")
-    except (GridError, typer.BadParameter) as err:
+    except (GridError, typer.BadParameter, ValueError) as err:
         _fail(err)
         return
     if dry_run:
@@ -330,24 +444,36 @@ def sweep_command(
         m, t = outcome["result"]["metrics"], outcome["result"]["timings"]
         err_console.print(
             f"[green]done[/] {cell.label or grid.name}: CA {m['clean_accuracy']:.3f} ASR {m['attack_success_rate']:.3f} "
-            f"({t['total']:.0f} s)"
+            f"({t['total']:.0f} s)" + (" [bold yellow]WARNING[/]" if outcome["result"].get("warnings") else "")
         )
+        for warning in outcome["result"].get("warnings", []):
+            err_console.print(f"  [bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
 
     try:
         pool = create_executor(
-            executor, workers=workers if executor != "ray" or workers > 1 else None, address=address,
-            cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell,
-        )  # fmt: skip
+            executor,
+            workers=workers if executor != "ray" or workers > 1 else None,
+            address=address,
+            cpus_per_cell=cpus_per_cell,
+            gpus_per_cell=gpus_per_cell,
+        )
         summary = sweep(
-            grid, output, executor=pool, retry_failed=retry_failed, save_models=save_models, device=device,
-            data_root=data_root, on_cell=show,
-        )  # fmt: skip
+            grid,
+            output,
+            executor=pool,
+            retry_failed=retry_failed,
+            save_models=save_models,
+            device=device,
+            data_root=data_root,
+            on_cell=show,
+        )
     except (SweepError, StoreError, ValueError, RuntimeError) as err:
         _fail(err)
         return
     console.print(
         f"{grid.name}: {summary.done} done, {summary.failed} failed, {summary.skipped} already in the store, "
         f"{summary.left} left ({summary.seconds:.0f} s); store: {output / 'results.sqlite'}"
+        + (f"; {summary.warned} done cell(s) with warnings (marked in the report)" if summary.warned else "")
     )
     if summary.interrupted:
         err_console.print("interrupted: finished cells are stored; run the same command again to resume")
@@ -373,8 +499,9 @@ def report_command(
     from backdoorlab.report import write_report
 
     try:
+        check_output_file(path, "--path")
         written = write_report(output, path, gallery=gallery, data_root=data_root)
-    except (FileNotFoundError, StoreError, RuntimeError) as err:
+    except (FileNotFoundError, StoreError, RuntimeError, ValueError) as err:
         _fail(err)
         return
     console.print(f"wrote {written} and {output / 'results.csv'}, {output / 'results.parquet'}")
@@ -410,7 +537,9 @@ def detectability_command(
     model: ModelOpt = None,
     attack: AttackOpt = None,
     attack_option: AttackOptionOpt = None,
-    rates: Annotated[str, typer.Option(help="Comma-separated poison rates of the backdoored models.")] = "0.005,0.01,0.05,0.1",
+    rates: Annotated[
+        str, typer.Option(help="Comma-separated poison rates of the backdoored models.")
+    ] = "0.005,0.01,0.05,0.1",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds of the backdoored models (each rate).")] = "0,1",
     clean_seeds: Annotated[str, typer.Option(help="Comma-separated seeds of the clean models.")] = "100,101,102,103",
     data_seed: Annotated[int, typer.Option(help="The one training subset and trusted split of every model.")] = 0,
@@ -422,7 +551,9 @@ def detectability_command(
     detectors: Annotated[str, typer.Option(help="Comma-separated detectors.")] = "cti,neural_cleanse",
     detector_option: Annotated[
         Optional[list[str]],
-        typer.Option("--detector-option", "-x", help="Detector option DETECTOR.KEY=VALUE, repeatable (cti.batch_size=32)."),
+        typer.Option(
+            "--detector-option", "-x", help="Detector option DETECTOR.KEY=VALUE, repeatable (cti.batch_size=32)."
+        ),
     ] = None,
     epochs: EpochsOpt = None,
     train_size: TrainSizeOpt = None,
@@ -436,34 +567,51 @@ def detectability_command(
     (ROC AUC against the clean models, with its p-value)."""
     from backdoorlab.data.dataset import DataError
     from backdoorlab.experiments import RunConfig
-    from backdoorlab.experiments.detectability import detectability_study, plot, study_table, summarize
+    from backdoorlab.experiments.detectability import detectability_study, study_table, summarize
+    from backdoorlab.report.plots import detectability_plot
 
     try:
+        check_output_dir(output, "--output")
         names = tuple(comma_list(detectors))
         detector_options = _per_detector(detector_option)
         if set(detector_options) - set(names):
             unused = ", ".join(sorted(set(detector_options) - set(names)))
             raise ValueError(f"options for {unused}, which --detectors ({', '.join(names)}) does not run")
         base = RunConfig(
-            dataset=dataset, recipe=recipe, model=model, attack=attack, attack_options=parse_options(attack_option),
-            epochs=epochs, train_size=parse_size(train_size), test_size=parse_size(test_size),
-            trusted_size=parse_size(trusted_size), device=device, data_root=data_root,
-        )  # fmt: skip
+            dataset=dataset,
+            recipe=recipe,
+            model=model,
+            attack=attack,
+            attack_options=parse_options(attack_option),
+            epochs=epochs,
+            train_size=parse_size(train_size),
+            test_size=parse_size(test_size),
+            trusted_size=parse_size(trusted_size),
+            device=device,
+            data_root=data_root,
+        )
         results = detectability_study(
-            base, comma_list(rates, float, "rates"), comma_list(seeds, int, "seeds"), comma_list(clean_seeds, int, "clean-seeds"),
-            output, data_seed=None if own_splits else data_seed, repair=repair, repair_options=parse_options(repair_option),
-            detectors=names, detector_options=detector_options,
-        )  # fmt: skip
+            base,
+            comma_list(rates, float, "rates"),
+            comma_list(seeds, int, "seeds"),
+            comma_list(clean_seeds, int, "clean-seeds"),
+            output,
+            data_seed=None if own_splits else data_seed,
+            repair=repair,
+            repair_options=parse_options(repair_option),
+            detectors=names,
+            detector_options=detector_options,
+        )
     except (UnknownNameError, DataError, ValueError, TypeError) as err:
         _fail(err)
         return
     rows = summarize(results)
     table = study_table(rows)
-    (output / "detectability.md").write_text(table + "\n")
-    (output / "detectability.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_text(output / "detectability.md", table + "\n")
+    write_json(output / "detectability.json", rows)
     written = ["detectability.md", "detectability.json"]
     try:
-        plot(rows, output / "detectability.png", f"{base.resolved().attack} on {dataset}, {repair}")
+        detectability_plot(rows, output / "detectability.png", f"{base.resolved().attack} on {dataset}, {repair}")
         written.append("detectability.png")
     except RuntimeError as err:  # no matplotlib
         err_console.print(f"no plot: {err}")
@@ -471,20 +619,28 @@ def detectability_command(
     console.print(f"wrote {', '.join(str(output / name) for name in written)}", soft_wrap=True)
 
 
-clip_app = typer.Typer(no_args_is_help=True, help="Image-text (CLIP-style) models: poisoning, zero-shot evaluation, cleaning.")
+clip_app = typer.Typer(
+    no_args_is_help=True, help="Image-text (CLIP-style) models: poisoning, zero-shot evaluation, cleaning."
+)
 app.add_typer(clip_app, name="clip")
 
 
 @clip_app.command("study")
 def clip_study_command(
-    output: Annotated[Path, typer.Option(help="Folder for clean.pt, attacks/*.json, clip_study.json/.md/.png (resumes).")],
+    output: Annotated[
+        Path, typer.Option(help="Folder for clean.pt, attacks/*.json, clip_study.json/.md/.png (resumes).")
+    ],
     dataset: DatasetOpt = "cifar10",
     attacks: Annotated[str, typer.Option(help="Comma-separated attacks.")] = ",".join(
         ("badnet_stripes", "blended_triangles", "blended_text", "badnet_rand", "blended_rand")
     ),
-    cleanings: Annotated[str, typer.Option(help="Comma-separated: fine_tuning, cleanclip, par.")] = "fine_tuning,cleanclip,par",
+    cleanings: Annotated[
+        str, typer.Option(help="Comma-separated: fine_tuning, cleanclip, par.")
+    ] = "fine_tuning,cleanclip,par",
     model: Annotated[str, typer.Option(help="Image-text model: lit (offline) or open_clip.")] = "lit",
-    model_option: Annotated[Optional[list[str]], typer.Option("--model-option", "-m", help="Model option KEY=VALUE.")] = None,
+    model_option: Annotated[
+        Optional[list[str]], typer.Option("--model-option", "-m", help="Model option KEY=VALUE.")
+    ] = None,
     poison_rate: Annotated[str, typer.Option(help="Fraction or count of the training pairs to poison.")] = "0.1",
     target: Annotated[int, typer.Option(help="Target class.")] = 0,
     train_size: Annotated[int, typer.Option(help="Training pairs (poisoned at --poison-rate).")] = 10000,
@@ -492,7 +648,9 @@ def clip_study_command(
     clean_size: Annotated[int, typer.Option(help="Trusted clean pairs for cleaning.")] = 2500,
     test_size: Annotated[int, typer.Option(help="Test images for CA and ASR.")] = 1000,
     clean_epochs: Annotated[float, typer.Option(help="Cleaning epochs (same for every method).")] = 2.0,
-    clean_lr: Annotated[float, typer.Option(help="Peak lr of fine-tuning and CleanCLIP (PAR keeps its ratios).")] = 2e-4,
+    clean_lr: Annotated[
+        float, typer.Option(help="Peak lr of fine-tuning and CleanCLIP (PAR keeps its ratios).")
+    ] = 2e-4,
     eval_every: Annotated[int, typer.Option(help="Record CA/ASR every N cleaning steps.")] = 10,
     par_threshold: Annotated[float, typer.Option(help="PAR's tau.")] = 2.15,
     seed: Annotated[int, typer.Option(help="Seeds splits, poisoning and training.")] = 0,
@@ -505,26 +663,39 @@ def clip_study_command(
     from backdoorlab.report.plots import clip_tradeoff
 
     config = ClipStudyConfig(
-        dataset=dataset, data_root=data_root, model=model, model_options=parse_options(model_option),
-        attacks=tuple(comma_list(attacks)), cleanings=tuple(comma_list(cleanings)),
-        poison_rate=parse_size(poison_rate), target=target, train_size=train_size,
-        clean_size=clean_size, test_size=test_size, clean_epochs=clean_epochs, clean_lr=clean_lr,
-        eval_every=eval_every, par_threshold=par_threshold, seed=seed, device=device,
-    )  # fmt: skip
+        dataset=dataset,
+        data_root=data_root,
+        model=model,
+        model_options=parse_options(model_option),
+        attacks=tuple(comma_list(attacks)),
+        cleanings=tuple(comma_list(cleanings)),
+        poison_rate=parse_size(poison_rate),
+        target=target,
+        train_size=train_size,
+        clean_size=clean_size,
+        test_size=test_size,
+        clean_epochs=clean_epochs,
+        clean_lr=clean_lr,
+        eval_every=eval_every,
+        par_threshold=par_threshold,
+        seed=seed,
+        device=device,
+    )
     config.train.epochs = epochs
     try:
+        check_output_dir(output, "--output")
         result = run_clip_study(config, output)
     except (UnknownNameError, DataError, ValueError, ImportError) as err:
         _fail(err)
         return
     table = study_table(result)
-    (output / "clip_study.md").write_text(table + "\n")
+    write_text(output / "clip_study.md", table + "\n")
     try:
         image = clip_tradeoff(result)
     except RuntimeError:  # no matplotlib
         image = None
     if image:
-        (output / "clip_study.png").write_bytes(image)
+        write_bytes(output / "clip_study.png", image)
     console.print(table)
     console.print(f"wrote {output / 'clip_study.json'}, clip_study.md" + (", clip_study.png" if image else ""))
 
@@ -533,32 +704,72 @@ def clip_study_command(
 def list_command(
     kind: Annotated[
         Optional[str],
-        typer.Argument(help="datasets, models, recipes, attacks, defenses, repairs, detectors or clip-models (default: all)."),
+        typer.Argument(
+            help="datasets, models, recipes, presets, attacks, defenses, repairs, detectors, regularizers or clip-models (default: all)."
+        ),
     ] = None,
+    options: Annotated[bool, typer.Option("--options", help="Each method's options: type, range and default.")] = False,
 ) -> None:
-    """List the registered datasets, models, recipes, attacks, defenses, repairs and detectors."""
+    """List the registered datasets, models, recipes, attacks, defenses, repairs, detectors and regularisers."""
     from backdoorlab.attacks import ATTACKS
+    from backdoorlab.attacks.triggers import TRIGGER_PARAMETERS
     from backdoorlab.clip.models import CLIP_MODELS
-    from backdoorlab.defenses import DEFENSES, DETECTORS, REPAIRS
     from backdoorlab.data import DATASETS
+    from backdoorlab.defenses import DEFENSES, DETECTORS, REPAIRS
+    from backdoorlab.experiments.presets import PRESETS
     from backdoorlab.experiments.recipes import RECIPES
     from backdoorlab.models import MODELS
+    from backdoorlab.models.registry import DATA_PARAMETERS
+    from backdoorlab.training.regularizers import REGULARIZERS
 
-    registries = {"datasets": DATASETS, "models": MODELS, "recipes": RECIPES, "attacks": ATTACKS, "defenses": DEFENSES, "repairs": REPAIRS,
-                  "detectors": DETECTORS, "clip-models": CLIP_MODELS}
+    registries = {
+        "datasets": DATASETS,
+        "models": MODELS,
+        "recipes": RECIPES,
+        "presets": PRESETS,
+        "attacks": ATTACKS,
+        "defenses": DEFENSES,
+        "repairs": REPAIRS,
+        "detectors": DETECTORS,
+        "regularizers": REGULARIZERS,
+        "clip-models": CLIP_MODELS,
+    }
+    #: How each registry's factory is called: positional arguments and data-given keywords are not options.
+    with_options = {
+        "models": (0, DATA_PARAMETERS),
+        "attacks": (1, TRIGGER_PARAMETERS),
+        "defenses": (0, ()),
+        "repairs": (0, ()),
+        "detectors": (0, ()),
+        "regularizers": (0, ()),
+    }
     if kind is not None and kind not in registries:
         _fail(ValueError(f"unknown kind '{kind}'; valid: {', '.join(registries)}"))
     for name, registry in registries.items():
-        if kind not in (None, name):
+        if kind not in (None, name) or (options and name not in with_options):
             continue
-        table = Table(title=name, show_header=False, title_justify="left")
+        table = Table(title=name, show_header=options, title_justify="left")
         table.add_column("name", style="bold")
-        table.add_column("description")
+        table.add_column("description" if not options else "option")
+        if options:
+            table.add_column("takes")
+            table.add_column("default")
+            positional, skip = with_options[name]
+            for item in registry.names():
+                rows = registry.describe_options(item, positional=positional, skip=skip) or [("(none)", "", "")]
+                for i, row in enumerate(rows):
+                    table.add_row(item if i == 0 else "", *row)
+            console.print(table)
+            continue
         for item, text in registry.describe().items():
             table.add_row(item, text)
         if name == "datasets":
-            table.add_row("ucr:<Name>", "time series: a UCR archive folder <data root>/ucr/<Name>/<Name>_{TRAIN,TEST}.tsv")
-            table.add_row("sktime:<Name>", "time series: any UCR/UEA set through sktime (downloads what it does not bundle)")
+            table.add_row(
+                "ucr:<Name>", "time series: a UCR archive folder <data root>/ucr/<Name>/<Name>_{TRAIN,TEST}.tsv"
+            )
+            table.add_row(
+                "sktime:<Name>", "time series: any UCR/UEA set through sktime (downloads what it does not bundle)"
+            )
         console.print(table)
 
 
@@ -578,9 +789,8 @@ def show_trigger_command(
     from backdoorlab.gallery import trigger_grid
 
     try:
-        path = trigger_grid(
-            dataset, attack, parse_options(attack_option), count, output, seed, data_root, difference
-        )
+        check_output_file(output, "--output")
+        path = trigger_grid(dataset, attack, parse_options(attack_option), count, output, seed, data_root, difference)
     except (UnknownNameError, DataError, ValueError, TypeError, RuntimeError) as err:
         _fail(err)
         return

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
+
+from backdoorlab.options import OptionError, check_value, describe_hint, option_hints
 
 T = TypeVar("T")
 
@@ -27,9 +30,11 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: dict[str, T] = {}
         self._help: dict[str, str] = {}
+        self._metadata: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str, help: str = "") -> Callable[[T], T]:
-        """Decorator: register ``obj`` under ``name`` (lower case, unique)."""
+    def register(self, name: str, help: str = "", **metadata: Any) -> Callable[[T], T]:
+        """Decorator: register ``obj`` under ``name`` (lower case, unique), with optional metadata
+        (timm's convention: ``classes=10`` for a dataset), read back by :meth:`metadata`."""
 
         def decorator(obj: T) -> T:
             key = name.lower()
@@ -38,34 +43,79 @@ class Registry(Generic[T]):
             self._items[key] = obj
             doc = help or (getattr(obj, "__doc__", None) or "").strip().split("\n")[0]
             self._help[key] = doc
+            self._metadata[key] = dict(metadata)
             return obj
 
         return decorator
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` and return its factory (for tests that register a throwaway entry)."""
+        obj = self.get(name)
+        key = name.lower()
+        del self._items[key], self._help[key], self._metadata[key]
+        return obj
+
+    @contextmanager
+    def temporary(self, name: str, obj: T, help: str = "", **metadata: Any) -> Iterator[T]:
+        """Register ``obj`` under ``name`` for the ``with`` block only, then remove it: a test
+        registers a throwaway method and the registry is as before afterwards, also on an error."""
+        self.register(name, help, **metadata)(obj)
+        try:
+            yield obj
+        finally:
+            self.unregister(name)
+
     def get(self, name: str) -> T:
         key = name.lower()
         if key not in self._items:
-            raise UnknownNameError(
-                f"unknown {self.kind} '{name}'; valid {self.kind}s: {', '.join(self.names())}"
-            )
+            raise UnknownNameError(f"unknown {self.kind} '{name}'; valid {self.kind}s: {', '.join(self.names())}")
         return self._items[key]
 
     def create(self, name: str, *args: Any, **options: Any) -> Any:
-        """Call the factory of ``name`` with ``args`` and keyword ``options``; option names the
-        factory does not take are refused with the valid ones listed."""
+        """Call the factory of ``name`` with ``args`` and keyword ``options``, after
+        :meth:`check_options` (unknown names and ill-typed values are refused before the call)."""
         factory = self.get(name)
-        target = factory.__init__ if inspect.isclass(factory) else factory
-        params = list(inspect.signature(target).parameters.values())
-        if inspect.isclass(factory):
-            params = params[1:]  # self
-        valid = [p.name for p in params[len(args) :] if p.kind is not p.VAR_POSITIONAL]
-        unknown = sorted(set(options) - set(valid))
+        return factory(*args, **self.check_options(name, options, positional=len(args)))
+
+    def check_options(
+        self, name: str, options: dict[str, Any], *, positional: int = 0, skip: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        """``options`` checked against the factory's typed keyword parameters and converted (an
+        int where a float is declared becomes a float): an unknown option name is refused with the
+        valid ones listed, a value of the wrong type or range with an :class:`OptionError` that
+        names the option. The first ``positional`` parameters, and those in ``skip`` (what the
+        toolkit itself passes: a model's ``num_classes``...), are not options."""
+        parameters = self.options(name, positional=positional, skip=skip)
+        unknown = sorted(set(options) - set(parameters))
         if unknown:
-            raise ValueError(
-                f"unknown option(s) {', '.join(unknown)} for {self.kind} '{name}'; "
-                f"valid: {', '.join(valid) or 'none'}"
+            raise OptionError(
+                f"unknown option(s) {', '.join(map(str, unknown))} for {self.kind} '{name}'; "
+                f"valid: {', '.join(parameters) or 'none'}"
             )
-        return factory(*args, **options)
+        return {
+            key: check_value(value, parameters[key].annotation, f"option '{key}' of {self.kind} '{name}'")
+            for key, value in options.items()
+        }
+
+    def options(self, name: str, *, positional: int = 0, skip: tuple[str, ...] = ()) -> dict[str, inspect.Parameter]:
+        """The options of ``name``: its factory's keyword parameters (annotation = type hint,
+        default), without the first ``positional`` ones and those in ``skip``."""
+        parameters = list(option_hints(self.get(name)).items())[positional:]
+        return {key: parameter for key, parameter in parameters if key not in skip}
+
+    def describe_options(
+        self, name: str, *, positional: int = 0, skip: tuple[str, ...] = ()
+    ) -> list[tuple[str, str, str]]:
+        """``(option, type in words, default)`` for each option of ``name``, for ``list --options``."""
+        return [
+            (key, describe_hint(p.annotation), "required" if p.default is p.empty else repr(p.default))
+            for key, p in self.options(name, positional=positional, skip=skip).items()
+        ]
+
+    def metadata(self, name: str) -> dict[str, Any]:
+        """What ``name`` was registered with beyond its factory (``{}`` where nothing)."""
+        self.get(name)
+        return dict(self._metadata[name.lower()])
 
     def names(self) -> list[str]:
         return sorted(self._items)

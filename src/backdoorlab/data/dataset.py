@@ -130,9 +130,7 @@ def subsample(data: TensorDataset, size: float | int, seed: int) -> TensorDatase
     return data.subset(seeded_permutation(len(data), seed)[:count].sort().values)
 
 
-def split_trusted(
-    train: TensorDataset, size: float | int, seed: int
-) -> tuple[TensorDataset, TensorDataset]:
+def split_trusted(train: TensorDataset, size: float | int, seed: int) -> tuple[TensorDataset, TensorDataset]:
     """Carve a trusted clean split off the (still clean) training set.
 
     Returns ``(rest, trusted)``. The trusted split is the only clean data a defense may get; the

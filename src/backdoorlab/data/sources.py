@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,6 +59,12 @@ def dataset_loader(name: str) -> Callable[[Path | None, bool], Splits]:
         return DATASETS.get(name)
     except UnknownNameError as err:
         raise UnknownNameError(f"{err}; or a prefixed time-series name: ucr:<Name>, sktime:<Name>") from None
+
+
+def dataset_facts(name: str) -> dict[str, Any]:
+    """What is known of a dataset without loading it: ``classes`` (its number of classes) and
+    ``shape`` (one input's shape) where registered with them; ``{}`` for prefixed families."""
+    return DATASETS.metadata(name) if name in DATASETS else {}
 
 
 def dataset_modality(name: str) -> str:
@@ -121,7 +128,9 @@ def _make_splits(
 # digits
 
 
-@DATASETS.register("digits", "scikit-learn's 8x8 handwritten digits, bundled (1437 train / 360 test)")
+@DATASETS.register(
+    "digits", "scikit-learn's 8x8 handwritten digits, bundled (1437 train / 360 test)", classes=10, shape=(1, 8, 8)
+)
 def load_digits(root: Path | None = None, download: bool = True) -> Splits:
     """sklearn's 1797 digits as 1x8x8 uint8 (values 0..16 scaled to 0..255); a fixed stratified
     80/20 split (``train_test_split(..., random_state=0)``) so every run sees the same test set."""
@@ -131,9 +140,7 @@ def load_digits(root: Path | None = None, download: bool = True) -> Splits:
     bunch = sk_digits()
     images = torch.from_numpy(np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
     labels = torch.from_numpy(bunch.target.astype(np.int64))
-    train_idx, test_idx = train_test_split(
-        np.arange(len(labels)), test_size=0.2, stratify=bunch.target, random_state=0
-    )
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=bunch.target, random_state=0)
     train_idx, test_idx = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(test_idx))
     classes = tuple(str(i) for i in range(10))
     return _make_splits(
@@ -229,34 +236,63 @@ def _download_gtsrb(root: Path, train: bool) -> tuple[np.ndarray, np.ndarray, tu
 
     ds = GTSRB(str(root), split="train" if train else "test", download=True)
     samples = ds._samples  # (path, label) pairs; torchvision keeps no public list
-    images = np.stack(
-        [np.asarray(Image.open(p).convert("RGB").resize((32, 32), Image.BILINEAR)) for p, _ in samples]
-    )
+    images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32), Image.BILINEAR)) for p, _ in samples])
     return images, np.asarray([y for _, y in samples]), GTSRB_CLASSES
 
 
 GTSRB_CLASSES = (
-    "Speed limit (20km/h)", "Speed limit (30km/h)", "Speed limit (50km/h)", "Speed limit (60km/h)",
-    "Speed limit (70km/h)", "Speed limit (80km/h)", "End of speed limit (80km/h)",
-    "Speed limit (100km/h)", "Speed limit (120km/h)", "No passing",
-    "No passing for vehicles over 3.5 metric tons", "Right-of-way at the next intersection",
-    "Priority road", "Yield", "Stop", "No vehicles", "Vehicles over 3.5 metric tons prohibited",
-    "No entry", "General caution", "Dangerous curve to the left", "Dangerous curve to the right",
-    "Double curve", "Bumpy road", "Slippery road", "Road narrows on the right", "Road work",
-    "Traffic signals", "Pedestrians", "Children crossing", "Bicycles crossing",
-    "Beware of ice/snow", "Wild animals crossing", "End of all speed and passing limits",
-    "Turn right ahead", "Turn left ahead", "Ahead only", "Go straight or right",
-    "Go straight or left", "Keep right", "Keep left", "Roundabout mandatory", "End of no passing",
+    "Speed limit (20km/h)",
+    "Speed limit (30km/h)",
+    "Speed limit (50km/h)",
+    "Speed limit (60km/h)",
+    "Speed limit (70km/h)",
+    "Speed limit (80km/h)",
+    "End of speed limit (80km/h)",
+    "Speed limit (100km/h)",
+    "Speed limit (120km/h)",
+    "No passing",
+    "No passing for vehicles over 3.5 metric tons",
+    "Right-of-way at the next intersection",
+    "Priority road",
+    "Yield",
+    "Stop",
+    "No vehicles",
+    "Vehicles over 3.5 metric tons prohibited",
+    "No entry",
+    "General caution",
+    "Dangerous curve to the left",
+    "Dangerous curve to the right",
+    "Double curve",
+    "Bumpy road",
+    "Slippery road",
+    "Road narrows on the right",
+    "Road work",
+    "Traffic signals",
+    "Pedestrians",
+    "Children crossing",
+    "Bicycles crossing",
+    "Beware of ice/snow",
+    "Wild animals crossing",
+    "End of all speed and passing limits",
+    "Turn right ahead",
+    "Turn left ahead",
+    "Ahead only",
+    "Go straight or right",
+    "Go straight or left",
+    "Keep right",
+    "Keep left",
+    "Roundabout mandatory",
+    "End of no passing",
     "End of no passing by vehicles over 3.5 metric tons",
-)  # fmt: skip
+)
 
-DATASETS.register("mnist", "MNIST 28x28 grey (60k / 10k), parquet or torchvision download")(
-    ParquetSource("mnist", hflip=False, download_split=_download_mnist)
-)
-DATASETS.register("cifar10", "CIFAR-10 32x32 RGB (50k / 10k), parquet or torchvision download")(
-    ParquetSource("cifar10", hflip=True, download_split=_download_cifar10)
-)
-DATASETS.register("gtsrb", "GTSRB traffic signs 32x32 RGB, 43 classes (39k / 12.6k)")(
+DATASETS.register(
+    "mnist", "MNIST 28x28 grey (60k / 10k), parquet or torchvision download", classes=10, shape=(1, 28, 28)
+)(ParquetSource("mnist", hflip=False, download_split=_download_mnist))
+DATASETS.register(
+    "cifar10", "CIFAR-10 32x32 RGB (50k / 10k), parquet or torchvision download", classes=10, shape=(3, 32, 32)
+)(ParquetSource("cifar10", hflip=True, download_split=_download_cifar10))
+DATASETS.register("gtsrb", "GTSRB traffic signs 32x32 RGB, 43 classes (39k / 12.6k)", classes=43, shape=(3, 32, 32))(
     ParquetSource("gtsrb", hflip=False, download_split=_download_gtsrb)
 )
 

@@ -2,10 +2,22 @@
 
 from backdoorlab.experiments.config import RunConfig
 from backdoorlab.experiments.recipes import RECIPES, Recipe, recipe_for
-from backdoorlab.experiments.run import RunResult, build_model, fit_attack, run, run_cached
+from backdoorlab.experiments.run import ModelSpec, RunResult, build_model, fit_attack, run, run_cached
 from backdoorlab.experiments.saved_model import ModelFileError, load_model, read_metadata, save_model
 
 __all__ = [
-    "RECIPES", "ModelFileError", "Recipe", "RunConfig", "RunResult", "build_model", "fit_attack",
-    "load_model", "read_metadata", "recipe_for", "run", "run_cached", "save_model",
-]  # fmt: skip
+    "RECIPES",
+    "ModelFileError",
+    "ModelSpec",
+    "Recipe",
+    "RunConfig",
+    "RunResult",
+    "build_model",
+    "fit_attack",
+    "load_model",
+    "read_metadata",
+    "recipe_for",
+    "run",
+    "run_cached",
+    "save_model",
+]

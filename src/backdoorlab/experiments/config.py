@@ -11,18 +11,22 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from backdoorlab.attacks.poisoning import PoisonSpec
-from backdoorlab.attacks.triggers import ATTACKS, attacks_for
-from backdoorlab.data.sources import dataset_loader, dataset_modality
+from backdoorlab.attacks.triggers import ATTACKS, TRIGGER_PARAMETERS, attacks_for, create_trigger
+from backdoorlab.data.sources import dataset_facts, dataset_loader, dataset_modality
 from backdoorlab.defenses import DETECTORS, registry_for
+from backdoorlab.experiments.presets import Preset, preset_for
 from backdoorlab.experiments.recipes import DEFAULT_RECIPE, recipe_for
-from backdoorlab.models.registry import MODELS
+from backdoorlab.models.registry import MODELS, check_input_fits, check_model_options
 from backdoorlab.models.series import SERIES_MODELS, models_for
-from backdoorlab.training.loop import TrainConfig
-
+from backdoorlab.options import OptionError, PositiveInt, check_fields
+from backdoorlab.training.loop import TrainConfig, parse_device
 
 #: The default attack for each modality.
 DEFAULT_ATTACK = {"image": "badnets", "series": "ts_pattern"}
 
+
+#: The trusted clean split where neither the config nor its preset sets one.
+DEFAULT_TRUSTED_SIZE = 0.01
 
 #: Peak learning rate for models other than the recipe's (whose rates are tuned for its model).
 OTHER_MODEL_MAX_LR = 0.05
@@ -44,6 +48,10 @@ class RunConfig:
         attack_options: keyword options for the trigger (``size``, ``alpha``...).
         poison_rate: a fraction in [0, 1] of the training set, or a count (int); 0 is a clean
             baseline (the trigger is still measured on the clean model).
+        poison_rate_of: ``train`` (a fractional ``poison_rate`` is of the training set) or
+            ``target`` (clean-label only: of the target class's samples; ``1.0`` is the whole
+            class, what BackdoorBench's ``pratio: 0.1`` for SIG and label-consistent amounts to on
+            CIFAR-10). ``PoisonSpec.rate_of``.
         target: the target class (all-to-one).
         mode: ``all-to-one`` or ``all-to-all``.
         clean_label: poison target-class samples only and keep labels; ``None`` takes the attack's
@@ -58,6 +66,8 @@ class RunConfig:
             default) takes ``seed``.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
         train_size, test_size: seeded subsamples of the splits for quick runs (fraction or count).
+        preset: a registered preset (``backdoorbench``): another toolkit's attack and defense
+            options and trusted-split size, under the options given here (``experiments.presets``).
         trusted_size: the trusted clean split carved from the training set before poisoning
             (fraction or count); only defenses get it, and the victim never trains on it.
         defense: a training-time defense (``abl``...: gets only the poisoned training set, a model
@@ -70,6 +80,15 @@ class RunConfig:
             (``logit_squeezing``, ``manifold_mixup``, ``soft_nearest_neighbour``, ``contrastive``)
             and its options; set into the resolved ``train`` recipe.
         data_root: folder with ``<dataset>/{train,test}.parquet`` (default ``$BACKDOORLAB_DATA``).
+        threads: torch's CPU threads for the run (``None``: torch's default, which
+            ``OMP_NUM_THREADS`` sets); a result stores the count it ran with, so a rerun from it
+            uses the same (CPU results differ in the last digits across thread counts).
+        deterministic: ``torch.use_deterministic_algorithms`` for the run (``None``: as the process
+            has it); stored the same way.
+
+    Sizes (``poison_rate``, ``train_size``, ``test_size``, ``trusted_size``) are a fraction when
+    written with a decimal point (``0.1``; ``1.0`` is all) and a count when an integer (``500``);
+    ``1`` alone is refused as ambiguous.
     """
 
     dataset: str = "digits"
@@ -79,6 +98,7 @@ class RunConfig:
     attack: str | None = None
     attack_options: dict[str, Any] = field(default_factory=dict)
     poison_rate: float | int = 0.1
+    poison_rate_of: str = "train"
     target: int = 0
     mode: str = "all-to-one"
     clean_label: bool | None = None
@@ -98,8 +118,11 @@ class RunConfig:
     device: str = "auto"
     train_size: float | int | None = None
     test_size: float | int | None = None
-    trusted_size: float | int = 0.01
+    trusted_size: float | int | None = None
     data_root: str | None = None
+    threads: PositiveInt | None = None
+    deterministic: bool | None = None
+    preset: str | None = None
 
     @property
     def split_seed(self) -> int:
@@ -108,17 +131,50 @@ class RunConfig:
 
     def poison_spec(self) -> PoisonSpec:
         return PoisonSpec(
-            rate=self.poison_rate, target=self.target, mode=self.mode,
-            clean_label=bool(self.clean_label), source=self.source,
-        )  # fmt: skip
+            rate=self.poison_rate,
+            target=self.target,
+            mode=self.mode,
+            clean_label=bool(self.clean_label),
+            source=self.source,
+            rate_of=self.poison_rate_of,
+        )
 
     def resolved(self) -> RunConfig:
-        """A copy with every default filled in (model, options, training recipe); validates names
-        and values so a bad config fails before any data is loaded."""
+        """A copy with every default filled in (model, options, training recipe); validates names,
+        types and values of every field and option so a bad config fails before any data is
+        loaded (``sweep --dry-run`` runs this on every cell)."""
+        check_fields(self, "config field")
         dataset_loader(self.dataset)
+        parse_device(self.device)
+        for name, size in (
+            ("poison_rate", self.poison_rate),
+            ("train_size", self.train_size),
+            ("test_size", self.test_size),
+            ("trusted_size", self.trusted_size),
+        ):
+            check_size(size, name, zero=name == "poison_rate")
+        for method in ("defense", "detector", "regularizer"):
+            if getattr(self, f"{method}_options") and getattr(self, method) is None:
+                raise OptionError(
+                    f"{method}_options {getattr(self, f'{method}_options')} given without a {method}: "
+                    f"choose a {method} or drop its options"
+                )
+        facts = dataset_facts(self.dataset)
         modality = dataset_modality(self.dataset)
         attack = self.attack or DEFAULT_ATTACK[modality]
         trigger_class = ATTACKS.get(attack)
+        preset = preset_for(self.preset, self.dataset) if self.preset is not None else Preset()
+        attack_options = {**preset.attack_options.get(attack, {}), **self.attack_options}
+        ATTACKS.check_options(attack, attack_options, positional=1, skip=TRIGGER_PARAMETERS)
+        defense_options = {**preset.defense_options.get(self.defense or "", {}), **self.defense_options}
+        # a detector shares its name with a repair (neural_cleanse): it takes the preset's options it has
+        detector_preset = preset.defense_options.get(self.detector or "", {})
+        if self.detector is not None:
+            detector_preset = {k: v for k, v in detector_preset.items() if k in DETECTORS.options(self.detector)}
+        detector_options = {**detector_preset, **self.detector_options}
+        trusted_size = (
+            self.trusted_size if self.trusted_size is not None else preset.trusted_size or DEFAULT_TRUSTED_SIZE
+        )
         if trigger_class.modality != modality:
             raise ValueError(
                 f"attack '{attack}' is for {trigger_class.modality} data but {self.dataset} is {modality} "
@@ -134,10 +190,17 @@ class RunConfig:
                 f"{', '.join(models_for(modality))}"
             )
         if self.defense is not None:
-            registry_for(self.defense).create(self.defense, **self.defense_options)  # validates name and options
+            registry_for(self.defense).create(self.defense, **defense_options)  # validates name and options
         if self.detector is not None:
-            DETECTORS.create(self.detector, **self.detector_options)
-        options = {**defaults.model_options, **self.model_options} if model == defaults.model else dict(self.model_options)
+            DETECTORS.create(self.detector, **detector_options)
+        options = (
+            {**defaults.model_options, **self.model_options} if model == defaults.model else dict(self.model_options)
+        )
+        options = check_model_options(model, options)
+        if "shape" in facts:
+            check_input_fits(model, options, facts["shape"], facts["classes"])
+            # the trigger's own checks (patch fits, pattern file present...)
+            create_trigger(attack, facts["shape"], data_root=self.data_root, **attack_options)
         train = replace(self.train or defaults.train)
         if self.train is None and model != defaults.model:
             # The recipe's rates are tuned for its model; PreAct-ResNet18 diverged (NaN loss from the
@@ -151,10 +214,21 @@ class RunConfig:
             train.regularizer_options = dict(self.regularizer_options)
         train.validate()
         resolved = replace(
-            self, attack=attack, model=model, model_options=options, train=train, clean_label=clean_label,
-            epochs=train.epochs, batch_size=train.batch_size, lr=train.lr,
-        )  # fmt: skip
-        resolved.poison_spec().validate()
+            self,
+            attack=attack,
+            attack_options=attack_options,
+            defense_options=defense_options,
+            detector_options=detector_options,
+            trusted_size=trusted_size,
+            model=model,
+            model_options=options,
+            train=train,
+            clean_label=clean_label,
+            epochs=train.epochs,
+            batch_size=train.batch_size,
+            lr=train.lr,
+        )
+        resolved.poison_spec().validate(facts.get("classes"))
         return resolved
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,6 +244,26 @@ class RunConfig:
         if unknown:
             raise ValueError(f"unknown config key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
         values = dict(values)
-        if values.get("train") is not None:
+        if isinstance(values.get("train"), dict):
+            valid = {f.name for f in fields(TrainConfig)}
+            unknown = sorted(set(values["train"]) - valid)
+            if unknown:
+                raise ValueError(f"unknown train field(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
             values["train"] = TrainConfig(**values["train"])
         return cls(**values)
+
+
+def check_size(size: float | int | None, what: str, *, zero: bool = False) -> None:
+    """Refuse a size that is neither a fraction in (0, 1] (a float) nor a count >= 2 (an int);
+    ``1`` alone is ambiguous (one sample, or all?) and refused with the two ways to say it. With
+    ``zero``, 0 is allowed (a clean baseline's poison rate)."""
+    if size is None or (zero and size == 0):
+        return
+    if isinstance(size, float) and not 0.0 < size <= 1.0:
+        raise OptionError(
+            f"{what} {size} is neither a fraction in (0, 1] nor a count (an integer, written without a decimal point)"
+        )
+    if isinstance(size, int) and size == 1:
+        raise OptionError(f"{what} 1 is ambiguous: write 1.0 for the whole split, or a count of 2 or more")
+    if isinstance(size, int) and size < 1:
+        raise OptionError(f"{what} must be a fraction in (0, 1] or a count >= 2, got {size}")

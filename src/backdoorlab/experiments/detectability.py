@@ -13,8 +13,9 @@ split) is
 Every model's numbers are stored as ``OUTPUT/rate-<r>/seed-<s>/result.json`` beside its config,
 with the suspect and repaired models, and reused when present, so a study resumes where it stopped
 and a detector added later scores the stored models without training them again. ``summarize``
-turns them into one row per rate, ``study_table`` into Markdown, and ``plot`` draws detectability
-against robustness. ``backdoorlab detectability`` runs it from the command line.
+turns them into one row per rate and ``study_table`` into Markdown; the report layer draws them
+(:func:`backdoorlab.report.plots.detectability_plot`: detectability against robustness).
+``backdoorlab detectability`` runs it from the command line.
 """
 
 from __future__ import annotations
@@ -32,16 +33,30 @@ from backdoorlab import __version__
 from backdoorlab.defenses import create_detector
 from backdoorlab.defenses.cti import CalibratedTriggerInversion
 from backdoorlab.experiments.config import RunConfig
-from backdoorlab.experiments.grid import cell_key
-from backdoorlab.experiments.run import _DEFENSE, Prepared, apply_detector, apply_repair, evaluate, prepare, train_victim
+from backdoorlab.experiments.run import (
+    _DEFENSE,
+    Prepared,
+    apply_detector,
+    apply_repair,
+    config_differences,
+    evaluate,
+    prepare,
+    train_victim,
+)
 from backdoorlab.experiments.saved_model import load_model, save_model
+from backdoorlab.files import mismatch_error, read_json_object, write_json
 from backdoorlab.metrics import detection_auroc
 
 
 def study_model(
-    config: RunConfig, directory: str | Path, *, repair: str = "pivotal_tuning", repair_options: dict[str, Any] | None = None,
-    detectors: Sequence[str] = ("cti", "neural_cleanse"), detector_options: dict[str, dict[str, Any]] | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    config: RunConfig,
+    directory: str | Path,
+    *,
+    repair: str = "pivotal_tuning",
+    repair_options: dict[str, Any] | None = None,
+    detectors: Sequence[str] = ("cti", "neural_cleanse"),
+    detector_options: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Train one (backdoored or clean) model of ``config``, repair it, score the suspect with each
     detector (``detector_options``: options by detector name, for example ``{"cti": {"batch_size":
     32}}``); store and return ``{"config", "metrics", "repair_details", "scores", "detector_details",
@@ -63,9 +78,13 @@ def study_model(
     directory = Path(directory)
     path = directory / "result.json"
     if path.exists():
-        stored = json.loads(path.read_text())
+        stored = read_json_object(path, required=_STORED_KEYS)
         _check_same_study(stored, path, config, repair, repair_options)
-        stale = [n for n in detectors if n not in stored["scores"] or stored["detector_options"].get(n) != _as_stored(detector_options[n])]
+        stale = [
+            n
+            for n in detectors
+            if n not in stored["scores"] or stored["detector_options"].get(n) != _as_stored(detector_options[n])
+        ]
         if not stale:
             return stored
         files = [directory / _SUSPECT, directory / _REPAIRED]
@@ -81,7 +100,7 @@ def study_model(
         stored.setdefault("detector_details", {}).update(details)
         stored["timings"].update({k: round(v, 2) for k, v in timings.items()})
         stored["detector_options"].update({n: detector_options[n] for n in stale})
-        path.write_text(json.dumps(stored, indent=2) + "\n")
+        write_json(path, stored)
         return stored
     prepared = prepare(config)
     timings: dict[str, float] = {}
@@ -90,29 +109,44 @@ def study_model(
     timings["train"] = time.perf_counter() - tick
     metrics = {f"suspect_{k}": v for k, v in evaluate(prepared, model).items()}
     # the study needs the repair's end point only: no persistence curve to evaluate
-    repaired, after, repair_details, timings["repair"] = apply_repair(prepared, model, repair, repair_options, persistence=False)
+    repaired, after, repair_details, timings["repair"] = apply_repair(
+        prepared, model, repair, repair_options, persistence=False
+    )
     metrics.update({f"repaired_{k}": v for k, v in after.items()})
     save_model(directory / _SUSPECT, model, prepared.config)
     save_model(directory / _REPAIRED, repaired, prepared.config)
-    scores, details, detector_timings = _score(prepared, model, repaired, detectors, detector_options, repair, repair_options)
+    scores, details, detector_timings = _score(
+        prepared, model, repaired, detectors, detector_options, repair, repair_options
+    )
     timings.update(detector_timings)
     stored = {
-        "config": prepared.config.to_dict(), "repair": repair, "repair_options": repair_options, "metrics": metrics,
+        "config": prepared.config.to_dict(),
+        "repair": repair,
+        "repair_options": repair_options,
+        "metrics": metrics,
         "repair_details": repair_details,
-        "detector_options": detector_options, "scores": scores, "detector_details": details, "timings": {k: round(v, 2) for k, v in timings.items()},
+        "detector_options": detector_options,
+        "scores": scores,
+        "detector_details": details,
+        "timings": {k: round(v, 2) for k, v in timings.items()},
         "version": __version__,
-    }  # fmt: skip
-    path.write_text(json.dumps(stored, indent=2) + "\n")
+    }
+    write_json(path, stored)
     return stored
 
 
 _SUSPECT, _REPAIRED = "suspect.safetensors", "repaired.safetensors"
+_STORED_KEYS = ("config", "repair", "repair_options", "metrics", "detector_options", "scores", "timings")
 
 
-def _check_same_study(stored: dict[str, Any], path: Path, config: RunConfig, repair: str, repair_options: dict[str, Any]) -> None:
-    """Refuse a stored result of another config (placement aside) or another repair."""
-    if cell_key(RunConfig.from_dict(stored["config"])) != cell_key(config.resolved()):
-        raise ValueError(f"{path} holds a result of another config; use another output folder or remove it")
+def _check_same_study(
+    stored: dict[str, Any], path: Path, config: RunConfig, repair: str, repair_options: dict[str, Any]
+) -> None:
+    """Refuse a stored result of another config (placement aside; the refusal names the fields that
+    differ) or another repair."""
+    found = config_differences(stored["config"], config, path)
+    if found:
+        raise mismatch_error(path, found)
     if (stored["repair"], stored["repair_options"]) != (repair, _as_stored(repair_options)):
         raise ValueError(
             f"{path} holds a result repaired with {stored['repair']} {stored['repair_options']}, not {repair} {repair_options}; "
@@ -126,9 +160,14 @@ def _as_stored(options: dict[str, Any]) -> Any:
 
 
 def _score(
-    prepared: Prepared, model: nn.Module, repaired: nn.Module, detectors: Sequence[str],
-    detector_options: dict[str, dict[str, Any]], repair: str, repair_options: dict[str, Any],
-) -> tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, float]]:  # fmt: skip
+    prepared: Prepared,
+    model: nn.Module,
+    repaired: nn.Module,
+    detectors: Sequence[str],
+    detector_options: dict[str, dict[str, Any]],
+    repair: str,
+    repair_options: dict[str, Any],
+) -> tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, float]]:
     """Each detector's score of the suspect ``model``, its details (CTI's and Neural Cleanse's
     per-class figures) and its seconds; CTI is calibrated with ``repaired`` (the study's repair of
     it) instead of repeating that repair."""
@@ -149,9 +188,15 @@ def _score(
 
 
 def detectability_study(
-    base: RunConfig, rates: Sequence[float], seeds: Sequence[int], clean_seeds: Sequence[int], output: str | Path,
-    *, data_seed: int | None = 0, **options: Any,
-) -> dict[float, list[dict[str, Any]]]:  # fmt: skip
+    base: RunConfig,
+    rates: Sequence[float],
+    seeds: Sequence[int],
+    clean_seeds: Sequence[int],
+    output: str | Path,
+    *,
+    data_seed: int | None = 0,
+    **options: Any,
+) -> dict[float, list[dict[str, Any]]]:
     """Run :func:`study_model` for every rate x seed and for ``clean_seeds`` at rate 0; return the
     stored results by rate (0.0 = the clean models). ``options`` go to :func:`study_model`, whose
     checks of the detectors and their options fail before its first model trains.
@@ -163,12 +208,17 @@ def detectability_study(
     four splits) and an AUROC measures the splits the seeds drew as much as the poison."""
     if not (rates and seeds and clean_seeds):
         raise ValueError("a detectability study needs at least one poison rate, one seed and one clean seed")
+    models = [
+        (rate, seed, replace(base, poison_rate=rate, seed=seed, data_seed=data_seed, defense=None, detector=None))
+        for rate, rate_seeds in [(0.0, clean_seeds), *[(float(r), seeds) for r in rates]]
+        for seed in rate_seeds
+    ]
+    for _, _, config in models:  # every model's config is checked before the first one trains
+        config.resolved()
     results: dict[float, list[dict[str, Any]]] = {}
-    for rate, rate_seeds in [(0.0, clean_seeds), *[(float(r), seeds) for r in rates]]:
-        for seed in rate_seeds:
-            config = replace(base, poison_rate=rate, seed=seed, data_seed=data_seed, defense=None, detector=None)
-            directory = Path(output) / f"rate-{rate:g}" / f"seed-{seed}"
-            results.setdefault(rate, []).append(study_model(config, directory, **options))
+    for rate, seed, config in models:
+        directory = Path(output) / f"rate-{rate:g}" / f"seed-{seed}"
+        results.setdefault(rate, []).append(study_model(config, directory, **options))
     return results
 
 
@@ -202,27 +252,13 @@ def study_table(rows: list[dict[str, float]]) -> str:
     head = ["poison rate", "models", "ASR before", "ASR after", "CA after", *(f"AUROC {d} (p)" for d in detectors)]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * len(head)) + " |"]
     for r in rows:
-        cells = [f"{100 * r['poison_rate']:g}%", str(r["models"]), f"{r['asr_before']:.3f}", f"{r['asr_after']:.3f}", f"{r['ca_after']:.3f}"]
+        cells = [
+            f"{100 * r['poison_rate']:g}%",
+            str(r["models"]),
+            f"{r['asr_before']:.3f}",
+            f"{r['asr_after']:.3f}",
+            f"{r['ca_after']:.3f}",
+        ]
         cells += [f"{r[f'auroc_{d}']:.2f} ({r[f'p_{d}']:.2g})" for d in detectors]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def plot(rows: list[dict[str, float]], path: str | Path, title: str = "") -> Path:
-    """Detectability (ROC AUC) against robustness (ASR after repair), one point per rate and one
-    line per detector (the grid report's :func:`~backdoorlab.report.plots.robustness_detectability`);
-    a ``RuntimeError`` where matplotlib is missing."""
-    from backdoorlab.report.plots import robustness_detectability
-
-    points = [
-        {"attack": "", "detector": key.removeprefix("auroc_"), "poison_rate": r["poison_rate"], "auroc": r[key],
-         "asr": r["asr_before"], "asr_repaired": r["asr_after"]}
-        for r in rows for key in r if key.startswith("auroc_")
-    ]  # fmt: skip
-    png = robustness_detectability(points, title)
-    if png is None:
-        raise ValueError("the study has no rows to plot")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png)
-    return path

@@ -27,7 +27,7 @@ import difflib
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,13 @@ CONFIG_FIELDS = tuple(f.name for f in fields(RunConfig))
 #: key at that default, so a store written before them still finds its cells.
 ADDED_TRAIN_FIELDS: dict[str, Any] = {"milestones": []}
 #: Config fields added after results were first stored, with their defaults: the same.
-ADDED_FIELDS: dict[str, Any] = {"data_seed": None}
+ADDED_FIELDS: dict[str, Any] = {
+    "data_seed": None,
+    "threads": None,
+    "deterministic": None,
+    "preset": None,
+    "poison_rate_of": "train",
+}
 
 
 class GridError(ValueError):
@@ -85,6 +91,28 @@ def cell_key(config: RunConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def suspect_config(config: RunConfig) -> RunConfig:
+    """The config of the victim a cell repairs or scores: ``config`` without its repair and
+    detector (a training-time defense is part of how the victim trains, so it stays)."""
+    from backdoorlab.defenses import defense_kind
+
+    repair = config.defense is not None and defense_kind(config.defense) == "repair"
+    return replace(
+        config,
+        detector=None,
+        detector_options={},
+        **({"defense": None, "defense_options": {}} if repair else {}),
+    )
+
+
+def suspect_key(config: RunConfig) -> str | None:
+    """The key under which a sweep shares the trained victim of ``config`` (resolved) with every
+    cell that differs from it only in the repair or detector; ``None`` for a cell whose model is
+    not a plain victim (a training-time defense trains its own)."""
+    victim = suspect_config(config)
+    return None if victim.defense is not None else cell_key(victim)
+
+
 def _drop_defaults(values: dict[str, Any], defaults: dict[str, Any]) -> None:
     """Remove from ``values`` each key of ``defaults`` whose value is its default."""
     for name, default in defaults.items():
@@ -97,7 +125,9 @@ def _lines(node: yaml.Node) -> dict[str, tuple[int, list[int]]]:
     out: dict[str, tuple[int, list[int]]] = {}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
-            elements = [v.start_mark.line + 1 for v in value_node.value] if isinstance(value_node, yaml.SequenceNode) else []
+            elements = (
+                [v.start_mark.line + 1 for v in value_node.value] if isinstance(value_node, yaml.SequenceNode) else []
+            )
             out[str(key_node.value)] = (key_node.start_mark.line + 1, elements)
     return out
 
@@ -107,7 +137,9 @@ def _axis_element(name: str, value: Any, where: str) -> dict[str, Any]:
     if isinstance(value, dict) and name not in MAPPING_FIELDS:
         unknown = sorted(set(value) - set(CONFIG_FIELDS))
         if unknown:
-            raise GridError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; valid: {', '.join(CONFIG_FIELDS)}")
+            raise GridError(
+                f"{where}: unknown key(s) {', '.join(map(str, unknown))}; valid: {', '.join(CONFIG_FIELDS)}"
+            )
         return dict(value)
     return {name: value}
 
@@ -121,7 +153,9 @@ def _describe(values: dict[str, Any]) -> str:
     return ", ".join(f"{k}={show(v)}" for k, v in values.items())
 
 
-def expand(values: dict[str, Any], source: str = "<grid>", lines: dict[str, tuple[int, list[int]]] | None = None) -> Grid:
+def expand(
+    values: dict[str, Any], source: str = "<grid>", lines: dict[str, tuple[int, list[int]]] | None = None
+) -> Grid:
     """Expand and validate a grid given as a mapping (a parsed grid file); ``source`` and ``lines``
     place error messages."""
     lines = lines or {}
@@ -217,7 +251,9 @@ def load_grid(path: str | Path) -> Grid:
     for number, grid in enumerate(grids, 1):
         for cell in grid.cells:
             if cell.key in keys:
-                raise GridError(f"{path}: document {number}, cell {cell.label or 0}: the same experiment as an earlier document's")
+                raise GridError(
+                    f"{path}: document {number}, cell {cell.label or 0}: the same experiment as an earlier document's"
+                )
             keys.add(cell.key)
             cells.append(cell)
     first = documents[0] if isinstance(documents[0], dict) else {}

@@ -51,10 +51,23 @@ RECIPES: Registry[Callable[[str], Recipe]] = Registry("recipe")
 
 #: airbench94's optimiser, schedule and tricks (see the module docstring), for batch 1024.
 AIRBENCH_TRAIN = TrainConfig(
-    epochs=10, batch_size=1024, lr=1.5, momentum=0.85, nesterov=True, weight_decay=0.0153 / 11.5,
-    schedule="triangle", warmup=0.23, norm_lr_scale=64.0, label_smoothing=0.2, crop_padding=2, crop_mode="reflect",
-    alternating_flip=True, lookahead_epoch=3, whiten_bias_epochs=3, tta=2,
-)  # fmt: skip
+    epochs=10,
+    batch_size=1024,
+    lr=1.5,
+    momentum=0.85,
+    nesterov=True,
+    weight_decay=0.0153 / 11.5,
+    schedule="triangle",
+    warmup=0.23,
+    norm_lr_scale=64.0,
+    label_smoothing=0.2,
+    crop_padding=2,
+    crop_mode="reflect",
+    alternating_flip=True,
+    lookahead_epoch=3,
+    whiten_bias_epochs=3,
+    tta=2,
+)
 
 #: Time series, every recipe: FCN (Wang et al. 2017), no augmentation. The reference trains FCN
 #: with Adam for 2000 epochs at batch 16; a one-cycle SGD schedule of 100 epochs reaches its accuracy
@@ -96,9 +109,10 @@ def quick(dataset: str) -> Recipe:
     # airbench94's augmentation (translate 2, flip where it keeps the label) and label smoothing 0.2.
     epochs = 3 if dataset == "gtsrb" else 4
     return Recipe(
-        "airbench", {"width": 32},
+        "airbench",
+        {"width": 32},
         TrainConfig(epochs=epochs, batch_size=256, lr=0.2, label_smoothing=0.2, crop_padding=2),
-    )  # fmt: skip
+    )
 
 
 @RECIPES.register("backdoorbench", "BackdoorBench's protocol: PreAct-ResNet18, 100 epochs, SGD 0.01, cosine")
@@ -109,12 +123,20 @@ def backdoorbench(dataset: str) -> Recipe:
             f"{dataset} is a time-series set: use 'fast' or 'quick'"
         )
     return Recipe(
-        "preact_resnet18", {},
+        "preact_resnet18",
+        {},
         TrainConfig(
-            epochs=100, batch_size=128, lr=0.01, momentum=0.9, nesterov=False, weight_decay=5e-4,
-            schedule="cosine", crop_padding=4, data_init=False,
+            epochs=100,
+            batch_size=128,
+            lr=0.01,
+            momentum=0.9,
+            nesterov=False,
+            weight_decay=5e-4,
+            schedule="cosine",
+            crop_padding=4,
+            data_init=False,
         ),
-    )  # fmt: skip
+    )
 
 
 DEFAULT_RECIPE = "fast"

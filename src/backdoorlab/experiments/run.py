@@ -1,16 +1,26 @@
 """``run(config) -> RunResult``: train on poisoned data and evaluate, one attack run.
 
 The flow follows DESIGN.md: load -> carve the trusted split -> poison the rest -> train ->
-evaluate. A result carries the full resolved config, the seed, the package version, timings and
-metrics; ``RunResult.write(dir)`` stores it as ``dir/result.json`` (a stable interface: top-level
-keys ``config``, ``seed``, ``version``, ``timings``, ``metrics``).
+evaluate. A result carries the full resolved config, the seed, the package version, timings,
+metrics and health warnings; ``RunResult.write(dir)`` stores it as ``dir/result.json`` (a stable
+interface: top-level keys ``config``, ``seed``, ``version``, ``timings``, ``metrics``, ``warnings``).
+
+Sanity guards (docs/reliability.md): a suspect model with non-finite weights is refused before any
+work, training that diverges raises :class:`~backdoorlab.training.loop.TrainingDivergedError`, a
+non-finite detector score raises :class:`~backdoorlab.training.loop.NonFiniteError`, and every
+reported model is checked (:mod:`backdoorlab.evaluation`: collapsed, chance-level, a repair that
+lost too much clean accuracy); what the checks find is in ``RunResult.warnings``. Metric values are
+finite or absent: ``to_dict`` turns NaN into ``None``.
 """
 
 from __future__ import annotations
 
-import json
+import copy
+import math
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,14 +30,16 @@ import torch
 from backdoorlab import __version__
 from backdoorlab.attacks.poisoning import PoisonedDataset, TriggeredTestSet, poison_dataset, triggered_test_set
 from backdoorlab.attacks.triggers import Trigger, create_trigger
-from backdoorlab.data.dataset import TensorDataset, split_trusted, subsample
-from backdoorlab.data.sources import load_dataset
+from backdoorlab.data.dataset import DataError, TensorDataset, split_trusted, subsample
+from backdoorlab.data.sources import dataset_facts, load_dataset
 from backdoorlab.defenses import Detection, create_defense, create_detector, create_repair, defense_kind, registry_for
-from backdoorlab.evaluation import evaluate_backdoor
+from backdoorlab.evaluation import Assessment, assess_backdoor, evaluate_backdoor, repair_warnings
 from backdoorlab.experiments.config import RunConfig
-from backdoorlab.metrics import isolation_metrics
-from backdoorlab.models.registry import create_model
-from backdoorlab.training.loop import TrainHistory, resolve_device, train
+from backdoorlab.experiments.grid import PLACEMENT_FIELDS
+from backdoorlab.files import CorruptFileError, differences, mismatch_error, read_json_object, write_json
+from backdoorlab.metrics import finite_json, isolation_metrics
+from backdoorlab.models.registry import check_input_fits, create_model
+from backdoorlab.training.loop import NonFiniteError, TrainHistory, nonfinite_tensors, resolve_device, train
 
 # Seed offsets keep the random streams of the steps independent of each other.
 _SPLIT, _POISON, _TEST_TRIGGER, _MODEL, _SURROGATE, _DEFENSE = 0, 1, 2, 3, 4, 5
@@ -35,7 +47,9 @@ _SPLIT, _POISON, _TEST_TRIGGER, _MODEL, _SURROGATE, _DEFENSE = 0, 1, 2, 3, 4, 5
 
 @dataclass
 class RunResult:
-    """What one run produced; :meth:`to_dict` is the ``result.json`` schema."""
+    """What one run produced; :meth:`to_dict` is the ``result.json`` schema. ``warnings``: what the
+    health checks found (:mod:`backdoorlab.evaluation`), each a sentence naming the model it is
+    about (``model:``, ``suspect model:``, ``repaired model:``); empty for a healthy run."""
 
     config: dict[str, Any]
     seed: int
@@ -47,40 +61,72 @@ class RunResult:
     details: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
     model: torch.nn.Module | None = field(default=None, repr=False)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "config": self.config,
-            "seed": self.seed,
-            "version": self.version,
-            "timings": self.timings,
-            "metrics": self.metrics,
-            "data": self.data,
-            "history": self.history,
-            "details": self.details,
-            "environment": self.environment,
-        }
+        """The ``result.json`` document; a non-finite float anywhere in it becomes ``None``."""
+        return finite_json(
+            {
+                "config": self.config,
+                "seed": self.seed,
+                "version": self.version,
+                "timings": self.timings,
+                "metrics": self.metrics,
+                "warnings": list(self.warnings),
+                "data": self.data,
+                "history": self.history,
+                "details": self.details,
+                "environment": self.environment,
+            }
+        )
 
     def write(self, directory: str | Path) -> Path:
         """Write ``result.json`` into ``directory`` (created if needed); return its path."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / "result.json"
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return write_json(Path(directory) / "result.json", self.to_dict())  # whole or not at all
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model factory that holds the architecture and the data's shape facts alone: the model's
+    name and options, the number of classes, the input channels and the normalisation statistics.
+    Calling it builds a fresh model. A training-time defense gets one as its ``build_model``: a plain,
+    picklable value with nothing of the run behind it (no data, mask, trigger, target or test set),
+    so what the defense may see is fixed by construction, not by convention."""
+
+    model: str
+    options: tuple[tuple[str, Any], ...]
+    num_classes: int
+    in_channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def for_data(cls, config: RunConfig, data: TensorDataset) -> ModelSpec:
+        """The spec of ``config.model`` (resolved config) shaped for ``data``."""
+        assert config.model is not None
+        return cls(
+            config.model,
+            tuple(sorted(config.model_options.items())),
+            int(data.num_classes),
+            int(data.in_channels),
+            tuple(float(v) for v in data.mean),
+            tuple(float(v) for v in data.std),
+        )
+
+    def __call__(self) -> torch.nn.Module:
+        return create_model(
+            self.model,
+            num_classes=self.num_classes,
+            in_channels=self.in_channels,
+            mean=self.mean,
+            std=self.std,
+            **dict(self.options),
+        )
 
 
 def build_model(config: RunConfig, data: TensorDataset) -> torch.nn.Module:
     """A fresh model of ``config.model`` (resolved config) shaped for ``data``."""
-    assert config.model is not None
-    return create_model(
-        config.model,
-        num_classes=data.num_classes,
-        in_channels=data.in_channels,
-        mean=data.mean,
-        std=data.std,
-        **config.model_options,
-    )
+    return ModelSpec.for_data(config, data)()
 
 
 def fit_attack(trigger: Trigger, data: TensorDataset, config: RunConfig, device: torch.device) -> None:
@@ -94,9 +140,13 @@ def fit_attack(trigger: Trigger, data: TensorDataset, config: RunConfig, device:
     torch.manual_seed(config.seed + _SURROGATE)
     surrogate = build_model(config, data)
     train(
-        surrogate, data, config.train, device=device, seed=config.seed + _SURROGATE,
+        surrogate,
+        data,
+        config.train,
+        device=device,
+        seed=config.seed + _SURROGATE,
         description=f"surrogate for {config.attack}",
-    )  # fmt: skip
+    )
     trigger.fit(surrogate, torch.Generator().manual_seed(config.seed + _SURROGATE))
 
 
@@ -117,6 +167,26 @@ class Prepared:
     timings: dict[str, float]
 
 
+def check_before_training(
+    config: RunConfig, train_set: TensorDataset, test_set: TensorDataset, trusted: TensorDataset
+) -> None:
+    """What can only be checked once the data is loaded, checked before any training: the model
+    takes the data's inputs, the test set has samples for the ASR, and the trusted split is large
+    enough for the chosen repair and detector."""
+    assert config.model is not None
+    check_input_fits(config.model, config.model_options, train_set.input_shape, train_set.num_classes)
+    if not bool(config.poison_spec().evaluation_candidates(test_set.labels).any()):
+        source = f" of source class {config.source}" if config.source is not None else " outside the target class"
+        raise DataError(
+            f"the test set ({len(test_set)} samples) has no sample{source} to measure the attack success rate on: "
+            "raise --test-size"
+        )
+    if config.defense is not None and defense_kind(config.defense) == "repair":
+        create_repair(config.defense, **config.defense_options).check_trusted(trusted)
+    if config.detector is not None:
+        create_detector(config.detector, **config.detector_options).check_trusted(trusted)
+
+
 def prepare(config: RunConfig) -> Prepared:
     """Resolve and validate ``config``, load the data, carve the trusted split, fit the attack and
     poison: everything a run does before training, so that a bad config fails before any work."""
@@ -133,7 +203,8 @@ def prepare(config: RunConfig) -> Prepared:
     spec = config.poison_spec()
     spec.validate(train_set.num_classes)
     rest, trusted = split_trusted(train_set, config.trusted_size, config.split_seed + _SPLIT)
-    trigger = create_trigger(config.attack, train_set.input_shape, **config.attack_options)
+    trigger = create_trigger(config.attack, train_set.input_shape, data_root=config.data_root, **config.attack_options)
+    check_before_training(config, train_set, test_set, trusted)
     timings["load_data"] = time.perf_counter() - tick
 
     if trigger.needs_surrogate:
@@ -155,9 +226,13 @@ def train_victim(prepared: Prepared) -> tuple[torch.nn.Module, TrainHistory]:
     torch.manual_seed(config.seed + _MODEL)
     model = build_model(config, prepared.train_set)
     history = train(
-        model, prepared.poisoned.data, config.train, device=prepared.device, seed=config.seed,
+        model,
+        prepared.poisoned.data,
+        config.train,
+        device=prepared.device,
+        seed=config.seed,
         description=f"{config.attack} on {config.dataset}",
-    )  # fmt: skip
+    )
     return model, history
 
 
@@ -169,21 +244,61 @@ def evaluate(prepared: Prepared, model: torch.nn.Module) -> dict[str, float]:
     )
 
 
-class PersistenceRecorder:
-    """An observer that records ``{"checkpoint", CA, ASR, RA}`` at each checkpoint of a repair
-    (the repair never sees these numbers) and the seconds spent measuring them, which the repair's
-    own timing leaves out."""
+def assess(prepared: Prepared, model: torch.nn.Module, subject: str = "model") -> Assessment:
+    """:func:`evaluate`'s metrics with the health warnings about ``model`` (named ``subject``)."""
+    assert prepared.config.train is not None
+    return assess_backdoor(
+        model,
+        prepared.test_set,
+        prepared.triggered,
+        device=prepared.device,
+        tta=prepared.config.train.tta,
+        subject=subject,
+    )
 
-    def __init__(self, prepared: Prepared) -> None:
-        self.prepared = prepared
-        self.curve: list[dict[str, float]] = []
+
+def check_suspect(model: torch.nn.Module) -> None:
+    """Refuse a suspect model whose weights or buffers hold NaN or infinity: a repair, a detector or
+    the evaluation would turn them into numbers that look like results (NaN logits predict class 0)."""
+    broken = nonfinite_tensors(model)
+    if broken:
+        shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+        raise NonFiniteError(
+            f"the suspect model has NaN or infinite values in {len(broken)} of its tensors ({shown}); "
+            "it cannot be repaired, scored or evaluated (was its training diverged?)"
+        )
+
+
+class CheckpointSnapshots:
+    """The observer a repair gets: at each checkpoint it copies the model's weights and buffers to
+    the CPU, and measures nothing. It holds nothing of the evaluation (no test set, trigger,
+    target or metric), so a repair cannot read test ASR back through it; :func:`persistence_curve`
+    measures the snapshots after the repair has returned. ``seconds``: the time spent copying,
+    which the repair's own timing leaves out."""
+
+    def __init__(self) -> None:
+        self.snapshots: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self.template: torch.nn.Module | None = None  # a CPU copy of the architecture to load them into
         self.seconds = 0.0
 
     def __call__(self, model: torch.nn.Module, checkpoint: int) -> None:
         tick = time.perf_counter()
-        metrics = evaluate(self.prepared, model)
-        self.curve.append({"checkpoint": checkpoint, **{k: round(v, 4) for k, v in metrics.items()}})
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if self.template is None:
+            self.template = copy.deepcopy(model).cpu()
+        self.snapshots.append((checkpoint, state))
         self.seconds += time.perf_counter() - tick
+
+
+def persistence_curve(prepared: Prepared, observed: CheckpointSnapshots) -> list[dict[str, float]]:
+    """``{"checkpoint", CA, ASR, RA}`` of each snapshot a repair's observer took, in order."""
+    curve = []
+    for checkpoint, state in observed.snapshots:
+        assert observed.template is not None
+        observed.template.load_state_dict(state)
+        metrics = evaluate(prepared, observed.template)
+        curve.append({"checkpoint": checkpoint, **{k: round(v, 4) for k, v in metrics.items()}})
+    return curve
 
 
 def apply_repair(
@@ -193,19 +308,20 @@ def apply_repair(
     where ``details`` holds the repair's own details and, with ``persistence``, the evaluation's
     ``persistence`` curve (CA, ASR, RA at each checkpoint: for fine-tuning, each epoch; for Pivotal
     Tuning, each held-out measurement; ``persistence_unit`` says which), and
-    ``seconds`` the repair's time without the curve's evaluations."""
+    ``seconds`` the repair's time without the observer's snapshots. The repair's observer only
+    snapshots its models (:class:`CheckpointSnapshots`); the curve is measured after it returns."""
     config = prepared.config
     assert config.train is not None
     repair = create_repair(name, **options)
-    recorder = PersistenceRecorder(prepared) if persistence else None
+    observer = CheckpointSnapshots() if persistence else None
     tick = time.perf_counter()
     outcome = repair.repair(
-        model, prepared.trusted, config.train, device=prepared.device, seed=config.seed + _DEFENSE, observer=recorder
-    )  # fmt: skip
-    seconds = time.perf_counter() - tick - (recorder.seconds if recorder else 0.0)
+        model, prepared.trusted, config.train, device=prepared.device, seed=config.seed + _DEFENSE, observer=observer
+    )
+    seconds = time.perf_counter() - tick - (observer.seconds if observer else 0.0)
     details = dict(outcome.details)
-    if recorder is not None and len(recorder.curve) > 1:
-        details["persistence"] = recorder.curve
+    if observer is not None and len(observer.snapshots) > 1:
+        details["persistence"] = persistence_curve(prepared, observer)
         details["persistence_unit"] = repair.checkpoint_unit
     return outcome.model, evaluate(prepared, outcome.model), details, seconds
 
@@ -218,37 +334,76 @@ def apply_detector(
     assert config.train is not None
     detector = create_detector(name, **options)
     tick = time.perf_counter()
-    detection = detector.detect(model, prepared.trusted, config.train, device=prepared.device, seed=config.seed + _DEFENSE)
+    detection = detector.detect(
+        model, prepared.trusted, config.train, device=prepared.device, seed=config.seed + _DEFENSE
+    )
+    if not math.isfinite(detection.score):
+        raise NonFiniteError(
+            f"detector '{name}' gave a non-finite score ({detection.score}): it is no evidence either way, "
+            "so no score is reported (its optimisation diverged, or the model's outputs are not finite)"
+        )
     return detection, time.perf_counter() - tick
+
+
+@contextmanager
+def runtime_settings(threads: int | None, deterministic: bool | None) -> Iterator[None]:
+    """torch's thread count and deterministic-algorithms flag set for a run where given, and put
+    back after it (they are process-wide)."""
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if deterministic is not None:
+        torch.use_deterministic_algorithms(deterministic)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
 
 
 def run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunResult:
     """Run one attack (with a training-time or repair defense and a detector where configured):
-    everything is validated before any training starts.
+    everything is validated before any training starts. The run's torch threads and
+    deterministic-algorithms flag are ``config.threads`` / ``config.deterministic`` where set, and
+    the result's config stores those it ran with, so that a rerun from it computes the same.
 
     ``suspect``: an already trained model of this config (``load_model``) to repair or score
     instead of training one; the data, trusted split and trigger are rebuilt from the config's seed.
     """
+    with runtime_settings(config.threads, config.deterministic):
+        return _run(config, suspect=suspect)
+
+
+def _run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunResult:
+    """:func:`run` inside its runtime settings."""
     started = time.perf_counter()
+    if suspect is not None:
+        check_suspect(suspect)
     prepared = prepare(config)
     config, device, timings = prepared.config, prepared.device, prepared.timings
     assert config.train is not None
     poisoned = prepared.poisoned
     kind = defense_kind(config.defense) if config.defense else None
     if suspect is not None and kind == "training":
-        raise ValueError(f"'{config.defense}' is a training-time defense: it trains a model, it cannot repair a given one")
+        raise ValueError(
+            f"'{config.defense}' is a training-time defense: it trains a model, it cannot repair a given one"
+        )
 
     tick = time.perf_counter()
     outcome, history, details = None, None, {}
     metrics: dict[str, float] = {}
+    warnings: list[str] = []
     if kind == "training":
         # The defense gets the poisoned training set only: no mask, trigger, target or test set.
         torch.manual_seed(config.seed + _MODEL)
         defense = create_defense(config.defense, **config.defense_options)
         outcome = defense.train(
-            poisoned.data, lambda: build_model(config, prepared.train_set), config.train,
-            device=device, seed=config.seed,
-        )  # fmt: skip
+            poisoned.data,
+            ModelSpec.for_data(config, prepared.train_set),
+            config.train,
+            device=device,
+            seed=config.seed,
+        )
         model, details = outcome.model, dict(outcome.details)
         timings["defense"] = time.perf_counter() - tick
     elif suspect is not None:
@@ -257,25 +412,37 @@ def run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunResu
         model, history = train_victim(prepared)
         timings["train"] = time.perf_counter() - tick
     if kind == "repair":
-        suspect = evaluate(prepared, model)
-        metrics.update({f"suspect_{k}": v for k, v in suspect.items()})
-        model, after, details, timings["defense"] = apply_repair(prepared, model, config.defense, config.defense_options)
+        before = assess(prepared, model, "suspect model")
+        metrics.update({f"suspect_{k}": v for k, v in before.metrics.items()})
+        warnings += before.warnings
+        model, after, details, timings["defense"] = apply_repair(
+            prepared, model, config.defense, config.defense_options
+        )
     if config.detector is not None:
         detection, timings["detect"] = apply_detector(prepared, model, config.detector, config.detector_options)
         metrics["detection_score"] = detection.score
         details["detection"] = {"flagged": detection.flagged, **detection.details}
 
     tick = time.perf_counter()
-    metrics.update(evaluate(prepared, model))
+    final = assess(prepared, model, "repaired model" if kind == "repair" else "model")
+    metrics.update(final.metrics)
+    warnings += final.warnings
+    if kind == "repair":
+        warnings += repair_warnings(metrics["suspect_clean_accuracy"], metrics["clean_accuracy"])
     if outcome is not None and outcome.isolated is not None:
         metrics.update(isolation_metrics(outcome.isolated, poisoned.mask))
     timings["evaluate"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
 
     stored = config.to_dict()
+    stored["threads"], stored["deterministic"] = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     stored["attack_options"] = prepared.trigger.config()
     if config.defense is not None:
-        stored["defense_options"] = registry_for(config.defense).create(config.defense, **config.defense_options).config()
+        stored["defense_options"] = (
+            registry_for(config.defense).create(config.defense, **config.defense_options).config()
+        )
+    if config.detector is not None:
+        stored["detector_options"] = create_detector(config.detector, **config.detector_options).config()
     return RunResult(
         config=stored,
         seed=config.seed,
@@ -300,15 +467,65 @@ def run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunResu
             **({"train_samples_per_second": f"{history.samples_per_second:.1f}"} if history else {}),
         },
         model=model,
+        warnings=warnings,
     )
 
 
 def run_cached(config: RunConfig, directory: str | Path, *, suspect: torch.nn.Module | None = None) -> dict[str, Any]:
     """``run(config, suspect=suspect)`` stored as ``directory/result.json``, or that file's content
-    when it exists already, so that a table of many runs resumes where it stopped."""
+    when it exists already and was made with the same config (:func:`config_differences`), so that
+    a table of many runs resumes where it stopped. A stored result of another config is refused
+    with a :class:`~backdoorlab.files.ResumeMismatchError` naming the fields that differ, a corrupt
+    one with a :class:`~backdoorlab.files.CorruptFileError` naming the file; neither is overwritten."""
     path = Path(directory) / "result.json"
     if path.exists():
-        return json.loads(path.read_text())
+        stored = read_json_object(path, required=("config", "metrics"))
+        found = config_differences(stored["config"], config, path)
+        if found:
+            raise mismatch_error(path, found)
+        return stored
     result = run(config, suspect=suspect)
     result.write(directory)
     return result.to_dict()
+
+
+#: Config fields a result stores as the run had them where the config left them open (``None``).
+_RUNTIME_FIELDS = ("threads", "deterministic")
+
+
+def config_differences(stored: dict[str, Any], config: RunConfig, path: str | Path = "result.json") -> list[str]:
+    """Where a stored result's ``config`` differs from ``config`` (resolved), as ``"field stored ->
+    asked"`` lines; empty when the stored result is a result of ``config``. Placement (device, data
+    root) is left out, as in a sweep's cell key, and so are the runtime settings ``config`` leaves
+    open; attack and defense options are compared in full (a result stores every option, defaults
+    included), and so are detector options. ``path`` names the stored file in the error for a config this version cannot read."""
+    wanted = config.resolved()
+    try:
+        have = RunConfig.from_dict(stored).to_dict()  # fields added since take their defaults
+    except (TypeError, ValueError) as err:
+        raise CorruptFileError(f"{path}: its config cannot be read by this version ({err})") from None
+    asked = wanted.to_dict()
+    ignored = [*PLACEMENT_FIELDS, *(name for name in _RUNTIME_FIELDS if asked.get(name) is None)]
+    # another method's options differ as a matter of course: its name says it all
+    ignored += [f"{m}_options" for m in ("attack", "defense", "detector", "regularizer") if have.get(m) != asked.get(m)]
+    for name in ignored:
+        have.pop(name, None)
+        asked.pop(name, None)
+    if "attack_options" in asked and differences(have["attack_options"], asked["attack_options"]):
+        shape = (
+            dataset_facts(wanted.dataset).get("shape")
+            or load_dataset(wanted.dataset, wanted.data_root).train.input_shape
+        )
+        for values in (have, asked):
+            trigger = create_trigger(
+                values["attack"], tuple(shape), data_root=wanted.data_root, **values["attack_options"]
+            )
+            values["attack_options"] = trigger.config()
+    if "defense_options" in asked and asked["defense"] is not None:
+        for values in (have, asked):
+            method = registry_for(values["defense"]).create(values["defense"], **values["defense_options"])
+            values["defense_options"] = method.config()
+    if "detector_options" in asked and asked["detector"] is not None:
+        for values in (have, asked):
+            values["detector_options"] = create_detector(values["detector"], **values["detector_options"]).config()
+    return differences(have, asked)

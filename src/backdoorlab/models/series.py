@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from backdoorlab.models.classifier import Classifier
 from backdoorlab.models.registry import MODELS
-
+from backdoorlab.options import PositiveInt
 
 #: The models that take series ``(N, C, L)`` (filled by :func:`register_series_model`); the
 #: others take images.
@@ -81,10 +81,14 @@ class ResidualBlock1d(nn.Module):
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__()
         self.convs = nn.Sequential(
-            conv_bn_relu_1d(c_in, c_out, 8), conv_bn_relu_1d(c_out, c_out, 5), conv_bn_relu_1d(c_out, c_out, 3, relu=False)
+            conv_bn_relu_1d(c_in, c_out, 8),
+            conv_bn_relu_1d(c_out, c_out, 5),
+            conv_bn_relu_1d(c_out, c_out, 3, relu=False),
         )
         self.shortcut = (
-            nn.Sequential(nn.Conv1d(c_in, c_out, 1, bias=False), nn.BatchNorm1d(c_out)) if c_in != c_out else nn.BatchNorm1d(c_out)
+            nn.Sequential(nn.Conv1d(c_in, c_out, 1, bias=False), nn.BatchNorm1d(c_out))
+            if c_in != c_out
+            else nn.BatchNorm1d(c_out)
         )
         self.relu = nn.ReLU(inplace=True)
 
@@ -146,7 +150,12 @@ def _inception_time(
 
 @register_series_model("inception_time", "time series: InceptionTime (Ismail Fawaz et al. 2020), depth 6, 32 filters")
 def inception_time(
-    num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float], filters: int = 32, depth: int = 6
+    num_classes: int,
+    in_channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    filters: PositiveInt = 32,
+    depth: PositiveInt = 6,
 ) -> Classifier:
     """One InceptionTime network (the paper ensembles five): ``depth`` modules of ``filters``
     filters per branch, residual every three."""
@@ -155,7 +164,12 @@ def inception_time(
 
 @register_series_model("inception_time_small", "time series: InceptionTime with 16 filters per branch (CPU-sized)")
 def inception_time_small(
-    num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float], filters: int = 16, depth: int = 6
+    num_classes: int,
+    in_channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    filters: PositiveInt = 16,
+    depth: PositiveInt = 6,
 ) -> Classifier:
     """InceptionTime at depth 6 with 16 filters per branch (64 channels)."""
     return _inception_time(num_classes, in_channels, mean, std, filters, depth)

@@ -8,17 +8,16 @@ from torch import nn
 
 from backdoorlab.models.classifier import Classifier
 from backdoorlab.models.registry import MODELS
+from backdoorlab.options import PositiveInt
 
 
 def conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
-    )
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
 @MODELS.register("small_cnn", "3-layer CNN (32-64-128, BN, ReLU), for digits and MNIST")
 def small_cnn(
-    num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float], width: int = 32
+    num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float], width: PositiveInt = 32
 ) -> Classifier:
     """conv(w) -> pool -> conv(2w) -> pool -> conv(4w), global average pool, linear.
 

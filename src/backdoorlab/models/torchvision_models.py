@@ -20,9 +20,7 @@ from backdoorlab.models.registry import MODELS
 
 def _resnet(model: tvm.ResNet, in_channels: int) -> tuple[nn.Module, int]:
     stem = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-    body = nn.Sequential(
-        stem, model.bn1, model.relu, model.layer1, model.layer2, model.layer3, model.layer4
-    )
+    body = nn.Sequential(stem, model.bn1, model.relu, model.layer1, model.layer2, model.layer3, model.layer4)
     return body, model.fc.in_features
 
 
@@ -47,9 +45,7 @@ def vgg16_bn(num_classes: int, in_channels: int, mean: Sequence[float], std: Seq
 
 
 @MODELS.register("mobilenet_v2", "torchvision MobileNetV2, stride-1 first conv")
-def mobilenet_v2(
-    num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float]
-) -> Classifier:
+def mobilenet_v2(num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float]) -> Classifier:
     model = tvm.mobilenet_v2()
     features = model.features
     first = features[0][0]
