@@ -1,5 +1,6 @@
 """Attacks: triggers (pure tensor functions) and poisoning strategies."""
 
+from backdoorlab.attacks import optimized, series, sig, structured, wanet  # noqa: F401  (registers the attacks)
 from backdoorlab.attacks.poisoning import (
     MODES,
     PoisonedDataset,
@@ -8,7 +9,6 @@ from backdoorlab.attacks.poisoning import (
     poison_dataset,
     triggered_test_set,
 )
-from backdoorlab.attacks import optimized, series, sig, structured, wanet  # noqa: F401  (registers the attacks)
 from backdoorlab.attacks.triggers import ATTACKS, BadNets, Blended, Trigger, attacks_for, create_trigger
 
 __all__ = [

@@ -18,11 +18,13 @@ def pgd_linf(
     steps: int,
     batch_size: int = 512,
     generator: torch.Generator | None = None,
+    random_start: bool = True,
 ) -> Tensor:
     """Untargeted L-infinity PGD: maximise the cross-entropy of ``labels``.
 
     ``images`` are floats in [0, 1] on the model's device; ``eps`` and ``step_size`` are on the same
-    scale. Starts from a uniform random point in the ball (drawn from ``generator``), ``steps``
+    scale. Starts from a uniform random point in the ball (drawn from ``generator``), or from the
+    images themselves without ``random_start`` (as torchattacks' PGD by default), ``steps``
     signed-gradient steps, each projected back onto the ball and [0, 1]. The model is evaluated in
     eval mode and restored afterwards; its parameters get no gradients.
     """
@@ -36,8 +38,11 @@ def pgd_linf(
     out = []
     try:
         for x, y in zip(images.split(batch_size), labels.split(batch_size)):
-            noise = torch.rand(x.shape, generator=generator).to(x.device)
-            delta = ((noise * 2 - 1) * eps).requires_grad_(True)
+            if random_start:
+                noise = torch.rand(x.shape, generator=generator).to(x.device)
+                delta = ((noise * 2 - 1) * eps).requires_grad_(True)
+            else:
+                delta = torch.zeros_like(x, requires_grad=True)
             for _ in range(steps):
                 loss = F.cross_entropy(model((x + delta).clamp(0, 1)), y)
                 (grad,) = torch.autograd.grad(loss, delta)

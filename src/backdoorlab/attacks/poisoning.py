@@ -16,6 +16,8 @@ from backdoorlab.attacks.triggers import Trigger
 from backdoorlab.data.dataset import DataError, TensorDataset, resolve_count
 
 MODES = ("all-to-one", "all-to-all")
+#: What a fractional poison rate is a fraction of (:attr:`PoisonSpec.rate_of`).
+RATE_OF = ("train", "target")
 
 
 @dataclass(frozen=True)
@@ -29,11 +31,18 @@ class PoisonSpec:
     Attributes:
         rate: poisoned share of the training set, a fraction in [0, 1] or a count (int); 0 trains
             a clean baseline (nothing poisoned; the trigger is still measured at test time).
+            With ``rate_of="target"`` a fraction is of the target class's samples instead.
         target: target class for all-to-one.
         mode: ``"all-to-one"`` (every poisoned sample is relabelled ``target``; samples are drawn
             from the non-target classes) or ``"all-to-all"`` (label ``y -> (y + 1) mod K``).
         clean_label: poison only samples of the target class and keep every label (all-to-one).
         source: poison (and measure ASR on) only samples of this class; ``None`` for all classes.
+        rate_of: what a fractional ``rate`` is a fraction of: ``"train"`` (the training set: the
+            default, and BackdoorBench's ``pratio``) or ``"target"`` (clean-label only: the target
+            class's training samples, as clean-label papers state their rates; ``1.0`` poisons the
+            whole class, which is what BackdoorBench's ``pratio: 0.1`` for SIG and label-consistent
+            amounts to on CIFAR-10, whose classes are a tenth of it each). A count is a count
+            either way. The default keeps every stored rate's meaning.
     """
 
     rate: float | int = 0.1
@@ -41,21 +50,25 @@ class PoisonSpec:
     mode: str = "all-to-one"
     clean_label: bool = False
     source: int | None = None
+    rate_of: str = "train"
 
     def validate(self, num_classes: int | None = None) -> None:
         """Refuse a bad strategy before any work, with a message that says what is wrong.
         The target is checked against ``num_classes`` where it is given."""
         if self.mode not in MODES:
             raise ValueError(f"unknown poisoning mode '{self.mode}'; valid: {', '.join(MODES)}")
-        if self.target < 0 or (
-            num_classes is not None and self.mode == "all-to-one" and self.target >= num_classes
-        ):
+        if self.target < 0 or (num_classes is not None and self.target >= num_classes):
             classes = f"0..{num_classes - 1}" if num_classes is not None else "0 and up"
-            raise ValueError(
-                f"target class {self.target} is outside the dataset's classes {classes}"
-            )
+            raise ValueError(f"target class {self.target} is outside the dataset's classes {classes}")
         if self.clean_label and self.mode != "all-to-one":
             raise ValueError("clean-label poisoning needs mode all-to-one")
+        if self.rate_of not in RATE_OF:
+            raise ValueError(f"unknown poison rate_of '{self.rate_of}'; valid: {', '.join(RATE_OF)}")
+        if self.rate_of == "target" and not self.clean_label:
+            raise ValueError(
+                "poison rate_of 'target' (a fraction of the target class) is for clean-label poisoning; "
+                "dirty-label rates are of the training set (rate_of 'train')"
+            )
         if self.source is not None:
             if self.source < 0 or (num_classes is not None and self.source >= num_classes):
                 raise ValueError(f"source class {self.source} is outside the dataset's classes")
@@ -121,20 +134,20 @@ class PoisonedDataset:
         return int(self.mask.sum())
 
 
-def poison_dataset(
-    clean: TensorDataset, trigger: Trigger, spec: PoisonSpec, seed: int
-) -> PoisonedDataset:
+def poison_dataset(clean: TensorDataset, trigger: Trigger, spec: PoisonSpec, seed: int) -> PoisonedDataset:
     """Apply ``trigger`` to a seeded random choice of samples and relabel them per ``spec``.
 
-    The count is ``rate`` of the whole training set (or ``rate`` itself, for an int), drawn
-    uniformly from the eligible samples (:meth:`PoisonSpec.poisoning_candidates`). Clean-label keeps
+    The count is ``rate`` of the whole training set (of the target class's samples with
+    ``rate_of="target"``; ``rate`` itself, for an int), drawn uniformly from the eligible samples
+    (:meth:`PoisonSpec.poisoning_candidates`). Clean-label keeps
     labels. A trigger with ``cross_ratio > 0`` (WaNet) also gets that many times as many other
     samples as noise-mode samples, labels kept.
     """
     spec.validate(clean.num_classes)
     _require_fitted(trigger)
-    count = 0 if spec.rate == 0 else resolve_count(spec.rate, len(clean), "poison rate")
     candidates = spec.poisoning_candidates(clean.labels).nonzero().squeeze(1)
+    total = len(candidates) if spec.rate_of == "target" else len(clean)
+    count = 0 if spec.rate == 0 else resolve_count(spec.rate, total, "poison rate")
     if count > len(candidates):
         kind = "clean-label, target-class samples" if spec.clean_label else f"{spec.mode}"
         raise DataError(
@@ -159,9 +172,7 @@ def poison_dataset(
         inputs[crossed] = trigger.cross(clean.inputs[crossed], generator)
         cross_mask = torch.zeros(len(clean), dtype=torch.bool)
         cross_mask[crossed] = True
-    return PoisonedDataset(
-        clean.replace(inputs=inputs, labels=labels), mask, clean.labels.clone(), cross_mask
-    )
+    return PoisonedDataset(clean.replace(inputs=inputs, labels=labels), mask, clean.labels.clone(), cross_mask)
 
 
 @dataclass(frozen=True)
@@ -173,9 +184,7 @@ class TriggeredTestSet:
     target_labels: Tensor
 
 
-def triggered_test_set(
-    test: TensorDataset, trigger: Trigger, spec: PoisonSpec, seed: int
-) -> TriggeredTestSet:
+def triggered_test_set(test: TensorDataset, trigger: Trigger, spec: PoisonSpec, seed: int) -> TriggeredTestSet:
     """The trigger applied to every test sample the ASR counts (:meth:`PoisonSpec.evaluation_candidates`)."""
     spec.validate(test.num_classes)
     _require_fitted(trigger)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from backdoorlab.attacks.triggers import ATTACKS, Trigger
+from backdoorlab.options import NonNegativeInt, PositiveFloat, PositiveInt
 
 SHAPES = ("sine", "spike", "square")
 SERIES_POSITIONS = ("start", "middle", "end", "random")
@@ -82,7 +83,7 @@ class SeriesPattern(SeriesTrigger):
         self,
         input_shape: tuple[int, ...],
         shape: str = "sine",
-        width: int | None = None,
+        width: PositiveInt | None = None,
         position: str | int = "end",
         amplitude: float = 1.0,
     ) -> None:
@@ -130,7 +131,7 @@ class SeriesSine(SeriesTrigger):
             third of a natural image's pixel std).
     """
 
-    def __init__(self, input_shape: tuple[int, ...], frequency: float = 6.0, amplitude: float = 0.3) -> None:
+    def __init__(self, input_shape: tuple[int, ...], frequency: PositiveFloat = 6.0, amplitude: float = 0.3) -> None:
         super().__init__(input_shape, amplitude)
         if not 0 < frequency <= self.length / 2:
             raise ValueError(f"frequency must be in (0, {self.length / 2}] cycles (Nyquist), got {frequency}")
@@ -156,7 +157,7 @@ class SeriesFrequency(SeriesTrigger):
     def __init__(
         self,
         input_shape: tuple[int, ...],
-        frequencies: Sequence[int] | None = None,
+        frequencies: Sequence[NonNegativeInt] | None = None,
         amplitude: float = 0.2,
         seed: int = 0,
     ) -> None:

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from backdoorlab.attacks.triggers import ATTACKS, Trigger, blend_weight
+from backdoorlab.options import Fraction, PositiveInt
 
 
 def scaled(pixels_at_224: int, side: int, minimum: int) -> int:
@@ -49,7 +50,7 @@ def column_signs(n: int, channels: int, width: int, generator: torch.Generator |
 class _PerImagePatch(Trigger):
     """A square patch drawn per image and pasted at a random position."""
 
-    def __init__(self, input_shape: tuple[int, ...], size: int | None = None) -> None:
+    def __init__(self, input_shape: tuple[int, ...], size: PositiveInt | None = None) -> None:
         super().__init__(input_shape)
         _, h, w = self.input_shape
         self.size = scaled(16, min(h, w), 3) if size is None else int(size)
@@ -93,7 +94,7 @@ class BlendedStripes(Trigger):
     """Blended-Stripes: full-image vertical 1-px stripes of +-1 per channel, drawn per image;
     ``x' = clip(alpha * stripes + (1 - alpha) * x)``, alpha 0.03. PAR's ``blended_rs``."""
 
-    def __init__(self, input_shape: tuple[int, ...], alpha: float = 0.03) -> None:
+    def __init__(self, input_shape: tuple[int, ...], alpha: Fraction = 0.03) -> None:
         super().__init__(input_shape)
         self.alpha = blend_weight(alpha)
         self._options = {"alpha": self.alpha}
@@ -108,7 +109,7 @@ class BlendedRand(Trigger):
     """Blended-Rand: ``x' = clip(alpha * U(0,1) + (1 - alpha) * x)`` with noise drawn per image,
     alpha 0.2. PAR's ``blended`` type. (``blended`` is Chen et al.'s fixed-pattern version.)"""
 
-    def __init__(self, input_shape: tuple[int, ...], alpha: float = 0.2) -> None:
+    def __init__(self, input_shape: tuple[int, ...], alpha: Fraction = 0.2) -> None:
         super().__init__(input_shape)
         self.alpha = blend_weight(alpha)
         self._options = {"alpha": self.alpha}
@@ -131,7 +132,7 @@ class BlendedTriangles(Trigger):
     scaled, at least 2), the same in every channel; ``x' = clip(alpha * P + (1 - alpha) * x)``,
     alpha 0.15. PAR's ``tri_patt``; the tiling repeats to cover any image size."""
 
-    def __init__(self, input_shape: tuple[int, ...], alpha: float = 0.15, tile: int | None = None) -> None:
+    def __init__(self, input_shape: tuple[int, ...], alpha: Fraction = 0.15, tile: PositiveInt | None = None) -> None:
         super().__init__(input_shape)
         c, h, w = self.input_shape
         self.tile = scaled(14, min(h, w), 2) if tile is None else int(tile)
@@ -170,7 +171,7 @@ class BlendedText(Trigger):
     pixels changes). PAR's ``water_patt``. Reconstructed detail: PAR stores a 224 px tensor drawn in
     NotoMono; here Pillow's bundled font draws it and area resizing brings it to the image size."""
 
-    def __init__(self, input_shape: tuple[int, ...], alpha: float = 0.5, text: str = "Watermarked") -> None:
+    def __init__(self, input_shape: tuple[int, ...], alpha: Fraction = 0.5, text: str = "Watermarked") -> None:
         super().__init__(input_shape)
         c, h, w = self.input_shape
         self.alpha, self.text = blend_weight(alpha), text

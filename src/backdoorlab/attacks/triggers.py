@@ -11,6 +11,7 @@ argument, so poisoning and evaluation are reproducible from a seed.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,10 +21,20 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from backdoorlab.data.sources import DATA_ENV, DataNotFoundError, resolve_data_root
+from backdoorlab.options import Fraction, NonNegativeInt, PositiveInt
 from backdoorlab.registry import Registry
 
 #: Attacks (trigger classes) by name: ``cls(input_shape, **options)``.
 ATTACKS: Registry[type[Trigger]] = Registry("attack")
+
+#: Keywords the toolkit itself passes to a trigger that takes them (the run's data root, for a
+#: pattern read from a file there); they are not options, as a model's ``DATA_PARAMETERS``.
+TRIGGER_PARAMETERS = ("data_root",)
+
+#: Trigger images read from the data root, by pattern name: BackdoorBench's resources, copied to
+#: ``<data root>/backdoorbench/`` (see that folder's README for provenance and licence).
+RESOURCES = {"hello_kitty": "backdoorbench/blended/hello_kitty.jpeg"}
 
 
 class Trigger(ABC):
@@ -100,9 +111,33 @@ def attacks_for(modality: str) -> list[str]:
     return [name for name in ATTACKS if ATTACKS.get(name).modality == modality]
 
 
-def create_trigger(name: str, input_shape: tuple[int, ...], **options: Any) -> Trigger:
-    """Build a registered trigger; unknown options are refused with the valid ones listed."""
-    return ATTACKS.create(name, tuple(input_shape), **options)
+def create_trigger(
+    name: str, input_shape: tuple[int, ...], *, data_root: str | Path | None = None, **options: Any
+) -> Trigger:
+    """Build a registered trigger; unknown options are refused with the valid ones listed.
+    ``data_root`` (a run's; default ``$BACKDOORLAB_DATA``) goes to triggers that read a pattern
+    file from it (:data:`RESOURCES`); it is placement, not an option."""
+    checked = ATTACKS.check_options(name, options, positional=1, skip=TRIGGER_PARAMETERS)
+    factory = ATTACKS.get(name)
+    given = {"data_root": data_root} if "data_root" in inspect.signature(factory).parameters else {}
+    return factory(tuple(input_shape), **checked, **given)
+
+
+def resource_path(pattern: str, data_root: str | Path | None) -> Path:
+    """The file of the named pattern ``pattern`` (:data:`RESOURCES`) under ``data_root`` (default
+    ``$BACKDOORLAB_DATA``); a missing root or file raises a :class:`DataNotFoundError` that says
+    where the file is expected."""
+    relative = RESOURCES[pattern]
+    root = resolve_data_root(data_root)
+    if root is None:
+        raise DataNotFoundError(
+            f"pattern '{pattern}' reads <data root>/{relative}, but no data root is set: "
+            f"pass --data-root (data_root) or set {DATA_ENV}"
+        )
+    path = root / relative
+    if not path.is_file():
+        raise DataNotFoundError(f"pattern '{pattern}' reads {path}, which does not exist (data root {root})")
+    return path
 
 
 def load_pattern(pattern: Tensor | str | Path, channels: int, size: tuple[int, int]) -> Tensor:
@@ -150,8 +185,20 @@ class BadNets(Trigger):
     """BadNets: paste a small patch onto the image.
 
     Source: Gu, Dolan-Gavitt, Garg, "BadNets: Identifying Vulnerabilities in the Machine Learning
-    Model Supply Chain" (2017). Defaults follow BackdoorBench's CIFAR-10 setting (a 3x3 white
-    square in the bottom-right corner); the size scales with the image (:func:`default_patch_size`).
+    Model Supply Chain" (2017). Default: a white square of 10% of the image side
+    (:func:`default_patch_size`: 3x3 at 32 px, BackdoorBench's size) one pixel in from the
+    bottom-right corner (``margin=1``: rows/cols 28-30 at 32 px).
+
+    BackdoorBench's trigger (``config/attack/badnet/default.yaml``: ``resource/badnet/
+    trigger_image.png``, kept in ``<data root>/backdoorbench/badnet/``) is the same square at the
+    very corner: 32x32, black but for 255 at rows/cols 29-31. Its non-zero pixels replace the
+    image's (``utils/bd_img_transform/patch.py``, ``AddMaskPatchTrigger``), which is ``margin=0``
+    here, pixel for pixel at 32x32 (CIFAR-10, GTSRB); the ``backdoorbench`` preset sets it. At
+    other sizes BackdoorBench resizes the 32 px file bilinearly (``utils/aggregate_block/
+    bd_attack_generate.py``, the ``badnet`` branch): at 28 px a 3x3 patch at 25-27 whose top row
+    and left column are partly grey (95 and 156), and its RGB mask does not broadcast onto
+    MNIST's grey images, so BackdoorBench has no BadNets on MNIST to follow; the preset gives the
+    opaque white 3x3 square at 25-27 there.
 
     Args:
         size: patch side in pixels (default: 10% of the image side, at least 2).
@@ -167,11 +214,11 @@ class BadNets(Trigger):
     def __init__(
         self,
         input_shape: tuple[int, ...],
-        size: int | None = None,
+        size: PositiveInt | None = None,
         pattern: str | Tensor = "white",
         position: str = "bottom-right",
-        margin: int = 1,
-        alpha: float = 1.0,
+        margin: NonNegativeInt = 1,
+        alpha: Fraction = 1.0,
     ) -> None:
         super().__init__(input_shape)
         c, h, w = self.input_shape
@@ -199,19 +246,26 @@ class BadNets(Trigger):
             "alpha": self.alpha,
         }
 
-    def _corner(self) -> tuple[int, int]:
+    def _corner(self, position: str | None = None) -> tuple[int, int]:
+        """Top-left pixel of the patch at corner ``position`` (default: the trigger's)."""
+        position = position or self.position
         _, h, w = self.input_shape
-        top = self.margin if "top" in self.position else h - self.margin - self.size
-        left = self.margin if "left" in self.position else w - self.margin - self.size
+        top = self.margin if "top" in position else h - self.margin - self.size
+        left = self.margin if "left" in position else w - self.margin - self.size
         return top, left
+
+    def _paste(self, out: Tensor, patch: Tensor, position: str) -> None:
+        """Blend ``patch`` into ``out`` in place at corner ``position``."""
+        s = self.size
+        top, left = self._corner(position)
+        region = out[:, :, top : top + s, left : left + s]
+        out[:, :, top : top + s, left : left + s] = torch.lerp(region, patch.expand_as(region), self.alpha)
 
     def apply(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         out = x.clone()
         s, patch = self.size, self.patch.to(x.device)
         if self.position != "random":
-            top, left = self._corner()
-            region = out[:, :, top : top + s, left : left + s]
-            out[:, :, top : top + s, left : left + s] = torch.lerp(region, patch.expand_as(region), self.alpha)
+            self._paste(out, patch, self.position)
             return out
         n, _, h, w = x.shape
         tops = torch.randint(0, h - s + 1, (n,), generator=generator).to(x.device)
@@ -228,24 +282,42 @@ class Blended(Trigger):
     """Blended injection: ``x' = (1 - alpha) * x + alpha * pattern`` over the whole image.
 
     Source: Chen, Liu, Li, Lu, Song, "Targeted Backdoor Attacks on Deep Learning Systems Using Data
-    Poisoning" (2017), blended injection strategy. ``alpha = 0.2`` as BackdoorBench uses for training
-    and testing. The paper's patterns are a Hello Kitty image or random noise; the default here is
-    uniform random noise drawn once from ``seed`` (one fixed pattern for all images). Any image file
-    or tensor can be given instead.
+    Poisoning" (2017), blended injection strategy, whose patterns are a Hello Kitty image or random
+    noise. ``alpha = 0.2`` as BackdoorBench uses for training and testing. The default pattern is
+    uniform random noise drawn once from ``seed`` (one fixed pattern for all images).
+    ``pattern="hello_kitty"`` is BackdoorBench's Hello Kitty image (``config/attack/blended/
+    default.yaml``: ``resource/blended/hello_kitty.jpeg`` at alpha 0.2), read from
+    ``<data root>/backdoorbench/blended/hello_kitty.jpeg`` and resized to the image with PIL's
+    bilinear filter, as BackdoorBench's ``transforms.Resize`` on a PIL image does
+    (``utils/aggregate_block/bd_attack_generate.py``, the ``blended`` branch); grey for grey images
+    (BackdoorBench's RGB pattern does not fit MNIST's grey arrays). The ``backdoorbench`` preset
+    selects it. Stated difference: blended pixels are rounded to 8 bits where BackdoorBench
+    truncates (``npClipAndToUint8``), so about half of them are one level (1/255) higher here.
+    Any image file or tensor can be given instead.
+
+    Args:
+        alpha: the pattern's weight.
+        pattern: ``"noise"``, ``"hello_kitty"``, or an image (tensor or file path).
+        seed: draws the noise pattern.
+        data_root: where ``"hello_kitty"`` is read (the run's; default ``$BACKDOORLAB_DATA``); not
+            an option (:data:`TRIGGER_PARAMETERS`).
     """
 
     def __init__(
         self,
         input_shape: tuple[int, ...],
-        alpha: float = 0.2,
+        alpha: Fraction = 0.2,
         pattern: str | Tensor = "noise",
         seed: int = 0,
+        data_root: str | Path | None = None,
     ) -> None:
         super().__init__(input_shape)
         self.alpha = blend_weight(alpha)
         c, h, w = self.input_shape
         if isinstance(pattern, str) and pattern == "noise":
             self.pattern = torch.rand((c, h, w), generator=torch.Generator().manual_seed(seed))
+        elif isinstance(pattern, str) and pattern in RESOURCES:
+            self.pattern = load_pattern(resource_path(pattern, data_root), c, (h, w))
         else:
             self.pattern = load_pattern(pattern, c, (h, w))
         self._options = {

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backdoorlab.attacks.triggers import ATTACKS, Trigger
+from backdoorlab.options import NonNegativeFloat, PositiveFloat, PositiveInt
 
 
 @ATTACKS.register("wanet", "WaNet (Nguyen & Tran 2021): smooth warping field, noise mode")
@@ -29,10 +30,10 @@ class WaNet(Trigger):
     def __init__(
         self,
         input_shape: tuple[int, ...],
-        k: int = 4,
-        strength: float = 0.5,
-        grid_rescale: float = 1.0,
-        cross_ratio: float = 2.0,
+        k: PositiveInt = 4,
+        strength: NonNegativeFloat = 0.5,
+        grid_rescale: PositiveFloat = 1.0,
+        cross_ratio: NonNegativeFloat = 2.0,
         seed: int = 0,
     ) -> None:
         super().__init__(input_shape)
@@ -50,9 +51,12 @@ class WaNet(Trigger):
         self.grid = ((identity + strength * noise_grid / h) * grid_rescale).clamp(-1, 1)
         self.cross_ratio = float(cross_ratio)
         self._options = {
-            "k": k, "strength": float(strength), "grid_rescale": float(grid_rescale),
-            "cross_ratio": self.cross_ratio, "seed": seed,
-        }  # fmt: skip
+            "k": k,
+            "strength": float(strength),
+            "grid_rescale": float(grid_rescale),
+            "cross_ratio": self.cross_ratio,
+            "seed": seed,
+        }
 
     def _warp(self, x: Tensor, grid: Tensor) -> Tensor:
         return F.grid_sample(x, grid.to(x.device), align_corners=True)

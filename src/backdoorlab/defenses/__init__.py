@@ -61,7 +61,21 @@ def registry_for(name: str) -> Registry[Any]:
 
 
 __all__ = [
-    "DEFENSES", "DETECTORS", "REPAIRS", "DefenseOutcome", "DefenseWarning", "Detection", "Detector", "ModelFactory", "Observer",
-    "RepairDefense", "TrainingDefense", "create_defense", "create_detector", "create_repair", "defense_kind",
-    "lowest", "registry_for",
-]  # fmt: skip
+    "DEFENSES",
+    "DETECTORS",
+    "REPAIRS",
+    "DefenseOutcome",
+    "DefenseWarning",
+    "Detection",
+    "Detector",
+    "ModelFactory",
+    "Observer",
+    "RepairDefense",
+    "TrainingDefense",
+    "create_defense",
+    "create_detector",
+    "create_repair",
+    "defense_kind",
+    "lowest",
+    "registry_for",
+]

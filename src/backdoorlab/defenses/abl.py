@@ -11,6 +11,7 @@ from torch import Tensor
 
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.base import DEFENSES, DefenseOutcome, ModelFactory, TrainingDefense, lowest
+from backdoorlab.options import NonNegativeInt, OpenFraction, PositiveFloat, PositiveInt
 from backdoorlab.training.loop import TrainConfig, per_sample_loss, train
 
 
@@ -34,23 +35,43 @@ def gradient_ascent(logits: Tensor, labels: Tensor, _indices: Tensor, _epoch: in
 
 
 def unlearn(
-    model: torch.nn.Module, isolated: TensorDataset, recipe: TrainConfig, *, device: torch.device,
-    seed: int, epochs: int = 5, lr: float = 5e-4, batch_size: int = 64, keep_norm_statistics: bool = False,
-) -> None:  # fmt: skip
+    model: torch.nn.Module,
+    isolated: TensorDataset,
+    recipe: TrainConfig,
+    *,
+    device: torch.device,
+    seed: int,
+    epochs: int = 5,
+    lr: float = 5e-4,
+    batch_size: int = 128,
+    keep_norm_statistics: bool = False,
+) -> None:
     """ABL's unlearning step: gradient ascent on ``isolated`` (minimise ``-CE``), SGD with Nesterov
-    momentum 0.9, weight decay 1e-4, constant ``lr``, no augmentation (official code defaults: 5
-    epochs, 5e-4, batch 64; its loop spends the first of the 5 on a test alone, so it ascends 4:
-    here all 5 ascend, as the config's value reads). ``recipe`` lends only the device settings. As
+    momentum 0.9, weight decay 1e-4, constant ``lr``, no augmentation (official code defaults,
+    ``config.py``: 5 epochs, 5e-4, batch 128, the batch ``backdoor_unlearning.py`` reads; the 64 of
+    ``quick_unlearning_demo.py`` is that demo's own; its loop spends the first of the 5 on a test
+    alone, so it ascends 4: here all 5 ascend, as the config's value reads). ``recipe`` lends only
+    the device settings. As
     the official code, the model is in train mode, so batch-norm running statistics are
     re-estimated on the isolated batches; ``keep_norm_statistics`` freezes them (measured on MNIST
     with the small CNN: with them frozen, ABL's unlearning left ASR at 0.94; docs/defenses.md)."""
     if epochs < 1 or len(isolated) == 0:
         return
     config = TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4,
-        schedule="constant", crop_padding=0, flip=False, amp=recipe.amp,
-        channels_last=recipe.channels_last, data_init=False, progress=recipe.progress,
-    )  # fmt: skip
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=1e-4,
+        schedule="constant",
+        crop_padding=0,
+        flip=False,
+        amp=recipe.amp,
+        channels_last=recipe.channels_last,
+        data_init=False,
+        progress=recipe.progress,
+    )
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     if keep_norm_statistics:
@@ -64,24 +85,39 @@ def unlearn(
 
 
 def train_on_rest_then_unlearn(
-    model: torch.nn.Module, data: TensorDataset, isolated: Tensor, recipe: TrainConfig, *,
-    device: torch.device, seed: int, **unlearning: Any,
-) -> None:  # fmt: skip
+    model: torch.nn.Module,
+    data: TensorDataset,
+    isolated: Tensor,
+    recipe: TrainConfig,
+    *,
+    device: torch.device,
+    seed: int,
+    **unlearning: Any,
+) -> None:
     """ABL's second stage, shared with PT: continue training ``model`` with the recipe on the
     samples not ``isolated``, then :func:`unlearn` the isolated ones (``unlearning`` are its
     options; ``epochs=0`` skips it)."""
     rest = data.subset((~isolated).nonzero().squeeze(1))
-    train(model, rest, replace(recipe, data_init=False), device=device, seed=seed + 1, description="training on the rest")
+    train(
+        model, rest, replace(recipe, data_init=False), device=device, seed=seed + 1, description="training on the rest"
+    )
     unlearn(model, data.subset(isolated.nonzero().squeeze(1)), recipe, device=device, seed=seed + 2, **unlearning)
+
+
+def without_augmentation(recipe: TrainConfig) -> TrainConfig:
+    """``recipe`` with every training-time augmentation off (crops, flips, series jitter and scaling)."""
+    return replace(recipe, crop_padding=0, flip=False, alternating_flip=False, jitter=0.0, scaling=0.0)
 
 
 @DEFENSES.register("abl", "ABL (Li et al. 2021): isolate the lowest-loss 1% under LGA, then unlearn them")
 class ABL(TrainingDefense):
     """Anti-Backdoor Learning in three steps on one model:
 
-    1. **isolation**: train with the local-gradient-ascent (LGA) loss ``sign(l - gamma) l`` per
-       sample, gamma 0.5, then rank every training sample by its cross-entropy (eval mode, no
-       augmentation) and isolate the lowest ``isolation_ratio`` = 1%;
+    1. **isolation**: train on the un-augmented training set (``isolation_augmentation`` off, as
+       the official ``backdoor_isolation.py`` and ``data_loader.py:56``, ``ToTensor`` only, and
+       BackdoorBench's ``defense/abl.py:481-486``, ``train=False``) with the local-gradient-ascent
+       (LGA) loss ``sign(l - gamma) l``, gamma 0.5, then rank every training sample by its
+       cross-entropy (eval mode, no augmentation) and isolate the lowest ``isolation_ratio`` = 1%;
     2. **training on the rest**: continue training the same model on the other 99% with the run's
        recipe (the official ``backdoor_unlearning.py`` fine-tunes the isolation model on the clean
        part before unlearning);
@@ -98,17 +134,26 @@ class ABL(TrainingDefense):
     epochs follow the run's recipe (``isolation_epochs`` defaults to the recipe's epochs, which
     for these recipes is where poisoned samples are learnt and clean ones are not yet), and the
     isolation stage trains without label smoothing (plain CE inside LGA, as the code). The
-    unlearning batch size is the code's 64.
+    unlearning batch size is the code's 128 (``config.py``). ``isolation_augmentation=True`` trains
+    the isolation stage with the recipe's augmentation instead (the behaviour before issue 38).
+
+    BackdoorBench (``defense/abl.py``, ``config/defense/abl/cifar10.yaml``; the ``backdoorbench``
+    preset) isolates for 20 epochs at lr 0.01, batch 256, with Flooding ``|l - 0.5| + 0.5`` on the
+    batch mean, whose gradient is LGA's at gamma 0.5; trains on the rest 60 epochs (0.01, then
+    0.001 from epoch 40); and unlearns 20 epochs at lr 1e-4 (hard-coded in
+    ``learning_rate_unlearning``, ``abl.py:208-222``; the yaml's ``lr_unlearning_init`` 5e-4 is
+    not read), batch 256, with augmentation (``abl.py:655-664``), where the official code has none.
     """
 
     def __init__(
         self,
-        gamma: float = 0.5,
-        isolation_ratio: float = 0.01,
-        isolation_epochs: int | None = None,
-        unlearning_epochs: int = 5,
-        unlearning_lr: float = 5e-4,
-        unlearning_batch_size: int = 64,
+        gamma: PositiveFloat = 0.5,
+        isolation_ratio: OpenFraction = 0.01,
+        isolation_epochs: PositiveInt | None = None,
+        unlearning_epochs: NonNegativeInt = 5,
+        unlearning_lr: PositiveFloat = 5e-4,
+        unlearning_batch_size: PositiveInt = 128,
+        isolation_augmentation: bool = False,
     ) -> None:
         if gamma <= 0:
             raise ValueError(f"gamma must be > 0, got {gamma}")
@@ -119,6 +164,7 @@ class ABL(TrainingDefense):
         self.gamma, self.isolation_ratio = float(gamma), float(isolation_ratio)
         self.isolation_epochs, self.unlearning_epochs = isolation_epochs, int(unlearning_epochs)
         self.unlearning_lr, self.unlearning_batch_size = float(unlearning_lr), int(unlearning_batch_size)
+        self.isolation_augmentation = bool(isolation_augmentation)
         self._options = {
             "gamma": self.gamma,
             "isolation_ratio": self.isolation_ratio,
@@ -126,6 +172,7 @@ class ABL(TrainingDefense):
             "unlearning_epochs": self.unlearning_epochs,
             "unlearning_lr": self.unlearning_lr,
             "unlearning_batch_size": self.unlearning_batch_size,
+            "isolation_augmentation": self.isolation_augmentation,
         }
 
     def train(
@@ -139,14 +186,30 @@ class ABL(TrainingDefense):
     ) -> DefenseOutcome:
         model = build_model()
         isolation = replace(recipe, epochs=self.isolation_epochs or recipe.epochs)
-        train(model, data, isolation, device=device, seed=seed,
-              loss_fn=local_gradient_ascent(self.gamma), description="ABL isolation (LGA)")  # fmt: skip
+        if not self.isolation_augmentation:
+            isolation = without_augmentation(isolation)
+        train(
+            model,
+            data,
+            isolation,
+            device=device,
+            seed=seed,
+            loss_fn=local_gradient_ascent(self.gamma),
+            description="ABL isolation (LGA)",
+        )
         losses = per_sample_loss(model, data, device=device)
         isolated = lowest(losses, self.isolation_ratio)
         train_on_rest_then_unlearn(
-            model, data, isolated, recipe, device=device, seed=seed, epochs=self.unlearning_epochs,
-            lr=self.unlearning_lr, batch_size=self.unlearning_batch_size,
-        )  # fmt: skip
+            model,
+            data,
+            isolated,
+            recipe,
+            device=device,
+            seed=seed,
+            epochs=self.unlearning_epochs,
+            lr=self.unlearning_lr,
+            batch_size=self.unlearning_batch_size,
+        )
         return DefenseOutcome(
             model, isolated, {"isolated": int(isolated.sum()), "isolation_loss_max": float(losses[isolated].max())}
         )

@@ -1,7 +1,8 @@
 """The training-time defense interface.
 
 A training-time defense gets the untrusted (possibly poisoned) training set, a factory for fresh
-models of the run's architecture and the run's training recipe. It never gets the poison mask, the
+models of the run's architecture (``run`` passes an ``experiments.run.ModelSpec``: the model's
+name, options and the data's shape facts, nothing else) and the run's training recipe. It never gets the poison mask, the
 trigger, the target class or the test set (DESIGN.md); it returns a trained model and, where it
 isolates samples, its own verdict as a mask over the training set. How good that verdict is
 (isolation precision and recall) is measured by the evaluation, which alone holds the truth.

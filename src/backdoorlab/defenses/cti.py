@@ -11,15 +11,25 @@ from torch import Tensor, nn
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.base import require_images
 from backdoorlab.defenses.post_training import DETECTORS, Detection, Detector, create_repair, frozen_copy
+from backdoorlab.options import NonNegativeFloat, PositiveFloat, PositiveInt
 from backdoorlab.progress import make_progress
 from backdoorlab.training.augment import random_hflip
 from backdoorlab.training.loop import TrainConfig, predict, to_float
 
 
 def calibrated_trigger(
-    suspect: nn.Module, repaired: nn.Module, data: TensorDataset, target: int, *, device: torch.device,
-    steps: int = 50, lr: float = 0.01, batch_size: int = 128, calibration_weight: float = 0.5, seed: int = 0,
-) -> Tensor:  # fmt: skip
+    suspect: nn.Module,
+    repaired: nn.Module,
+    data: TensorDataset,
+    target: int,
+    *,
+    device: torch.device,
+    steps: int = 50,
+    lr: float = 0.01,
+    batch_size: int = 128,
+    calibration_weight: float = 0.5,
+    seed: int = 0,
+) -> Tensor:
     """A full-image additive trigger ``delta`` that sends ``data`` (without class ``target``) to
     ``target`` under the suspect model while the repaired model keeps the true labels:
     ``CE(suspect(clip(x + delta)), target) + 0.5 CE(repaired(clip(x + delta)), y)``, Adam lr 0.01,
@@ -37,7 +47,9 @@ def calibrated_trigger(
         if data.hflip:
             x = random_hflip(x, generator)
         stamped = (to_float(x) + delta).clamp(0, 1)
-        loss = F.cross_entropy(suspect(stamped), goal) + calibration_weight * F.cross_entropy(repaired(stamped), labels[index])
+        loss = F.cross_entropy(suspect(stamped), goal) + calibration_weight * F.cross_entropy(
+            repaired(stamped), labels[index]
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -50,7 +62,10 @@ def trigger_success(model: nn.Module, data: TensorDataset, delta: Tensor, target
     return float((predict(model, stamped, device=device) == target).float().mean())
 
 
-@DETECTORS.register("cti", "Calibrated Trigger Inversion (Lukas & Kerschbaum 2023): trigger success on the suspect minus on its Pivotal-Tuned repair")
+@DETECTORS.register(
+    "cti",
+    "Calibrated Trigger Inversion (Lukas & Kerschbaum 2023): trigger success on the suspect minus on its Pivotal-Tuned repair",
+)
 class CalibratedTriggerInversion(Detector):
     """Repair the suspect model with :class:`PivotalTuning` (on the whole trusted split, as the
     reference code's ``def_data_ratio=1.0``; ``repair`` / ``repair_options`` choose another repair
@@ -67,25 +82,40 @@ class CalibratedTriggerInversion(Detector):
     """
 
     def __init__(
-        self, steps: int = 50, lr: float = 0.01, batch_size: int = 128, calibration_weight: float = 0.5,
-        repair: str = "pivotal_tuning", repair_options: dict[str, Any] | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        steps: PositiveInt = 50,
+        lr: PositiveFloat = 0.01,
+        batch_size: PositiveInt = 128,
+        calibration_weight: NonNegativeFloat = 0.5,
+        repair: str = "pivotal_tuning",
+        repair_options: dict[str, Any] | None = None,
+    ) -> None:
         if steps < 1 or lr <= 0 or batch_size < 1:
             raise ValueError("CTI needs steps >= 1, batch_size >= 1 and lr > 0")
         self.repair = create_repair(repair, **(repair_options or {}))  # validates name and options now
         self._options = {
-            "steps": int(steps), "lr": float(lr), "batch_size": int(batch_size), "calibration_weight": float(calibration_weight),
-            "repair": repair, "repair_options": self.repair.config(),
-        }  # fmt: skip
+            "steps": int(steps),
+            "lr": float(lr),
+            "batch_size": int(batch_size),
+            "calibration_weight": float(calibration_weight),
+            "repair": repair,
+            "repair_options": self.repair.config(),
+        }
 
-    def detect(self, model: nn.Module, trusted: TensorDataset, recipe: TrainConfig, *, device: torch.device, seed: int) -> Detection:
+    def check_trusted(self, trusted: TensorDataset) -> None:
+        """What the calibration repair needs."""
+        self.repair.check_trusted(trusted)
+
+    def detect(
+        self, model: nn.Module, trusted: TensorDataset, recipe: TrainConfig, *, device: torch.device, seed: int
+    ) -> Detection:
         require_images(trusted, "Calibrated Trigger Inversion")  # before the repair, not after it
         repaired = self.repair.repair(model, trusted, recipe, device=device, seed=seed).model
         return self.calibrated_score(model, repaired, trusted, device=device, seed=seed)
 
     def calibrated_score(
         self, model: nn.Module, repaired: nn.Module, trusted: TensorDataset, *, device: torch.device, seed: int
-    ) -> Detection:  # fmt: skip
+    ) -> Detection:
         """The score of ``model`` given its repair (a study that repairs anyway passes its own)."""
         o = self._options
         suspect, repaired = frozen_copy(model).to(device), frozen_copy(repaired).to(device)
@@ -95,9 +125,20 @@ class CalibratedTriggerInversion(Detector):
             for target in range(trusted.num_classes):
                 others = trusted.subset((trusted.labels != target).nonzero().squeeze(1))
                 delta = calibrated_trigger(
-                    suspect, repaired, others, target, device=device, steps=o["steps"], lr=o["lr"],
-                    batch_size=o["batch_size"], calibration_weight=o["calibration_weight"], seed=seed + target,
-                )  # fmt: skip
-                scores.append(trigger_success(suspect, others, delta, target, device) - trigger_success(repaired, others, delta, target, device))
+                    suspect,
+                    repaired,
+                    others,
+                    target,
+                    device=device,
+                    steps=o["steps"],
+                    lr=o["lr"],
+                    batch_size=o["batch_size"],
+                    calibration_weight=o["calibration_weight"],
+                    seed=seed + target,
+                )
+                scores.append(
+                    trigger_success(suspect, others, delta, target, device)
+                    - trigger_success(repaired, others, delta, target, device)
+                )
                 progress.advance(task)
         return Detection(max(scores), None, {"class_scores": [round(s, 4) for s in scores]})

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.abl import local_gradient_ascent
 from backdoorlab.defenses.base import DEFENSES, DefenseOutcome, DefenseWarning, ModelFactory, TrainingDefense
+from backdoorlab.options import NonNegativeInt, PositiveFloat, PositiveInt
 from backdoorlab.training.loop import PerSampleLoss, TrainConfig, to_float, train
 from backdoorlab.training.regularizers import Regularizer
 
@@ -34,7 +35,9 @@ class ShallowHead(nn.Sequential):
 
     def __init__(self, channels: int, spatial_dims: int, num_classes: int, width: int = 64) -> None:
         conv, pool = (nn.Conv1d, nn.AdaptiveMaxPool1d) if spatial_dims == 1 else (nn.Conv2d, nn.AdaptiveMaxPool2d)
-        super().__init__(conv(channels, width, 3, padding=1), nn.ReLU(), pool(1), nn.Flatten(), nn.Linear(width, num_classes))
+        super().__init__(
+            conv(channels, width, 3, padding=1), nn.ReLU(), pool(1), nn.Flatten(), nn.Linear(width, num_classes)
+        )
 
     def pooled(self, h: Tensor) -> Tensor:
         """The pooled units the linear layer reads: every layer but the last."""
@@ -98,7 +101,9 @@ class HeadOptimizer:
         self.optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, nesterov=True)
         self.restarts = 0
 
-    def fit(self, h: Tensor, y: Tensor, loss: PerSampleLoss, indices: Tensor, epoch: int, generator: torch.Generator) -> None:
+    def fit(
+        self, h: Tensor, y: Tensor, loss: PerSampleLoss, indices: Tensor, epoch: int, generator: torch.Generator
+    ) -> None:
         order = torch.cat([torch.randperm(len(h), generator=generator) for _ in range(self.passes)]).to(h.device)
         with torch.enable_grad(), torch.autocast(h.device.type, enabled=False):
             for part in order.split(self.batch_size):
@@ -154,9 +159,17 @@ class E2ABLStep(Regularizer):
     ``stop_if_dead`` (``auto``), a head in the recipe's optimiser found dead raises :class:`HeadDied`."""
 
     def __init__(
-        self, model: nn.Module, head: ShallowHead, depth: int, size: int, gamma: float, flag_loss: float,
-        warmup_epochs: int, own: HeadOptimizer | None, stop_if_dead: bool = False,
-    ) -> None:  # fmt: skip
+        self,
+        model: nn.Module,
+        head: ShallowHead,
+        depth: int,
+        size: int,
+        gamma: float,
+        flag_loss: float,
+        warmup_epochs: int,
+        own: HeadOptimizer | None,
+        stop_if_dead: bool = False,
+    ) -> None:
         self.model, self.head, self.depth, self.own, self.stop_if_dead = model, head, depth, own, stop_if_dead
         self.flagged = torch.zeros(size, dtype=torch.bool)
         self.shallow_loss = local_gradient_ascent(gamma)
@@ -263,10 +276,17 @@ class E2ABL(TrainingDefense):
     """
 
     def __init__(
-        self, depth: int | None = None, gamma: float = 0.5, flag_loss: float = 0.01, warmup_epochs: int = 1,
-        head_width: int = 64, head_optimizer: str = "auto", head_lr: float = 0.05, head_batch_size: int = 128,
-        head_passes: int = 8,
-    ) -> None:  # fmt: skip
+        self,
+        depth: PositiveInt | None = None,
+        gamma: PositiveFloat = 0.5,
+        flag_loss: PositiveFloat = 0.01,
+        warmup_epochs: NonNegativeInt = 1,
+        head_width: PositiveInt = 64,
+        head_optimizer: str = "auto",
+        head_lr: PositiveFloat = 0.05,
+        head_batch_size: PositiveInt = 128,
+        head_passes: PositiveInt = 8,
+    ) -> None:
         if gamma <= 0 or not 0 < flag_loss < gamma:
             raise ValueError("need gamma > 0 and 0 < flag_loss < gamma")
         if warmup_epochs < 0 or min(head_width, head_batch_size, head_passes) < 1 or head_lr <= 0:
@@ -279,10 +299,16 @@ class E2ABL(TrainingDefense):
         self.warmup_epochs, self.head_width = int(warmup_epochs), int(head_width)
         self.head_lr, self.head_batch_size, self.head_passes = float(head_lr), int(head_batch_size), int(head_passes)
         self._options = {
-            "depth": self.depth, "gamma": self.gamma, "flag_loss": self.flag_loss,
-            "warmup_epochs": self.warmup_epochs, "head_width": self.head_width, "head_optimizer": self.head_optimizer,
-            "head_lr": self.head_lr, "head_batch_size": self.head_batch_size, "head_passes": self.head_passes,
-        }  # fmt: skip
+            "depth": self.depth,
+            "gamma": self.gamma,
+            "flag_loss": self.flag_loss,
+            "warmup_epochs": self.warmup_epochs,
+            "head_width": self.head_width,
+            "head_optimizer": self.head_optimizer,
+            "head_lr": self.head_lr,
+            "head_batch_size": self.head_batch_size,
+            "head_passes": self.head_passes,
+        }
 
     def train(
         self,
@@ -309,19 +335,26 @@ class E2ABL(TrainingDefense):
                 f"{self.flag_loss}): its isolated set is empty and any backdoor is likely still in place "
                 f"(head_optimizer='{self.head_optimizer}'; the other settings, and where each was measured: "
                 "docs/defenses.md)",
-                DefenseWarning, stacklevel=2,
-            )  # fmt: skip
+                DefenseWarning,
+                stacklevel=2,
+            )
         return DefenseOutcome(
-            model, step.flagged.clone(),
+            model,
+            step.flagged.clone(),
             {"flagged_last_epoch": int(step.flagged.sum()), "relabelled_steps": step.recovered}
             | ({} if step.own is None else {"head_restarts": step.own.restarts})
             | ({} if self.head_optimizer != "auto" else {"head_switched_at": switched_at}),
-        )  # fmt: skip
+        )
 
     def _run(
-        self, data: TensorDataset, build_model: ModelFactory, recipe: TrainConfig, device: torch.device, seed: int,
+        self,
+        data: TensorDataset,
+        build_model: ModelFactory,
+        recipe: TrainConfig,
+        device: torch.device,
+        seed: int,
         head_optimizer: str,
-    ) -> tuple[nn.Module, E2ABLStep]:  # fmt: skip
+    ) -> tuple[nn.Module, E2ABLStep]:
         """One E2ABL training run with the head in ``head_optimizer``: the trained model and its step."""
         model = build_model()
         depth = self.depth if self.depth is not None else min(getattr(model, "shallow_depth", 2), len(model.body) - 1)
@@ -330,9 +363,16 @@ class E2ABL(TrainingDefense):
         if head_optimizer == "own":  # the training loop moves only the model it trains
             own = HeadOptimizer(head.to(device), self.head_lr, self.head_batch_size, self.head_passes)
         step = E2ABLStep(
-            model, head, depth, len(data), self.gamma, self.flag_loss, self.warmup_epochs, own,
+            model,
+            head,
+            depth,
+            len(data),
+            self.gamma,
+            self.flag_loss,
+            self.warmup_epochs,
+            own,
             stop_if_dead=head_optimizer == "auto",
-        )  # fmt: skip
+        )
         trained = model if own is not None else WithShallowHead(model, head)
         train(trained, data, recipe, device=device, seed=seed, step=step, description="E2ABL")
         return model, step

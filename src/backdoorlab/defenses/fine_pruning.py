@@ -9,6 +9,7 @@ from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.base import DefenseOutcome
 from backdoorlab.defenses.fine_tuning import FineTuning
 from backdoorlab.defenses.post_training import REPAIRS, Observer, RepairDefense, suspect_copy
+from backdoorlab.options import Fraction, NonNegativeInt, PositiveFloat, PositiveInt
 from backdoorlab.training.loop import TrainConfig, predict_logits
 
 
@@ -50,19 +51,41 @@ class FinePruning(RepairDefense):
     2. Prune in increasing order of activation for as long as clean accuracy on the trusted split
        stays within ``max_accuracy_drop`` of the suspect model's (the paper prunes until validation
        accuracy falls by a threshold; 4 points is our default, reconstructed; BackdoorBench stops at
-       a 10% relative drop, ``acc_ratio`` 0.1). A pruned channel is removed by zeroing its column
+       a 10% relative drop, ``acc_ratio`` 0.1: ``relative_drop=True`` reads ``max_accuracy_drop``
+       as a share of the suspect's trusted accuracy). A pruned channel is removed by zeroing its column
        of the linear head, which is exact for backdoorlab's models (global pool, then linear) and
        keeps the architecture, so a pruned model saves and loads like any other.
     3. Fine-tune on the trusted split with :class:`FineTuning`'s settings (BackdoorBench's ``fp``
        uses the same schedule as its ``ft``; lr 0.1 as there), the pruned columns held at zero.
+
+    BackdoorBench's ``fp`` (``defense/fp.py``, ``config/defense/fp/cifar10.yaml``; the
+    ``backdoorbench`` preset takes its 10% relative drop and its fine-tuning: 100 epochs, lr 0.01,
+    batch 256) chooses the pruning depth on the *test set* (``fp.py:352-378``: clean test accuracy
+    after each step of 1% of the channels), and keeps the network of the first depth past the
+    threshold (``last_net`` is the pruned network itself, pruned in place). Neither is copied: a
+    defense may not see the test set, so the depth here is chosen on the trusted split, channel by
+    channel, and the deepest within the threshold is kept.
     """
 
-    def __init__(self, max_accuracy_drop: float = 0.04, epochs: int = 20, lr: float = 0.1, batch_size: int = 128) -> None:
+    def __init__(
+        self,
+        max_accuracy_drop: Fraction = 0.04,
+        epochs: NonNegativeInt = 20,
+        lr: PositiveFloat = 0.1,
+        batch_size: PositiveInt = 128,
+        relative_drop: bool = False,
+    ) -> None:
         if not 0.0 <= max_accuracy_drop < 1.0:
             raise ValueError(f"max_accuracy_drop must be in [0, 1), got {max_accuracy_drop}")
         self.tuning = FineTuning(epochs=epochs, lr=lr, batch_size=batch_size)
-        self.max_accuracy_drop = float(max_accuracy_drop)
-        self._options = {"max_accuracy_drop": self.max_accuracy_drop, "epochs": int(epochs), "lr": float(lr), "batch_size": int(batch_size)}
+        self.max_accuracy_drop, self.relative_drop = float(max_accuracy_drop), bool(relative_drop)
+        self._options = {
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "epochs": int(epochs),
+            "lr": float(lr),
+            "batch_size": int(batch_size),
+            "relative_drop": self.relative_drop,
+        }
 
     def repair(
         self,
@@ -81,7 +104,8 @@ class FinePruning(RepairDefense):
         head: nn.Linear = model.fc
         start = head_accuracy(features, trusted.labels, model)
         order = pruning_order(features)
-        count = prunable_count(features, trusted.labels, model, order, start - self.max_accuracy_drop)
+        floor = start * (1 - self.max_accuracy_drop) if self.relative_drop else start - self.max_accuracy_drop
+        count = prunable_count(features, trusted.labels, model, order, floor)
         pruned = order[:count].to(head.weight.device)
         with torch.no_grad():
             head.weight[:, pruned] = 0.0
@@ -89,10 +113,16 @@ class FinePruning(RepairDefense):
         keep[:, pruned] = 0.0
         hook = head.weight.register_hook(lambda grad: grad * keep.to(grad.device))
         try:
-            self.tuning.tune(model, trusted, recipe, device=device, seed=seed, observer=observer, description="fine-pruning")
+            self.tuning.tune(
+                model, trusted, recipe, device=device, seed=seed, observer=observer, description="fine-pruning"
+            )
         finally:
             hook.remove()
         return DefenseOutcome(
             model,
-            details={"pruned_channels": count, "channels": int(features.shape[1]), "trusted_accuracy_before": round(start, 4)},
+            details={
+                "pruned_channels": count,
+                "channels": int(features.shape[1]),
+                "trusted_accuracy_before": round(start, 4),
+            },
         )

@@ -13,6 +13,7 @@ from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.base import DefenseOutcome
 from backdoorlab.defenses.fine_tuning import FineTuning
 from backdoorlab.defenses.post_training import REPAIRS, Observer, RepairDefense, frozen_copy, suspect_copy
+from backdoorlab.options import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from backdoorlab.training.loop import PerSampleLoss, TrainConfig, to_float
 
 
@@ -68,9 +69,15 @@ class AttentionDistillationStep:
         self.teacher, self.blocks, self.betas, self.p = teacher, list(blocks), list(betas), p
 
     def __call__(
-        self, model: nn.Module, x: Tensor, y: Tensor, loss_fn: PerSampleLoss, indices: Tensor, epoch: int,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        loss_fn: PerSampleLoss,
+        indices: Tensor,
+        epoch: int,
         generator: torch.Generator,
-    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    ) -> tuple[Tensor, Tensor]:
         logits, student = forward_with_blocks(model, x, self.blocks)
         with torch.no_grad():
             _, teacher = forward_with_blocks(self.teacher, x, self.blocks)
@@ -83,21 +90,30 @@ class NAD(RepairDefense):
     """Neural Attention Distillation.
 
     1. **Teacher**: a copy of the suspect model fine-tuned on the trusted split
-       (``teacher_epochs`` = 10, BackdoorBench's ``te_epochs``; the official code also 10).
+       (``teacher_epochs`` = 10; the official code's 10, BackdoorBench's ``te_epochs`` 10).
     2. **Student**: the suspect model itself, trained on the trusted split with
        ``CE + sum_i beta_i ||A_s^i - A_t^i||^2``, where ``A = normalize(mean_c |a|^p)`` is the
-       attention map of block ``i``; ``p`` = 2 and ``betas`` = (500, 1000, 1000) for the last three
-       blocks of the body (BackdoorBench's ``beta1..3`` for PreAct-ResNet18's layer2-4; the official
-       code's WRN groups, in one version of its ``config.py``; the other has (0, 0, 5000)). The
-       student trains ``epochs`` = 20 (the official code's 20; BackdoorBench 100).
+       attention map of block ``i``; ``p`` = 2 and ``betas`` = (500, 1000, 1000) for the last
+       ``len(betas)`` blocks of the body (the official code's WRN groups, in one version of its
+       ``config.py``; the other has (0, 0, 5000)). The student trains ``epochs`` = 20 (the
+       official code's 20).
 
-    The optimiser, for both stages (reconstructed): SGD, Nesterov momentum 0.9, weight decay 1e-4,
-    batch 128, a cosine decay from lr 0.1. The official code (``main.py``, ``utils/util.py``)
+    The optimiser, for both stages (reconstructed): SGD, Nesterov momentum 0.9, ``weight_decay``
+    1e-4, batch 128, a cosine decay from lr 0.1. The official code (``main.py``, ``utils/util.py``)
     uses batch 64 and lr 0.1 for two epochs, then 0.01: ``-d schedule=step -d milestones=[2]
-    -d batch_size=64``; BackdoorBench a cosine from 0.01. Measured (docs/defenses.md), the
-    official schedule cost more clean accuracy on both networks here (MNIST small CNN, BadNets:
-    CA 0.812 against 0.888; CIFAR-10 airbench: 0.11-0.18 against 0.23-0.31), and 0.01 left
-    BadNets on MNIST (ASR 0.95).
+    -d batch_size=64``. Measured (docs/defenses.md), the official schedule cost more clean
+    accuracy on both networks here (MNIST small CNN, BadNets: CA 0.812 against 0.888; CIFAR-10
+    airbench: 0.11-0.18 against 0.23-0.31), and 0.01 left BadNets on MNIST (ASR 0.95).
+
+    BackdoorBench (``defense/nad.py``, ``config/defense/nad/cifar10.yaml``; the ``backdoorbench``
+    preset) differs: both stages run ``te_epochs`` = 10 (``nad.py:821, 845``; its ``epochs: 100``
+    is unused), batch 256, plain SGD momentum 0.9, weight decay 5e-4 (``wd``; the yaml's
+    ``weight_decay: 1e-4`` is not read); the teacher under a cosine with ``T_max`` 100, so 0.01 to
+    0.0098 over its 10 epochs, the student at a constant 0.01 (``adjust_learning_rate``,
+    ``nad.py:77-88``; its scheduler step is commented out). On PreAct-ResNet18 it distils
+    ``layer3`` (beta1 500), ``layer4`` (beta2 1000) and the pooled output (beta3 1000,
+    ``nad.py:292-330``), whose 1x1 attention map normalises to 1 for every input, so that term is
+    zero (up to its 1e-6 epsilon): the preset gives betas (500, 1000), the last two blocks.
 
     ``scale_betas``: the AT loss is a mean over a map's H x W entries, so a beta means less on
     larger maps and more on smaller ones than on the WRN-16-1 maps (32x32, 16x16, 8x8) it was
@@ -107,34 +123,48 @@ class NAD(RepairDefense):
     they are; reconstructed).
 
     Reconstructed for backdoorlab's models: "block" is a body module with submodules (see
-    :func:`distillation_blocks`).
+    :func:`distillation_blocks`; PreAct-ResNet18's are its four residual stages).
     """
 
     def __init__(
         self,
-        epochs: int = 20,
-        teacher_epochs: int = 10,
-        lr: float = 0.1,
-        batch_size: int = 128,
-        betas: Sequence[float] = (500.0, 1000.0, 1000.0),
-        p: float = 2.0,
+        epochs: PositiveInt = 20,
+        teacher_epochs: PositiveInt = 10,
+        lr: PositiveFloat = 0.1,
+        batch_size: PositiveInt = 128,
+        betas: Sequence[NonNegativeFloat] = (500.0, 1000.0, 1000.0),
+        p: PositiveFloat = 2.0,
         schedule: str = "cosine",
-        milestones: Sequence[int] = (),
+        milestones: Sequence[NonNegativeInt] = (),
         scale_betas: bool = False,
+        weight_decay: NonNegativeFloat = 1e-4,
     ) -> None:
         if epochs < 1 or teacher_epochs < 1 or not betas:
             raise ValueError("NAD needs epochs >= 1, teacher_epochs >= 1 and at least one beta")
         if scale_betas:
             map_scaled_betas(betas, WRN_MAP_SIZES)  # the count of betas fails here, before any work
-        tuning = {"lr": lr, "batch_size": batch_size, "weight_decay": 1e-4, "schedule": schedule, "milestones": milestones}
+        tuning = {
+            "lr": lr,
+            "batch_size": batch_size,
+            "weight_decay": weight_decay,
+            "schedule": schedule,
+            "milestones": milestones,
+        }
         self.teacher_tuning = FineTuning(epochs=teacher_epochs, **tuning)
         self.student_tuning = FineTuning(epochs=epochs, **tuning)
         self.betas, self.p, self.scale_betas = [float(b) for b in betas], float(p), bool(scale_betas)
         self._options = {
-            "epochs": int(epochs), "teacher_epochs": int(teacher_epochs), "lr": float(lr),
-            "batch_size": int(batch_size), "betas": self.betas, "p": self.p, "schedule": schedule,
-            "milestones": [int(m) for m in milestones], "scale_betas": self.scale_betas,
-        }  # fmt: skip
+            "epochs": int(epochs),
+            "teacher_epochs": int(teacher_epochs),
+            "lr": float(lr),
+            "batch_size": int(batch_size),
+            "betas": self.betas,
+            "p": self.p,
+            "schedule": schedule,
+            "milestones": [int(m) for m in milestones],
+            "scale_betas": self.scale_betas,
+            "weight_decay": float(weight_decay),
+        }
 
     def repair(
         self,
@@ -157,5 +187,14 @@ class NAD(RepairDefense):
         self.teacher_tuning.tune(teacher, trusted, recipe, device=device, seed=seed, description="NAD teacher")
         student = suspect_copy(model)
         step = AttentionDistillationStep(frozen_copy(teacher), blocks, betas, self.p)
-        self.student_tuning.tune(student, trusted, recipe, device=device, seed=seed + 1, observer=observer, step=step, description="NAD student")
+        self.student_tuning.tune(
+            student,
+            trusted,
+            recipe,
+            device=device,
+            seed=seed + 1,
+            observer=observer,
+            step=step,
+            description="NAD student",
+        )
         return DefenseOutcome(student, details={"blocks": blocks, "betas": [round(b, 3) for b in betas]})

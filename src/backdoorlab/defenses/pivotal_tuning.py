@@ -30,6 +30,7 @@ from backdoorlab.defenses.post_training import (
     tuning_recipe,
 )
 from backdoorlab.metrics import clean_accuracy
+from backdoorlab.options import Fraction, NonNegativeFloat, OpenFraction, PositiveFloat, PositiveInt
 from backdoorlab.training.loop import Callback, PerSampleLoss, TrainConfig, predict_logits, train
 from backdoorlab.training.regularizers import embedding
 
@@ -93,9 +94,15 @@ class PivotalStep:
         self.pivot, self.slol_weight, self.parameter_weight = pivot, slol_weight, parameter_weight
 
     def __call__(
-        self, model: nn.Module, x: Tensor, y: Tensor, loss_fn: PerSampleLoss, indices: Tensor, epoch: int,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        loss_fn: PerSampleLoss,
+        indices: Tensor,
+        epoch: int,
         generator: torch.Generator,
-    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    ) -> tuple[Tensor, Tensor]:
         z, logits = embedding(model, x)
         losses = loss_fn(logits.float(), y, indices, epoch)
         extra = self.parameter_weight * parameter_distance(model, self.pivot)
@@ -124,8 +131,8 @@ class CheckpointOnHeldOut(Callback):
     """Every ``every`` steps, measure held-out clean accuracy and keep the latest weights whose
     accuracy is within ``max_drop`` of the suspect model's (``pivot``, measured as step 0); with
     ``rule="first_drop"``, only checkpoints before the accuracy first falls below that floor. An
-    ``observer`` (the evaluation's persistence recorder) is called with the model at each of these
-    checkpoints, step 0 included; what it measures never reaches the choice.
+    ``observer`` (the evaluation's snapshot taker) is called with the model at each of these
+    checkpoints, step 0 included; it measures nothing while the repair runs.
 
     Each measurement also records, on the same held-out images in eval mode, the terms of the loss
     unweighted (cross-entropy, SLOL's orthogonality and pivot-cosine parts, the mean squared
@@ -133,9 +140,16 @@ class CheckpointOnHeldOut(Callback):
     model (docs/defenses.md, CIFAR-10)."""
 
     def __init__(
-        self, held_out: TensorDataset, pivot: nn.Module, max_drop: float, every: int, steps_per_epoch: int,
-        device: torch.device, observer: Observer | None = None, rule: str = "latest",
-    ) -> None:  # fmt: skip
+        self,
+        held_out: TensorDataset,
+        pivot: nn.Module,
+        max_drop: float,
+        every: int,
+        steps_per_epoch: int,
+        device: torch.device,
+        observer: Observer | None = None,
+        rule: str = "latest",
+    ) -> None:
         self.held_out, self.pivot, self.every, self.observer = held_out, pivot, every, observer
         self.max_drop, self.rule = max_drop, rule
         self.steps_per_epoch, self.device = steps_per_epoch, device
@@ -156,11 +170,17 @@ class CheckpointOnHeldOut(Callback):
         with torch.no_grad():
             distance = parameter_distance(model, self.pivot).item()
         acc = clean_accuracy(logits.argmax(1), labels)
-        self.curve.append({
-            "step": step, "accuracy": acc, "cross_entropy": F.cross_entropy(logits, labels).item(),
-            "orthogonality": orthogonality.item(), "pivot_cosine": pivot_cosine.item(), "parameter_distance": distance,
-            "feature_norm": z.flatten(1).norm(dim=1).mean().item(),
-        })  # fmt: skip
+        self.curve.append(
+            {
+                "step": step,
+                "accuracy": acc,
+                "cross_entropy": F.cross_entropy(logits, labels).item(),
+                "orthogonality": orthogonality.item(),
+                "pivot_cosine": pivot_cosine.item(),
+                "parameter_distance": distance,
+                "feature_norm": z.flatten(1).norm(dim=1).mean().item(),
+            }
+        )
         return acc
 
     def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
@@ -175,7 +195,9 @@ class CheckpointOnHeldOut(Callback):
             self.observer(model, step)
 
 
-@REPAIRS.register("pivotal_tuning", "Pivotal Tuning (Lukas & Kerschbaum 2023): CE + SLOL + weight anchor to the suspect model")
+@REPAIRS.register(
+    "pivotal_tuning", "Pivotal Tuning (Lukas & Kerschbaum 2023): CE + SLOL + weight anchor to the suspect model"
+)
 class PivotalTuning(RepairDefense):
     """Fine-tune the suspect model on trusted clean data while a frozen copy of it, the pivot,
     anchors the weights and the latent class geometry is pushed away from the pivot's.
@@ -204,14 +226,14 @@ class PivotalTuning(RepairDefense):
 
     def __init__(
         self,
-        steps: int = 2000,
-        lr: float = 1e-4,
-        batch_size: int = 128,
-        slol_weight: float = 0.05,
-        parameter_weight: float = 20_000.0,
-        eval_every: int = 50,
-        held_out: float = 0.1,
-        max_accuracy_drop: float = 0.02,
+        steps: PositiveInt = 2000,
+        lr: PositiveFloat = 1e-4,
+        batch_size: PositiveInt = 128,
+        slol_weight: NonNegativeFloat = 0.05,
+        parameter_weight: NonNegativeFloat = 20_000.0,
+        eval_every: PositiveInt = 50,
+        held_out: OpenFraction = 0.1,
+        max_accuracy_drop: Fraction = 0.02,
         checkpoint_rule: str = "latest",
     ) -> None:
         if steps < 1 or lr <= 0 or batch_size < 1 or eval_every < 1:
@@ -221,10 +243,21 @@ class PivotalTuning(RepairDefense):
         if checkpoint_rule not in CHECKPOINT_RULES:
             raise ValueError(f"unknown checkpoint_rule {checkpoint_rule!r}; valid: {', '.join(CHECKPOINT_RULES)}")
         self._options: dict[str, Any] = {
-            "steps": int(steps), "lr": float(lr), "batch_size": int(batch_size), "slol_weight": float(slol_weight),
-            "parameter_weight": float(parameter_weight), "eval_every": int(eval_every), "held_out": float(held_out),
-            "max_accuracy_drop": float(max_accuracy_drop), "checkpoint_rule": checkpoint_rule,
-        }  # fmt: skip
+            "steps": int(steps),
+            "lr": float(lr),
+            "batch_size": int(batch_size),
+            "slol_weight": float(slol_weight),
+            "parameter_weight": float(parameter_weight),
+            "eval_every": int(eval_every),
+            "held_out": float(held_out),
+            "max_accuracy_drop": float(max_accuracy_drop),
+            "checkpoint_rule": checkpoint_rule,
+        }
+
+    def check_trusted(self, trusted: TensorDataset) -> None:
+        """The held-out share must leave samples on both sides of the split."""
+        super().check_trusted(trusted)
+        holdout_split(trusted, self._options["held_out"], 0)
 
     def repair(
         self,
@@ -242,11 +275,19 @@ class PivotalTuning(RepairDefense):
         pivot = frozen_copy(model)
         steps_per_epoch = math.ceil(len(tune) / o["batch_size"])
         epochs = math.ceil(o["steps"] / steps_per_epoch)
-        config = tuning_recipe(recipe, epochs=epochs, lr=o["lr"], batch_size=o["batch_size"], weight_decay=0.0, schedule="constant")
+        config = tuning_recipe(
+            recipe, epochs=epochs, lr=o["lr"], batch_size=o["batch_size"], weight_decay=0.0, schedule="constant"
+        )
         checkpoints = CheckpointOnHeldOut(
-            held_out, pivot, o["max_accuracy_drop"], o["eval_every"], steps_per_epoch, device, observer,
+            held_out,
+            pivot,
+            o["max_accuracy_drop"],
+            o["eval_every"],
+            steps_per_epoch,
+            device,
+            observer,
             o["checkpoint_rule"],
-        )  # fmt: skip
+        )
         resolution = held_out_resolution(checkpoints.start_accuracy, len(held_out))
         if resolution > o["max_accuracy_drop"]:
             warnings.warn(
@@ -254,10 +295,20 @@ class PivotalTuning(RepairDefense):
                 f"to about {resolution:.2f} (one standard error), coarser than the {o['max_accuracy_drop']} tolerance, "
                 "so the checkpoint it keeps may have lost more; give the repair more trusted data (--trusted-size) "
                 "or a larger held_out share",
-                DefenseWarning, stacklevel=2,
-            )  # fmt: skip
+                DefenseWarning,
+                stacklevel=2,
+            )
         step = PivotalStep(pivot, o["slol_weight"], o["parameter_weight"])
-        train(model, tune, config, device=device, seed=seed, step=step, callbacks=[checkpoints], description="pivotal tuning")
+        train(
+            model,
+            tune,
+            config,
+            device=device,
+            seed=seed,
+            step=step,
+            callbacks=[checkpoints],
+            description="pivotal tuning",
+        )
         if checkpoints.best is not None:
             model.load_state_dict(checkpoints.best)
         else:  # no checkpoint kept the accuracy: the suspect model is the safest answer
@@ -265,14 +316,17 @@ class PivotalTuning(RepairDefense):
             warnings.warn(
                 f"pivotal tuning kept no checkpoint within {o['max_accuracy_drop']} of the suspect model's held-out "
                 "accuracy, so it returns the suspect model unchanged (details: held_out_curve)",
-                DefenseWarning, stacklevel=2,
-            )  # fmt: skip
+                DefenseWarning,
+                stacklevel=2,
+            )
         curve = [{k: v if k == "step" else float(f"{v:.4g}") for k, v in point.items()} for point in checkpoints.curve]
         return DefenseOutcome(
             model.eval(),
             details={
-                "held_out_accuracy_before": curve[0]["accuracy"], "held_out_size": len(held_out),
-                "held_out_standard_error": float(f"{resolution:.4g}"), "chosen_step": checkpoints.best_step,
+                "held_out_accuracy_before": curve[0]["accuracy"],
+                "held_out_size": len(held_out),
+                "held_out_standard_error": float(f"{resolution:.4g}"),
+                "chosen_step": checkpoints.best_step,
                 "held_out_curve": curve,
-            },  # fmt: skip
+            },
         )

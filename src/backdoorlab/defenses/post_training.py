@@ -5,8 +5,9 @@ training set, carved off before poisoning) and the run's recipe, and returns a r
 **detector** gets the same and returns a score: higher means more likely backdoored. Neither gets
 the test set, the trigger, the target or the poison mask (DESIGN.md). Where a method wants to be
 watched while it works (fine-tuning's persistence curve), the evaluation passes an ``observer``
-that the method calls with the model at each checkpoint; the method never sees what the observer
-measures.
+that the method calls with the model at each checkpoint. The observer only copies the model's
+weights (``experiments.run.CheckpointSnapshots``) and returns nothing; the evaluation measures the
+copies after the repair has returned, so no measurement exists while the repair runs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from backdoorlab.metrics import clean_accuracy
 from backdoorlab.registry import Registry
 from backdoorlab.training.loop import Callback, TrainConfig, predict
 
-#: ``observer(model, checkpoint)``: called by a repair at its checkpoints (0 = before repairing).
+#: ``observer(model, checkpoint) -> None``: called by a repair at its checkpoints (0 = before
+#: repairing); it keeps a copy of the model's weights and nothing the repair could read back.
 Observer = Callable[[nn.Module, int], None]
 
 #: Repair defenses by name: ``cls(**options)``.
@@ -37,6 +39,15 @@ DETECTORS: Registry[type[Detector]] = Registry("detector")
 
 class _Configurable:
     _options: dict[str, Any] = {}
+
+    def check_trusted(self, trusted: TensorDataset) -> None:
+        """Refuse, before any training, a trusted split too small for this method (a
+        ``ValueError`` that says how small it is); the default asks for two samples."""
+        if len(trusted) < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs a trusted split of at least 2 samples, got {len(trusted)}: "
+                "raise --trusted-size"
+            )
 
     def config(self) -> dict[str, Any]:
         """The options that rebuild this method (stored with results)."""
@@ -96,18 +107,37 @@ def create_detector(name: str, **options: Any) -> Detector:
 
 
 def tuning_recipe(
-    recipe: TrainConfig, *, epochs: int, lr: float, batch_size: int, weight_decay: float = 5e-4,
-    schedule: str = "cosine", milestones: Sequence[int] = (), momentum: float = 0.9,
-) -> TrainConfig:  # fmt: skip
+    recipe: TrainConfig,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float = 5e-4,
+    schedule: str = "cosine",
+    milestones: Sequence[int] = (),
+    momentum: float = 0.9,
+) -> TrainConfig:
     """The recipe of a fine-tuning step inside a repair: the run's augmentation and device settings
     with the repair's own optimiser settings, no label smoothing, no data-dependent initialisation
     (that would overwrite the trained weights), and none of airbench's optimiser tricks (BN-bias
     rate, Lookahead, whitening-bias schedule), which belong to training from scratch."""
     return replace(
-        recipe, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, schedule=schedule,
-        milestones=list(milestones), momentum=momentum, label_smoothing=0.0, data_init=False, regularizer=None, regularizer_options={},
-        norm_lr_scale=1.0, lookahead_epoch=None, whiten_bias_epochs=None,
-    )  # fmt: skip
+        recipe,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        milestones=list(milestones),
+        momentum=momentum,
+        label_smoothing=0.0,
+        data_init=False,
+        regularizer=None,
+        regularizer_options={},
+        norm_lr_scale=1.0,
+        lookahead_epoch=None,
+        whiten_bias_epochs=None,
+    )
 
 
 def suspect_copy(model: nn.Module) -> nn.Module:

@@ -15,6 +15,7 @@ import torch
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.abl import train_on_rest_then_unlearn
 from backdoorlab.defenses.base import DEFENSES, DefenseOutcome, ModelFactory, TrainingDefense, lowest
+from backdoorlab.options import OpenFraction, PositiveInt
 from backdoorlab.training.loop import TrainConfig, per_sample_loss, train
 
 
@@ -45,9 +46,12 @@ class PartialTrain(TrainingDefense):
     """
 
     def __init__(
-        self, trained: int | None = None, isolation_ratio: float = 0.01, isolation_epochs: int | None = None,
+        self,
+        trained: PositiveInt | None = None,
+        isolation_ratio: OpenFraction = 0.01,
+        isolation_epochs: PositiveInt | None = None,
         unlearn: bool = True,
-    ) -> None:  # fmt: skip
+    ) -> None:
         if not 0.0 < isolation_ratio < 1.0:
             raise ValueError(f"isolation_ratio must be in (0, 1), got {isolation_ratio}")
         if (trained is not None and trained < 1) or (isolation_epochs is not None and isolation_epochs < 1):
@@ -55,9 +59,11 @@ class PartialTrain(TrainingDefense):
         self.trained, self.isolation_ratio = trained, float(isolation_ratio)
         self.isolation_epochs, self.unlearn = isolation_epochs, bool(unlearn)
         self._options = {
-            "trained": trained, "isolation_ratio": self.isolation_ratio,
-            "isolation_epochs": isolation_epochs, "unlearn": self.unlearn,
-        }  # fmt: skip
+            "trained": trained,
+            "isolation_ratio": self.isolation_ratio,
+            "isolation_epochs": isolation_epochs,
+            "unlearn": self.unlearn,
+        }
 
     def train(
         self,
@@ -85,7 +91,7 @@ class PartialTrain(TrainingDefense):
         isolated = lowest(losses, self.isolation_ratio)
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
-        train_on_rest_then_unlearn(
-            model, data, isolated, recipe, device=device, seed=seed, epochs=5 if self.unlearn else 0
+        train_on_rest_then_unlearn(  # batch 64: PT's documented figures used ABL's former unlearning batch
+            model, data, isolated, recipe, device=device, seed=seed, epochs=5 if self.unlearn else 0, batch_size=64
         )
         return DefenseOutcome(model, isolated, {"trained_modules": trained})
