@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backdoorlab.attacks import ATTACKS, PoisonSpec, attacks_for, create_trigger, poison_dataset, triggered_test_set
+from backdoorlab.attacks import PoisonSpec, attacks_for, create_trigger, poison_dataset, triggered_test_set
 from backdoorlab.data import DataError
 
 SHAPES = [(1, 28, 28), (3, 32, 32), (1, 8, 8)]
@@ -80,7 +80,7 @@ def test_blended_text_changes_only_the_red_channel_of_text_pixels():
     trigger = create_trigger("blended_text", (3, 32, 32))
     y = trigger(x)
     assert torch.equal(y[:, 1:], x[:, 1:])
-    changed = (y[:, 0] != 100)
+    changed = y[:, 0] != 100
     assert changed.any() and not changed[:, :8].any(), "text is a band across the middle"
     assert torch.equal(changed, (trigger.pattern[0] != 0).expand(2, -1, -1) & changed)
 

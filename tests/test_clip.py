@@ -133,7 +133,9 @@ def test_zero_shot_evaluation_on_a_hand_made_model() -> None:
 
 def test_poisoning_pairs_counts_and_captions(digits) -> None:  # noqa: ANN001
     pairs = pairs_from_dataset(digits.train, seed=0)
-    assert pairs.images.shape[1] == 3 and all(class_text(digits.train.classes[y]) in c for y, c in zip(pairs.labels.tolist(), pairs.captions))
+    assert pairs.images.shape[1] == 3 and all(
+        class_text(digits.train.classes[y]) in c for y, c in zip(pairs.labels.tolist(), pairs.captions)
+    )
     trigger = ATTACKS.create("badnet_stripes", tuple(pairs.images.shape[1:]))
     poisoned = poison_pairs(pairs, trigger, rate=0.1, target=3, seed=1)
     mask = poisoned.mask
@@ -161,14 +163,19 @@ def _png(colour: tuple[int, int, int], size: tuple[int, int]) -> bytes:
 
 def test_caption_file(tmp_path: Path) -> None:
     path = tmp_path / "captions.parquet"
-    images = [{"bytes": _png((255, 0, 0), (40, 20)), "path": None}, {"bytes": _png((0, 0, 255), (20, 30)), "path": None}]
+    images = [
+        {"bytes": _png((255, 0, 0), (40, 20)), "path": None},
+        {"bytes": _png((0, 0, 255), (20, 30)), "path": None},
+    ]
     pq.write_table(pa.table({"image": images, "sentences": [["a red box", "red"], ["a blue box"]]}), path)
     pairs = read_caption_parquet(path, image_size=16)
     assert pairs.captions == ("a red box", "red", "a blue box")
     assert pairs.images.shape == (3, 3, 16, 16) and bool((pairs.labels == -1).all())
     assert pairs.images[2, 2].float().mean() > 250 and pairs.images[2, 0].float().mean() < 5
     broken = tmp_path / "broken.parquet"
-    pq.write_table(pa.table({"image": [images[0], {"bytes": b"not an image", "path": None}], "caption": ["a", "b"]}), broken)
+    pq.write_table(
+        pa.table({"image": [images[0], {"bytes": b"not an image", "path": None}], "caption": ["a", "b"]}), broken
+    )
     with pytest.raises(DataError, match=r"broken.parquet: row 1: cannot decode"):
         read_caption_parquet(broken)
     no_caption = tmp_path / "no_caption.parquet"
@@ -206,27 +213,59 @@ def test_clip_study_command_writes_and_resumes(tmp_path: Path) -> None:
 
     from backdoorlab.cli import app
 
-    args = ["clip", "study", "--output", str(tmp_path), "--dataset", "digits", "--attacks", "badnet_rand",
-            "--cleanings", "fine_tuning,cleanclip,par", "--train-size", "256", "--clean-size", "128",
-            "--test-size", "100", "--epochs", "1", "--clean-epochs", "2", "--eval-every", "1", "-m", "image_size=32"]  # fmt: skip
+    args = [
+        "clip",
+        "study",
+        "--output",
+        str(tmp_path),
+        "--dataset",
+        "digits",
+        "--attacks",
+        "badnet_rand",
+        "--cleanings",
+        "fine_tuning,cleanclip,par",
+        "--train-size",
+        "256",
+        "--clean-size",
+        "128",
+        "--test-size",
+        "100",
+        "--epochs",
+        "1",
+        "--clean-epochs",
+        "2",
+        "--eval-every",
+        "1",
+        "-m",
+        "image_size=32",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     study = json.loads((tmp_path / "clip_study.json").read_text())
     stages = [(r["attack"], r["stage"]) for r in study["rows"]]
-    assert stages == [(None, "clean"), *[("badnet_rand", s) for s in ("clean", "poisoned", "fine_tuning", "cleanclip", "par")]]
+    assert stages == [
+        (None, "clean"),
+        *[("badnet_rand", s) for s in ("clean", "poisoned", "fine_tuning", "cleanclip", "par")],
+    ]
     poisoned = study["rows"][2]
     assert poisoned["poisoned_pairs"] == round(0.1 * 256)
     for method in ("fine_tuning", "cleanclip", "par"):
         curve = study["curves"]["badnet_rand"][method]
         assert [r["step"] for r in curve] == [0, 1, 2]
         assert curve[0]["asr"] == poisoned["asr"] and curve[0]["ca"] == poisoned["ca"]  # starts from the poisoned model
-    assert "s_image" in study["curves"]["badnet_rand"]["par"][-1] and "inmodal" in study["curves"]["badnet_rand"]["cleanclip"][-1]
+    assert (
+        "s_image" in study["curves"]["badnet_rand"]["par"][-1]
+        and "inmodal" in study["curves"]["badnet_rand"]["cleanclip"][-1]
+    )
     assert "| badnet_rand |" in (tmp_path / "clip_study.md").read_text()
     assert (tmp_path / "clip_study.png").read_bytes()[:4] == b"\x89PNG"
     stamp = (tmp_path / "attacks" / "badnet_rand.json").stat().st_mtime_ns, (tmp_path / "clean.pt").stat().st_mtime_ns
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
-    assert ((tmp_path / "attacks" / "badnet_rand.json").stat().st_mtime_ns, (tmp_path / "clean.pt").stat().st_mtime_ns) == stamp
+    assert (
+        (tmp_path / "attacks" / "badnet_rand.json").stat().st_mtime_ns,
+        (tmp_path / "clean.pt").stat().st_mtime_ns,
+    ) == stamp
     assert json.loads((tmp_path / "clip_study.json").read_text())["rows"] == study["rows"]
 
 

@@ -10,8 +10,8 @@ import torch
 
 from backdoorlab.data import (
     DataError,
-    TensorDataset,
     DataNotFoundError,
+    TensorDataset,
     load_dataset,
     resolve_count,
     split_trusted,
@@ -36,14 +36,29 @@ def test_digits_tensors_and_fixed_split(digits):
 
 
 def test_unknown_dataset_lists_valid_names():
-    with pytest.raises(UnknownNameError, match="valid datasets: acsf1, arrowhead, basicmotions, cifar10, digits, gtsrb, .*ucr:<Name>, sktime:<Name>"):
+    with pytest.raises(
+        UnknownNameError,
+        match="valid datasets: acsf1, arrowhead, basicmotions, cifar10, digits, gtsrb, .*ucr:<Name>, sktime:<Name>",
+    ):
         load_dataset("cifar100")
 
 
 @pytest.mark.parametrize(
-    ("size", "expected"), [(0.1, 100), (1.0, 1000), (1, 1), (250, 250), (0.0004, None), (0.0, None),
-                           (1.5, None), (-3, None), (1001, None), ("0.1", None), (True, None)],
-)  # fmt: skip
+    ("size", "expected"),
+    [
+        (0.1, 100),
+        (1.0, 1000),
+        (1, 1),
+        (250, 250),
+        (0.0004, None),
+        (0.0, None),
+        (1.5, None),
+        (-3, None),
+        (1001, None),
+        ("0.1", None),
+        (True, None),
+    ],
+)
 def test_resolve_count(size, expected):
     if expected is None:
         with pytest.raises(DataError):

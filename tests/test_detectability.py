@@ -7,16 +7,20 @@ from dataclasses import replace
 
 import pytest
 
-from backdoorlab.experiments import RunConfig
-from backdoorlab.experiments import detectability
-from backdoorlab.experiments.detectability import detectability_study, plot, summarize
+from backdoorlab.experiments import RunConfig, detectability
+from backdoorlab.experiments.detectability import detectability_study, summarize
+from backdoorlab.report.plots import detectability_plot
 
 
 def stored(asr_before: float, asr_after: float, cti: float) -> dict:
     return {
-        "metrics": {"suspect_attack_success_rate": asr_before, "repaired_attack_success_rate": asr_after, "repaired_clean_accuracy": 0.9},
+        "metrics": {
+            "suspect_attack_success_rate": asr_before,
+            "repaired_attack_success_rate": asr_after,
+            "repaired_clean_accuracy": 0.9,
+        },
         "scores": {"cti": cti},
-    }  # fmt: skip
+    }
 
 
 def test_summary_gives_mean_asr_and_auroc_per_rate(tmp_path):
@@ -31,7 +35,7 @@ def test_summary_gives_mean_asr_and_auroc_per_rate(tmp_path):
     assert rows[0]["auroc_cti"] == pytest.approx(0.5) and rows[1]["auroc_cti"] == 1.0
     # two against two, perfectly separated: 1 of the C(4, 2) = 6 equally likely orderings
     assert rows[1]["p_cti"] == pytest.approx(1 / 6) and rows[0]["p_cti"] > 0.5
-    path = plot(rows, tmp_path / "study.png")
+    path = detectability_plot(rows, tmp_path / "study.png")
     assert path.stat().st_size > 1000
 
 
@@ -50,7 +54,9 @@ def test_a_small_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     # a detector asked for later scores the stored models: nothing is trained again
     monkeypatch.setattr(detectability, "train_victim", lambda prepared: pytest.fail("trained again"))
     nc = {"neural_cleanse": {"steps": 20}}
-    more = detectability_study(base, [0.1], [0], [1], tmp_path, **{**options, "detectors": ("cti", "neural_cleanse"), "detector_options": nc})
+    more = detectability_study(
+        base, [0.1], [0], [1], tmp_path, **{**options, "detectors": ("cti", "neural_cleanse"), "detector_options": nc}
+    )
     assert more[0.1][0]["scores"]["cti"] == backdoored["scores"]["cti"] and "neural_cleanse" in more[0.1][0]["scores"]
     assert set(more[0.1][0]["detector_details"]) == {"cti", "neural_cleanse"}
     assert set(summarize(more)[0]) >= {"auroc_cti", "auroc_neural_cleanse"}
@@ -61,10 +67,14 @@ def test_a_small_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="valid detectors"):
         detectability_study(base, [0.1], [0], [1], tmp_path / "x", detectors=("strip",))
     with pytest.raises(ValueError, match="unknown option.*batchsize.*valid: steps"):
-        detectability_study(base, [0.1], [0], [1], tmp_path / "y", detectors=("cti",), detector_options={"cti": {"batchsize": 32}})
+        detectability_study(
+            base, [0.1], [0], [1], tmp_path / "y", detectors=("cti",), detector_options={"cti": {"batchsize": 32}}
+        )
     assert not (tmp_path / "y").exists(), "bad options fail before any training"
     with pytest.raises(ValueError, match="its own repair"):
-        detectability_study(base, [0.1], [0], [1], tmp_path / "z", detectors=("cti",), detector_options={"cti": {"repair": "nad"}})
+        detectability_study(
+            base, [0.1], [0], [1], tmp_path / "z", detectors=("cti",), detector_options={"cti": {"repair": "nad"}}
+        )
 
 
 @pytest.mark.slow
@@ -75,11 +85,19 @@ def test_cti_separates_backdoored_from_clean_models_on_mnist(data_root, tmp_path
     (Pivotal Tuning leaves the backdoor in small_cnn, docs/defenses.md) and inverts with batch 32
     instead of 128 to fit CI (measured with both on 6k-image models: scores within 0.04).
     Measured: clean 0.54-0.79, backdoored 0.82-0.93; about 5 minutes on 2 cores."""
-    base = RunConfig(dataset="mnist", recipe="quick", train_size=10_000, test_size=2_000, trusted_size=0.05, data_root=str(data_root))
+    base = RunConfig(
+        dataset="mnist", recipe="quick", train_size=10_000, test_size=2_000, trusted_size=0.05, data_root=str(data_root)
+    )
     results = detectability_study(
-        base, [0.1], seeds=range(5), clean_seeds=range(100, 105), output=tmp_path, repair="fine_tuning",
-        detectors=("cti",), detector_options={"cti": {"batch_size": 32}},
-    )  # fmt: skip
+        base,
+        [0.1],
+        seeds=range(5),
+        clean_seeds=range(100, 105),
+        output=tmp_path,
+        repair="fine_tuning",
+        detectors=("cti",),
+        detector_options={"cti": {"batch_size": 32}},
+    )
     (row,) = summarize(results)
     scores = {rate: [round(m["scores"]["cti"], 3) for m in models] for rate, models in results.items()}
     assert row["asr_before"] >= 0.9, f"the backdoor must take: {row}"

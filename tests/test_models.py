@@ -6,7 +6,16 @@ import torch
 from backdoorlab.models import Classifier, create_model, list_models
 from backdoorlab.registry import UnknownNameError
 
-EXPECTED = {"airbench", "efficientnet_lite0", "mobilenet_v2", "preact_resnet18", "resnet18", "resnet50", "small_cnn", "vgg16_bn"}
+EXPECTED = {
+    "airbench",
+    "efficientnet_lite0",
+    "mobilenet_v2",
+    "preact_resnet18",
+    "resnet18",
+    "resnet50",
+    "small_cnn",
+    "vgg16_bn",
+}
 
 
 SERIES = {"fcn", "resnet1d", "inception_time", "inception_time_small"}  # tests/test_time_series.py
@@ -25,7 +34,9 @@ def test_unknown_model_lists_valid_names():
 @pytest.mark.parametrize("in_channels", [1, 3])
 def test_every_model_shares_the_features_head_split(name, in_channels):
     torch.manual_seed(0)
-    model = create_model(name, num_classes=7, in_channels=in_channels, mean=(0.5,) * in_channels, std=(0.25,) * in_channels)
+    model = create_model(
+        name, num_classes=7, in_channels=in_channels, mean=(0.5,) * in_channels, std=(0.25,) * in_channels
+    )
     assert isinstance(model, Classifier)
     model.eval()
     x = torch.rand(2, in_channels, 32, 32)

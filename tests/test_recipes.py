@@ -38,7 +38,9 @@ def test_triangle_schedule_follows_airbench():
 
 def test_step_schedule_divides_the_rate_by_ten_at_each_milestone_epoch():
     model = nn.Linear(4, 2)
-    optimizer, scheduler = make_optimizer(model, TrainConfig(lr=0.1, epochs=5, schedule="step", milestones=[2, 4]), steps=15)
+    optimizer, scheduler = make_optimizer(
+        model, TrainConfig(lr=0.1, epochs=5, schedule="step", milestones=[2, 4]), steps=15
+    )
     rates = []
     for _ in range(15):  # 3 steps an epoch
         rates.append(optimizer.param_groups[0]["lr"])
@@ -159,11 +161,22 @@ def test_recipe_choices_that_keep_labels_and_the_documented_protocols():
         train_config = recipe_for("fast", dataset).train
         assert train_config.tta == 0 and train_config.flip is False
     fast = recipe_for("fast", "cifar10").train
-    assert (fast.batch_size, fast.lr, fast.momentum, fast.label_smoothing, fast.norm_lr_scale) == (1024, 1.5, 0.85, 0.2, 64.0)
+    assert (fast.batch_size, fast.lr, fast.momentum, fast.label_smoothing, fast.norm_lr_scale) == (
+        1024,
+        1.5,
+        0.85,
+        0.2,
+        64.0,
+    )
     assert (fast.schedule, fast.crop_mode, fast.alternating_flip, fast.tta) == ("triangle", "reflect", True, 2)
     bench = recipe_for("backdoorbench", "cifar10")
     assert bench.model == "preact_resnet18"
-    assert (bench.train.epochs, bench.train.batch_size, bench.train.lr, bench.train.schedule) == (100, 128, 0.01, "cosine")
+    assert (bench.train.epochs, bench.train.batch_size, bench.train.lr, bench.train.schedule) == (
+        100,
+        128,
+        0.01,
+        "cosine",
+    )
     recipe_for("fast", "cifar10").train.epochs = 1  # a copy: the registered recipe is unchanged
     assert recipe_for("fast", "cifar10").train.epochs == fast.epochs
 
@@ -184,5 +197,10 @@ def test_repairs_fine_tune_without_airbench_optimiser_tricks():
     from backdoorlab.defenses.post_training import tuning_recipe
 
     tuned = tuning_recipe(recipe_for("fast", "cifar10").train, epochs=5, lr=0.01, batch_size=128)
-    assert (tuned.norm_lr_scale, tuned.lookahead_epoch, tuned.whiten_bias_epochs, tuned.data_init) == (1.0, None, None, False)
+    assert (tuned.norm_lr_scale, tuned.lookahead_epoch, tuned.whiten_bias_epochs, tuned.data_init) == (
+        1.0,
+        None,
+        None,
+        False,
+    )
     assert (tuned.crop_mode, tuned.alternating_flip, tuned.lr, tuned.epochs) == ("reflect", True, 0.01, 5)

@@ -6,12 +6,15 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from backdoorlab.experiments import RunConfig, build_model, run
+from backdoorlab.experiments import RunConfig, build_model
 from backdoorlab.training import TrainConfig, predict_logits, train
+from backdoorlab.training.loop import to_float
 from backdoorlab.training.regularizers import (
     REGULARIZERS,
     create_regularizer,
+    embedding,
     soft_nearest_neighbour_loss,
     supervised_contrastive_loss,
 )
@@ -51,30 +54,84 @@ def test_optimised_snn_temperature_makes_the_term_independent_of_feature_scale()
     assert soft_nearest_neighbour_loss(h * 100.0, y, 1.0) > 100 * reference
 
 
+def train_three_epochs(digits, regularizer: str | None) -> torch.nn.Module:
+    """The digits model after 3 epochs (the recipe's batch and rate), seed 0, with ``regularizer`` at
+    its defaults. Three, not the recipe's 20: by epoch 5 plain cross-entropy separates the training
+    digits so fully that the soft nearest-neighbour loss is 0 with or without its regulariser."""
+    torch.manual_seed(0)
+    model = build_model(RunConfig(dataset="digits").resolved(), digits.train)
+    recipe = TrainConfig(epochs=3, batch_size=64, lr=0.05, progress=False, regularizer=regularizer)
+    train(model, digits.train, recipe, device="cpu", seed=0)
+    return model.eval()
+
+
+@torch.no_grad()
+def logit_norm(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean L2 norm of the logits: what logit squeezing penalises."""
+    return float(model(x).norm(dim=1).mean())
+
+
+@torch.no_grad()
+def mixed_input_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Cross-entropy on even mixtures of two (normalised) inputs against both labels, half each:
+    the loss manifold mixup trains on at its layer 0, with lam = 0.5."""
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    h = model.normalize(x)
+    logits = model.forward_head(model.forward_body(0.5 * h + 0.5 * h[perm]))
+    return float(0.5 * F.cross_entropy(logits, y) + 0.5 * F.cross_entropy(logits, y[perm]))
+
+
+@torch.no_grad()
+def snn_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The soft nearest-neighbour loss (optimised temperature) of the pooled penultimate features."""
+    return float(soft_nearest_neighbour_loss(embedding(model, x)[0], y, None))
+
+
+@torch.no_grad()
+def supcon_excess(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The supervised contrastive loss (T 0.1) of the pooled features above its floor, the mean over
+    anchors of log(positives): the floor is large (log 142 here) and only the excess can move."""
+    positives = torch.bincount(y)[y] - 1
+    return float(supervised_contrastive_loss(embedding(model, x)[0], y, 0.1)) - float(positives.float().log().mean())
+
+
+#: What each regulariser claims to lower, measured on the training digits (where its term acts),
+#: and the largest share of the unregularised model's value it may keep. Measured after 3 epochs,
+#: the same at 1 and 2 threads to two digits but for SNN: logit norm 8.96 -> 5.69; mixed-input
+#: loss 2.08 -> 1.27; SNN loss 0.0053 -> 0.0037 (1 thread) and 0.0034 (2); SupCon excess 0.20 -> 0.06.
+CLAIMS = {
+    "logit_squeezing": (logit_norm, 0.75),
+    "manifold_mixup": (mixed_input_loss, 0.75),
+    "soft_nearest_neighbour": (snn_loss, 0.8),
+    "contrastive": (supcon_excess, 0.5),
+}
+
+
+@pytest.fixture(scope="module")
+def unregularized(digits) -> torch.nn.Module:
+    return train_three_epochs(digits, None)
+
+
 @pytest.mark.parametrize("name", REGULARIZERS.names())
-def test_every_regularizer_trains_a_working_model(name):
-    result = run(RunConfig(dataset="digits", poison_rate=0, regularizer=name, device="cpu"))
-    assert result.metrics["clean_accuracy"] > 0.9, name
-    assert result.config["train"]["regularizer"] == name
-
-
-def test_logit_squeezing_squeezes_the_logits(digits):
-    config = RunConfig(dataset="digits").resolved()
-    norms = {}
-    for weight in (0.0, 0.5):
-        torch.manual_seed(0)
-        model = build_model(config, digits.train)
-        recipe = TrainConfig(epochs=10, batch_size=64, lr=0.05, progress=False,
-                             regularizer="logit_squeezing", regularizer_options={"weight": weight})  # fmt: skip
-        train(model, digits.train, recipe, device="cpu", seed=0)
-        norms[weight] = predict_logits(model, digits.test.inputs).norm(dim=1).mean()
-    assert norms[0.5] < 0.6 * norms[0.0]
+def test_every_regularizer_lowers_what_it_claims_against_the_same_seed_without_it(digits, unregularized, name):
+    """A no-op regulariser, or one with its sign flipped, fails here (a clean-accuracy bar did not).
+    The soft nearest-neighbour term's effect is transient on digits (after the recipe's 20 epochs
+    its test-set loss read 0.0235 against 0.0232 without it), so the models train 3 epochs."""
+    assert name in CLAIMS, f"say in CLAIMS what {name} claims to lower"
+    assert RunConfig(dataset="digits", regularizer=name).resolved().train.regularizer == name
+    measure, share = CLAIMS[name]
+    model = train_three_epochs(digits, name)
+    x, y = to_float(digits.train.inputs), digits.train.labels
+    regularized, plain = measure(model, x, y), measure(unregularized, x, y)
+    assert regularized < share * plain, (regularized, plain)
+    accuracy = float((predict_logits(model, digits.test.inputs).argmax(1) == digits.test.labels).float().mean())
+    assert accuracy > 0.95, "and the model still classifies"
 
 
 def test_unknown_regularizer_and_options_are_refused():
     with pytest.raises(ValueError, match="valid regularizers: contrastive, logit_squeezing"):
         TrainConfig(regularizer="dropout").validate()
-    with pytest.raises(ValueError, match="SupervisedContrastive needs a temperature > 0, got None"):
+    with pytest.raises(ValueError, match="temperature.* > 0, got None"):
         create_regularizer("contrastive", temperature=None)
     assert create_regularizer("soft_nearest_neighbour").config() == {"weight": 0.1, "temperature": None}
     with pytest.raises(ValueError, match="valid: alpha, layers"):

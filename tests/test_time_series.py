@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from backdoorlab.attacks import attacks_for, create_trigger
 from backdoorlab.cli import app
 from backdoorlab.data import DataError, load_dataset
+from backdoorlab.defenses import DefenseWarning
 from backdoorlab.defenses.e2abl import ShallowHead, split_at
 from backdoorlab.experiments import RunConfig, run
 from backdoorlab.models import create_model
@@ -218,14 +219,50 @@ def test_cli_runs_and_plots_a_series_set(tmp_path):
 @pytest.mark.parametrize("defense", ["abl", "e2abl", "fine_tuning", "fine_pruning", "nad"])
 def test_defenses_run_on_series_unchanged(defense):
     """Training-time defenses and repairs take series as they are; the model they return still
-    classifies (ItalyPowerDemand, 20 epochs: a quick run, not a removal test)."""
+    classifies (ItalyPowerDemand, 20 epochs: a quick run, not a removal test).
+
+    E2ABL at its defaults flags nothing here, and the test says so rather than passing over it: on
+    these small sets (67 series, 5 poisoned) no shallow-head loss falls below its flag threshold of
+    0.01 (set on MNIST), so it isolates nothing, warns, and the backdoor stays (docs/time_series.md;
+    measured ASR 0.814 with and without it). Measured too with ``flag_loss`` 0.1, at poison rate
+    0.2, and with the two-class scaling below: nothing flagged on ItalyPowerDemand. The test after
+    this one shows where it does flag."""
     pytest.importorskip("sktime", reason="the timeseries extra (sktime) is not installed")
-    result = run(RunConfig(dataset="italypowerdemand", epochs=20, trusted_size=0.2, defense=defense, device="cpu"))
-    assert result.metrics["clean_accuracy"] >= 0.75
-    if defense in ("abl", "e2abl"):
-        assert "isolation_precision" in result.metrics
+    config = RunConfig(dataset="italypowerdemand", epochs=20, trusted_size=0.2, defense=defense, device="cpu")
+    if defense == "e2abl":
+        with pytest.warns(DefenseWarning, match="E2ABL flagged no training sample"):
+            result = run(config)
+        assert result.metrics["isolated"] == 0 and result.metrics["isolation_recall"] == 0.0
     else:
+        result = run(config)
+    assert result.metrics["clean_accuracy"] >= 0.75
+    if defense == "abl":
+        assert result.metrics["isolated"] == 1, "ABL's 1% of 54 series: one"
+    elif defense != "e2abl":
         assert result.metrics["suspect_clean_accuracy"] >= 0.75
+
+
+@pytest.mark.slow
+def test_e2abl_flags_the_poisoned_series_of_a_bundled_set_with_two_class_settings():
+    """E2ABL on GunPoint (50 series, 2 classes, ``ts_pattern`` at 10%: 5 poisoned), the default
+    recipe (FCN, 100 epochs), with ABL's loss floor and E2ABL's flag threshold scaled by
+    ln 2 / ln 10, the ratio of the chance losses of 2 and 10 classes (``gamma=0.15``,
+    ``flag_loss=0.003``; docs/time_series.md, the Strawberry runs). At the defaults (gamma 0.5,
+    flag 0.01) it flags nothing on GunPoint: a floor of 0.5 holds the clean series near the binary
+    chance loss of 0.69 (measured with ``flag_loss=0.1`` alone too: nothing flagged). Measured:
+    5 flagged, all 5 poisoned; ASR 0.000, CA 0.927, where the undefended run of the same config
+    has ASR 0.946 and CA 0.947 (docs/time_series.md;
+    ``test_pattern_backdoor_takes_on_gunpoint_with_clean_accuracy_kept`` checks that it takes)."""
+    pytest.importorskip("sktime", reason="the timeseries extra (sktime) is not installed")
+    options = {"gamma": 0.15, "flag_loss": 0.003}
+    defended = run(
+        RunConfig(dataset="gunpoint", poison_rate=0.1, defense="e2abl", defense_options=options, device="cpu")
+    )
+    assert defended.metrics["isolation_precision"] >= 0.8 and defended.metrics["isolation_recall"] >= 0.8, (
+        defended.metrics
+    )
+    assert defended.metrics["attack_success_rate"] < 0.2
+    assert defended.metrics["clean_accuracy"] >= 0.88, "within 7 points of the undefended 0.947 (150 test series)"
 
 
 @pytest.mark.slow

@@ -94,7 +94,9 @@ def test_gradient_ascent_hook_unlearns(digits):
     acc = lambda: float((predict(model, digits.test.inputs) == digits.test.labels).float().mean())  # noqa: E731
     assert acc() > 0.9
     ascent = lambda logits, y, i, e: -torch.nn.functional.cross_entropy(logits, y, reduction="none")  # noqa: E731
-    train(model, data, TrainConfig(epochs=1, batch_size=64, lr=0.05, schedule="constant", progress=False), loss_fn=ascent)
+    train(
+        model, data, TrainConfig(epochs=1, batch_size=64, lr=0.05, schedule="constant", progress=False), loss_fn=ascent
+    )
     assert acc() < 0.5
 
 
@@ -133,9 +135,13 @@ def test_bad_train_config_is_refused(digits):
 def test_onecycle_schedule_survives_runs_of_a_few_steps(samples):
     """OneCycleLR divided by zero for 5 steps at warm-up 0.2 (one epoch of a tiny UCR set)."""
     data = TensorDataset(
-        torch.randint(0, 255, (samples, 1, 8, 8), dtype=torch.uint8), torch.arange(samples) % 2,
-        ("0", "1"), (0.5,), (0.25,), "tiny",
-    )  # fmt: skip
+        torch.randint(0, 255, (samples, 1, 8, 8), dtype=torch.uint8),
+        torch.arange(samples) % 2,
+        ("0", "1"),
+        (0.5,),
+        (0.25,),
+        "tiny",
+    )
     model = create_model("small_cnn", 2, 1, data.mean, data.std)
     history = train(model, data, TrainConfig(epochs=1, batch_size=1, progress=False))
     assert len(history.loss) == 1 and math.isfinite(history.loss[0])
