@@ -67,8 +67,9 @@ def limit(name, data, batch, steps):
 
 
 def loop(name, data, batch, steps):
-    config = replace(FAST.train, epochs=1, batch_size=batch, lr=0.01, lookahead_epoch=0, flip=True, progress=False,
-                     data_init=False)  # fmt: skip
+    config = replace(
+        FAST.train, epochs=1, batch_size=batch, lr=0.01, lookahead_epoch=0, flip=True, progress=False, data_init=False
+    )
     model = build(name, data)
     train(model, subsample(data, batch, 0), config)  # warm-up, one step
     return train(model, subsample(data, batch * steps, 1), config).samples_per_second
@@ -93,8 +94,13 @@ def peer(name, data, batch, steps, workers):
     model, opt = build(name, data), None
     model.normalize = lambda x: x  # the peer pipeline normalises per sample
     opt = optimiser(model)
-    loader = DataLoader(PilCifar(subsample(data, batch * (steps + 1), 2)), batch_size=batch, shuffle=True,
-                        num_workers=workers, persistent_workers=False)  # fmt: skip
+    loader = DataLoader(
+        PilCifar(subsample(data, batch * (steps + 1), 2)),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=False,
+    )
     model.train()
     batches = iter(loader)
     x, y = next(batches)
@@ -116,7 +122,9 @@ def main():
     data = load_dataset("cifar10", args.data_root).train
     rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print("| model | batch | limit (img/s) | backdoorlab loop (img/s) | loop / limit | peer PIL DataLoader (img/s) | loop / peer |")
+    print(
+        "| model | batch | limit (img/s) | backdoorlab loop (img/s) | loop / limit | peer PIL DataLoader (img/s) | loop / peer |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in args.models.split(","):
         batch = BATCH.get(name, 128)
@@ -125,7 +133,10 @@ def main():
         ours = loop(name, data, batch, steps)
         theirs = peer(name, data, batch, steps, args.workers)
         rows.append({"model": name, "batch": batch, "steps": steps, "limit": lim, "loop": ours, "peer": theirs})
-        print(f"| {name} | {batch} | {lim:.1f} | {ours:.1f} | {ours / lim:.1%} | {theirs:.1f} | {ours / theirs:.2f}x |", flush=True)
+        print(
+            f"| {name} | {batch} | {lim:.1f} | {ours:.1f} | {ours / lim:.1%} | {theirs:.1f} | {ours / theirs:.2f}x |",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -12,7 +12,7 @@ import argparse
 
 from doc_blocks import DOCS, replace_block
 
-from backdoorlab.attacks import ATTACKS, attacks_for, create_trigger
+from backdoorlab.attacks import attacks_for, create_trigger
 from backdoorlab.data import load_dataset
 from backdoorlab.gallery import fitted_trigger, save_grid, series_plot, trigger_rows
 

@@ -24,9 +24,7 @@ CLEAN = "clean"
 
 def table(results: dict[str, dict[str, dict]], attacks: list[str]) -> list[str]:
     lines = [
-        "| attack | label | poisoned | "
-        + " | ".join(f"{d} CA | {d} ASR" for d in results)
-        + " |",
+        "| attack | label | poisoned | " + " | ".join(f"{d} CA | {d} ASR" for d in results) + " |",
         "| --- | --- | --- | " + " | ".join("--- | ---" for _ in results) + " |",
     ]
     for attack in attacks:

@@ -36,8 +36,11 @@ def table(results: dict, pairs: list[tuple[str, str]], label: str) -> list[str]:
         ours = results.get(pair)
         published = PUBLISHED.get(pair)
         theirs = f"{published[0]:.2f} | {published[1]:.2f}" if published else "not published here | -"
-        mine = (f"{100 * ours['clean_accuracy']:.2f} | {100 * ours['attack_success_rate']:.2f}" if ours
-                else "not run | not run")  # fmt: skip
+        mine = (
+            f"{100 * ours['clean_accuracy']:.2f} | {100 * ours['attack_success_rate']:.2f}"
+            if ours
+            else "not run | not run"
+        )
         lines.append(f"| {pair[0]} | {pair[1]} | {theirs} | {mine} |")
     return lines
 

@@ -56,7 +56,9 @@ def main() -> None:
                 order[name].append(value)
         results[key] = r
     if not args.no_docs:
-        replace_block(DOCS / "defenses.md", args.block, table(results, order["dataset"], order["attack"], order["method"]))
+        replace_block(
+            DOCS / "defenses.md", args.block, table(results, order["dataset"], order["attack"], order["method"])
+        )
         print(f"wrote the table into docs/defenses.md (block {args.block})")
 
 

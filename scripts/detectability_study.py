@@ -21,8 +21,9 @@ import json
 from doc_blocks import DOCS, replace_block
 
 from backdoorlab.experiments import RunConfig
-from backdoorlab.experiments.detectability import detectability_study, plot, study_table, summarize
+from backdoorlab.experiments.detectability import detectability_study, study_table, summarize
 from backdoorlab.experiments.recipes import DEFAULT_RECIPE
+from backdoorlab.report.plots import detectability_plot
 
 
 def main() -> None:
@@ -35,14 +36,22 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--clean-seeds", type=int, nargs="+", default=[100, 101, 102, 103])
     parser.add_argument(
-        "--data-seed", type=int, default=0, help="the one training subset and trusted split every model draws (default 0)"
+        "--data-seed",
+        type=int,
+        default=0,
+        help="the one training subset and trusted split every model draws (default 0)",
     )
     parser.add_argument(
-        "--own-splits", action="store_true", help="each model draws the split of its own seed instead (the earlier design)"
+        "--own-splits",
+        action="store_true",
+        help="each model draws the split of its own seed instead (the earlier design)",
     )
     parser.add_argument("--detectors", nargs="+", default=["cti", "neural_cleanse"])
     parser.add_argument(
-        "--detector-options", type=json.loads, default={}, help='JSON by detector name, e.g. {"cti": {"batch_size": 32}}'
+        "--detector-options",
+        type=json.loads,
+        default={},
+        help='JSON by detector name, e.g. {"cti": {"batch_size": 32}}',
     )
     parser.add_argument("--train-size", type=int, default=None)
     parser.add_argument("--test-size", type=int, default=None)
@@ -57,13 +66,28 @@ def main() -> None:
     parser.add_argument("--plot", default="detectability.png", help="the plot's file name in docs/gallery; '' for none")
     args = parser.parse_args()
     base = RunConfig(
-        dataset=args.dataset, attack=args.attack, recipe=args.recipe, model=args.model, train_size=args.train_size, test_size=args.test_size, trusted_size=args.trusted_size,
-        device=args.device, data_root=args.data_root,
-    )  # fmt: skip
+        dataset=args.dataset,
+        attack=args.attack,
+        recipe=args.recipe,
+        model=args.model,
+        train_size=args.train_size,
+        test_size=args.test_size,
+        trusted_size=args.trusted_size,
+        device=args.device,
+        data_root=args.data_root,
+    )
     results = detectability_study(
-        base, args.rates, args.seeds, args.clean_seeds, args.output, data_seed=None if args.own_splits else args.data_seed,
-        repair=args.repair, repair_options=args.repair_options, detectors=args.detectors, detector_options=args.detector_options,
-    )  # fmt: skip
+        base,
+        args.rates,
+        args.seeds,
+        args.clean_seeds,
+        args.output,
+        data_seed=None if args.own_splits else args.data_seed,
+        repair=args.repair,
+        repair_options=args.repair_options,
+        detectors=args.detectors,
+        detector_options=args.detector_options,
+    )
     rows = summarize(results)
     table = study_table(rows)
     print(table)
@@ -71,7 +95,7 @@ def main() -> None:
         replace_block(DOCS / "defenses.md", args.block, table.splitlines())
         print(f"wrote the table into docs/defenses.md (block {args.block})")
         if args.plot:
-            plot(rows, DOCS / "gallery" / args.plot, f"{args.attack} on {args.dataset}, {args.repair}")
+            detectability_plot(rows, DOCS / "gallery" / args.plot, f"{args.attack} on {args.dataset}, {args.repair}")
             print(f"wrote docs/gallery/{args.plot}")
 
 

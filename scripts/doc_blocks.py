@@ -46,7 +46,9 @@ def sweep_results(args: argparse.Namespace) -> list[dict[str, Any]]:
         by_key = {r.key: r for r in store.records()}
     failed = [by_key[c.key].label for c in grid.cells if by_key[c.key].status != "done"]
     if failed:
-        raise SystemExit(f"{len(failed)} cell(s) did not finish ({'; '.join(failed[:3])}); see {args.output}/results.sqlite")
+        raise SystemExit(
+            f"{len(failed)} cell(s) did not finish ({'; '.join(failed[:3])}); see {args.output}/results.sqlite"
+        )
     return [by_key[c.key].result for c in grid.cells]  # type: ignore[misc]
 
 

@@ -45,8 +45,14 @@ def repaired(model_file: Path, options: dict[str, Any], output: Path) -> dict[st
     suspect, config = load_model(model_file)
     prepared = prepare(config)
     _, metrics, details, seconds = apply_repair(prepared, suspect, "pivotal_tuning", options)
-    result = {"model": str(model_file), "poison_rate": config.poison_rate, "seed": config.seed, "metrics": metrics,
-              "details": details, "seconds": round(seconds, 1)}  # fmt: skip
+    result = {
+        "model": str(model_file),
+        "poison_rate": config.poison_rate,
+        "seed": config.seed,
+        "metrics": metrics,
+        "details": details,
+        "seconds": round(seconds, 1),
+    }
     output.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return result
@@ -70,7 +76,12 @@ def main() -> None:
         details = result["details"]
         curve = {p["checkpoint"]: p for p in details["persistence"]}
         start = curve[0]["clean_accuracy"]
-        cells = [f"{100 * result['poison_rate']:g}%", str(result["seed"]), str(details["held_out_size"]), f"{start:.3f}"]
+        cells = [
+            f"{100 * result['poison_rate']:g}%",
+            str(result["seed"]),
+            str(details["held_out_size"]),
+            f"{start:.3f}",
+        ]
         for rule, step in chosen_steps(details["held_out_curve"], tolerance).items():
             point = curve[step]
             lost[rule].append(start - point["clean_accuracy"])

@@ -101,10 +101,17 @@ def main() -> None:
     for dataset in args.dataset:
         for attack in args.attack:
             config = RunConfig(
-                dataset=dataset, recipe=args.recipe, attack=attack, poison_rate=args.rate, train_size=args.train_size,
-                test_size=args.test_size, trusted_size=args.trusted_size, device=args.device, seed=args.seed,
+                dataset=dataset,
+                recipe=args.recipe,
+                attack=attack,
+                poison_rate=args.rate,
+                train_size=args.train_size,
+                test_size=args.test_size,
+                trusted_size=args.trusted_size,
+                device=args.device,
+                seed=args.seed,
                 data_root=args.data_root,
-            )  # fmt: skip
+            )
             directory = Path(args.output) / dataset / attack
             model_file = victim(config, directory)
             keys.append((dataset, attack))
@@ -115,7 +122,9 @@ def main() -> None:
                 stored.device = args.device
                 repaired = replace(stored, defense=name)
                 results[dataset, attack, name] = r = run_cached(repaired, directory / name, suspect=suspect)
-                print(f"{dataset:8s} {attack:8s} {name:16s} {r['metrics']} {time.perf_counter() - tick:.0f} s", flush=True)
+                print(
+                    f"{dataset:8s} {attack:8s} {name:16s} {r['metrics']} {time.perf_counter() - tick:.0f} s", flush=True
+                )
     if not args.no_docs:
         for dataset in args.dataset:
             mine = [key for key in keys if key[0] == dataset]

@@ -43,7 +43,9 @@ def table(results: dict, datasets: list[str], attacks: list[str]) -> list[str]:
         shape = f"{d['train'] + d['trusted']} / {d['test']}"
         for attack in attacks:
             none, abl, e2abl = (results[dataset, attack, k] for k in METHODS)
-            seconds = " / ".join(f"{r['timings'].get('defense', r['timings'].get('train', 0.0)):.0f}" for r in (none, abl, e2abl))
+            seconds = " / ".join(
+                f"{r['timings'].get('defense', r['timings'].get('train', 0.0)):.0f}" for r in (none, abl, e2abl)
+            )
             lines.append(
                 f"| {dataset} | {shape}, {results[dataset, 'shape']} | {attack} | {clean['metrics']['clean_accuracy']:.3f} | "
                 f"{_cell(none)} | {_cell(abl)} | {_isolation(abl)} | {_cell(e2abl)} | {_isolation(e2abl)} | {seconds} s |"
