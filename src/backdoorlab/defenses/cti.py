@@ -103,7 +103,8 @@ class CalibratedTriggerInversion(Detector):
         }
 
     def check_trusted(self, trusted: TensorDataset) -> None:
-        """What the calibration repair needs."""
+        """Images only, then what the calibration repair needs."""
+        require_images(trusted, "Calibrated Trigger Inversion")
         self.repair.check_trusted(trusted)
 
     def detect(

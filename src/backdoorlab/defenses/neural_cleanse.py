@@ -23,7 +23,7 @@ from backdoorlab.defenses.post_training import (
     frozen_copy,
     suspect_copy,
 )
-from backdoorlab.options import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt
+from backdoorlab.options import Fraction, PositiveFloat, PositiveInt
 from backdoorlab.progress import make_progress
 from backdoorlab.training.loop import TrainConfig, to_float
 
@@ -142,6 +142,11 @@ class CleanseResult:
 
 
 class _NeuralCleanseOptions:
+    def check_trusted(self, trusted: TensorDataset) -> None:
+        """Images only (before the trusted split's size), then what every method needs."""
+        require_images(trusted, "Neural Cleanse")
+        super().check_trusted(trusted)  # type: ignore[misc]
+
     def _set(self, steps: int, batch_size: int, init_cost: float, threshold: float, **more: object) -> None:
         if steps < 1 or batch_size < 1 or init_cost <= 0:
             raise ValueError("Neural Cleanse needs steps >= 1, batch_size >= 1 and init_cost > 0")
@@ -204,7 +209,7 @@ class NeuralCleanseDetector(_NeuralCleanseOptions, Detector):
         self,
         steps: PositiveInt = 300,
         batch_size: PositiveInt = 128,
-        init_cost: NonNegativeFloat = 1e-3,
+        init_cost: PositiveFloat = 1e-3,
         threshold: PositiveFloat = 2.0,
     ) -> None:
         self._set(steps, batch_size, init_cost, threshold)
@@ -253,7 +258,7 @@ class NeuralCleanseRepair(_NeuralCleanseOptions, RepairDefense):
         self,
         steps: PositiveInt = 300,
         batch_size: PositiveInt = 128,
-        init_cost: NonNegativeFloat = 1e-3,
+        init_cost: PositiveFloat = 1e-3,
         threshold: PositiveFloat = 2.0,
         unlearning_share: Fraction = 0.2,
         epochs: PositiveInt = 20,

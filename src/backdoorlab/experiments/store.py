@@ -20,7 +20,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -205,10 +205,8 @@ class ResultStore:
 
     def records(self, status: str | None = None, grid: str | None = None) -> list[Record]:
         """Every stored cell (in grid order), optionally only those of one status or grid."""
-        query = (
-            "SELECT key, grid, position, label, config, seed, version, status, attempts, metrics, timings, result, "
-            "error, model_path, started, finished FROM cells"
-        )
+        columns = [f.name for f in fields(Record)]  # the table's columns, in Record's order
+        query = f"SELECT {', '.join(columns)} FROM cells"
         clauses, params = [], []
         if status is not None:
             if status not in STATUSES:
@@ -223,51 +221,13 @@ class ResultStore:
         query += " ORDER BY created, position"
         out = []
         for row in self._fetch(query, params):
-            (
-                key,
-                grid_name,
-                position,
-                label,
-                config,
-                seed,
-                version,
-                state,
-                attempts,
-                metrics,
-                timings,
-                result,
-                error,
-                model_path,
-                started,
-                finished,
-            ) = row
-            where = f"{self.path}: cell {key}'s {{}}"
-            config, metrics, timings, result = (
-                _loads(text, where.format(column))
-                for text, column in ((config, "config"), (metrics, "metrics"), (timings, "timings"), (result, "result"))
-            )
-            if not isinstance(config, dict):
+            values = dict(zip(columns, row))
+            where = f"{self.path}: cell {values['key']}'s {{}}"
+            for column in ("config", "metrics", "timings", "result"):
+                values[column] = _loads(values[column], where.format(column))
+            if not isinstance(values["config"], dict):
                 raise StoreError(f"{where.format('config')} is not a JSON object; fix or delete that row to go on")
-            out.append(
-                Record(
-                    key,
-                    grid_name,
-                    position,
-                    label,
-                    config,
-                    seed,
-                    version,
-                    state,
-                    attempts,
-                    metrics,
-                    timings,
-                    result,
-                    error,
-                    model_path,
-                    started,
-                    finished,
-                )
-            )
+            out.append(Record(**values))
         return out
 
     def _fetch(self, query: str, params: list[Any] | tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
