@@ -418,7 +418,7 @@ def sweep_command(
             from backdoorlab.training.loop import resolve_device
 
             resolve_device(device)
-        grid = load_grid(grid_file)
+        grid = load_grid(grid_file, data_root=data_root)
         if only:
             grid = select(grid, parse_options(only))
             if not grid.cells:

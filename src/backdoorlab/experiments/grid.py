@@ -231,7 +231,7 @@ def select(grid: Grid, only: dict[str, Any]) -> Grid:
     return Grid(grid.name, cells, grid.description)
 
 
-def load_grid(path: str | Path) -> Grid:
+def load_grid(path: str | Path, *, data_root: str | None = None) -> Grid:
     """Read, expand and validate a grid file (YAML). A file of several YAML documents (separated by
     ``---``) is one grid whose cells are those of each document in turn; the first names it."""
     path = Path(path)
@@ -245,7 +245,14 @@ def load_grid(path: str | Path) -> Grid:
         raise GridError(f"{path}: not valid YAML: {err}") from None
     if not documents or all(d is None for d in documents):
         raise GridError(f"{path}: the file is empty")
-    grids = [expand(values, str(path), _lines(node)) for values, node in zip(documents, nodes) if values is not None]
+    # where the data is (a placement field, out of every key) is known to validation: a file an
+    # attack reads from the data root (Blended's Hello Kitty) is checked against it
+    placed = {"data_root": data_root} if data_root is not None else {}
+    grids = [
+        expand({**values, **placed} if isinstance(values, dict) else values, str(path), _lines(node))
+        for values, node in zip(documents, nodes)
+        if values is not None
+    ]
     cells: list[Cell] = []
     keys: set[str] = set()
     for number, grid in enumerate(grids, 1):
