@@ -45,10 +45,6 @@ class Kind:
     title: str
     registry: Registry[Any]
     intro: str
-    #: How the factory is called: leading positional arguments and toolkit-given keywords are not options
-    #: (as ``backdoorlab list --options``).
-    positional: int = 0
-    skip: tuple[str, ...] = ()
     options: bool = True
 
 
@@ -61,8 +57,6 @@ KINDS = [
         f"Triggers and how they are fitted: {RUN} --attack NAME -a KEY=VALUE`, or `attack_options:` in a grid. "
         f"A run passes its {', '.join(f'`{p}`' for p in TRIGGER_PARAMETERS)} to a trigger that reads a pattern "
         "file from it (`blended`'s `hello_kitty`); that is not an option.",
-        positional=1,
-        skip=TRIGGER_PARAMETERS,
     ),
     Kind(
         "models",
@@ -70,7 +64,6 @@ KINDS = [
         MODELS,
         f"Classifiers behind one interface (`forward_features` / `forward_head`): {RUN} --model NAME -m KEY=VALUE`. "
         f"The data gives every model {', '.join(f'`{p}`' for p in DATA_PARAMETERS)}; those are not options.",
-        skip=tuple(DATA_PARAMETERS),
     ),
     Kind(
         "defenses",
@@ -294,7 +287,7 @@ def method_section(kind: Kind, name: str) -> list[str]:
     facts.append(f"- **Code:** {code_link(obj)}")
     lines += [*facts, ""]
     if kind.options:
-        rows = registry.describe_options(name, positional=kind.positional, skip=kind.skip)
+        rows = registry.describe_options(name)
         if rows:
             meanings = argument_help(obj)
             lines += ["| option | takes | default | meaning |", "| --- | --- | --- | --- |"]

@@ -712,14 +712,12 @@ def list_command(
 ) -> None:
     """List the registered datasets, models, recipes, attacks, defenses, repairs, detectors and regularisers."""
     from backdoorlab.attacks import ATTACKS
-    from backdoorlab.attacks.triggers import TRIGGER_PARAMETERS
     from backdoorlab.clip.models import CLIP_MODELS
     from backdoorlab.data import DATASETS
     from backdoorlab.defenses import DEFENSES, DETECTORS, REPAIRS
     from backdoorlab.experiments.presets import PRESETS
     from backdoorlab.experiments.recipes import RECIPES
     from backdoorlab.models import MODELS
-    from backdoorlab.models.registry import DATA_PARAMETERS
     from backdoorlab.training.regularizers import REGULARIZERS
 
     registries = {
@@ -734,15 +732,7 @@ def list_command(
         "regularizers": REGULARIZERS,
         "clip-models": CLIP_MODELS,
     }
-    #: How each registry's factory is called: positional arguments and data-given keywords are not options.
-    with_options = {
-        "models": (0, DATA_PARAMETERS),
-        "attacks": (1, TRIGGER_PARAMETERS),
-        "defenses": (0, ()),
-        "repairs": (0, ()),
-        "detectors": (0, ()),
-        "regularizers": (0, ()),
-    }
+    with_options = {"models", "attacks", "defenses", "repairs", "detectors", "regularizers"}
     if kind is not None and kind not in registries:
         _fail(ValueError(f"unknown kind '{kind}'; valid: {', '.join(registries)}"))
     for name, registry in registries.items():
@@ -754,9 +744,8 @@ def list_command(
         if options:
             table.add_column("takes")
             table.add_column("default")
-            positional, skip = with_options[name]
             for item in registry.names():
-                rows = registry.describe_options(item, positional=positional, skip=skip) or [("(none)", "", "")]
+                rows = registry.describe_options(item) or [("(none)", "", "")]
                 for i, row in enumerate(rows):
                     table.add_row(item if i == 0 else "", *row)
             console.print(table)

@@ -26,8 +26,12 @@ class UnknownNameError(KeyError, ValueError):
 class Registry(Generic[T]):
     """Maps names to factories (classes or functions) with short descriptions."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, positional: int = 0, not_options: tuple[str, ...] = ()) -> None:
+        """``positional``: how many leading arguments the toolkit passes each factory (a trigger's
+        input shape), and ``not_options``: the keywords it passes (a model's ``num_classes``...);
+        neither is a user's option."""
         self.kind = kind
+        self.positional, self.not_options = positional, tuple(not_options)
         self._items: dict[str, T] = {}
         self._help: dict[str, str] = {}
         self._metadata: dict[str, dict[str, Any]] = {}
@@ -75,10 +79,10 @@ class Registry(Generic[T]):
         """Call the factory of ``name`` with ``args`` and keyword ``options``, after
         :meth:`check_options` (unknown names and ill-typed values are refused before the call)."""
         factory = self.get(name)
-        return factory(*args, **self.check_options(name, options, positional=len(args)))
+        return factory(*args, **self.check_options(name, options, positional=len(args), skip=()))
 
     def check_options(
-        self, name: str, options: dict[str, Any], *, positional: int = 0, skip: tuple[str, ...] = ()
+        self, name: str, options: dict[str, Any], *, positional: int | None = None, skip: tuple[str, ...] | None = None
     ) -> dict[str, Any]:
         """``options`` checked against the factory's typed keyword parameters and converted (an
         int where a float is declared becomes a float): an unknown option name is refused with the
@@ -97,14 +101,18 @@ class Registry(Generic[T]):
             for key, value in options.items()
         }
 
-    def options(self, name: str, *, positional: int = 0, skip: tuple[str, ...] = ()) -> dict[str, inspect.Parameter]:
+    def options(
+        self, name: str, *, positional: int | None = None, skip: tuple[str, ...] | None = None
+    ) -> dict[str, inspect.Parameter]:
         """The options of ``name``: its factory's keyword parameters (annotation = type hint,
         default), without the first ``positional`` ones and those in ``skip``."""
+        positional = self.positional if positional is None else positional
+        skip = self.not_options if skip is None else skip
         parameters = list(option_hints(self.get(name)).items())[positional:]
         return {key: parameter for key, parameter in parameters if key not in skip}
 
     def describe_options(
-        self, name: str, *, positional: int = 0, skip: tuple[str, ...] = ()
+        self, name: str, *, positional: int | None = None, skip: tuple[str, ...] | None = None
     ) -> list[tuple[str, str, str]]:
         """``(option, type in words, default)`` for each option of ``name``, for ``list --options``."""
         return [

@@ -25,12 +25,12 @@ from backdoorlab.data.sources import DATA_ENV, DataNotFoundError, resolve_data_r
 from backdoorlab.options import Fraction, NonNegativeInt, PositiveInt
 from backdoorlab.registry import Registry
 
-#: Attacks (trigger classes) by name: ``cls(input_shape, **options)``.
-ATTACKS: Registry[type[Trigger]] = Registry("attack")
-
 #: Keywords the toolkit itself passes to a trigger that takes them (the run's data root, for a
 #: pattern read from a file there); they are not options, as a model's ``DATA_PARAMETERS``.
 TRIGGER_PARAMETERS = ("data_root",)
+
+#: Attacks (trigger classes) by name: ``cls(input_shape, **options)``.
+ATTACKS: Registry[type[Trigger]] = Registry("attack", positional=1, not_options=TRIGGER_PARAMETERS)
 
 #: Trigger images read from the data root, by pattern name: BackdoorBench's resources, copied to
 #: ``<data root>/backdoorbench/`` (see that folder's README for provenance and licence).
@@ -117,7 +117,7 @@ def create_trigger(
     """Build a registered trigger; unknown options are refused with the valid ones listed.
     ``data_root`` (a run's; default ``$BACKDOORLAB_DATA``) goes to triggers that read a pattern
     file from it (:data:`RESOURCES`); it is placement, not an option."""
-    checked = ATTACKS.check_options(name, options, positional=1, skip=TRIGGER_PARAMETERS)
+    checked = ATTACKS.check_options(name, options)
     factory = ATTACKS.get(name)
     given = {"data_root": data_root} if "data_root" in inspect.signature(factory).parameters else {}
     return factory(tuple(input_shape), **checked, **given)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from backdoorlab.attacks.poisoning import PoisonSpec
-from backdoorlab.attacks.triggers import ATTACKS, TRIGGER_PARAMETERS, attacks_for, create_trigger
+from backdoorlab.attacks.triggers import ATTACKS, attacks_for, create_trigger
 from backdoorlab.data.sources import dataset_facts, dataset_loader, dataset_modality
 from backdoorlab.defenses import DETECTORS, registry_for
 from backdoorlab.experiments.presets import Preset, preset_for
@@ -165,7 +165,7 @@ class RunConfig:
         trigger_class = ATTACKS.get(attack)
         preset = preset_for(self.preset, self.dataset) if self.preset is not None else Preset()
         attack_options = {**preset.attack_options.get(attack, {}), **self.attack_options}
-        ATTACKS.check_options(attack, attack_options, positional=1, skip=TRIGGER_PARAMETERS)
+        ATTACKS.check_options(attack, attack_options)
         defense_options = {**preset.defense_options.get(self.defense or "", {}), **self.defense_options}
         # a detector shares its name with a repair (neural_cleanse): it takes the preset's options it has
         detector_preset = preset.defense_options.get(self.detector or "", {})

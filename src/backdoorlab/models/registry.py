@@ -10,15 +10,15 @@ from backdoorlab.models.classifier import Classifier
 from backdoorlab.registry import Registry
 
 #: Builders by name: ``builder(num_classes, in_channels, mean, std, **kwargs) -> Classifier``.
-MODELS: Registry[Callable[..., Classifier]] = Registry("model")
 #: What every builder gets from the data, not from the user: not options.
 DATA_PARAMETERS = ("num_classes", "in_channels", "mean", "std")
+MODELS: Registry[Callable[..., Classifier]] = Registry("model", not_options=DATA_PARAMETERS)
 
 
 def check_model_options(name: str, options: dict[str, object]) -> dict[str, object]:
     """``options`` of model ``name`` checked (names, types, ranges) and converted; see
     :meth:`Registry.check_options`."""
-    return MODELS.check_options(name, options, skip=DATA_PARAMETERS)
+    return MODELS.check_options(name, options)
 
 
 def create_model(
