@@ -1,11 +1,12 @@
-"""Regenerate the robustness-detectability table and plot in docs/defenses.md (the study of "Pick
+"""Regenerate the robustness-detectability table and plot in the docs (the study of "Pick
 your Poison"): for each poison rate, ASR before and after Pivotal Tuning, and the ROC AUC of CTI and
 Neural Cleanse scores against clean models trained with other seeds on the same training subset
 and trusted split (``--own-splits``: each model on its own seed's).
 
 Each model is stored as ``OUTPUT/rate-<r>/seed-<s>/result.json`` (with its suspect and repaired
 weights) and reused when present; a detector added later scores the stored models. Users run the
-same study with ``backdoorlab detectability``; this script also fills the docs' blocks.
+same study with ``backdoorlab detectability``; this script also fills the docs' blocks (``--doc``: by
+default the study's note, docs/notes/2026-11-23-detectability-study.md).
 
 Usage::
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from doc_blocks import DOCS, replace_block
 
@@ -24,6 +26,9 @@ from backdoorlab.experiments import RunConfig
 from backdoorlab.experiments.detectability import detectability_study, study_table, summarize
 from backdoorlab.experiments.recipes import DEFAULT_RECIPE
 from backdoorlab.report.plots import detectability_plot
+
+#: Where the study's measurements and their generated blocks live.
+STUDY_NOTE = DOCS / "notes" / "2026-11-23-detectability-study.md"
 
 
 def main() -> None:
@@ -61,8 +66,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--output", default="runs/detectability")
-    parser.add_argument("--no-docs", action="store_true", help="run, but leave docs/defenses.md alone")
-    parser.add_argument("--block", default="detectability-table", help="the docs/defenses.md block to fill")
+    parser.add_argument("--no-docs", action="store_true", help="run, but leave the docs alone")
+    parser.add_argument(
+        "--doc", type=Path, default=STUDY_NOTE, help="the Markdown file whose block to fill (default: %(default)s)"
+    )
+    parser.add_argument("--block", default="detectability-table", help="the --doc block to fill")
     parser.add_argument("--plot", default="detectability.png", help="the plot's file name in docs/gallery; '' for none")
     args = parser.parse_args()
     base = RunConfig(
@@ -92,8 +100,8 @@ def main() -> None:
     table = study_table(rows)
     print(table)
     if not args.no_docs:
-        replace_block(DOCS / "defenses.md", args.block, table.splitlines())
-        print(f"wrote the table into docs/defenses.md (block {args.block})")
+        replace_block(args.doc, args.block, table.splitlines())
+        print(f"wrote the table into {args.doc} (block {args.block})")
         if args.plot:
             detectability_plot(rows, DOCS / "gallery" / args.plot, f"{args.attack} on {args.dataset}, {args.repair}")
             print(f"wrote docs/gallery/{args.plot}")

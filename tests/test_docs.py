@@ -23,7 +23,7 @@ from backdoorlab.training.regularizers import REGULARIZERS
 
 from .conftest import REPO
 
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "docs" / "notes").glob("*.md"))]
 README = (REPO / "README.md").read_text()
 NUMBERS = {
     "one": 1,
