@@ -7,8 +7,11 @@ import torch
 
 from backdoorlab.data import TensorDataset, subsample
 from backdoorlab.models import create_model
-from backdoorlab.training import Callback, TrainConfig, predict, train
+from backdoorlab.training import Callback, TrainConfig, TrainStep, loop, plain_step, predict, train
 from backdoorlab.training.augment import random_crop, random_hflip
+from backdoorlab.training.callbacks import FreezeWhiteningBias, LookaheadAveraging
+from backdoorlab.training.loop import BatchAugmentation, recipe_callbacks, train_step
+from backdoorlab.training.regularizers import create_regularizer
 
 FAST = TrainConfig(epochs=2, batch_size=64, lr=0.05, progress=False)
 
@@ -145,3 +148,96 @@ def test_onecycle_schedule_survives_runs_of_a_few_steps(samples):
     model = create_model("small_cnn", 2, 1, data.mean, data.std)
     history = train(model, data, TrainConfig(epochs=1, batch_size=1, progress=False))
     assert len(history.loss) == 1 and math.isfinite(history.loss[0])
+
+
+def test_hooks_run_in_order_with_the_recipe_callbacks_first(digits, monkeypatch):
+    """Each epoch opens with on_epoch_start; optimiser steps are counted over the run; the recipe's
+    callbacks (Lookahead, the whitening-bias freeze) run before the caller's at every hook, so a
+    caller's on_epoch_end sees the averaged weights."""
+    data = subsample(digits.train, 100, seed=0)
+    events = []
+
+    class Recorder(Callback):
+        def __init__(self, who):
+            self.who = who
+
+        def on_epoch_start(self, epoch, model):
+            events.append((self.who, "start", epoch))
+
+        def on_step_end(self, step, steps, model):
+            events.append((self.who, "step", step, steps))
+
+        def on_batch_end(self, indices, losses, epoch):
+            events.append((self.who, "batch", epoch))
+
+        def on_epoch_end(self, epoch, model):
+            events.append((self.who, "end", epoch))
+
+    monkeypatch.setattr(loop, "recipe_callbacks", lambda config, model: [Recorder("recipe")])
+    train(fresh_model(data), data, TrainConfig(epochs=2, batch_size=25, progress=False), callbacks=[Recorder("user")])
+    expected = []
+    for epoch in (0, 1):
+        hooks = [("start", epoch)]
+        for k in range(1, 5):  # 100 samples in batches of 25; steps count over the run's 8
+            hooks += [("step", 4 * epoch + k, 8), ("batch", epoch)]
+        hooks.append(("end", epoch))
+        expected += [(who, *hook) for hook in hooks for who in ("recipe", "user")]
+    assert events == expected
+
+
+def test_recipe_callbacks_follow_the_config():
+    small = create_model("small_cnn", 10, 1, (0.5,), (0.25,), width=8)
+    airbench = create_model("airbench", 10, 3, (0.5,) * 3, (0.25,) * 3, width=8)
+    assert recipe_callbacks(TrainConfig(), airbench) == []
+    both = TrainConfig(lookahead_epoch=2, whiten_bias_epochs=3)
+    assert [type(c) for c in recipe_callbacks(both, airbench)] == [FreezeWhiteningBias, LookaheadAveraging]
+    assert [type(c) for c in recipe_callbacks(both, small)] == [LookaheadAveraging]  # no whitening layer
+    freeze = recipe_callbacks(both, airbench)[0]
+    for epoch, trains in ((0, True), (2, True), (3, False), (4, False)):
+        freeze.on_epoch_start(epoch, airbench)
+        assert airbench.body.whitening_bias.requires_grad is trains
+
+
+def test_lookahead_averaging_starts_at_its_epoch_and_returns_the_average():
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    averaging = LookaheadAveraging(start=1)
+    averaging.on_epoch_start(0, model)
+    assert averaging.lookahead is None
+    averaging.on_epoch_start(1, model)  # average starts at the current weights (0)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    averaging.on_step_end(4, 10, model)  # not a multiple of 5: untouched
+    assert torch.equal(model.weight, torch.ones(1, 2))
+    averaging.on_epoch_end(1, model)  # the average (still 0) becomes the weights
+    assert torch.equal(model.weight, torch.zeros(1, 2))
+
+
+def test_a_custom_step_replaces_the_forward_and_excludes_a_regularizer(digits):
+    data = subsample(digits.train, 64, seed=0)
+    calls = []
+
+    def step(model, x, y, loss_fn, indices, epoch, generator):
+        calls.append((x.dtype, len(indices), epoch))
+        return plain_step(model, x, y, loss_fn, indices, epoch, generator)
+
+    train(fresh_model(data), data, TrainConfig(epochs=2, batch_size=32, progress=False), step=step)
+    assert calls == [(torch.float32, 32, 0)] * 2 + [(torch.float32, 32, 1)] * 2
+    with pytest.raises(ValueError, match="custom training step and a regularizer cannot be combined"):
+        train(fresh_model(data), data, TrainConfig(regularizer="logit_squeezing", progress=False), step=step)
+    assert TrainStep in type(create_regularizer("logit_squeezing")).__mro__  # regularisers are steps
+    assert train_step(TrainConfig()) is plain_step
+
+
+def test_batch_augmentation_builds_the_model_input_from_the_config():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 1, 4, 4), dtype=torch.uint8, generator=g)
+    data = TensorDataset(images, torch.zeros(6, dtype=torch.int64), ("a",), (0.5,), (0.25,), "tiny", hflip=True)
+    indices = torch.arange(6)
+    plain = BatchAugmentation(TrainConfig(flip=False), data, g, torch.device("cpu"))
+    assert torch.equal(plain(images, indices, 0), images.float() / 255)
+    alternating = BatchAugmentation(TrainConfig(alternating_flip=True), data, g, torch.device("cpu"))
+    even, odd = alternating(images, indices, 0), alternating(images, indices, 1)
+    assert torch.equal(odd.flip(-1), even)  # each image shown both ways over two epochs
+    mirrored = (even != plain(images, indices, 0)).flatten(1).any(1)
+    assert torch.equal(even[mirrored], plain(images, indices, 0)[mirrored].flip(-1)) and 0 < int(mirrored.sum()) < 6

@@ -1,9 +1,8 @@
 """The training loop over tensors, its configuration, hooks and batched inference."""
 
+from backdoorlab.training.callbacks import Callback
 from backdoorlab.training.loop import (
     SCHEDULES,
-    Callback,
-    PerSampleLoss,
     TrainConfig,
     TrainHistory,
     per_sample_loss,
@@ -13,6 +12,7 @@ from backdoorlab.training.loop import (
     to_float,
     train,
 )
+from backdoorlab.training.steps import PerSampleLoss, TrainStep, plain_step
 
 __all__ = [
     "SCHEDULES",
@@ -20,7 +20,9 @@ __all__ = [
     "PerSampleLoss",
     "TrainConfig",
     "TrainHistory",
+    "TrainStep",
     "per_sample_loss",
+    "plain_step",
     "predict",
     "predict_logits",
     "resolve_device",

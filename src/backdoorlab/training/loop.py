@@ -6,11 +6,15 @@ normalises internally. SGD with Nesterov momentum under a one-cycle or cosine sc
 label smoothing; channels_last for images; bf16 autocast on CUDA. Seeded: on the CPU the same seed gives
 the same weights.
 
-Defenses hook in two ways, without copying the loop:
+Defenses hook in three ways, without copying the loop:
 
 - ``loss_fn(logits, labels, indices, epoch) -> per-sample losses`` replaces the per-sample loss
   (ABL's loss floor, gradient ascent on isolated samples, ...); ``indices`` index the training set;
-- ``callbacks`` see every batch's per-sample losses and the model at each epoch's end.
+- ``step`` (a :class:`~backdoorlab.training.steps.TrainStep`) replaces the forward-and-loss of a
+  batch; the configured regulariser is one;
+- ``callbacks`` (``training.callbacks``) see each epoch's start and end, each optimiser step and
+  every batch's per-sample losses. The recipe's Lookahead averaging and whitening-bias freeze are
+  callbacks too, run before the caller's.
 
 A non-finite loss (NaN or infinity) stops training with :class:`TrainingDivergedError`, whichever
 defense drives the loop: a diverged model must never be evaluated as if it had learned something
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -41,15 +45,21 @@ from backdoorlab.training.augment import (
     random_hflip,
     random_scaling,
 )
-from backdoorlab.training.regularizers import Regularizer, create_regularizer
+from backdoorlab.training.callbacks import (
+    Callback,
+    CallbackList,
+    FreezeWhiteningBias,
+    LookaheadAveraging,
+    whitening_bias,
+)
+from backdoorlab.training.callbacks import Lookahead as Lookahead  # re-exported: it lived here
+from backdoorlab.training.regularizers import create_regularizer
+from backdoorlab.training.steps import PerSampleLoss, TrainStep, cross_entropy, plain_step
 
 SCHEDULES = ("onecycle", "triangle", "cosine", "step", "constant")
 #: airbench94's triangular schedule: the learning-rate factor starts at 0.2, rises linearly to 1 at
 #: ``warmup`` of the steps and falls linearly to 0.07 at the end.
 TRIANGLE_START, TRIANGLE_END = 0.2, 0.07
-
-#: ``loss_fn(logits, labels, indices, epoch) -> per-sample losses (B,)``
-PerSampleLoss = Callable[[Tensor, Tensor, Tensor, int], Tensor]
 
 
 @dataclass
@@ -230,16 +240,6 @@ class FiniteLossGuard:
             raise _diverged(self.description, self.config, where, f"the weights are NaN or infinite ({shown})")
 
 
-class Callback:
-    """Observe training; override what you need."""
-
-    def on_batch_end(self, indices: Tensor, losses: Tensor, epoch: int) -> None:
-        """Per-sample losses (detached) of the samples at ``indices`` of the training set."""
-
-    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
-        """After each epoch (0-based)."""
-
-
 @dataclass
 class TrainHistory:
     """Per-epoch training loss and accuracy (on the augmented training batches), and time."""
@@ -352,29 +352,71 @@ def make_optimizer(
     return optimizer, scheduler
 
 
-class Lookahead:
-    """airbench94's weight averaging (after Lookahead, Zhang et al. 2019): every ``every`` steps the
-    float state (weights and BN statistics) moves to an exponential average and is replaced by it."""
+class BatchAugmentation:
+    """The configured augmentation of a training batch, built once per run: crop, flip (airbench's
+    alternating flip or a random one), conversion to float in the model's memory format, then jitter
+    and scaling for series. Its draws come from the run's ``generator``, in that order."""
 
-    def __init__(self, model: nn.Module, every: int = 5, decay_base: float = 0.95, decay_power: float = 3.0) -> None:
-        self.state = [t for t in model.state_dict().values() if t.is_floating_point()]
-        self.average = [t.detach().clone() for t in self.state]
-        self.every, self.base, self.power = every, decay_base**every, decay_power
+    def __init__(
+        self, config: TrainConfig, data: TensorDataset, generator: torch.Generator, device: torch.device
+    ) -> None:
+        self.config, self.generator = config, generator
+        self.memory_format = _memory_format(data.inputs, config.channels_last)
+        self.flip = data.hflip if config.flip is None else config.flip
+        self.first_flips = (
+            (torch.rand(len(data), generator=generator) < 0.5).to(device)
+            if self.flip and config.alternating_flip
+            else None
+        )
 
-    @torch.no_grad()
-    def update(self, decay: float) -> None:
-        for average, current in zip(self.average, self.state, strict=True):
-            average.lerp_(current, 1.0 - decay)
-            current.copy_(average)
+    def __call__(self, x: Tensor, indices: Tensor, epoch: int) -> Tensor:
+        """The model input for the samples at ``indices`` of the training set, ``x`` as stored."""
+        config, generator = self.config, self.generator
+        if config.crop_padding:
+            x = random_crop(x, config.crop_padding, generator, config.crop_mode)
+        if self.first_flips is not None:
+            x = alternating_hflip(x, self.first_flips[indices], epoch)
+        elif self.flip:
+            x = random_hflip(x, generator)
+        x = to_float(x).contiguous(memory_format=self.memory_format)
+        if config.jitter:
+            x = jitter(x, config.jitter, generator)
+        if config.scaling:
+            x = random_scaling(x, config.scaling, generator)
+        return x
 
-    def step(self, step: int, steps: int) -> None:
-        """Called after optimiser step ``step`` (1-based) of ``steps``."""
-        if step % self.every == 0:
-            self.update(self.base * (step / steps) ** self.power)
+
+def train_step(config: TrainConfig, step: TrainStep | None = None) -> TrainStep:
+    """The run's step: ``step`` if given, else the configured regulariser, else :func:`plain_step`."""
+    if step is not None and config.regularizer is not None:
+        raise ValueError("a custom training step and a regularizer cannot be combined")
+    if step is not None:
+        return step
+    if config.regularizer is not None:
+        return create_regularizer(config.regularizer, **config.regularizer_options)
+    return plain_step
 
 
-def _whitening_bias(model: nn.Module) -> Tensor | None:
-    return getattr(getattr(model, "body", None), "whitening_bias", None)
+def recipe_callbacks(config: TrainConfig, model: nn.Module) -> list[Callback]:
+    """The callbacks the recipe asks for: the whitening-bias freeze (where the model has one), then
+    Lookahead averaging."""
+    found: list[Callback] = []
+    if config.whiten_bias_epochs is not None and whitening_bias(model) is not None:
+        found.append(FreezeWhiteningBias(config.whiten_bias_epochs))
+    if config.lookahead_epoch is not None:
+        found.append(LookaheadAveraging(config.lookahead_epoch))
+    return found
+
+
+def _place(model: nn.Module, data: TensorDataset, config: TrainConfig, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Move the data and the model to ``device`` (channels_last for images where configured) and run
+    the model's data-dependent initialisation (airbench's whitening) where configured; returns the
+    inputs and labels on the device."""
+    inputs = data.inputs.to(device)
+    model.to(device=device, memory_format=_memory_format(inputs, config.channels_last))
+    if config.data_init and hasattr(model, "init_from_data"):
+        model.init_from_data(to_float(inputs[: min(5000, len(inputs))]))
+    return inputs, data.labels.to(device)
 
 
 def train(
@@ -387,84 +429,41 @@ def train(
     loss_fn: PerSampleLoss | None = None,
     callbacks: Sequence[Callback] = (),
     description: str = "training",
-    step: Regularizer | None = None,
+    step: TrainStep | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place on ``data`` and return its history.
 
-    ``step`` replaces the forward-and-loss of a batch (same signature as a regulariser:
-    ``step(model, x, y, loss_fn, indices, epoch, generator) -> (logits, per-sample losses)``), for
-    defenses that train extra heads in the same run (E2ABL).
-
-    Raises :class:`TrainingDivergedError` when a batch's mean loss is not finite (on the CPU at that
-    step; on CUDA at the end of its epoch, naming the first such step, so that the loop stays free of
-    per-step host synchronisation) or when the weights are not finite after the last step."""
+    ``step`` replaces each batch's forward-and-loss (a :class:`TrainStep`; E2ABL's trains extra
+    heads), in place of ``config.regularizer``. A non-finite batch loss raises
+    :class:`TrainingDivergedError` (on the CPU at once; on CUDA at its epoch's end, naming the first
+    such step, so the loop keeps no per-step host synchronisation), as do non-finite final weights."""
     config = config or TrainConfig()
     config.validate()
     device = resolve_device(device)
     torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
     generator = torch.Generator().manual_seed(seed)
-    inputs = data.inputs.to(device)
-    memory_format = _memory_format(inputs, config.channels_last)
-    model.to(device=device, memory_format=memory_format)
-
-    labels = data.labels.to(device)
-    flip = data.hflip if config.flip is None else config.flip
-    if config.data_init and hasattr(model, "init_from_data"):
-        model.init_from_data(to_float(inputs[: min(5000, len(inputs))]))
-    if loss_fn is None:
-        smoothing = config.label_smoothing
-
-        def loss_fn(logits: Tensor, targets: Tensor, _idx: Tensor, _epoch: int) -> Tensor:
-            return F.cross_entropy(logits, targets, reduction="none", label_smoothing=smoothing)
-
-    if step is not None and config.regularizer is not None:
-        raise ValueError("a custom training step and a regularizer cannot be combined")
-    regularizer = step or (
-        create_regularizer(config.regularizer, **config.regularizer_options) if config.regularizer is not None else None
-    )
+    inputs, labels = _place(model, data, config, device)
+    loss_fn, step = loss_fn or cross_entropy(config.label_smoothing), train_step(config, step)
+    augment = BatchAugmentation(config, data, generator, device)
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     optimizer, scheduler = make_optimizer(model, config, total_steps)
-    whitening_bias = _whitening_bias(model)
-    lookahead: Lookahead | None = None
-    first_flips = (
-        (torch.rand(len(data), generator=generator) < 0.5).to(device) if flip and config.alternating_flip else None
-    )
-    history = TrainHistory()
+    hooks = CallbackList([*recipe_callbacks(config, model), *callbacks])  # the recipe's run first
     guard = FiniteLossGuard(description, config, steps_per_epoch, device)
+    history = TrainHistory()
     model.train()
-    start = time.perf_counter()
-    done = 0
+    start, done = time.perf_counter(), 0
     with make_progress(config.progress) as progress:
         task = progress.add_task(description, total=total_steps, status="")
         for epoch in range(config.epochs):
-            if whitening_bias is not None and config.whiten_bias_epochs is not None:
-                whitening_bias.requires_grad_(epoch < config.whiten_bias_epochs)
-            if config.lookahead_epoch is not None and epoch >= config.lookahead_epoch and lookahead is None:
-                lookahead = Lookahead(model)
-            order = torch.randperm(len(data), generator=generator).to(device)
+            hooks.on_epoch_start(epoch, model)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.int64)
+            order = torch.randperm(len(data), generator=generator).to(device)
             for step_in_epoch, batch in enumerate(order.split(config.batch_size)):
-                x = inputs[batch]
-                if config.crop_padding:
-                    x = random_crop(x, config.crop_padding, generator, config.crop_mode)
-                if first_flips is not None:
-                    x = alternating_hflip(x, first_flips[batch], epoch)
-                elif flip:
-                    x = random_hflip(x, generator)
-                x = to_float(x).contiguous(memory_format=memory_format)
-                if config.jitter:
-                    x = jitter(x, config.jitter, generator)
-                if config.scaling:
-                    x = random_scaling(x, config.scaling, generator)
-                y = labels[batch]
+                x, y = augment(inputs[batch], batch, epoch), labels[batch]
                 with _autocast(device, config.amp):
-                    if regularizer is None:
-                        logits = model(x)
-                        losses = loss_fn(logits.float(), y, batch, epoch)
-                    else:
-                        logits, losses = regularizer(model, x, y, loss_fn, batch, epoch, generator)
+                    logits, losses = step(model, x, y, loss_fn, batch, epoch, generator)
                 losses = losses.float()
                 loss = losses.mean()
                 guard.batch(loss, epoch, step_in_epoch)
@@ -473,25 +472,18 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 done += 1
-                if lookahead is not None:
-                    lookahead.step(done, total_steps)
                 losses = losses.detach()
                 loss_sum += losses.sum()
                 correct += (logits.detach().argmax(1) == y).sum()
-                for callback in callbacks:
-                    callback.on_batch_end(batch, losses, epoch)
+                hooks.on_step_end(done, total_steps, model)
+                hooks.on_batch_end(batch, losses, epoch)
                 progress.advance(task)
             guard.epoch_end(epoch)
-            if lookahead is not None:
-                lookahead.update(1.0)  # the averaged weights are the epoch's result
             history.loss.append(float(loss_sum) / len(data))
             history.accuracy.append(float(correct) / len(data))
-            progress.update(
-                task,
-                status=f"epoch {epoch + 1}/{config.epochs} loss {history.loss[-1]:.3f} acc {history.accuracy[-1]:.3f}",
-            )
-            for callback in callbacks:
-                callback.on_epoch_end(epoch, model)
+            status = f"epoch {epoch + 1}/{config.epochs} loss {history.loss[-1]:.3f} acc {history.accuracy[-1]:.3f}"
+            progress.update(task, status=status)
+            hooks.on_epoch_end(epoch, model)
     history.seconds = time.perf_counter() - start
     guard.finish(model)
     history.samples_per_second = len(data) * config.epochs / history.seconds

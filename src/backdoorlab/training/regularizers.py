@@ -1,10 +1,11 @@
 """Regularised training (the defensive regularisers Truong et al. 2020 evaluate): options of the
 normal training loop, ``TrainConfig(regularizer=NAME, regularizer_options={...})``.
 
-A regulariser replaces the loop's ``logits = model(x); losses = loss_fn(logits, y, ...)`` step with
-its own, so it composes with any per-sample loss (plain cross-entropy, ABL's LGA...). Terms defined
-on a whole batch are spread evenly over its samples, so the batch mean is the regularised objective
-and callbacks still see per-sample values.
+A regulariser is a :class:`~backdoorlab.training.steps.TrainStep`: it replaces the loop's
+``logits = model(x); losses = loss_fn(logits, y, ...)`` step with its own, so it composes with any
+per-sample loss (plain cross-entropy, ABL's LGA...). Terms defined on a whole batch are spread
+evenly over its samples, so the batch mean is the regularised objective and callbacks still see
+per-sample values.
 
 Truong et al. name the four regularisers but their weights are not retrievable (METHODS.md 2.5);
 each default below comes from the regulariser's own paper, and where that paper leaves a choice
@@ -23,11 +24,10 @@ from torch import Tensor, nn
 
 from backdoorlab.options import NonNegativeFloat, NonNegativeInt, PositiveFloat
 from backdoorlab.registry import Registry
+from backdoorlab.training.steps import PerSampleLoss, TrainStep
 
 #: Regularisers by name: ``cls(**options)``.
 REGULARIZERS: Registry[type[Regularizer]] = Registry("regularizer")
-
-LossFn = Any  # PerSampleLoss; typed loosely to avoid a cycle with training.loop
 
 
 def embedding(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -39,8 +39,9 @@ def embedding(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return pooled, model.forward_head(features)
 
 
-class Regularizer(ABC):
-    """``reg(model, x, y, loss_fn, indices, epoch, generator) -> (logits, per-sample losses)``."""
+class Regularizer(TrainStep, ABC):
+    """A registered training step with options:
+    ``reg(model, x, y, loss_fn, indices, epoch, generator) -> (logits, per-sample losses)``."""
 
     _options: dict[str, Any] = {}
 
@@ -50,7 +51,7 @@ class Regularizer(ABC):
         model: nn.Module,
         x: Tensor,
         y: Tensor,
-        loss_fn: LossFn,
+        loss_fn: PerSampleLoss,
         indices: Tensor,
         epoch: int,
         generator: torch.Generator,
