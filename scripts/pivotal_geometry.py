@@ -28,7 +28,7 @@ import torch
 from torch.nn.functional import cosine_similarity
 
 from backdoorlab.cli import parse_options
-from backdoorlab.defenses import create_repair
+from backdoorlab.defenses import DefenseContext, create_repair
 from backdoorlab.experiments import load_model
 from backdoorlab.experiments.run import evaluate, prepare
 from backdoorlab.training.loop import predict_logits
@@ -62,9 +62,8 @@ def main() -> None:
     suspect, config = load_model(args.model_file)
     prepared = prepare(config)
     assert config.train is not None
-    outcome = create_repair("pivotal_tuning", **parse_options(args.defense_option)).repair(
-        suspect, prepared.trusted, config.train, device=prepared.device, seed=config.seed
-    )
+    repair = create_repair("pivotal_tuning", **parse_options(args.defense_option))
+    outcome = repair.repair(suspect, prepared.trusted, DefenseContext(config.train, prepared.device, config.seed))
     repaired = outcome.model
     test, triggered = prepared.test_set, prepared.triggered
     clean_index = prepared.config.poison_spec().evaluation_candidates(test.labels)

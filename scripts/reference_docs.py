@@ -222,25 +222,10 @@ def cited(kind: Kind, name: str) -> list[str]:
     return [markdown(str(declared))] if declared else citation(name, registry.get(name), registry.describe()[name])
 
 
-def modality(kind: Kind, name: str, obj: Any) -> str | None:
-    """The data a method takes (``image``, ``series``): its registry metadata (``modality=``), else
-    where the toolkit tracks it today (a trigger's ``modality``, the series models' list, the
-    dataset's source), read leniently so that moving those to metadata does not break this page."""
-    declared = kind.registry.metadata(name).get("modality") or getattr(obj, "modality", None)
-    if declared:
-        return str(declared)
-    try:
-        if kind.page == "models":
-            from backdoorlab.models.series import SERIES_MODELS
-
-            return "series" if name in SERIES_MODELS else "image"
-        if kind.page == "datasets":
-            from backdoorlab.data.sources import dataset_modality
-
-            return dataset_modality(name)
-    except ImportError:
-        pass
-    return None
+def modality(kind: Kind, name: str) -> str | None:
+    """The data a method takes (``image``, ``series``): its registry metadata (``modality=``);
+    ``None`` for kinds that take any."""
+    return kind.registry.metadata(name).get("modality")
 
 
 def code_link(obj: Any) -> str:
@@ -270,7 +255,7 @@ def method_section(kind: Kind, name: str) -> list[str]:
     if what:
         lines += [what, ""]
     facts = []
-    found = modality(kind, name, obj)
+    found = modality(kind, name)
     if found:
         facts.append(f"- **Modality:** {found}")
     extra = {k: v for k, v in registry.metadata(name).items() if k not in ("modality", "citation")}

@@ -15,7 +15,7 @@ import torch
 import backdoorlab.defenses.abl as abl_module
 import backdoorlab.training.loop as loop_module
 from backdoorlab.data.dataset import seeded_permutation
-from backdoorlab.defenses import registry_for
+from backdoorlab.defenses import DefenseContext, registry_for
 from backdoorlab.defenses.abl import ABL, unlearn
 from backdoorlab.defenses.nad import NAD, attention_loss, distillation_blocks
 from backdoorlab.defenses.neural_cleanse import (
@@ -199,7 +199,7 @@ def test_neural_cleanse_repair_unlearns_every_flagged_class(digits, monkeypatch)
         type(NeuralCleanseRepair().tuning), "tune", lambda self, model, data, recipe, **kw: tuned.append(data)
     )
     model = create_model("small_cnn", data.num_classes, data.in_channels, data.mean, data.std, width=8)
-    outcome = NeuralCleanseRepair().repair(model, data, TrainConfig(progress=False), device=CPU, seed=0)
+    outcome = NeuralCleanseRepair().repair(model, data, DefenseContext(TrainConfig(progress=False), CPU, 0))
     assert outcome.details["unlearned_classes"] == [7, 3]
     (unlearning,) = tuned
     assert len(unlearning) == len(data) + 40, "one stamped copy of the 20% per flagged class"
@@ -234,6 +234,7 @@ def test_nad_defaults_keep_the_official_weight_decay():
     assert nad.student_tuning.weight_decay == 1e-4 and nad.student_tuning.epochs == 20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("augment", [False, True])
 def test_abl_isolation_trains_without_augmentation(digits, monkeypatch, augment):
     """The official ABL (backdoor_isolation.py, data_loader.py:56: ToTensor only) and BackdoorBench
@@ -263,7 +264,7 @@ def test_abl_isolation_trains_without_augmentation(digits, monkeypatch, augment)
     def build():  # noqa: ANN202
         return create_model("small_cnn", data.num_classes, data.in_channels, data.mean, data.std, width=8)
 
-    ABL(unlearning_epochs=1, isolation_augmentation=augment).train(data, build, recipe, device=CPU, seed=0)
+    ABL(unlearning_epochs=1, isolation_augmentation=augment).train(data, build, DefenseContext(recipe, CPU, 0))
     assert augmented["training on the rest"] > 0, "the recipe's augmentation is on where ABL keeps it"
     assert augmented["unlearning"] == 0
     assert (augmented["ABL isolation (LGA)"] > 0) == augment

@@ -13,6 +13,7 @@ from backdoorlab.cli import app, parse_size
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_run_writes_result_json(tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, ["run", "--epochs", "10", "--seed", "1", "--data-seed", "3", "--output", str(out)])
@@ -23,6 +24,7 @@ def test_run_writes_result_json(tmp_path):
     assert stored["metrics"]["attack_success_rate"] > 0.5
 
 
+@pytest.mark.slow
 def test_run_with_a_defense_reports_its_isolation(tmp_path):
     out = tmp_path / "abl"
     args = ["run", "--defense", "abl", "-d", "isolation_ratio=0.05", "--epochs", "3", "--output", str(out)]
@@ -59,6 +61,7 @@ def test_bad_input_is_a_clear_error_with_exit_code_2():
         assert message in " ".join(result.output.split()), (args, result.output)
 
 
+@pytest.mark.slow
 def test_saved_model_is_repaired_and_scored_from_the_command_line(tmp_path):
     model_file = tmp_path / "suspect.safetensors"
     result = runner.invoke(app, ["run", "--epochs", "10", "--trusted-size", "0.1", "--save-model", str(model_file)])
@@ -96,6 +99,7 @@ def test_model_file_errors_name_the_file(tmp_path):
         assert path.name in result.output.replace("\n", "")
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:the held-out share has")  # 14 held-out digits: Pivotal Tuning says so, rightly
 def test_detectability_study_runs_from_the_command_line_and_resumes(tmp_path):
     out = tmp_path / "study"
@@ -176,6 +180,7 @@ def test_parse_size():
     assert parse_size("0.1") == 0.1 and parse_size("500") == 500 and parse_size(None) is None
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "backdoorlab", "list", "attacks"], capture_output=True, text=True)
     assert proc.returncode == 0 and "badnets" in proc.stdout

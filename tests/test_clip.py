@@ -194,6 +194,7 @@ TINY_OPEN_CLIP = {
 }
 
 
+@pytest.mark.slow
 def test_tiny_open_clip_learns_zero_shot_colours() -> None:
     pytest.importorskip("open_clip")
     torch.manual_seed(0)
@@ -205,6 +206,7 @@ def test_tiny_open_clip_learns_zero_shot_colours() -> None:
     assert before < 1.0
 
 
+@pytest.mark.slow
 def test_clip_study_command_writes_and_resumes(tmp_path: Path) -> None:
     """``backdoorlab clip study`` on digits at toy sizes: every row and curve is written, the table and
     the plot too, and a rerun reuses the finished attack and the clean model."""

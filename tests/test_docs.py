@@ -147,6 +147,7 @@ def test_grids_shown_in_the_docs_are_valid(tmp_path: Path):
         assert load_grid(grid).cells  # resolves and validates every cell, as `sweep --dry-run`
 
 
+@pytest.mark.slow
 def test_readme_demo_figures_are_what_the_default_run_prints():
     """The README's first table is `backdoorlab run` with every default (digits, on the CPU)."""
     from backdoorlab.experiments import RunConfig, run

@@ -48,6 +48,7 @@ def test_badnets_on_digits_takes(badnets_digits):
     assert m["robust_accuracy"] <= 0.1
 
 
+@pytest.mark.slow
 def test_clean_model_has_low_asr():
     """The control: the same trigger on a model trained without poison does not hit the target
     (poison rate 0: a clean baseline, the trigger measured on it)."""
@@ -56,6 +57,7 @@ def test_clean_model_has_low_asr():
     assert result.metrics["attack_success_rate"] < 0.2
 
 
+@pytest.mark.slow
 def test_blended_all_to_all_on_digits():
     result = run(
         RunConfig(
@@ -91,6 +93,7 @@ def test_result_json_schema(badnets_digits, tmp_path):
     assert RunConfig.from_dict(config).resolved().to_dict() == config
 
 
+@pytest.mark.slow
 def test_rerun_from_stored_config_reproduces_metrics(badnets_digits):
     again = run(RunConfig.from_dict(badnets_digits.config))
     assert again.metrics == badnets_digits.metrics

@@ -80,6 +80,7 @@ def test_bad_normalisation_shape_is_refused():
         create_model("small_cnn", 10, in_channels=3, mean=(0.5,), std=(0.5,))
 
 
+@pytest.mark.slow
 def test_efficientnet_lite0_carries_its_imagenet_features(digits):
     """The pretrained weights load and normalise as they expect: a linear probe on the frozen
     pooled features of sklearn's digits (8 px, one channel; the model resizes them to 32) beats

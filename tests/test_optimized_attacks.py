@@ -78,6 +78,7 @@ def test_trojannn_fit_excites_the_chosen_neurons(digits, surrogate):
     assert activation(fitted) > activation(start) and activation(fitted) >= best_random
 
 
+@pytest.mark.slow
 def test_trojannn_takes_on_digits_end_to_end():
     result = run(RunConfig(dataset="digits", attack="trojannn", attack_options={"steps": 200}, device="cpu"))
     assert result.metrics["attack_success_rate"] > 0.9 and result.metrics["clean_accuracy"] > 0.95

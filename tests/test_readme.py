@@ -13,6 +13,7 @@ from .conftest import REPO
 README = (REPO / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_readme_python_example_runs(capsys):
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
     assert blocks, "the README has a Python example"

@@ -204,3 +204,84 @@ def test_repairs_fine_tune_without_airbench_optimiser_tricks():
         False,
     )
     assert (tuned.crop_mode, tuned.alternating_flip, tuned.lr, tuned.epochs) == ("reflect", True, 0.01, 5)
+
+
+def test_a_subsampled_fast_run_trains_to_the_step_budget_up_to_the_cap():
+    """docs/benchmarks.md, "Subsets: the step budget": epochs = min(4E, max(E, round(E x full / subset))),
+    the sizes before the trusted split, the epoch-indexed schedule stretched with them."""
+    full = recipe_for("fast", "mnist")
+    assert (full.full_size, full.train.epochs, full.train.lookahead_epoch) == (60_000, 2, 3)
+    for train_size, epochs in ((30_000, 4), (0.5, 4), (20_000, 6), (12_000, 8), (0.1, 8), (600, 8)):
+        train = RunConfig(dataset="mnist", train_size=train_size).resolved().train
+        assert train.epochs == epochs, train_size  # 6,000 would take 20 for the full set's steps: capped at 8
+        factor = epochs // 2
+        assert (train.lookahead_epoch, train.whiten_bias_epochs) == (3 * factor, 3 * factor)
+    for train_size in (None, 1.0, 60_000, 0.99):  # the full set (less the trusted 1%) and what rounds to it
+        config = RunConfig(dataset="mnist", train_size=train_size)
+        assert config.step_budget() is None and config.resolved().train == full.train
+    assert RunConfig(dataset="cifar10", train_size=10_000).resolved().epochs == 64  # 16 x 5 capped at 16 x 4
+    budget = RunConfig(dataset="mnist", train_size=6_000).step_budget()
+    assert budget is not None and budget.note().startswith(
+        "recipe fast: 6,000 of 60,000 training images, epochs 2 -> 8 (step budget, cap 4x"
+    )
+
+
+def test_explicit_epochs_backdoorbench_quick_and_small_sets_keep_their_epochs():
+    for config, epochs in (
+        (RunConfig(dataset="mnist", train_size=6_000, epochs=2), 2),
+        (RunConfig(dataset="mnist", train_size=6_000, epochs=3), 3),
+        (RunConfig(dataset="mnist", train_size=6_000, train=TrainConfig(epochs=5)), 5),
+        (RunConfig(dataset="mnist", train_size=6_000, recipe="backdoorbench"), 100),
+        (RunConfig(dataset="cifar10", train_size=0.1, recipe="backdoorbench"), 100),
+        (RunConfig(dataset="mnist", train_size=6_000, recipe="quick"), 4),
+        (RunConfig(dataset="digits", train_size=0.2), 20),
+        (RunConfig(dataset="gunpoint", train_size=0.5), 100),
+    ):
+        assert config.step_budget() is None
+        resolved = config.resolved()
+        assert resolved.epochs == resolved.train.epochs == epochs, config
+    explicit = RunConfig(dataset="mnist", train_size=6_000, epochs=2).resolved().train
+    assert explicit.lookahead_epoch == 3, "explicit epochs keep the recipe's schedule as it is"
+
+
+def test_a_scaled_config_stores_its_epochs_and_resolves_to_itself_again():
+    """A result's config is the run's: resolving it again (a rerun, a sweep's resume) keeps the chosen
+    epochs and scales nothing twice; a full-size run stores what it stored before the budget."""
+    scaled = RunConfig(dataset="mnist", train_size=6_000).resolved()
+    assert scaled.to_dict()["epochs"] == 8 and scaled.to_dict()["train"]["epochs"] == 8
+    again = RunConfig.from_dict(scaled.to_dict())
+    assert again.step_budget() is None and again.resolved() == scaled
+    assert RunConfig(dataset="mnist").resolved().to_dict()["epochs"] == 2
+
+
+def test_run_records_and_the_cli_prints_the_step_budget(monkeypatch):
+    """On digits (no data folder) under a throwaway recipe with a budget: the run trains the chosen
+    epochs and records them; ``backdoorlab run`` prints the choice before training."""
+    from dataclasses import replace
+
+    from backdoorlab import experiments
+    from backdoorlab.experiments.recipes import DIGITS_RECIPE
+    from backdoorlab.experiments.run import run
+
+    budgeted = replace(DIGITS_RECIPE, train=replace(DIGITS_RECIPE.train, epochs=1), full_size=1437, max_epoch_scale=3)
+    monkeypatch.setitem(RECIPES._items, "budgeted", lambda dataset: budgeted)
+    config = RunConfig(recipe="budgeted", train_size=600, test_size=100, device="cpu", threads=1)
+    result = run(config)
+    assert result.config["epochs"] == 2 and len(result.history["loss"]) == 2  # round(1437 / 600) = 2
+    assert result.details["step_budget"] == {
+        "recipe": "budgeted",
+        "images": 600,
+        "full_images": 1437,
+        "recipe_epochs": 1,
+        "epochs": 2,
+        "max_scale": 3,
+    }
+    assert "step_budget" not in run(replace(config, epochs=1)).details
+
+    def stop(config):
+        raise ValueError("stopped before training")
+
+    monkeypatch.setattr(experiments, "run", stop)
+    printed = CliRunner().invoke(app, ["run", "--recipe", "budgeted", "--train-size", "300"])
+    assert "recipe budgeted: 300 of 1,437 training images, epochs 1 -> 3 (step budget, cap 3x" in printed.output
+    assert "stopped before training" in printed.output

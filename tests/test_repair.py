@@ -3,20 +3,29 @@ and on an MNIST subset the repairs remove BadNets while keeping clean accuracy."
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import pytest
 import torch
 
 from backdoorlab.data import TensorDataset
-from backdoorlab.defenses import REPAIRS, DefenseOutcome, DefenseWarning, RepairDefense, create_repair, defense_kind
+from backdoorlab.defenses import (
+    REPAIRS,
+    DefenseContext,
+    DefenseOutcome,
+    DefenseWarning,
+    Repair,
+    create_repair,
+    defense_kind,
+)
 from backdoorlab.defenses.fine_pruning import pruning_order
 from backdoorlab.defenses.nad import attention_map, map_scaled_betas
 from backdoorlab.defenses.neural_cleanse import anomaly_indices
 from backdoorlab.defenses.pivotal_tuning import chosen_checkpoint, parameter_distance, soft_latent_orthogonality
 from backdoorlab.defenses.post_training import accuracy, holdout_split
 from backdoorlab.experiments import RunConfig, run
-from backdoorlab.experiments.run import apply_repair, evaluate, prepare, train_victim
+from backdoorlab.experiments.run import Prepared, apply_repair, evaluate, prepare, train_victim
 from backdoorlab.models import create_model
 from backdoorlab.registry import UnknownNameError
 from backdoorlab.training.loop import TrainConfig, predict_logits
@@ -76,9 +85,9 @@ def test_defense_names_say_their_kind_and_unknown_ones_list_both():
 def test_a_repair_gets_the_model_and_the_trusted_split_only(monkeypatch):
     seen: dict[str, object] = {}
 
-    class Spy(RepairDefense):
-        def repair(self, model, trusted, recipe, *, device, seed, observer=None):  # noqa: ANN001, ANN201
-            seen["trusted"], seen["args"] = trusted, (model, recipe, device, seed)
+    class Spy(Repair):
+        def repair(self, model, trusted, ctx):  # noqa: ANN001, ANN201
+            seen["trusted"], seen["ctx"] = trusted, ctx
             return DefenseOutcome(model)
 
     monkeypatch.setitem(REPAIRS._items, "spy", Spy)
@@ -87,6 +96,9 @@ def test_a_repair_gets_the_model_and_the_trusted_split_only(monkeypatch):
     trusted = seen["trusted"]
     assert isinstance(trusted, TensorDataset) and len(trusted) == result.data["trusted"]
     assert not hasattr(trusted, "mask"), "the trusted split is plain clean data"
+    ctx = seen["ctx"]
+    assert isinstance(ctx, DefenseContext) and ctx.recipe.epochs == 1 and ctx.device == torch.device("cpu")
+    assert ctx.observer is not None, "the evaluation watches the repair through the context's observer"
     assert "suspect_attack_success_rate" in result.metrics
     assert result.metrics["attack_success_rate"] == result.metrics["suspect_attack_success_rate"]
 
@@ -147,7 +159,7 @@ def test_nad_can_scale_its_betas_to_the_model_attention_maps(digits):
     model = create_model("small_cnn", data.num_classes, data.in_channels, data.mean, data.std, width=8)
     nad = create_repair("nad", epochs=1, teacher_epochs=1, scale_betas=True)
     outcome = nad.repair(
-        model, data.subset(torch.arange(64)), TrainConfig(progress=False), device=torch.device("cpu"), seed=0
+        model, data.subset(torch.arange(64)), DefenseContext(TrainConfig(progress=False), torch.device("cpu"), 0)
     )
     assert outcome.details["betas"] == pytest.approx([500 / 16, 1000 / 16, 1000 / 16])  # 8x8 digits: 8x8, 4x4, 2x2 maps
 
@@ -163,6 +175,36 @@ def test_package_exports_the_post_training_registries():
     assert {"neural_cleanse", "cti"} <= set(defenses.DETECTORS.names())
 
 
+def test_every_registered_defense_is_one_of_the_three_kinds_in_base():
+    """The three interfaces live in ``defenses.base``, each registry holds its own kind, and the old
+    names and import paths still work."""
+    from backdoorlab.defenses import base, post_training
+
+    kinds = ((base.DEFENSES, base.TrainingDefense), (REPAIRS, Repair), (base.DETECTORS, base.Detector))
+    for registry, kind in kinds:
+        assert kind.__module__ == base.__name__
+        assert all(issubclass(registry.get(name), kind) for name in registry.names()), registry.kind
+    assert base.RepairDefense is Repair and post_training.RepairDefense is Repair
+    assert post_training.Detector is base.Detector, "the old import path still works"
+
+
+def test_the_defense_context_is_frozen_and_observes_only_where_there_is_an_observer():
+    seen = []
+    ctx = DefenseContext(TrainConfig(progress=False), torch.device("cpu"), 3)
+    ctx.observe(torch.nn.Linear(1, 1), 0)  # no observer: nothing happens
+    watched = dataclasses.replace(ctx, observer=lambda model, checkpoint: seen.append(checkpoint))
+    watched.observe(torch.nn.Linear(1, 1), 2)
+    assert seen == [2] and ctx.observer is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.seed = 4  # type: ignore[misc]
+
+
+def context(prepared: Prepared, seed: int) -> DefenseContext:
+    """What ``run`` hands a repair of ``prepared``, at ``seed`` and with no observer."""
+    assert prepared.config.train is not None
+    return DefenseContext(prepared.config.train, prepared.device, seed)
+
+
 @pytest.fixture(scope="module")
 def digits_victim():
     """BadNets on digits, 10 epochs, a 20% trusted split (287 digits, 29 of them Pivotal Tuning's
@@ -172,6 +214,7 @@ def digits_victim():
     return prepared, model
 
 
+@pytest.mark.slow
 def test_pivotal_tuning_returns_a_checkpoint_that_keeps_held_out_accuracy(digits_victim):
     """At a learning rate that first wrecks the model and then lets it recover (lr 0.03, no anchor;
     measured held-out accuracy 0.97 -> 0.48 at step 21 -> 0.97 at step 72 -> 0.93 to step 120),
@@ -180,7 +223,7 @@ def test_pivotal_tuning_returns_a_checkpoint_that_keeps_held_out_accuracy(digits
     prepared, model = digits_victim
     repair = create_repair("pivotal_tuning", steps=120, lr=0.03, eval_every=10, slol_weight=0.05, parameter_weight=0.0)
     with pytest.warns(DefenseWarning, match="the held-out share has 29 images"):
-        outcome = repair.repair(model, prepared.trusted, prepared.config.train, device=prepared.device, seed=7)
+        outcome = repair.repair(model, prepared.trusted, context(prepared, 7))
     details = outcome.details
     _, held_out = holdout_split(prepared.trusted, 0.1, seed=7)
     assert details["held_out_size"] == len(held_out) == 29 and details["held_out_standard_error"] > 0.02
@@ -205,6 +248,7 @@ def test_pivotal_tuning_returns_a_checkpoint_that_keeps_held_out_accuracy(digits
     assert all(p.requires_grad for p in model.parameters()), "the suspect model is left as it was"
 
 
+@pytest.mark.slow
 def test_pivotal_tuning_persistence_curve_follows_its_held_out_checkpoints(digits_victim):
     """The evaluation watches Pivotal Tuning at each held-out measurement (steps, not epochs), and
     the model it returns is the chosen checkpoint of that curve."""
@@ -222,6 +266,7 @@ def test_pivotal_tuning_persistence_curve_follows_its_held_out_checkpoints(digit
     assert chosen["attack_success_rate"] == pytest.approx(metrics["attack_success_rate"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_pivotal_tuning_first_drop_rule_stops_at_the_first_held_out_fall(digits_victim):
     """``checkpoint_rule="first_drop"`` returns a checkpoint from before the held-out accuracy
     first falls below the floor; the default may return a later one where it climbs back (digits,
@@ -238,7 +283,7 @@ def test_pivotal_tuning_first_drop_rule_stops_at_the_first_held_out_fall(digits_
             "pivotal_tuning", steps=100, lr=0.02, eval_every=5, parameter_weight=0.0, checkpoint_rule=rule
         )
         with pytest.warns(DefenseWarning):
-            outcome = repair.repair(model, prepared.trusted, prepared.config.train, device=prepared.device, seed=7)
+            outcome = repair.repair(model, prepared.trusted, context(prepared, 7))
         curve, chosen[rule] = outcome.details["held_out_curve"], outcome.details["chosen_step"]
     floor = curve[0]["accuracy"] - 0.02
     first_drop = next(p["step"] for p in curve if p["accuracy"] < floor)
@@ -246,6 +291,7 @@ def test_pivotal_tuning_first_drop_rule_stops_at_the_first_held_out_fall(digits_
     assert all(p["accuracy"] >= floor for p in curve if p["step"] <= chosen["first_drop"])
 
 
+@pytest.mark.slow
 def test_pivotal_tuning_latent_term_turns_the_class_geometry_away_from_the_pivot(digits_victim):
     """SLOL is what moves the directions between class centroids away from the suspect's: with it
     the pivot-cosine part falls further than the cross-entropy and anchor move it alone (digits,
@@ -256,7 +302,7 @@ def test_pivotal_tuning_latent_term_turns_the_class_geometry_away_from_the_pivot
         repair = create_repair(
             "pivotal_tuning", steps=300, lr=1e-2, eval_every=50, slol_weight=weight, max_accuracy_drop=1.0
         )
-        outcome = repair.repair(model, prepared.trusted, prepared.config.train, device=prepared.device, seed=0)
+        outcome = repair.repair(model, prepared.trusted, context(prepared, 0))
         curve = outcome.details["held_out_curve"]
         assert outcome.details["chosen_step"] == curve[-1]["step"] >= 300
         ends[weight] = curve[-1]["pivot_cosine"]
@@ -278,7 +324,7 @@ def test_pivotal_tuning_warns_when_it_returns_the_suspect_model(digits_victim):
     prepared, model = digits_victim
     repair = create_repair("pivotal_tuning", steps=60, lr=0.5, eval_every=10, parameter_weight=0.0)
     with pytest.warns(DefenseWarning, match="returns the suspect model unchanged"):
-        outcome = repair.repair(model, prepared.trusted, prepared.config.train, device=prepared.device, seed=0)
+        outcome = repair.repair(model, prepared.trusted, context(prepared, 0))
     assert outcome.details["chosen_step"] == 0
     x = prepared.test_set.inputs[:200]
     assert torch.equal(predict_logits(outcome.model, x).argmax(1), predict_logits(model, x).argmax(1))

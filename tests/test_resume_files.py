@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from backdoorlab.attacks.poisoning import PoisonedDataset, TriggeredTestSet
 from backdoorlab.attacks.triggers import Trigger
 from backdoorlab.data import TensorDataset
-from backdoorlab.defenses import DEFENSES, REPAIRS, DefenseOutcome, RepairDefense, TrainingDefense
+from backdoorlab.defenses import DEFENSES, REPAIRS, DefenseOutcome, Repair, TrainingDefense
 from backdoorlab.experiments import ModelFileError, RunConfig, load_model, run, run_cached, save_model
 from backdoorlab.experiments.detectability import study_model
 from backdoorlab.experiments.grid import Cell
@@ -286,6 +286,7 @@ def test_a_bad_store_row_or_page_is_named(tmp_path: Path) -> None:
 # -- workers die with their parent ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to tell a zombie from a live worker")
 def test_a_worker_dies_when_its_sweep_is_killed(tmp_path: Path) -> None:
     """Issue case 9: after ``kill -9`` of the sweep's main process its worker trained on for minutes."""
@@ -338,10 +339,10 @@ def test_a_training_defense_gets_a_model_spec_with_nothing_of_the_run(monkeypatc
     seen = {}
 
     class Spy(TrainingDefense):
-        def train(self, data, build_model, recipe, *, device, seed):  # noqa: ANN001, ANN201
-            seen["factory"] = build_model
+        def train(self, data, build_model, ctx):  # noqa: ANN001, ANN201
+            seen["factory"], seen["ctx"] = build_model, ctx
             model = build_model()
-            train(model, data, recipe, device=device, seed=seed)
+            train(model, data, ctx.recipe, device=ctx.device, seed=ctx.seed)
             return DefenseOutcome(model)
 
     monkeypatch.setitem(DEFENSES._items, "spy", Spy)
@@ -354,6 +355,7 @@ def test_a_training_defense_gets_a_model_spec_with_nothing_of_the_run(monkeypatc
     assert all(isinstance(v, (str, int, float, tuple)) for v in vars(factory).values())
     held = reachable(factory)
     assert not [type(o).__name__ for o in held if isinstance(o, (*FORBIDDEN, torch.Tensor, RunConfig))]
+    assert not [type(o).__name__ for o in reachable(seen["ctx"]) if isinstance(o, (*FORBIDDEN, RunConfig))]
     # the closure the old factory was: the same walk finds the run's data behind it
     prepared = prepare(RunConfig(**SMALL))
     old = lambda: (prepared, prepared.config)  # noqa: E731 - the shape of the replaced factory
@@ -365,13 +367,13 @@ def test_the_repair_observer_holds_no_measurement() -> None:
     measured curve. Now it only copies the model; the curve is measured after the repair returns."""
     seen = {}
 
-    class Spy(RepairDefense):
+    class Spy(Repair):
         checkpoint_unit = "epoch"
 
-        def repair(self, model, trusted, recipe, *, device, seed, observer=None):  # noqa: ANN001, ANN201
-            model = copy.deepcopy(model)
+        def repair(self, model, trusted, ctx):  # noqa: ANN001, ANN201
+            model, observer = copy.deepcopy(model), ctx.observer
             seen["returns"] = observer(model, 0)
-            held = reachable(observer)
+            held = reachable(ctx)  # the observer and everything else the context holds
             seen["held"] = [type(o).__name__ for o in held if isinstance(o, FORBIDDEN)]
             seen["metrics"] = [o for o in held if isinstance(o, dict) and "attack_success_rate" in o]
             with torch.no_grad():  # a model that predicts one class: its own snapshot must show it

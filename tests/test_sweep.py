@@ -95,11 +95,13 @@ def test_cell_key_ignores_placement_but_not_content() -> None:
     added = ("data_seed", "threads", "deterministic", "preset", "poison_rate_of")
     earlier = {k: v for k, v in config.to_dict().items() if k not in ("device", "data_root", *added)}
     del earlier["train"]["milestones"]  # the dict a version before the step schedule hashed
+    del earlier["train"]["min_last_batch"]  # ... and before the last batch could be skipped
     text = json.dumps(earlier, sort_keys=True, separators=(",", ":"), default=str)
     assert cell_key(config) == hashlib.sha256(text.encode()).hexdigest()[:16]
     stepped = replace(config, train=replace(config.train, schedule="step", milestones=[2]))
     assert cell_key(stepped) != cell_key(replace(config, train=replace(config.train, schedule="step")))
     assert cell_key(config) != cell_key(replace(config, data_seed=0))
+    assert cell_key(config) != cell_key(replace(config, train=replace(config.train, min_last_batch=0.5)))
 
 
 @pytest.mark.parametrize(
@@ -254,6 +256,7 @@ def test_one_sweep_at_a_time_per_output(tmp_path: Path) -> None:
             sweep(expand(TINY), tmp_path, executor="inline")
 
 
+@pytest.mark.slow
 def test_worker_processes_save_models(tmp_path: Path) -> None:
     from backdoorlab.experiments import load_model
 

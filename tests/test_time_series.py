@@ -183,7 +183,7 @@ def test_series_config_defaults_and_refusals():
     config = RunConfig(dataset="ucr:GunPoint").resolved()
     assert (config.attack, config.model) == ("ts_pattern", "fcn")
     assert config.train.crop_padding == 0 and config.train.epochs == 100
-    with pytest.raises(ValueError, match="attack 'badnets' is for image data.*ts_pattern"):
+    with pytest.raises(ValueError, match="attack 'badnets' does not take series data.*only image.*ts_pattern"):
         RunConfig(dataset="gunpoint", attack="badnets").resolved()
     with pytest.raises(ValueError, match="model 'small_cnn' does not take series data.*fcn"):
         RunConfig(dataset="gunpoint", model="small_cnn").resolved()
@@ -191,6 +191,7 @@ def test_series_config_defaults_and_refusals():
         RunConfig(dataset="digits", model="fcn").resolved()
 
 
+@pytest.mark.slow
 def test_pattern_backdoor_takes_on_gunpoint_with_clean_accuracy_kept():
     pytest.importorskip("sktime", reason="the timeseries extra (sktime) is not installed")
     clean = run(RunConfig(dataset="gunpoint", poison_rate=0.0, device="cpu"))
@@ -201,6 +202,7 @@ def test_pattern_backdoor_takes_on_gunpoint_with_clean_accuracy_kept():
     assert poisoned.metrics["clean_accuracy"] >= clean.metrics["clean_accuracy"] - 0.05
 
 
+@pytest.mark.slow
 def test_cli_runs_and_plots_a_series_set(tmp_path):
     pytest.importorskip("sktime", reason="the timeseries extra (sktime) is not installed")
     pytest.importorskip("matplotlib")
@@ -216,6 +218,7 @@ def test_cli_runs_and_plots_a_series_set(tmp_path):
     assert result.exit_code != 0 and "ts_pattern" in result.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("defense", ["abl", "e2abl", "fine_tuning", "fine_pruning", "nad"])
 def test_defenses_run_on_series_unchanged(defense):
     """Training-time defenses and repairs take series as they are; the model they return still

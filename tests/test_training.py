@@ -241,3 +241,36 @@ def test_batch_augmentation_builds_the_model_input_from_the_config():
     assert torch.equal(odd.flip(-1), even)  # each image shown both ways over two epochs
     mirrored = (even != plain(images, indices, 0)).flatten(1).any(1)
     assert torch.equal(even[mirrored], plain(images, indices, 0)[mirrored].flip(-1)) and 0 < int(mirrored.sum()) < 6
+
+
+@pytest.mark.parametrize(
+    ("samples", "min_last_batch", "sizes"),
+    [(90, 1.0, [32, 32]), (90, 0.0, [32, 32, 26]), (90, 0.9, [32, 32]), (90, 0.8, [32, 32, 26]), (20, 1.0, [20])],
+)
+def test_a_last_batch_under_min_last_batch_is_skipped_but_never_a_whole_epoch(digits, samples, min_last_batch, sizes):
+    """A last batch smaller than ``min_last_batch`` of a batch is skipped (1.0: airbench94's
+    drop_last); a set smaller than one batch is still trained on."""
+    data = subsample(digits.train, samples, seed=0)
+    seen = []
+
+    class Sizes(Callback):
+        def on_batch_end(self, indices, losses, epoch):
+            seen.append((epoch, len(indices)))
+
+    config = TrainConfig(epochs=2, batch_size=32, min_last_batch=min_last_batch, progress=False)
+    history = train(fresh_model(data), data, config, callbacks=[Sizes()])
+    assert seen == [(epoch, size) for epoch in (0, 1) for size in sizes]
+    assert len(history.loss) == 2 and all(math.isfinite(v) for v in history.loss)
+
+
+def test_the_fast_recipe_skips_a_last_batch_under_half_and_repairs_keep_theirs():
+    """The 30,000-image MNIST subset's 4-image last batch (29,700 after the trusted 1%) collapsed the
+    fast recipe's lr 1.5 run (CA 0.45); the 10,000-image subset's 684-image one is kept."""
+    from backdoorlab.defenses.post_training import tuning_recipe
+    from backdoorlab.experiments import RunConfig
+    from backdoorlab.training.loop import steps_in_epoch
+
+    recipe = RunConfig(dataset="mnist").resolved().train
+    assert steps_in_epoch(29_700, recipe) == 29 and steps_in_epoch(9_900, recipe) == 10
+    assert tuning_recipe(recipe, epochs=1, lr=0.01, batch_size=64).min_last_batch == 0.0
+    assert RunConfig(dataset="mnist", recipe="quick").resolved().train.min_last_batch == 0.0

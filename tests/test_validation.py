@@ -17,13 +17,17 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from backdoorlab.attacks import ATTACKS
+from backdoorlab.attacks.series import SeriesTrigger
 from backdoorlab.cli import app
+from backdoorlab.data.sources import dataset_modality
 from backdoorlab.defenses import DEFENSES, DETECTORS, REPAIRS
 from backdoorlab.experiments import RunConfig, run
 from backdoorlab.experiments.grid import GridError, cell_key, expand
-from backdoorlab.models import MODELS
+from backdoorlab.models import MODELS, models_for
 from backdoorlab.models.registry import DATA_PARAMETERS
+from backdoorlab.models.series import fcn
 from backdoorlab.options import OptionError, Range, check_value
+from backdoorlab.registry import Registry, UnknownNameError
 from backdoorlab.training.regularizers import REGULARIZERS
 
 runner = CliRunner()
@@ -91,8 +95,7 @@ def _invalid_values(base: type, bounds: Range | None) -> st.SearchStrategy:
 
 def _where(kind: str, name: str, option: str, value: object) -> RunConfig:
     """A config that gives ``value`` to ``option`` of method ``name`` (of registry ``kind``)."""
-    series = kind == "attacks" and ATTACKS.get(name).modality == "series"
-    series = series or (kind == "models" and name in {"fcn", "resnet1d", "inception_time", "inception_time_small"})
+    series = kind in ("attacks", "models") and REGISTRIES[kind][0].metadata(name)["modality"] == "series"
     base = {"dataset": "gunpoint" if series else "digits", "epochs": 1}
     places = {
         "attacks": {"attack": name, "attack_options": {option: value}},
@@ -331,3 +334,49 @@ def test_sweep_workers_take_omp_num_threads(monkeypatch):
         assert executor.threads == 3
     finally:
         executor.shutdown()
+
+
+def test_a_models_modality_is_its_registration_listed_and_checked(no_training):
+    """``register(..., modality="series")`` is the one place a model's data kind is declared:
+    ``models_for``, config validation and ``list`` read it, and it goes with the entry."""
+    with MODELS.temporary("probe_series", fcn, "a throwaway model", modality="series"):
+        assert "probe_series" in models_for("series") and "probe_series" not in models_for("image")
+        _one_line_error(
+            lambda: RunConfig(dataset="digits", model="probe_series").resolved(),
+            "model 'probe_series' does not take image data (digits), only series",
+            "small_cnn",
+        )
+        assert RunConfig(dataset="gunpoint", model="probe_series").resolved().model == "probe_series"
+        listed = runner.invoke(app, ["list", "models"], env={"COLUMNS": "200"})
+        assert listed.exit_code == 0
+        assert any(
+            "probe_series" in line and "series" in line.split("probe_series")[1] for line in listed.output.splitlines()
+        )
+    assert "probe_series" not in models_for("series")
+    assert MODELS.metadata("small_cnn")["modality"] == "image"  # the registry's default
+
+
+def test_an_attacks_modality_is_its_trigger_class_read_at_registration():
+    assert ATTACKS.metadata("ts_pattern")["modality"] == "series" and ATTACKS.metadata("badnets")["modality"] == "image"
+    attacks: Registry[type] = Registry("attack")
+    with pytest.raises(ValueError, match="modality='image' but SeriesTrigger.modality is 'series'"):
+        attacks.register("contradicted", modality="image")(SeriesTrigger)
+    with pytest.raises(ValueError, match="unknown modality 'video'; valid: image, series, image-text"):
+        attacks.register("unknown", modality="video")(lambda: None)
+    assert attacks.names() == []
+    _one_line_error(
+        lambda: RunConfig(dataset="digits", attack="ts_pattern").resolved(),
+        "attack 'ts_pattern' does not take image data (digits), only series",
+        "badnets",
+    )
+
+
+def test_a_datasets_modality_comes_from_its_registration():
+    assert [dataset_modality(name) for name in ("digits", "gunpoint", "ucr:GunPoint", "sktime:ArrowHead")] == [
+        "image",
+        "series",
+        "series",
+        "series",
+    ]
+    with pytest.raises(UnknownNameError, match="unknown dataset 'cifar100'"):
+        dataset_modality("cifar100")

@@ -111,7 +111,9 @@ RecipeOpt = Annotated[
     str, typer.Option(help="Training recipe: fast, quick or backdoorbench (see `backdoorlab list recipes`).")
 ]
 ModelOpt = Annotated[Optional[str], typer.Option(help="Model name; default: the recipe's.")]
-EpochsOpt = Annotated[Optional[int], typer.Option(help="Default: the recipe's.")]
+EpochsOpt = Annotated[
+    Optional[int], typer.Option(help="Default: the recipe's (fast: more for a --train-size subset, its step budget).")
+]
 TrainSizeOpt = Annotated[
     Optional[str], typer.Option(help="Subsample the training split: a fraction (0.5) or a count (5000).")
 ]
@@ -172,6 +174,10 @@ def run_command(
         Optional[int], typer.Option(help="Seeds the subsamples and trusted split alone (default: --seed).")
     ] = None,
     device: DeviceOpt = "auto",
+    threads: Annotated[
+        Optional[int],
+        typer.Option(help="torch CPU threads (default: torch's); stored with the result, as results can depend on it."),
+    ] = None,
     train_size: TrainSizeOpt = None,
     test_size: TestSizeOpt = None,
     trusted_size: Annotated[
@@ -218,6 +224,7 @@ def run_command(
             seed=seed,
             data_seed=data_seed,
             device=device,
+            threads=threads,
             train_size=parse_size(train_size),
             test_size=parse_size(test_size),
             trusted_size=parse_size(trusted_size),
@@ -226,6 +233,9 @@ def run_command(
         )
         check_output_dir(output, "--output")
         check_output_file(save_model, "--save-model")
+        budget = config.step_budget()
+        if budget is not None:
+            console.print(budget.note(), soft_wrap=True)
         result = run(config)
     except (UnknownNameError, DataError, ValueError, TypeError) as err:
         _fail(err)
@@ -750,14 +760,22 @@ def list_command(
                     table.add_row(item if i == 0 else "", *row)
             console.print(table)
             continue
+        # the data each takes (registry metadata), for the kinds registered with a modality
+        modal = any("modality" in registry.metadata(item) for item in registry.names())
+        if modal:
+            table.add_column("data")
         for item, text in registry.describe().items():
-            table.add_row(item, text)
+            table.add_row(item, text, *([registry.metadata(item).get("modality", "any")] if modal else []))
         if name == "datasets":
             table.add_row(
-                "ucr:<Name>", "time series: a UCR archive folder <data root>/ucr/<Name>/<Name>_{TRAIN,TEST}.tsv"
+                "ucr:<Name>",
+                "time series: a UCR archive folder <data root>/ucr/<Name>/<Name>_{TRAIN,TEST}.tsv",
+                "series",
             )
             table.add_row(
-                "sktime:<Name>", "time series: any UCR/UEA set through sktime (downloads what it does not bundle)"
+                "sktime:<Name>",
+                "time series: any UCR/UEA set through sktime (downloads what it does not bundle)",
+                "series",
             )
         console.print(table)
 

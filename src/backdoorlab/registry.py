@@ -15,6 +15,10 @@ from backdoorlab.options import OptionError, check_value, describe_hint, option_
 
 T = TypeVar("T")
 
+#: The kinds of data a method can take (registry metadata ``modality=``): uint8 images
+#: ``(N, C, H, W)``, float32 time series ``(N, C, L)``, or image-caption pairs (CLIP).
+MODALITIES = ("image", "series", "image-text")
+
 
 class UnknownNameError(KeyError, ValueError):
     """An unknown registry name; the message lists the valid names."""
@@ -26,31 +30,50 @@ class UnknownNameError(KeyError, ValueError):
 class Registry(Generic[T]):
     """Maps names to factories (classes or functions) with short descriptions."""
 
-    def __init__(self, kind: str, *, positional: int = 0, not_options: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, kind: str, *, positional: int = 0, not_options: tuple[str, ...] = (), modality: str | None = None
+    ) -> None:
         """``positional``: how many leading arguments the toolkit passes each factory (a trigger's
         input shape), and ``not_options``: the keywords it passes (a model's ``num_classes``...);
-        neither is a user's option."""
+        neither is a user's option. ``modality``: the data an entry takes where its registration
+        does not say (``None``: this kind has no modality, as defenses, which take any)."""
         self.kind = kind
         self.positional, self.not_options = positional, tuple(not_options)
+        self.modality = modality
         self._items: dict[str, T] = {}
         self._help: dict[str, str] = {}
         self._metadata: dict[str, dict[str, Any]] = {}
 
     def register(self, name: str, help: str = "", **metadata: Any) -> Callable[[T], T]:
         """Decorator: register ``obj`` under ``name`` (lower case, unique), with optional metadata
-        (timm's convention: ``classes=10`` for a dataset), read back by :meth:`metadata`."""
+        (timm's convention: ``classes=10`` for a dataset), read back by :meth:`metadata`.
+        ``modality=`` (one of :data:`MODALITIES`) is the data it takes; where not given, a class
+        that declares ``modality`` (a trigger) gives its own, else the registry's default."""
 
         def decorator(obj: T) -> T:
             key = name.lower()
             if key in self._items:
                 raise ValueError(f"{self.kind} '{key}' is registered twice")
+            modality = self._modality_of(key, obj, metadata.get("modality"))
             self._items[key] = obj
             doc = help or (getattr(obj, "__doc__", None) or "").strip().split("\n")[0]
             self._help[key] = doc
-            self._metadata[key] = dict(metadata)
+            self._metadata[key] = {**metadata, **({"modality": modality} if modality else {})}
             return obj
 
         return decorator
+
+    def _modality_of(self, key: str, obj: T, given: str | None) -> str | None:
+        """The modality ``obj`` is registered with: ``given``, its class's ``modality`` or the
+        default; refused where unknown, or where ``given`` contradicts the class's."""
+        declared = getattr(obj, "modality", None) if isinstance(obj, type) else None
+        declared = declared if isinstance(declared, str) else None  # not a property's descriptor
+        if given is not None and declared is not None and given != declared:
+            raise ValueError(f"{self.kind} '{key}': modality='{given}' but {obj.__name__}.modality is '{declared}'")
+        modality = given or declared or self.modality
+        if modality is not None and modality not in MODALITIES:
+            raise ValueError(f"{self.kind} '{key}': unknown modality '{modality}'; valid: {', '.join(MODALITIES)}")
+        return modality
 
     def unregister(self, name: str) -> T:
         """Remove ``name`` and return its factory (for tests that register a throwaway entry)."""
@@ -125,8 +148,19 @@ class Registry(Generic[T]):
         self.get(name)
         return dict(self._metadata[name.lower()])
 
-    def names(self) -> list[str]:
-        return sorted(self._items)
+    def names(self, modality: str | None = None) -> list[str]:
+        """The registered names, sorted; with ``modality``, only those registered for it."""
+        return sorted(k for k in self._items if modality is None or self._metadata[k].get("modality") == modality)
+
+    def check_modality(self, name: str, modality: str, data: str) -> None:
+        """Refuse ``name`` for ``data`` (a dataset's name) of ``modality`` where it is registered
+        for another, naming those that fit; an entry without a modality takes any."""
+        takes = self.metadata(name).get("modality")
+        if takes is not None and takes != modality:
+            raise ValueError(
+                f"{self.kind} '{name}' does not take {modality} data ({data}), only {takes}; "
+                f"{self.kind}s for {modality} data: {', '.join(self.names(modality)) or 'none'}"
+            )
 
     def describe(self) -> dict[str, str]:
         """Name -> one-line description, for ``backdoorlab list``."""

@@ -29,7 +29,9 @@ from backdoorlab.registry import Registry
 #: pattern read from a file there); they are not options, as a model's ``DATA_PARAMETERS``.
 TRIGGER_PARAMETERS = ("data_root",)
 
-#: Attacks (trigger classes) by name: ``cls(input_shape, **options)``.
+#: Attacks (trigger classes) by name: ``cls(input_shape, **options)``. Each is registered with its
+#: class's ``modality`` (:class:`Trigger`), read at registration, so ``metadata(name)["modality"]``
+#: and the class never disagree.
 ATTACKS: Registry[type[Trigger]] = Registry("attack", positional=1, not_options=TRIGGER_PARAMETERS)
 
 #: Trigger images read from the data root, by pattern name: BackdoorBench's resources, copied to
@@ -107,8 +109,8 @@ class Trigger(ABC):
 
 
 def attacks_for(modality: str) -> list[str]:
-    """The registered attacks for ``"image"`` or ``"series"`` data, sorted."""
-    return [name for name in ATTACKS if ATTACKS.get(name).modality == modality]
+    """The registered attacks for ``"image"`` or ``"series"`` data (their registry metadata), sorted."""
+    return ATTACKS.names(modality)
 
 
 def create_trigger(

@@ -28,17 +28,15 @@ from backdoorlab.registry import Registry, UnknownNameError
 DATA_ENV = "BACKDOORLAB_DATA"
 
 #: Loaders by name; each takes ``(root, download)`` and returns ``Splits``.
-DATASETS: Registry[Callable[[Path | None, bool], Splits]] = Registry("dataset")
+#: A set holds images unless registered with ``modality="series"``.
+DATASETS: Registry[Callable[[Path | None, bool], Splits]] = Registry("dataset", modality="image")
 
 
-#: Name prefixes for open-ended families of sets: ``ucr:<Name>``, ``sktime:<Name>``.
+#: Name prefixes for open-ended families of sets: ``ucr:<Name>``, ``sktime:<Name>`` (all time series).
 PREFIXES = {
     "ucr": lambda name: lambda root, download: load_ucr(root, name),
     "sktime": lambda name: lambda root, download: load_sktime(name),
 }
-
-#: The time-series sets among the registered names (the rest are images).
-SERIES_DATASETS = set(SKTIME_BUNDLED)
 
 
 class DataNotFoundError(DataError):
@@ -63,14 +61,16 @@ def dataset_loader(name: str) -> Callable[[Path | None, bool], Splits]:
 
 def dataset_facts(name: str) -> dict[str, Any]:
     """What is known of a dataset without loading it: ``classes`` (its number of classes) and
-    ``shape`` (one input's shape) where registered with them; ``{}`` for prefixed families."""
+    ``shape`` (one input's shape) where registered with them, and ``modality``; ``{}`` for
+    prefixed families."""
     return DATASETS.metadata(name) if name in DATASETS else {}
 
 
 def dataset_modality(name: str) -> str:
-    """``"series"`` or ``"image"``, from the name alone (no data is read)."""
-    prefix, sep, _ = name.partition(":")
-    return "series" if (sep and prefix.lower() in PREFIXES) or name.lower() in SERIES_DATASETS else "image"
+    """``"series"`` or ``"image"``, from the name alone (no data is read): a registered set's
+    ``modality``, ``"series"`` for a prefixed family; an unknown name is refused."""
+    dataset_loader(name)  # refuses an unknown name with the valid ones listed
+    return "series" if ":" in name else DATASETS.metadata(name)["modality"]
 
 
 def load_dataset(name: str, root: str | Path | None = None, *, download: bool = True) -> Splits:
@@ -298,6 +298,6 @@ DATASETS.register("gtsrb", "GTSRB traffic signs 32x32 RGB, 43 classes (39k / 12.
 
 
 for _name, _archive_name in SKTIME_BUNDLED.items():
-    DATASETS.register(_name, f"time series: UCR/UEA {_archive_name}, bundled with sktime (timeseries extra)")(
-        lambda root, download, _n=_archive_name, _ours=_name: load_sktime(_n, _ours)
-    )
+    DATASETS.register(
+        _name, f"time series: UCR/UEA {_archive_name}, bundled with sktime (timeseries extra)", modality="series"
+    )(lambda root, download, _n=_archive_name, _ours=_name: load_sktime(_n, _ours))

@@ -1,11 +1,13 @@
-"""Defenses.
+"""Defenses, of three kinds (their interfaces: :mod:`backdoorlab.defenses.base`).
 
-- Training-time defenses (ABL, E2ABL, PT) get only the untrusted training set, a model factory and
-  the recipe, and return a model plus the samples they isolated (``DEFENSES``).
+- Training-time defenses (ABL, E2ABL, PT) get only the untrusted training set and a model factory,
+  and return a model plus the samples they isolated (``TrainingDefense``, ``DEFENSES``).
 - Repair defenses (fine-tuning, Fine-Pruning, NAD, Neural Cleanse, Pivotal Tuning) get a suspect
-  model and the trusted clean split and return a repaired model (``REPAIRS``).
+  model and the trusted clean split and return a repaired model (``Repair``, ``REPAIRS``).
 - Detectors (Neural Cleanse, Calibrated Trigger Inversion) get the same and return a score
-  (``DETECTORS``).
+  (``Detector``, ``DETECTORS``).
+
+Each hook also gets a :class:`DefenseContext`: the run's recipe, device, seed and observer.
 """
 
 from typing import Any, Literal
@@ -23,22 +25,22 @@ from backdoorlab.defenses import (  # noqa: F401  (registers the defenses)
 )
 from backdoorlab.defenses.base import (
     DEFENSES,
-    DefenseOutcome,
-    DefenseWarning,
-    ModelFactory,
-    TrainingDefense,
-    create_defense,
-    lowest,
-)
-from backdoorlab.defenses.post_training import (
     DETECTORS,
     REPAIRS,
+    DefenseContext,
+    DefenseOutcome,
+    DefenseWarning,
     Detection,
     Detector,
+    ModelFactory,
     Observer,
+    Repair,
     RepairDefense,
+    TrainingDefense,
+    create_defense,
     create_detector,
     create_repair,
+    lowest,
 )
 from backdoorlab.registry import Registry, UnknownNameError
 
@@ -64,12 +66,14 @@ __all__ = [
     "DEFENSES",
     "DETECTORS",
     "REPAIRS",
+    "DefenseContext",
     "DefenseOutcome",
     "DefenseWarning",
     "Detection",
     "Detector",
     "ModelFactory",
     "Observer",
+    "Repair",
     "RepairDefense",
     "TrainingDefense",
     "create_defense",

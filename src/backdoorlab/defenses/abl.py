@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses.base import DEFENSES, DefenseOutcome, ModelFactory, TrainingDefense, lowest
+from backdoorlab.defenses.base import DEFENSES, DefenseContext, DefenseOutcome, ModelFactory, TrainingDefense, lowest
 from backdoorlab.options import NonNegativeInt, OpenFraction, PositiveFloat, PositiveInt
 from backdoorlab.training.loop import TrainConfig, per_sample_loss, train
 
@@ -54,7 +54,7 @@ def unlearn(
     the device settings. As
     the official code, the model is in train mode, so batch-norm running statistics are
     re-estimated on the isolated batches; ``keep_norm_statistics`` freezes them (measured on MNIST
-    with the small CNN: with them frozen, ABL's unlearning left ASR at 0.94; docs/defenses.md)."""
+    with the small CNN: with them frozen, ABL's unlearning left ASR at 0.94; docs/notes/2026-11-23-training-defenses-mnist-seeds.md)."""
     if epochs < 1 or len(isolated) == 0:
         return
     config = TrainConfig(
@@ -85,18 +85,12 @@ def unlearn(
 
 
 def train_on_rest_then_unlearn(
-    model: torch.nn.Module,
-    data: TensorDataset,
-    isolated: Tensor,
-    recipe: TrainConfig,
-    *,
-    device: torch.device,
-    seed: int,
-    **unlearning: Any,
+    model: torch.nn.Module, data: TensorDataset, isolated: Tensor, ctx: DefenseContext, **unlearning: Any
 ) -> None:
     """ABL's second stage, shared with PT: continue training ``model`` with the recipe on the
     samples not ``isolated``, then :func:`unlearn` the isolated ones (``unlearning`` are its
     options; ``epochs=0`` skips it)."""
+    recipe, device, seed = ctx.recipe, ctx.device, ctx.seed
     rest = data.subset((~isolated).nonzero().squeeze(1))
     train(
         model, rest, replace(recipe, data_init=False), device=device, seed=seed + 1, description="training on the rest"
@@ -129,7 +123,7 @@ class ABL(TrainingDefense):
     unlearning epochs, the official ``config.py`` 10 / 60 / 5 (the author: "enough"). The code's
     default isolation loss is Flooding and applies LGA to the batch mean; the paper and BackdoorBox
     apply LGA per sample. Here LGA takes the official code's batch mean (:func:`local_gradient_ascent`
-    offers both; on digits the per-sample form's 1% held no poisoned sample, docs/defenses.md).
+    offers both; on digits the per-sample form's 1% held no poisoned sample, docs/notes/2026-11-23-training-defenses-mnist-seeds.md).
     Reconstructed for the fast recipes: the isolation and training
     epochs follow the run's recipe (``isolation_epochs`` defaults to the recipe's epochs, which
     for these recipes is where poisoned samples are learnt and clean ones are not yet), and the
@@ -175,37 +169,27 @@ class ABL(TrainingDefense):
             "isolation_augmentation": self.isolation_augmentation,
         }
 
-    def train(
-        self,
-        data: TensorDataset,
-        build_model: ModelFactory,
-        recipe: TrainConfig,
-        *,
-        device: torch.device,
-        seed: int,
-    ) -> DefenseOutcome:
+    def train(self, data: TensorDataset, build_model: ModelFactory, ctx: DefenseContext) -> DefenseOutcome:
         model = build_model()
-        isolation = replace(recipe, epochs=self.isolation_epochs or recipe.epochs)
+        isolation = replace(ctx.recipe, epochs=self.isolation_epochs or ctx.recipe.epochs)
         if not self.isolation_augmentation:
             isolation = without_augmentation(isolation)
         train(
             model,
             data,
             isolation,
-            device=device,
-            seed=seed,
+            device=ctx.device,
+            seed=ctx.seed,
             loss_fn=local_gradient_ascent(self.gamma),
             description="ABL isolation (LGA)",
         )
-        losses = per_sample_loss(model, data, device=device)
+        losses = per_sample_loss(model, data, device=ctx.device)
         isolated = lowest(losses, self.isolation_ratio)
         train_on_rest_then_unlearn(
             model,
             data,
             isolated,
-            recipe,
-            device=device,
-            seed=seed,
+            ctx,
             epochs=self.unlearning_epochs,
             lr=self.unlearning_lr,
             batch_size=self.unlearning_batch_size,

@@ -1,11 +1,23 @@
-"""The training-time defense interface.
+"""The three kinds of defense, and the context every defense hook gets.
 
-A training-time defense gets the untrusted (possibly poisoned) training set, a factory for fresh
-models of the run's architecture (``run`` passes an ``experiments.run.ModelSpec``: the model's
-name, options and the data's shape facts, nothing else) and the run's training recipe. It never gets the poison mask, the
-trigger, the target class or the test set (DESIGN.md); it returns a trained model and, where it
-isolates samples, its own verdict as a mask over the training set. How good that verdict is
-(isolation precision and recall) is measured by the evaluation, which alone holds the truth.
+- A **training-time defense** (:class:`TrainingDefense`, registry ``DEFENSES``) gets the untrusted
+  (possibly poisoned) training set and a factory for fresh models of the run's architecture (``run``
+  passes an ``experiments.run.ModelSpec``: the model's name, options and the data's shape facts,
+  nothing else). It returns a trained model and, where it isolates samples, its own verdict as a
+  mask over the training set; how good that verdict is (isolation precision and recall) is measured
+  by the evaluation, which alone holds the truth.
+- A **repair** (:class:`Repair`, ``REPAIRS``) gets a trained (suspect) model and the trusted clean
+  split (by default 1% of the training set, carved off before poisoning) and returns a repaired model.
+- A **detector** (:class:`Detector`, ``DETECTORS``) gets the same and returns a score: higher means
+  more likely backdoored.
+
+None of them gets the poison mask, the trigger, the target class or the test set (DESIGN.md). Each
+hook takes its kind's own data and one :class:`DefenseContext`: the run's recipe, device and seed,
+and for a repair the evaluation's ``observer``. Where a repair is watched while it works
+(fine-tuning's persistence curve), it calls the observer with the model at each checkpoint; the
+observer only copies the model's weights (``experiments.run.CheckpointSnapshots``) and returns
+nothing, and the evaluation measures the copies after the repair has returned, so no measurement
+exists while the repair runs.
 """
 
 from __future__ import annotations
@@ -13,7 +25,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -24,8 +36,16 @@ from backdoorlab.training.loop import TrainConfig
 
 #: Training-time defenses by name: ``cls(**options)``.
 DEFENSES: Registry[type[TrainingDefense]] = Registry("defense")
+#: Repair defenses by name: ``cls(**options)``.
+REPAIRS: Registry[type[Repair]] = Registry("repair defense")
+#: Detectors by name: ``cls(**options)``.
+DETECTORS: Registry[type[Detector]] = Registry("detector")
 
 ModelFactory = Callable[[], nn.Module]
+
+#: ``observer(model, checkpoint) -> None``: called by a repair at its checkpoints (0 = before
+#: repairing); it keeps a copy of the model's weights and nothing the repair could read back.
+Observer = Callable[[nn.Module, int], None]
 
 
 class DefenseWarning(UserWarning):
@@ -34,35 +54,51 @@ class DefenseWarning(UserWarning):
     ``warnings.simplefilter("error", DefenseWarning)``."""
 
 
+@dataclass(frozen=True)
+class DefenseContext:
+    """What every defense hook gets besides its data: the run's training ``recipe`` (a defense that
+    trains uses its augmentation and device settings), the ``device``, the ``seed``, and, for a
+    repair the evaluation watches, its ``observer``."""
+
+    recipe: TrainConfig
+    device: torch.device
+    seed: int
+    observer: Observer | None = None
+
+    def observe(self, model: nn.Module, checkpoint: int) -> None:
+        """Hand ``model`` at ``checkpoint`` to the observer, where there is one."""
+        if self.observer is not None:
+            self.observer(model, checkpoint)
+
+
 @dataclass
 class DefenseOutcome:
-    """What a defense returns: the model to deploy, the samples it isolated (a boolean mask over
-    the training set it got, or ``None``), and method-specific details (stored with the result)."""
+    """What a training-time defense or a repair returns: the model to deploy, the samples it
+    isolated (a boolean mask over the training set it got, or ``None``), and method-specific
+    details (stored with the result)."""
 
     model: nn.Module
     isolated: Tensor | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
 
-class TrainingDefense(ABC):
-    """Base class; subclasses store their options in ``self._options`` (see :meth:`config`)."""
+@dataclass
+class Detection:
+    """A detector's verdict: ``score`` (higher = more likely backdoored), whether it crosses the
+    method's own threshold (``None`` when the method has none), and details (per-class scores...)."""
+
+    score: float
+    flagged: bool | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class _Method(ABC):
+    """What every defense shares: options kept in ``self._options``, read back by :meth:`config`."""
 
     _options: dict[str, Any] = {}
 
-    @abstractmethod
-    def train(
-        self,
-        data: TensorDataset,
-        build_model: ModelFactory,
-        recipe: TrainConfig,
-        *,
-        device: torch.device,
-        seed: int,
-    ) -> DefenseOutcome:
-        """Train a model on ``data`` (untrusted) defensively."""
-
     def config(self) -> dict[str, Any]:
-        """The options that rebuild this defense (stored with results)."""
+        """The options that rebuild this method (stored with results)."""
         return dict(self._options)
 
     def __repr__(self) -> str:
@@ -70,9 +106,63 @@ class TrainingDefense(ABC):
         return f"{type(self).__name__}({args})"
 
 
+class TrainingDefense(_Method):
+    """Base class of training-time defenses."""
+
+    @abstractmethod
+    def train(self, data: TensorDataset, build_model: ModelFactory, ctx: DefenseContext) -> DefenseOutcome:
+        """Train a model built by ``build_model`` on ``data`` (untrusted) defensively."""
+
+
+class _PostTraining(_Method):
+    """What repairs and detectors share: a check of the trusted split before any training."""
+
+    def check_trusted(self, trusted: TensorDataset) -> None:
+        """Refuse, before any training, a trusted split too small for this method (a
+        ``ValueError`` that says how small it is); the default asks for two samples."""
+        if len(trusted) < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs a trusted split of at least 2 samples, got {len(trusted)}: "
+                "raise --trusted-size"
+            )
+
+
+class Repair(_PostTraining):
+    """Base class of post-training repairs."""
+
+    #: What the checkpoints passed to an ``observer`` count: epochs of clean fine-tuning here.
+    checkpoint_unit: ClassVar[str] = "epoch"
+
+    @abstractmethod
+    def repair(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> DefenseOutcome:
+        """Return a repaired model (``model`` itself is left unchanged)."""
+
+
+class Detector(_PostTraining):
+    """Base class of backdoor detectors."""
+
+    @abstractmethod
+    def detect(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> Detection:
+        """Score ``model`` (left unchanged)."""
+
+
+#: The name repairs had before the three kinds moved here.
+RepairDefense = Repair
+
+
 def create_defense(name: str, **options: Any) -> TrainingDefense:
-    """Build a registered defense; unknown options are refused with the valid ones listed."""
+    """Build a registered training-time defense; unknown options are refused with the valid ones listed."""
     return DEFENSES.create(name, **options)
+
+
+def create_repair(name: str, **options: Any) -> Repair:
+    """Build a registered repair; unknown options are refused with the valid ones listed."""
+    return REPAIRS.create(name, **options)
+
+
+def create_detector(name: str, **options: Any) -> Detector:
+    """Build a registered detector; unknown options are refused with the valid ones listed."""
+    return DETECTORS.create(name, **options)
 
 
 def lowest(scores: Tensor, ratio: float) -> Tensor:

@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses.base import require_images
-from backdoorlab.defenses.post_training import DETECTORS, Detection, Detector, create_repair, frozen_copy
+from backdoorlab.defenses.base import DETECTORS, DefenseContext, Detection, Detector, create_repair, require_images
+from backdoorlab.defenses.post_training import frozen_copy
 from backdoorlab.options import NonNegativeFloat, PositiveFloat, PositiveInt
 from backdoorlab.progress import make_progress
 from backdoorlab.training.augment import random_hflip
-from backdoorlab.training.loop import TrainConfig, predict, to_float
+from backdoorlab.training.loop import predict, to_float
 
 
 def calibrated_trigger(
@@ -107,18 +107,16 @@ class CalibratedTriggerInversion(Detector):
         require_images(trusted, "Calibrated Trigger Inversion")
         self.repair.check_trusted(trusted)
 
-    def detect(
-        self, model: nn.Module, trusted: TensorDataset, recipe: TrainConfig, *, device: torch.device, seed: int
-    ) -> Detection:
+    def detect(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> Detection:
         require_images(trusted, "Calibrated Trigger Inversion")  # before the repair, not after it
-        repaired = self.repair.repair(model, trusted, recipe, device=device, seed=seed).model
-        return self.calibrated_score(model, repaired, trusted, device=device, seed=seed)
+        repaired = self.repair.repair(model, trusted, ctx).model
+        return self.calibrated_score(model, repaired, trusted, ctx)
 
     def calibrated_score(
-        self, model: nn.Module, repaired: nn.Module, trusted: TensorDataset, *, device: torch.device, seed: int
+        self, model: nn.Module, repaired: nn.Module, trusted: TensorDataset, ctx: DefenseContext
     ) -> Detection:
         """The score of ``model`` given its repair (a study that repairs anyway passes its own)."""
-        o = self._options
+        o, device = self._options, ctx.device
         suspect, repaired = frozen_copy(model).to(device), frozen_copy(repaired).to(device)
         scores = []
         with make_progress(True) as progress:
@@ -135,7 +133,7 @@ class CalibratedTriggerInversion(Detector):
                     lr=o["lr"],
                     batch_size=o["batch_size"],
                     calibration_weight=o["calibration_weight"],
-                    seed=seed + target,
+                    seed=ctx.seed + target,
                 )
                 scores.append(
                     trigger_success(suspect, others, delta, target, device)

@@ -14,10 +14,17 @@ from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.abl import local_gradient_ascent
-from backdoorlab.defenses.base import DEFENSES, DefenseOutcome, DefenseWarning, ModelFactory, TrainingDefense
+from backdoorlab.defenses.base import (
+    DEFENSES,
+    DefenseContext,
+    DefenseOutcome,
+    DefenseWarning,
+    ModelFactory,
+    TrainingDefense,
+)
 from backdoorlab.options import NonNegativeInt, PositiveFloat, PositiveInt
-from backdoorlab.training.loop import PerSampleLoss, TrainConfig, to_float, train
-from backdoorlab.training.regularizers import Regularizer
+from backdoorlab.training.loop import PerSampleLoss, to_float, train
+from backdoorlab.training.steps import TrainStep
 
 
 def split_at(model: nn.Module, x: Tensor, depth: int) -> tuple[Tensor, Tensor]:
@@ -152,7 +159,7 @@ class HeadDied(Exception):
         self.at = at
 
 
-class E2ABLStep(Regularizer):
+class E2ABLStep(TrainStep):
     """One training step of E2ABL: forward the classifier once, flag with the shallow head, recover
     the flagged samples' labels for the main head, and train the shallow head on the batch's detached
     feature map: in the returned loss (``own`` is ``None``) or with its own optimiser. With
@@ -255,7 +262,7 @@ class E2ABL(TrainingDefense):
     airbench at 16 epochs, 8x8 digits), ``auto`` is ``recipe``, which there keeps up to 3.5 points
     more accuracy than ``own`` at higher isolation precision, in a third to a half of the time, but
     takes ``recipe``'s failures too: on the small CNN it misses Blended (ASR 1.000), which ``own``
-    removes (0.008) (docs/defenses.md). On 8x8 digits and the small time-series sets no setting removes the
+    removes (0.008) (docs/notes/2026-11-24-e2abl-head-optimizer.md). On 8x8 digits and the small time-series sets no setting removes the
     backdoor; on the 500-series UCR SwedishLeaf the default removes a pattern trigger (ASR 0.948 ->
     0.002), not a sinusoid, and on the binary Strawberry it flags nothing: the loss floor gamma 0.5 is
     near a binary problem's chance loss (docs/time_series.md, "Larger sets").
@@ -266,7 +273,7 @@ class E2ABL(TrainingDefense):
     isolation precision or ASR, with the poison mask in view, on MNIST BadNets: the threshold (0.05
     flagged 2181 samples at precision 0.43; 0.01, 1113 at 0.85, on the small CNN); ``own``'s
     settings and its start of flagging (on airbench, seeds 0, 1 and 4: 4 passes left ASR at
-    0.19-0.44, or at 0.01-0.69 with the early start; 8 passes with it, 0.003-0.005; docs/defenses.md);
+    0.19-0.44, or at 0.01-0.69 with the early start; 8 passes with it, 0.003-0.005; docs/notes/2026-11-24-e2abl-head-optimizer.md);
     the attachment at the first activated feature map (on the pretrained EfficientNet-Lite0, a head
     on the stem's convolution alone, 2 modules, or after four blocks, 8, flagged nothing, on its
     activated map, 4, exactly the poisoned samples); the rule for a dead head, after seeing which
@@ -310,31 +317,23 @@ class E2ABL(TrainingDefense):
             "head_passes": self.head_passes,
         }
 
-    def train(
-        self,
-        data: TensorDataset,
-        build_model: ModelFactory,
-        recipe: TrainConfig,
-        *,
-        device: torch.device,
-        seed: int,
-    ) -> DefenseOutcome:
-        if self.warmup_epochs >= recipe.epochs:
-            raise ValueError(f"warmup_epochs {self.warmup_epochs} leaves no epoch of the recipe's {recipe.epochs}")
+    def train(self, data: TensorDataset, build_model: ModelFactory, ctx: DefenseContext) -> DefenseOutcome:
+        if self.warmup_epochs >= ctx.recipe.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} leaves no epoch of the recipe's {ctx.recipe.epochs}")
         rng = torch.get_rng_state()  # models and heads are initialised on the CPU generator
         switched_at = None
         try:
-            model, step = self._run(data, build_model, recipe, device, seed, self.head_optimizer)
+            model, step = self._run(data, build_model, ctx, self.head_optimizer)
         except HeadDied as died:  # ``auto``: start over in the head's own optimiser, exactly an ``own`` run
             torch.set_rng_state(rng)
             switched_at = died.at
-            model, step = self._run(data, build_model, recipe, device, seed, "own")
+            model, step = self._run(data, build_model, ctx, "own")
         if not step.flagged.any():
             warnings.warn(
                 f"E2ABL flagged no training sample in its last epoch (no shallow-head loss below flag_loss="
                 f"{self.flag_loss}): its isolated set is empty and any backdoor is likely still in place "
                 f"(head_optimizer='{self.head_optimizer}'; the other settings, and where each was measured: "
-                "docs/defenses.md)",
+                "docs/notes/2026-11-24-e2abl-head-optimizer.md)",
                 DefenseWarning,
                 stacklevel=2,
             )
@@ -347,13 +346,7 @@ class E2ABL(TrainingDefense):
         )
 
     def _run(
-        self,
-        data: TensorDataset,
-        build_model: ModelFactory,
-        recipe: TrainConfig,
-        device: torch.device,
-        seed: int,
-        head_optimizer: str,
+        self, data: TensorDataset, build_model: ModelFactory, ctx: DefenseContext, head_optimizer: str
     ) -> tuple[nn.Module, E2ABLStep]:
         """One E2ABL training run with the head in ``head_optimizer``: the trained model and its step."""
         model = build_model()
@@ -361,7 +354,7 @@ class E2ABL(TrainingDefense):
         head = ShallowHead.for_model(model, depth, to_float(data.inputs[:2]), self.head_width)
         own = None
         if head_optimizer == "own":  # the training loop moves only the model it trains
-            own = HeadOptimizer(head.to(device), self.head_lr, self.head_batch_size, self.head_passes)
+            own = HeadOptimizer(head.to(ctx.device), self.head_lr, self.head_batch_size, self.head_passes)
         step = E2ABLStep(
             model,
             head,
@@ -374,5 +367,5 @@ class E2ABL(TrainingDefense):
             stop_if_dead=head_optimizer == "auto",
         )
         trained = model if own is not None else WithShallowHead(model, head)
-        train(trained, data, recipe, device=device, seed=seed, step=step, description="E2ABL")
+        train(trained, data, ctx.recipe, device=ctx.device, seed=ctx.seed, step=step, description="E2ABL")
         return model, step

@@ -6,11 +6,11 @@ import torch
 from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses.base import DefenseOutcome
+from backdoorlab.defenses.base import REPAIRS, DefenseContext, DefenseOutcome, Repair
 from backdoorlab.defenses.fine_tuning import FineTuning
-from backdoorlab.defenses.post_training import REPAIRS, Observer, RepairDefense, suspect_copy
+from backdoorlab.defenses.post_training import suspect_copy
 from backdoorlab.options import Fraction, NonNegativeInt, PositiveFloat, PositiveInt
-from backdoorlab.training.loop import TrainConfig, predict_logits
+from backdoorlab.training.loop import predict_logits
 
 
 def pruning_order(features: Tensor) -> Tensor:
@@ -43,7 +43,7 @@ def prunable_count(features: Tensor, labels: Tensor, model: nn.Module, order: Te
 
 
 @REPAIRS.register("fine_pruning", "Fine-Pruning (Liu et al. 2018): prune dormant last-layer channels, then fine-tune")
-class FinePruning(RepairDefense):
+class FinePruning(Repair):
     """Prune the last convolutional layer's channels that clean data leaves dormant, then fine-tune.
 
     1. Rank the channels of the body's last feature map by their mean activation on the trusted
@@ -87,20 +87,11 @@ class FinePruning(RepairDefense):
             "relative_drop": self.relative_drop,
         }
 
-    def repair(
-        self,
-        model: nn.Module,
-        trusted: TensorDataset,
-        recipe: TrainConfig,
-        *,
-        device: torch.device,
-        seed: int,
-        observer: Observer | None = None,
-    ) -> DefenseOutcome:
+    def repair(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> DefenseOutcome:
         model = suspect_copy(model)
         # the pooled last-layer features the head reads, in float32 (no autocast: the pruning
         # threshold compares accuracies that bf16 rounding could shift)
-        features = predict_logits(model, trusted.inputs, device=device, batch_size=512, amp=False, pre_logits=True)
+        features = predict_logits(model, trusted.inputs, device=ctx.device, batch_size=512, amp=False, pre_logits=True)
         head: nn.Linear = model.fc
         start = head_accuracy(features, trusted.labels, model)
         order = pruning_order(features)
@@ -113,9 +104,7 @@ class FinePruning(RepairDefense):
         keep[:, pruned] = 0.0
         hook = head.weight.register_hook(lambda grad: grad * keep.to(grad.device))
         try:
-            self.tuning.tune(
-                model, trusted, recipe, device=device, seed=seed, observer=observer, description="fine-pruning"
-            )
+            self.tuning.tune(model, trusted, ctx, description="fine-pruning")
         finally:
             hook.remove()
         return DefenseOutcome(

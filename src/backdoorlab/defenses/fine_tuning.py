@@ -4,26 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses.base import DefenseOutcome
-from backdoorlab.defenses.post_training import (
-    REPAIRS,
-    ObserveEachEpoch,
-    Observer,
-    RepairDefense,
-    suspect_copy,
-    tuning_recipe,
-)
+from backdoorlab.defenses.base import REPAIRS, DefenseContext, DefenseOutcome, Repair
+from backdoorlab.defenses.post_training import ObserveEachEpoch, suspect_copy, tuning_recipe
 from backdoorlab.options import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from backdoorlab.training.loop import TrainConfig, train
-from backdoorlab.training.regularizers import Regularizer
+from backdoorlab.training.steps import TrainStep
 
 
 @REPAIRS.register("fine_tuning", "fine-tune on the trusted clean split (Truong et al. 2020; BackdoorBench FT)")
-class FineTuning(RepairDefense):
+class FineTuning(Repair):
     """Continue training the suspect model on the trusted clean split.
 
     Truong et al. (CVPRW 2020) found that "a few epochs of additional training on a small set of
@@ -73,38 +65,26 @@ class FineTuning(RepairDefense):
             "milestones": self.milestones,
         }
 
-    def repair(
-        self,
-        model: nn.Module,
-        trusted: TensorDataset,
-        recipe: TrainConfig,
-        *,
-        device: torch.device,
-        seed: int,
-        observer: Observer | None = None,
-    ) -> DefenseOutcome:
+    def repair(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> DefenseOutcome:
         model = suspect_copy(model)
-        self.tune(model, trusted, recipe, device=device, seed=seed, observer=observer)
+        self.tune(model, trusted, ctx)
         return DefenseOutcome(model)
 
     def tune(
         self,
         model: nn.Module,
         data: TensorDataset,
-        recipe: TrainConfig,
+        ctx: DefenseContext,
         *,
-        device: torch.device,
-        seed: int,
-        observer: Observer | None = None,
-        step: Regularizer | None = None,
+        step: TrainStep | None = None,
         description: str = "fine-tuning",
     ) -> None:
-        """Fine-tune ``model`` in place on ``data`` with these settings (other repairs reuse it, with
-        their own training ``step`` where they change the loss)."""
-        if observer is not None:
-            observer(model, 0)
+        """Fine-tune ``model`` in place on ``data`` with these settings, showing it to ``ctx``'s
+        observer at the start and after each epoch (other repairs reuse it, with their own
+        training ``step`` where they change the loss)."""
+        ctx.observe(model, 0)
         config = tuning_recipe(
-            recipe,
+            ctx.recipe,
             epochs=self.epochs,
             lr=self.lr,
             batch_size=self.batch_size,
@@ -116,9 +96,9 @@ class FineTuning(RepairDefense):
             model,
             data,
             config,
-            device=device,
-            seed=seed,
-            callbacks=[ObserveEachEpoch(observer)],
+            device=ctx.device,
+            seed=ctx.seed,
+            callbacks=[ObserveEachEpoch(ctx)],
             step=step,
             description=description,
         )

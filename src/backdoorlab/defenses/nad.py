@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses.base import DefenseOutcome
+from backdoorlab.defenses.base import REPAIRS, DefenseContext, DefenseOutcome, Repair
 from backdoorlab.defenses.fine_tuning import FineTuning
-from backdoorlab.defenses.post_training import REPAIRS, Observer, RepairDefense, frozen_copy, suspect_copy
+from backdoorlab.defenses.post_training import frozen_copy, suspect_copy
 from backdoorlab.options import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
-from backdoorlab.training.loop import PerSampleLoss, TrainConfig, to_float
+from backdoorlab.training.loop import PerSampleLoss, to_float
 
 
 def attention_map(features: Tensor, p: float) -> Tensor:
@@ -86,7 +87,7 @@ class AttentionDistillationStep:
 
 
 @REPAIRS.register("nad", "NAD (Li et al. 2021): distil attention maps from a fine-tuned teacher")
-class NAD(RepairDefense):
+class NAD(Repair):
     """Neural Attention Distillation.
 
     1. **Teacher**: a copy of the suspect model fine-tuned on the trusted split
@@ -166,35 +167,19 @@ class NAD(RepairDefense):
             "weight_decay": float(weight_decay),
         }
 
-    def repair(
-        self,
-        model: nn.Module,
-        trusted: TensorDataset,
-        recipe: TrainConfig,
-        *,
-        device: torch.device,
-        seed: int,
-        observer: Observer | None = None,
-    ) -> DefenseOutcome:
+    def repair(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> DefenseOutcome:
         blocks = distillation_blocks(model, len(self.betas))
         betas = self.betas
         if self.scale_betas:
             with torch.no_grad():
-                probe = frozen_copy(model).to(device)
-                _, maps = forward_with_blocks(probe, to_float(trusted.inputs[:1]).to(device), blocks)
+                probe = frozen_copy(model).to(ctx.device)
+                _, maps = forward_with_blocks(probe, to_float(trusted.inputs[:1]).to(ctx.device), blocks)
             betas = map_scaled_betas(betas, [math.prod(m.shape[2:]) for m in maps])
         teacher = suspect_copy(model)
-        self.teacher_tuning.tune(teacher, trusted, recipe, device=device, seed=seed, description="NAD teacher")
+        self.teacher_tuning.tune(teacher, trusted, replace(ctx, observer=None), description="NAD teacher")
         student = suspect_copy(model)
         step = AttentionDistillationStep(frozen_copy(teacher), blocks, betas, self.p)
         self.student_tuning.tune(
-            student,
-            trusted,
-            recipe,
-            device=device,
-            seed=seed + 1,
-            observer=observer,
-            step=step,
-            description="NAD student",
+            student, trusted, replace(ctx, seed=ctx.seed + 1), step=step, description="NAD student"
         )
         return DefenseOutcome(student, details={"blocks": blocks, "betas": [round(b, 3) for b in betas]})

@@ -11,21 +11,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset, seeded_permutation
-from backdoorlab.defenses.base import DefenseOutcome, require_images
-from backdoorlab.defenses.fine_tuning import FineTuning
-from backdoorlab.defenses.post_training import (
+from backdoorlab.defenses.base import (
     DETECTORS,
     REPAIRS,
+    DefenseContext,
+    DefenseOutcome,
     Detection,
     Detector,
-    Observer,
-    RepairDefense,
-    frozen_copy,
-    suspect_copy,
+    Repair,
+    require_images,
 )
+from backdoorlab.defenses.fine_tuning import FineTuning
+from backdoorlab.defenses.post_training import frozen_copy, suspect_copy
 from backdoorlab.options import Fraction, PositiveFloat, PositiveInt
 from backdoorlab.progress import make_progress
-from backdoorlab.training.loop import TrainConfig, to_float
+from backdoorlab.training.loop import to_float
 
 #: The MAD's consistency constant for normally distributed data (the official code's 1.4826).
 MAD_CONSTANT = 1.4826
@@ -214,10 +214,8 @@ class NeuralCleanseDetector(_NeuralCleanseOptions, Detector):
     ) -> None:
         self._set(steps, batch_size, init_cost, threshold)
 
-    def detect(
-        self, model: nn.Module, trusted: TensorDataset, recipe: TrainConfig, *, device: torch.device, seed: int
-    ) -> Detection:
-        result = self.cleanse(model, trusted, device, seed)
+    def detect(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> Detection:
+        result = self.cleanse(model, trusted, ctx.device, ctx.seed)
         score = float(result.anomaly.max())
         return Detection(score, score > self.threshold, cleanse_details(result, self.threshold))
 
@@ -245,7 +243,7 @@ def unlearning_set(data: TensorDataset, triggers: Sequence[ReversedTrigger], sha
 @REPAIRS.register(
     "neural_cleanse", "Neural Cleanse (Wang et al. 2019): unlearn the reversed triggers of the flagged classes"
 )
-class NeuralCleanseRepair(_NeuralCleanseOptions, RepairDefense):
+class NeuralCleanseRepair(_NeuralCleanseOptions, Repair):
     """Detect as :class:`NeuralCleanseDetector`; if classes are flagged, fine-tune on the trusted
     split with ``unlearning_share`` = 20% of the samples stamped with the reversed trigger of each
     flagged class (one stamped copy per class, :func:`unlearning_set`), keeping their true labels
@@ -278,24 +276,14 @@ class NeuralCleanseRepair(_NeuralCleanseOptions, RepairDefense):
         self.unlearning_share = float(unlearning_share)
         self.tuning = FineTuning(epochs=epochs, lr=lr, batch_size=batch_size)
 
-    def repair(
-        self,
-        model: nn.Module,
-        trusted: TensorDataset,
-        recipe: TrainConfig,
-        *,
-        device: torch.device,
-        seed: int,
-        observer: Observer | None = None,
-    ) -> DefenseOutcome:
-        result = self.cleanse(model, trusted, device, seed)
+    def repair(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> DefenseOutcome:
+        result = self.cleanse(model, trusted, ctx.device, ctx.seed)
         details = cleanse_details(result, self.threshold)
         model = suspect_copy(model)
         flagged = sorted(result.flagged(self.threshold), key=lambda c: -float(result.anomaly[c]))
         if flagged:
-            unlearning = unlearning_set(trusted, [result.triggers[c] for c in flagged], self.unlearning_share, seed)
-            self.tuning.tune(
-                model, unlearning, recipe, device=device, seed=seed, observer=observer, description="NC unlearning"
-            )
+            triggers = [result.triggers[c] for c in flagged]
+            unlearning = unlearning_set(trusted, triggers, self.unlearning_share, ctx.seed)
+            self.tuning.tune(model, unlearning, ctx, description="NC unlearning")
         details["unlearned_classes"] = flagged
         return DefenseOutcome(model, details=details)

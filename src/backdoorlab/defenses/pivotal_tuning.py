@@ -19,19 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses.base import DefenseOutcome, DefenseWarning
-from backdoorlab.defenses.post_training import (
-    REPAIRS,
-    Observer,
-    RepairDefense,
-    frozen_copy,
-    holdout_split,
-    suspect_copy,
-    tuning_recipe,
-)
+from backdoorlab.defenses.base import REPAIRS, DefenseContext, DefenseOutcome, DefenseWarning, Observer, Repair
+from backdoorlab.defenses.post_training import frozen_copy, holdout_split, suspect_copy, tuning_recipe
 from backdoorlab.metrics import clean_accuracy
 from backdoorlab.options import Fraction, NonNegativeFloat, OpenFraction, PositiveFloat, PositiveInt
-from backdoorlab.training.loop import Callback, PerSampleLoss, TrainConfig, predict_logits, train
+from backdoorlab.training.loop import Callback, PerSampleLoss, predict_logits, train
 from backdoorlab.training.regularizers import embedding
 
 
@@ -137,7 +129,7 @@ class CheckpointOnHeldOut(Callback):
     Each measurement also records, on the same held-out images in eval mode, the terms of the loss
     unweighted (cross-entropy, SLOL's orthogonality and pivot-cosine parts, the mean squared
     weight distance) and the embedding's mean norm: the trace that shows which term moves the
-    model (docs/defenses.md, CIFAR-10)."""
+    model (docs/notes/2026-11-24-pivotal-tuning-cifar10.md)."""
 
     def __init__(
         self,
@@ -198,7 +190,7 @@ class CheckpointOnHeldOut(Callback):
 @REPAIRS.register(
     "pivotal_tuning", "Pivotal Tuning (Lukas & Kerschbaum 2023): CE + SLOL + weight anchor to the suspect model"
 )
-class PivotalTuning(RepairDefense):
+class PivotalTuning(Repair):
     """Fine-tune the suspect model on trusted clean data while a frozen copy of it, the pivot,
     anchors the weights and the latent class geometry is pushed away from the pivot's.
 
@@ -216,7 +208,7 @@ class PivotalTuning(RepairDefense):
     ``checkpoint_rule="first_drop"`` keeps only checkpoints before the held-out accuracy first
     falls below that floor (early stopping on the same measurements): on 22 MNIST repairs it lost
     more than 2 points of test CA on 3 where the default lost it on 4-5, at the same ASR
-    (docs/defenses.md, "How well the checkpoint rule keeps CA").
+    (docs/notes/2026-12-05-pivotal-tuning-checkpoint-rule.md).
     Where the held-out share is too small to see that tolerance (one standard error of its
     accuracy above it: 50 images at accuracy 0.75 measure it to 0.06), a ``DefenseWarning`` says
     so: on CIFAR-10 WaNet such a share let a checkpoint 7 points below the suspect through.
@@ -259,24 +251,15 @@ class PivotalTuning(RepairDefense):
         super().check_trusted(trusted)
         holdout_split(trusted, self._options["held_out"], 0)
 
-    def repair(
-        self,
-        model: nn.Module,
-        trusted: TensorDataset,
-        recipe: TrainConfig,
-        *,
-        device: torch.device,
-        seed: int,
-        observer: Observer | None = None,
-    ) -> DefenseOutcome:
-        o = self._options
-        tune, held_out = holdout_split(trusted, o["held_out"], seed)
+    def repair(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> DefenseOutcome:
+        o, device = self._options, ctx.device
+        tune, held_out = holdout_split(trusted, o["held_out"], ctx.seed)
         model = suspect_copy(model).to(device)
         pivot = frozen_copy(model)
         steps_per_epoch = math.ceil(len(tune) / o["batch_size"])
         epochs = math.ceil(o["steps"] / steps_per_epoch)
         config = tuning_recipe(
-            recipe, epochs=epochs, lr=o["lr"], batch_size=o["batch_size"], weight_decay=0.0, schedule="constant"
+            ctx.recipe, epochs=epochs, lr=o["lr"], batch_size=o["batch_size"], weight_decay=0.0, schedule="constant"
         )
         checkpoints = CheckpointOnHeldOut(
             held_out,
@@ -285,7 +268,7 @@ class PivotalTuning(RepairDefense):
             o["eval_every"],
             steps_per_epoch,
             device,
-            observer,
+            ctx.observer,
             o["checkpoint_rule"],
         )
         resolution = held_out_resolution(checkpoints.start_accuracy, len(held_out))
@@ -304,7 +287,7 @@ class PivotalTuning(RepairDefense):
             tune,
             config,
             device=device,
-            seed=seed,
+            seed=ctx.seed,
             step=step,
             callbacks=[checkpoints],
             description="pivotal tuning",

@@ -14,9 +14,9 @@ import torch
 
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.abl import train_on_rest_then_unlearn
-from backdoorlab.defenses.base import DEFENSES, DefenseOutcome, ModelFactory, TrainingDefense, lowest
+from backdoorlab.defenses.base import DEFENSES, DefenseContext, DefenseOutcome, ModelFactory, TrainingDefense, lowest
 from backdoorlab.options import OpenFraction, PositiveInt
-from backdoorlab.training.loop import TrainConfig, per_sample_loss, train
+from backdoorlab.training.loop import per_sample_loss, train
 
 
 @DEFENSES.register("pt", "PT (Li & Gao 2024, reconstructed): isolate with a partly frozen model, then fine-tune")
@@ -38,7 +38,7 @@ class PartialTrain(TrainingDefense):
        suffice to implant a patch trigger.
 
     Reconstructed choices: which part is frozen (the deep part; until 2026-11-24 every body module
-    but the last, whose 1% held 1-97% poisoned samples on MNIST BadNets, docs/defenses.md), the
+    but the last, whose 1% held 1-97% poisoned samples on MNIST BadNets, docs/notes/2026-11-24-pt-partial-model.md), the
     partial schedule (twice the recipe's: at the recipe's, one seed of ten isolated clean 1s), both
     chosen from runs with the poison mask in view; the loss-ranking criterion, the ratio,
     continuing from the partial model, and the optional unlearning (METHODS.md 3.2 lists it as an
@@ -65,15 +65,7 @@ class PartialTrain(TrainingDefense):
             "unlearn": self.unlearn,
         }
 
-    def train(
-        self,
-        data: TensorDataset,
-        build_model: ModelFactory,
-        recipe: TrainConfig,
-        *,
-        device: torch.device,
-        seed: int,
-    ) -> DefenseOutcome:
+    def train(self, data: TensorDataset, build_model: ModelFactory, ctx: DefenseContext) -> DefenseOutcome:
         model = build_model()
         body = getattr(model, "body", None)
         if not isinstance(body, torch.nn.Sequential) or len(body) < 2:
@@ -85,13 +77,13 @@ class PartialTrain(TrainingDefense):
         for p in (q for module in list(body)[trained:] for q in module.parameters()):
             p.requires_grad_(False)
         # data-dependent init (airbench's whitening) still runs in train(): it copies, frozen or not
-        partial = replace(recipe, epochs=self.isolation_epochs or 2 * recipe.epochs)
-        train(model, data, partial, device=device, seed=seed, description="PT partial training")
-        losses = per_sample_loss(model, data, device=device)
+        partial = replace(ctx.recipe, epochs=self.isolation_epochs or 2 * ctx.recipe.epochs)
+        train(model, data, partial, device=ctx.device, seed=ctx.seed, description="PT partial training")
+        losses = per_sample_loss(model, data, device=ctx.device)
         isolated = lowest(losses, self.isolation_ratio)
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
         train_on_rest_then_unlearn(  # batch 64: PT's documented figures used ABL's former unlearning batch
-            model, data, isolated, recipe, device=device, seed=seed, epochs=5 if self.unlearn else 0, batch_size=64
+            model, data, isolated, ctx, epochs=5 if self.unlearn else 0, batch_size=64
         )
         return DefenseOutcome(model, isolated, {"trained_modules": trained})

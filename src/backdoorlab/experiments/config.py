@@ -11,13 +11,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from backdoorlab.attacks.poisoning import PoisonSpec
-from backdoorlab.attacks.triggers import ATTACKS, attacks_for, create_trigger
+from backdoorlab.attacks.triggers import ATTACKS, create_trigger
 from backdoorlab.data.sources import dataset_facts, dataset_loader, dataset_modality
 from backdoorlab.defenses import DETECTORS, registry_for
 from backdoorlab.experiments.presets import Preset, preset_for
-from backdoorlab.experiments.recipes import DEFAULT_RECIPE, recipe_for
+from backdoorlab.experiments.recipes import DEFAULT_RECIPE, StepBudget, recipe_for, step_budget, stretch_schedule
 from backdoorlab.models.registry import MODELS, check_input_fits, check_model_options
-from backdoorlab.models.series import SERIES_MODELS, models_for
 from backdoorlab.options import OptionError, PositiveInt, check_fields
 from backdoorlab.training.loop import TrainConfig, parse_device
 
@@ -57,7 +56,8 @@ class RunConfig:
         clean_label: poison target-class samples only and keep labels; ``None`` takes the attack's
             default (true for SIG, false otherwise).
         source: poison, and measure ASR on, only this class (``None``: every class).
-        epochs, batch_size, lr: override the recipe's training schedule where set.
+        epochs, batch_size, lr: override the recipe's training schedule where set. ``epochs`` left
+            ``None`` on a ``train_size`` subset takes the recipe's step budget (:meth:`step_budget`).
         train: the full training schedule; ``None`` takes the recipe's (with the overrides above).
         seed: seeds the splits, the poison choice, the model's initialisation and training.
         data_seed: seeds the data alone (the ``train_size`` / ``test_size`` subsamples and the
@@ -129,6 +129,17 @@ class RunConfig:
         """The seed of the data's subsamples and trusted split: ``data_seed``, else ``seed``."""
         return self.seed if self.data_seed is None else self.data_seed
 
+    def step_budget(self) -> StepBudget | None:
+        """The epochs the recipe's step budget gives this config's ``train_size`` subset (more than
+        the recipe's, to keep about the full set's optimiser steps; ``experiments.recipes``), or
+        ``None`` where the recipe's epochs stand: no subsample, a recipe or dataset without a budget,
+        or epochs set here (``epochs`` or a whole ``train``, never scaled; a resolved config has them)."""
+        if self.epochs is not None or self.train is not None:
+            return None
+        check_fields(self, "config field")
+        check_size(self.train_size, "train_size")
+        return step_budget(self.recipe, self.dataset, self.train_size)
+
     def poison_spec(self) -> PoisonSpec:
         return PoisonSpec(
             rate=self.poison_rate,
@@ -175,20 +186,11 @@ class RunConfig:
         trusted_size = (
             self.trusted_size if self.trusted_size is not None else preset.trusted_size or DEFAULT_TRUSTED_SIZE
         )
-        if trigger_class.modality != modality:
-            raise ValueError(
-                f"attack '{attack}' is for {trigger_class.modality} data but {self.dataset} is {modality} "
-                f"data; attacks for it: {', '.join(attacks_for(modality))}"
-            )
+        ATTACKS.check_modality(attack, modality, self.dataset)
         clean_label = trigger_class.clean_label if self.clean_label is None else self.clean_label
         defaults = recipe_for(self.recipe, self.dataset)
         model = self.model or defaults.model
-        MODELS.get(model)
-        if (model in SERIES_MODELS) != (modality == "series"):
-            raise ValueError(
-                f"model '{model}' does not take {modality} data ({self.dataset}); models for it: "
-                f"{', '.join(models_for(modality))}"
-            )
+        MODELS.check_modality(model, modality, self.dataset)
         if self.defense is not None:
             registry_for(self.defense).create(self.defense, **defense_options)  # validates name and options
         if self.detector is not None:
@@ -202,6 +204,9 @@ class RunConfig:
             # the trigger's own checks (patch fits, pattern file present...)
             create_trigger(attack, facts["shape"], data_root=self.data_root, **attack_options)
         train = replace(self.train or defaults.train)
+        budget = self.step_budget()
+        if budget is not None:
+            train = stretch_schedule(train, budget.epochs)
         if self.train is None and model != defaults.model:
             # The recipe's rates are tuned for its model; PreAct-ResNet18 diverged (NaN loss from the
             # first epoch, with and without bf16) at the quick CIFAR-10 recipe's 0.2, trained at 0.05.

@@ -34,12 +34,12 @@ from backdoorlab.defenses import create_detector
 from backdoorlab.defenses.cti import CalibratedTriggerInversion
 from backdoorlab.experiments.config import RunConfig
 from backdoorlab.experiments.run import (
-    _DEFENSE,
     Prepared,
     apply_detector,
     apply_repair,
     config_differences,
     evaluate,
+    post_training_context,
     prepare,
     train_victim,
 )
@@ -178,8 +178,7 @@ def _score(
         tick = time.perf_counter()
         if name == "cti":
             cti = CalibratedTriggerInversion(**detector_options[name], repair=repair, repair_options=repair_options)
-            seed = prepared.config.seed + _DEFENSE
-            detection = cti.calibrated_score(model, repaired, prepared.trusted, device=prepared.device, seed=seed)
+            detection = cti.calibrated_score(model, repaired, prepared.trusted, post_training_context(prepared))
         else:
             detection = apply_detector(prepared, model, name, detector_options[name])[0]
         scores[name], details[name] = detection.score, detection.details
@@ -204,7 +203,7 @@ def detectability_study(
     ``data_seed`` (it replaces ``base.data_seed``) draws one training subset and trusted split for
     every model, so clean and backdoored models differ in training seed and poison alone, as the
     paper's clean models do. ``None`` gives each model the split of its own seed; then a detector's
-    clean baseline moves with the split (docs/defenses.md: CTI scored clean models 0.51-0.89 on
+    clean baseline moves with the split (docs/notes/2026-11-23-detectability-study.md: CTI scored clean models 0.51-0.89 on
     four splits) and an AUROC measures the splits the seeds drew as much as the poison."""
     if not (rates and seeds and clean_seeds):
         raise ValueError("a detectability study needs at least one poison rate, one seed and one clean seed")

@@ -46,7 +46,7 @@ PLACEMENT_FIELDS = ("device", "data_root")
 CONFIG_FIELDS = tuple(f.name for f in fields(RunConfig))
 #: Training-recipe fields added after results were first stored, with their defaults: left out of a
 #: key at that default, so a store written before them still finds its cells.
-ADDED_TRAIN_FIELDS: dict[str, Any] = {"milestones": []}
+ADDED_TRAIN_FIELDS: dict[str, Any] = {"milestones": [], "min_last_batch": 0.0}
 #: Config fields added after results were first stored, with their defaults: the same.
 ADDED_FIELDS: dict[str, Any] = {
     "data_seed": None,

@@ -12,7 +12,9 @@ registered; docs/benchmarks.md has their measured accuracy, backdoor figures and
   (decay per step unchanged), the triangular schedule (0.2 -> 1 at 23% -> 0.07), label smoothing
   0.2, whitening first layer initialised from 5,000 training images with its bias frozen after
   3 epochs, Lookahead-style weight averaging from epoch 3, alternating flip, translation by 2 pixels (reflect padding),
-  and test-time augmentation (mirror + one-pixel translations) in the final evaluation. The number
+  an epoch's last batch skipped when under half a batch (airbench94's loader skips any partial one;
+  every batch was kept until 2026-12-06, when a 4-image last batch at lr 1.5 collapsed a 30,000-image
+  MNIST subset: docs/benchmarks.md), and test-time augmentation (mirror + one-pixel translations) in the final evaluation. The number
   of epochs and the width are chosen per dataset to meet the 2-core-CPU time budgets of
   docs/benchmarks.md. MNIST uses the same recipe on the same network with one input channel and no
   flips (digits are not mirror-symmetric); sklearn's 8x8 digits keep the small CNN; time series
@@ -24,6 +26,22 @@ registered; docs/benchmarks.md has their measured accuracy, backdoor figures and
   ``SCLBD/BackdoorBench``, ``config/attack/prototype/cifar10.yaml``): PreAct-ResNet18, 100 epochs,
   batch 128, SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine annealing, random crop with
   padding 4 and flips, no label smoothing, no test-time augmentation. Images only.
+
+**Step budget** (reconstructed: our rule, not a source's). ``fast`` sets its epochs for the full
+training set of MNIST (60,000 images), CIFAR-10 (50,000) and GTSRB (39,209), so a ``train_size``
+subsample would otherwise take proportionally fewer optimiser steps and under-train. On those sets a
+subsampled run of ``fast`` trains ``min(4 x E, max(E, round(E x full / subset)))`` epochs, where ``E``
+is the recipe's epochs and ``full`` and ``subset`` are the training-set sizes before the trusted split
+(which takes the same share at every size, so a full-size run is never scaled): about the full-size
+run's number of steps, at most 4x its epochs, so a 10% subset costs at most 40% of the full run's
+time. The epoch-indexed parts of the schedule (``lookahead_epoch``, ``whiten_bias_epochs``,
+``milestones``) are stretched by the same factor, so the subset replays the full run's schedule.
+Epochs given explicitly (``RunConfig.epochs``, ``--epochs``, a full ``train``) are never scaled.
+``backdoorbench`` does not scale (it is the reference's protocol, 100 epochs whatever the size);
+``quick`` does not either (smoke runs and tests, where time counts more than accuracy); nor do
+digits and time series (complete small sets that train in seconds). The run prints the choice
+(``recipe fast: 6,000 of 60,000 training images, epochs 2 -> 8 (step budget, cap 4x)``) and its
+result's config stores the epochs it trained (docs/benchmarks.md, "Subsets: the step budget").
 """
 
 from __future__ import annotations
@@ -36,14 +54,85 @@ from backdoorlab.data.sources import dataset_modality
 from backdoorlab.registry import Registry
 from backdoorlab.training.loop import TrainConfig
 
+#: The full training sets ``fast`` sets its epochs for: the reference of its step budget.
+FULL_TRAIN_SIZES = {"mnist": 60_000, "cifar10": 50_000, "gtsrb": 39_209}
+#: The step budget's cap: a subset trains at most this many times the recipe's epochs (reconstructed).
+MAX_EPOCH_SCALE = 4
+
 
 @dataclass(frozen=True)
 class Recipe:
-    """A dataset's model (with options) and training schedule under one named recipe."""
+    """A dataset's model (with options) and training schedule under one named recipe.
+
+    ``full_size``: the training-set size the schedule's epochs are set for; a smaller subset trains
+    more epochs under the step budget (module docstring), up to ``max_epoch_scale`` times the
+    recipe's. ``None``: the epochs are fixed whatever the size."""
 
     model: str
     model_options: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
+    full_size: int | None = None
+    max_epoch_scale: int = MAX_EPOCH_SCALE
+
+    def epochs_for(self, size: int) -> int:
+        """The epochs for a training set of ``size`` samples (before the trusted split): about the
+        full set's number of steps, at least the recipe's epochs and at most ``max_epoch_scale`` x."""
+        epochs = self.train.epochs
+        if self.full_size is None or size >= self.full_size:
+            return epochs
+        return max(epochs, min(self.max_epoch_scale * epochs, round(epochs * self.full_size / size)))
+
+
+@dataclass(frozen=True)
+class StepBudget:
+    """What the step budget chose for a subsampled run: its training images (before the trusted
+    split) of the recipe's full set, and the epochs before and after."""
+
+    recipe: str
+    images: int
+    full_images: int
+    recipe_epochs: int
+    epochs: int
+    max_scale: int
+
+    def note(self) -> str:
+        """The line a run prints about the choice."""
+        return (
+            f"recipe {self.recipe}: {self.images:,} of {self.full_images:,} training images, "
+            f"epochs {self.recipe_epochs} -> {self.epochs} (step budget, cap {self.max_scale}x; --epochs fixes them)"
+        )
+
+
+def step_budget(name: str, dataset: str, train_size: float | int | None) -> StepBudget | None:
+    """The step budget's choice for recipe ``name`` on ``dataset`` subsampled to ``train_size`` (a
+    fraction of the full set or a count), or ``None`` where it leaves the recipe's epochs as they are
+    (no subsample, a recipe or dataset without a budget, a subset too close to the full set)."""
+    recipe = RECIPES.get(name)(dataset)
+    if train_size is None or recipe.full_size is None:
+        return None
+    images = train_size if isinstance(train_size, int) else round(train_size * recipe.full_size)
+    epochs = recipe.epochs_for(images)
+    if epochs == recipe.train.epochs:
+        return None
+    return StepBudget(name, images, recipe.full_size, recipe.train.epochs, epochs, recipe.max_epoch_scale)
+
+
+def stretch_schedule(train: TrainConfig, epochs: int) -> TrainConfig:
+    """``train`` for ``epochs`` epochs, its epoch-indexed parts (``lookahead_epoch``,
+    ``whiten_bias_epochs``, ``milestones``) stretched by the same factor, so that the longer run
+    keeps the shape of the schedule in steps."""
+    factor = epochs / train.epochs
+
+    def stretched(epoch: int | None) -> int | None:
+        return None if epoch is None else round(epoch * factor)
+
+    return replace(
+        train,
+        epochs=epochs,
+        lookahead_epoch=stretched(train.lookahead_epoch),
+        whiten_bias_epochs=stretched(train.whiten_bias_epochs),
+        milestones=[round(m * factor) for m in train.milestones],
+    )
 
 
 #: name -> ``function(dataset) -> Recipe``
@@ -53,6 +142,9 @@ RECIPES: Registry[Callable[[str], Recipe]] = Registry("recipe")
 AIRBENCH_TRAIN = TrainConfig(
     epochs=10,
     batch_size=1024,
+    # airbench94's loader drops every partial last batch; half a batch or more is kept here
+    # (reconstructed: the measured training-time defense tables end their epochs in 67% batches)
+    min_last_batch=0.5,
     lr=1.5,
     momentum=0.85,
     nesterov=True,
@@ -89,14 +181,16 @@ def fast(dataset: str) -> Recipe:
     shared = _series_or_digits(dataset)
     if shared is not None:
         return shared
+    full_size = FULL_TRAIN_SIZES.get(dataset)
     if dataset == "mnist":
         # Width 24, 2 epochs, float32: at width 16 (3 epochs) and width 8 training was unstable, and
         # under bf16 autocast widths 8-16 diverged (CA 0.11); measured in docs/benchmarks.md.
-        return Recipe("airbench", {"width": 24}, replace(AIRBENCH_TRAIN, epochs=2, flip=False, tta=0, amp=False))
+        train = replace(AIRBENCH_TRAIN, epochs=2, flip=False, tta=0, amp=False)
+        return Recipe("airbench", {"width": 24}, train, full_size)
     if dataset == "gtsrb":
         # No flips (signs are not mirror-symmetric), so no mirrored test-time views either.
-        return Recipe("airbench", {"width": 32}, replace(AIRBENCH_TRAIN, epochs=4, flip=False, tta=0))
-    return Recipe("airbench", {"width": 32}, replace(AIRBENCH_TRAIN, epochs=16))
+        return Recipe("airbench", {"width": 32}, replace(AIRBENCH_TRAIN, epochs=4, flip=False, tta=0), full_size)
+    return Recipe("airbench", {"width": 32}, replace(AIRBENCH_TRAIN, epochs=16), full_size)
 
 
 @RECIPES.register("quick", "minutes on a CPU: airbench width 32 one-cycle / small CNN (earlier defaults)")
@@ -104,6 +198,7 @@ def quick(dataset: str) -> Recipe:
     shared = _series_or_digits(dataset)
     if shared is not None:
         return shared
+    # No step budget: quick is for smoke runs and tests, where a subset should stay quick.
     if dataset == "mnist":
         return Recipe("small_cnn", {}, TrainConfig(epochs=4, batch_size=128, lr=0.05))
     # airbench94's augmentation (translate 2, flip where it keeps the label) and label smoothing 0.2.
@@ -122,6 +217,7 @@ def backdoorbench(dataset: str) -> Recipe:
             f"recipe 'backdoorbench' is for images (BackdoorBench has no time series); "
             f"{dataset} is a time-series set: use 'fast' or 'quick'"
         )
+    # No step budget: BackdoorBench trains 100 epochs whatever the training set's size.
     return Recipe(
         "preact_resnet18",
         {},

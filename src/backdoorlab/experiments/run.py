@@ -21,7 +21,7 @@ import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,16 @@ from backdoorlab.attacks.poisoning import PoisonedDataset, TriggeredTestSet, poi
 from backdoorlab.attacks.triggers import Trigger, create_trigger
 from backdoorlab.data.dataset import DataError, TensorDataset, split_trusted, subsample
 from backdoorlab.data.sources import dataset_facts, load_dataset
-from backdoorlab.defenses import Detection, create_defense, create_detector, create_repair, defense_kind, registry_for
+from backdoorlab.defenses import (
+    DefenseContext,
+    Detection,
+    Observer,
+    create_defense,
+    create_detector,
+    create_repair,
+    defense_kind,
+    registry_for,
+)
 from backdoorlab.evaluation import Assessment, assess_backdoor, evaluate_backdoor, repair_warnings
 from backdoorlab.experiments.config import RunConfig
 from backdoorlab.experiments.grid import PLACEMENT_FIELDS
@@ -301,6 +310,13 @@ def persistence_curve(prepared: Prepared, observed: CheckpointSnapshots) -> list
     return curve
 
 
+def post_training_context(prepared: Prepared, observer: Observer | None = None) -> DefenseContext:
+    """What a repair or a detector gets besides the model and the trusted split: the run's recipe,
+    its device, the defense's seed and the evaluation's ``observer``."""
+    assert prepared.config.train is not None
+    return DefenseContext(prepared.config.train, prepared.device, prepared.config.seed + _DEFENSE, observer)
+
+
 def apply_repair(
     prepared: Prepared, model: torch.nn.Module, name: str, options: dict[str, Any], *, persistence: bool = True
 ) -> tuple[torch.nn.Module, dict[str, float], dict[str, Any], float]:
@@ -310,14 +326,10 @@ def apply_repair(
     Tuning, each held-out measurement; ``persistence_unit`` says which), and
     ``seconds`` the repair's time without the observer's snapshots. The repair's observer only
     snapshots its models (:class:`CheckpointSnapshots`); the curve is measured after it returns."""
-    config = prepared.config
-    assert config.train is not None
     repair = create_repair(name, **options)
     observer = CheckpointSnapshots() if persistence else None
     tick = time.perf_counter()
-    outcome = repair.repair(
-        model, prepared.trusted, config.train, device=prepared.device, seed=config.seed + _DEFENSE, observer=observer
-    )
+    outcome = repair.repair(model, prepared.trusted, post_training_context(prepared, observer))
     seconds = time.perf_counter() - tick - (observer.seconds if observer else 0.0)
     details = dict(outcome.details)
     if observer is not None and len(observer.snapshots) > 1:
@@ -330,13 +342,9 @@ def apply_detector(
     prepared: Prepared, model: torch.nn.Module, name: str, options: dict[str, Any]
 ) -> tuple[Detection, float]:
     """Score ``model`` with a detector that gets the trusted split only."""
-    config = prepared.config
-    assert config.train is not None
     detector = create_detector(name, **options)
     tick = time.perf_counter()
-    detection = detector.detect(
-        model, prepared.trusted, config.train, device=prepared.device, seed=config.seed + _DEFENSE
-    )
+    detection = detector.detect(model, prepared.trusted, post_training_context(prepared))
     if not math.isfinite(detection.score):
         raise NonFiniteError(
             f"detector '{name}' gave a non-finite score ({detection.score}): it is no evidence either way, "
@@ -380,6 +388,7 @@ def _run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunRes
     if suspect is not None:
         check_suspect(suspect)
     prepared = prepare(config)
+    budget = config.step_budget()  # of the config as given: a resolved one has its epochs set
     config, device, timings = prepared.config, prepared.device, prepared.timings
     assert config.train is not None
     poisoned = prepared.poisoned
@@ -400,9 +409,7 @@ def _run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunRes
         outcome = defense.train(
             poisoned.data,
             ModelSpec.for_data(config, prepared.train_set),
-            config.train,
-            device=device,
-            seed=config.seed,
+            DefenseContext(config.train, device, config.seed),
         )
         model, details = outcome.model, dict(outcome.details)
         timings["defense"] = time.perf_counter() - tick
@@ -433,6 +440,8 @@ def _run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunRes
         metrics.update(isolation_metrics(outcome.isolated, poisoned.mask))
     timings["evaluate"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
+    if budget is not None:
+        details["step_budget"] = asdict(budget)
 
     stored = config.to_dict()
     stored["threads"], stored["deterministic"] = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()

@@ -12,7 +12,8 @@ from backdoorlab.registry import Registry
 #: Builders by name: ``builder(num_classes, in_channels, mean, std, **kwargs) -> Classifier``.
 #: What every builder gets from the data, not from the user: not options.
 DATA_PARAMETERS = ("num_classes", "in_channels", "mean", "std")
-MODELS: Registry[Callable[..., Classifier]] = Registry("model", not_options=DATA_PARAMETERS)
+#: A model takes images unless registered with ``modality="series"`` (``models.series``).
+MODELS: Registry[Callable[..., Classifier]] = Registry("model", not_options=DATA_PARAMETERS, modality="image")
 
 
 def check_model_options(name: str, options: dict[str, object]) -> dict[str, object]:

@@ -20,7 +20,7 @@ Fine-Pruning, E2ABL) run on series unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,24 +29,10 @@ from backdoorlab.models.classifier import Classifier
 from backdoorlab.models.registry import MODELS
 from backdoorlab.options import PositiveInt
 
-#: The models that take series ``(N, C, L)`` (filled by :func:`register_series_model`); the
-#: others take images.
-SERIES_MODELS: list[str] = []
-
-
-def register_series_model(name: str, help: str) -> Callable[[Callable[..., Classifier]], Callable[..., Classifier]]:
-    """``MODELS.register`` for a model that takes series; records it in :data:`SERIES_MODELS`."""
-
-    def decorator(builder: Callable[..., Classifier]) -> Callable[..., Classifier]:
-        SERIES_MODELS.append(name)
-        return MODELS.register(name, help)(builder)
-
-    return decorator
-
 
 def models_for(modality: str) -> list[str]:
-    """The registered models for ``"image"`` or ``"series"`` data, sorted."""
-    return [name for name in MODELS if (name in SERIES_MODELS) == (modality == "series")]
+    """The registered models for ``"image"`` or ``"series"`` data (their registry metadata), sorted."""
+    return MODELS.names(modality)
 
 
 def conv_bn_relu_1d(c_in: int, c_out: int, kernel: int, relu: bool = True) -> nn.Sequential:
@@ -62,7 +48,7 @@ def conv_bn_relu_1d(c_in: int, c_out: int, kernel: int, relu: bool = True) -> nn
     return nn.Sequential(*layers)
 
 
-@register_series_model("fcn", "time series: Fully Convolutional Network (Wang et al. 2017), 128-256-128")
+@MODELS.register("fcn", "time series: Fully Convolutional Network (Wang et al. 2017), 128-256-128", modality="series")
 def fcn(num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float]) -> Classifier:
     """FCN: conv(128, k8) -> conv(256, k5) -> conv(128, k3), each BN + ReLU, global average pool,
     linear. About 265k parameters for one input channel."""
@@ -96,7 +82,9 @@ class ResidualBlock1d(nn.Module):
         return self.relu(self.convs(x) + self.shortcut(x))
 
 
-@register_series_model("resnet1d", "time series: ResNet of three residual blocks (Wang et al. 2017), 64-128-128")
+@MODELS.register(
+    "resnet1d", "time series: ResNet of three residual blocks (Wang et al. 2017), 64-128-128", modality="series"
+)
 def resnet1d(num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float]) -> Classifier:
     """ResNet for time series: residual blocks of 64, 128 and 128 filters, global average pool,
     linear. About 507k parameters for one input channel."""
@@ -148,7 +136,9 @@ def _inception_time(
     return Classifier(nn.Sequential(*blocks), 4 * filters, num_classes, mean, std)
 
 
-@register_series_model("inception_time", "time series: InceptionTime (Ismail Fawaz et al. 2020), depth 6, 32 filters")
+@MODELS.register(
+    "inception_time", "time series: InceptionTime (Ismail Fawaz et al. 2020), depth 6, 32 filters", modality="series"
+)
 def inception_time(
     num_classes: int,
     in_channels: int,
@@ -162,7 +152,9 @@ def inception_time(
     return _inception_time(num_classes, in_channels, mean, std, filters, depth)
 
 
-@register_series_model("inception_time_small", "time series: InceptionTime with 16 filters per branch (CPU-sized)")
+@MODELS.register(
+    "inception_time_small", "time series: InceptionTime with 16 filters per branch (CPU-sized)", modality="series"
+)
 def inception_time_small(
     num_classes: int,
     in_channels: int,

@@ -23,7 +23,6 @@ defense drives the loop: a diverged model must never be evaluated as if it had l
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.options import check_fields
+from backdoorlab.options import Fraction, check_fields
 from backdoorlab.progress import make_progress
 from backdoorlab.training.augment import (
     CROP_MODES,
@@ -68,7 +67,11 @@ class TrainConfig:
 
     Attributes:
         epochs: passes over the training set.
-        batch_size: samples per step (the last, smaller batch of an epoch is kept).
+        batch_size: samples per step.
+        min_last_batch: skip each epoch's last batch when it is smaller than this share of
+            ``batch_size``: 0 keeps every batch (a ``DataLoader``'s default), 1 drops any partial one
+            (airbench94's training loader). A batch of a few samples at a high learning rate can wreck
+            the model. A set smaller than one batch is always trained on.
         lr: peak learning rate (one-cycle) or initial learning rate (cosine, constant).
         momentum, nesterov, weight_decay: SGD settings.
         schedule: ``onecycle`` (linear warm-up to ``lr`` over ``warmup`` of the steps, then cosine
@@ -113,6 +116,7 @@ class TrainConfig:
 
     epochs: int = 10
     batch_size: int = 128
+    min_last_batch: Fraction = 0.0
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = True
@@ -419,6 +423,14 @@ def _place(model: nn.Module, data: TensorDataset, config: TrainConfig, device: t
     return inputs, data.labels.to(device)
 
 
+def steps_in_epoch(samples: int, config: TrainConfig) -> int:
+    """Optimiser steps an epoch over ``samples`` takes: one per batch, less a last batch smaller
+    than ``min_last_batch`` of a batch (but at least one)."""
+    full, last = divmod(samples, config.batch_size)
+    keep_last = last > 0 and (full == 0 or last >= config.min_last_batch * config.batch_size)
+    return full + keep_last
+
+
 def train(
     model: nn.Module,
     data: TensorDataset,
@@ -445,7 +457,8 @@ def train(
     inputs, labels = _place(model, data, config, device)
     loss_fn, step = loss_fn or cross_entropy(config.label_smoothing), train_step(config, step)
     augment = BatchAugmentation(config, data, generator, device)
-    steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    steps_per_epoch = steps_in_epoch(len(data), config)
+    seen = min(len(data), steps_per_epoch * config.batch_size)  # the samples an epoch trains on
     total_steps = steps_per_epoch * config.epochs
     optimizer, scheduler = make_optimizer(model, config, total_steps)
     hooks = CallbackList([*recipe_callbacks(config, model), *callbacks])  # the recipe's run first
@@ -460,7 +473,7 @@ def train(
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.int64)
             order = torch.randperm(len(data), generator=generator).to(device)
-            for step_in_epoch, batch in enumerate(order.split(config.batch_size)):
+            for step_in_epoch, batch in enumerate(order.split(config.batch_size)[:steps_per_epoch]):
                 x, y = augment(inputs[batch], batch, epoch), labels[batch]
                 with _autocast(device, config.amp):
                     logits, losses = step(model, x, y, loss_fn, batch, epoch, generator)
@@ -479,14 +492,14 @@ def train(
                 hooks.on_batch_end(batch, losses, epoch)
                 progress.advance(task)
             guard.epoch_end(epoch)
-            history.loss.append(float(loss_sum) / len(data))
-            history.accuracy.append(float(correct) / len(data))
+            history.loss.append(float(loss_sum) / seen)
+            history.accuracy.append(float(correct) / seen)
             status = f"epoch {epoch + 1}/{config.epochs} loss {history.loss[-1]:.3f} acc {history.accuracy[-1]:.3f}"
             progress.update(task, status=status)
             hooks.on_epoch_end(epoch, model)
     history.seconds = time.perf_counter() - start
     guard.finish(model)
-    history.samples_per_second = len(data) * config.epochs / history.seconds
+    history.samples_per_second = seen * config.epochs / history.seconds
     return history
 
 

@@ -205,7 +205,7 @@ class SoftNearestNeighbour(FeatureTerm):
     (weight > 0) so classes separate. Reconstructed: weight 0.1 (minimising), at the penultimate
     layer only. A fixed T = 1 (the earlier default, after the PyTorch port METHODS.md cites) took
     airbench on CIFAR-10 to CA 0.16-0.52, its features being on another scale than the small CNN's;
-    docs/defenses.md has the measurements."""
+    docs/notes/2026-11-23-snn-temperature.md has the measurements."""
 
     term = staticmethod(soft_nearest_neighbour_loss)
     optimises_temperature = True
