@@ -111,6 +111,12 @@ RecipeOpt = Annotated[
     str, typer.Option(help="Training recipe: fast, quick or backdoorbench (see `backdoorlab list recipes`).")
 ]
 ModelOpt = Annotated[Optional[str], typer.Option(help="Model name; default: the recipe's.")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--set", help="Override any config field by its path, repeatable: train.lr=0.1, attack_options.size=4."
+    ),
+]
 EpochsOpt = Annotated[
     Optional[int], typer.Option(help="Default: the recipe's (fast: more for a --train-size subset, its step budget).")
 ]
@@ -193,6 +199,7 @@ def run_command(
     data_root: DataRootOpt = None,
     output: OutputOpt = None,
     save_model: SaveModelOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Poison a training set, train on it (with a defense where given), and report CA, ASR and RA."""
     from backdoorlab.data.dataset import DataError
@@ -231,6 +238,8 @@ def run_command(
             preset=preset,
             data_root=data_root,
         )
+        if set_:
+            config = config.with_overrides(set_)
         check_output_dir(output, "--output")
         check_output_file(save_model, "--save-model")
         budget = config.step_budget()
@@ -413,6 +422,7 @@ def sweep_command(
         Optional[list[str]],
         typer.Option(help="Run only the cells with FIELD=VALUE, repeatable (attack=badnets, seed=0)."),
     ] = None,
+    set_: SetOpt = None,
     dry_run: Annotated[bool, typer.Option(help="Validate the grid and list its cells; run nothing.")] = False,
     report: Annotated[bool, typer.Option(help="Write OUTPUT/report.html when the sweep ends.")] = True,
 ) -> None:
@@ -428,7 +438,7 @@ def sweep_command(
             from backdoorlab.training.loop import resolve_device
 
             resolve_device(device)
-        grid = load_grid(grid_file, data_root=data_root)
+        grid = load_grid(grid_file, data_root=data_root, overrides=set_ or ())
         if only:
             grid = select(grid, parse_options(only))
             if not grid.cells:

@@ -7,8 +7,11 @@ can be rerun from it. Fields left ``None`` take the named recipe's choice for th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
+
+import yaml
 
 from backdoorlab.attacks.poisoning import PoisonSpec
 from backdoorlab.attacks.triggers import ATTACKS, create_trigger
@@ -241,6 +244,17 @@ class RunConfig:
         out["train"] = self.train.to_dict() if self.train else None
         return out
 
+    def with_overrides(self, assignments: Sequence[str]) -> RunConfig:
+        """This config with ``path.to.field=value`` overrides applied (:func:`set_path`), as
+        ``backdoorlab run --set`` gives them. ``train.*`` refines the schedule the run would train
+        with (the recipe's, with ``epochs`` / ``batch_size`` / ``lr`` and the step budget applied)."""
+        values = self.to_dict()
+        if values["train"] is None and any(a.partition("=")[0].startswith("train.") for a in assignments):
+            values["train"] = self.resolved().train.to_dict()  # type: ignore[union-attr]
+        for assignment in assignments:
+            set_path(values, assignment)
+        return RunConfig.from_dict(values)
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
         """Rebuild from :meth:`to_dict`'s output (a stored result's ``config``)."""
@@ -256,6 +270,33 @@ class RunConfig:
                 raise ValueError(f"unknown train field(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
             values["train"] = TrainConfig(**values["train"])
         return cls(**values)
+
+
+def set_path(values: dict[str, Any], assignment: str) -> None:
+    """Apply one ``path.to.field=value`` override to a config mapping (:meth:`RunConfig.to_dict`'s
+    shape, or a grid document) in place; the value is read as YAML (``0.1``, ``true``, ``null``,
+    ``[2, 4]``, ``text``). The first name must be a :class:`RunConfig` field; deeper names go into
+    its mapping (``train.lr``, ``attack_options.size``), which is created where absent."""
+    path, sep, raw = assignment.partition("=")
+    keys = path.split(".")
+    if not sep or not all(keys):
+        raise OptionError(f"--set '{assignment}' is not PATH=VALUE (for example train.lr=0.1, attack_options.size=4)")
+    valid = [f.name for f in fields(RunConfig)]
+    if keys[0] not in valid:
+        raise OptionError(f"--set {path}: unknown config field '{keys[0]}'; valid: {', '.join(valid)}")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as err:
+        raise OptionError(f"--set {path}: the value {raw!r} is not valid YAML ({err})") from None
+    target = values
+    for depth, key in enumerate(keys[:-1]):
+        child = target.get(key)
+        if child is None:
+            child = target[key] = {}
+        if not isinstance(child, dict):
+            raise OptionError(f"--set {path}: '{'.'.join(keys[: depth + 1])}' is {child!r}, not a mapping")
+        target = child
+    target[keys[-1]] = value
 
 
 def check_size(size: float | int | None, what: str, *, zero: bool = False) -> None:

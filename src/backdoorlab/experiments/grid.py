@@ -27,13 +27,14 @@ import difflib
 import hashlib
 import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from backdoorlab.experiments.config import RunConfig
+from backdoorlab.experiments.config import RunConfig, set_path
 from backdoorlab.registry import UnknownNameError
 
 META_KEYS = ("name", "description")
@@ -231,9 +232,25 @@ def select(grid: Grid, only: dict[str, Any]) -> Grid:
     return Grid(grid.name, cells, grid.description)
 
 
-def load_grid(path: str | Path, *, data_root: str | None = None) -> Grid:
+def _override(values: dict[str, Any], overrides: Sequence[str], path: Path) -> None:
+    for assignment in overrides:
+        if assignment.startswith("train.") and not isinstance(values.get("train"), dict):
+            raise GridError(
+                f"{path}: --set {assignment.partition('=')[0]} needs a train: mapping in the grid (a grid's train: "
+                "replaces the recipe's whole schedule); --set epochs=, batch_size= or lr= adjust the recipe's"
+            )
+        try:
+            set_path(values, assignment)
+        except ValueError as err:
+            raise GridError(f"{path}: {err}") from None
+
+
+def load_grid(path: str | Path, *, data_root: str | None = None, overrides: Sequence[str] = ()) -> Grid:
     """Read, expand and validate a grid file (YAML). A file of several YAML documents (separated by
-    ``---``) is one grid whose cells are those of each document in turn; the first names it."""
+    ``---``) is one grid whose cells are those of each document in turn; the first names it.
+    ``overrides`` (``path.to.field=value``, ``sweep --set``) replace fields of every document before
+    it expands; ``train.*`` needs the document's own ``train:`` mapping (a grid's ``train:`` is the
+    whole schedule, not the recipe's)."""
     path = Path(path)
     if not path.is_file():
         raise GridError(f"grid file {path} does not exist")
@@ -248,6 +265,9 @@ def load_grid(path: str | Path, *, data_root: str | None = None) -> Grid:
     # where the data is (a placement field, out of every key) is known to validation: a file an
     # attack reads from the data root (Blended's Hello Kitty) is checked against it
     placed = {"data_root": data_root} if data_root is not None else {}
+    for values in documents:
+        if isinstance(values, dict):
+            _override(values, overrides, path)
     grids = [
         expand({**values, **placed} if isinstance(values, dict) else values, str(path), _lines(node))
         for values, node in zip(documents, nodes)
