@@ -4,6 +4,7 @@ and replace a generated block of a Markdown file (the lines between two HTML-com
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +23,16 @@ def grid_arguments(parser: argparse.ArgumentParser, grid: str, output: str) -> N
     parser.add_argument("--no-docs", action="store_true", help="run, but leave the docs alone")
 
 
-def sweep_results(args: argparse.Namespace) -> list[dict[str, Any]]:
+def sweep_results(args: argparse.Namespace, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Sweep ``args.grid`` (the cells matching ``args.only``) into ``args.output`` (finished cells are
     skipped, so a table resumes) and return their ``result.json`` documents, in grid order; stops if
-    a cell failed."""
+    a cell failed. ``overrides`` (``field=value``, as ``sweep --set``) replace fields of the grid."""
     from backdoorlab.cli import parse_options
     from backdoorlab.experiments.grid import load_grid, select
     from backdoorlab.experiments.store import ResultStore
     from backdoorlab.experiments.sweep import sweep
 
-    grid = load_grid(args.grid)
+    grid = load_grid(args.grid, overrides=overrides)
     if args.only:
         grid = select(grid, parse_options(args.only))
 

@@ -1,69 +1,88 @@
-"""Regenerate the repair table and the persistence plot in docs/defenses.md: a backdoored model per
-dataset and attack, then every repair defense on it with the run's trusted clean split.
+"""Regenerate the repair tables and persistence plots of docs/defenses.md (grid examples/repair_table.yaml).
 
-The victim of each (dataset, attack) is trained once and stored as
-``OUTPUT/<dataset>/<attack>/victim.safetensors`` (with its ``none/result.json``); each repair is
-stored as ``OUTPUT/<dataset>/<attack>/<repair>/result.json`` and skipped when present.
+Per dataset and attack, a backdoored model (``none``), then each repair of the grid on it with the
+run's trusted clean split.
+
+The cells are stored in ``OUTPUT/results.sqlite``; finished ones are skipped, so the table resumes.
+The sweep trains each victim once and shares it with the repairs of the same attack config
+(``OUTPUT/suspects/``), as ``backdoorlab sweep examples/repair_table.yaml`` does.
 
 Each dataset's table goes into its own block of docs/defenses.md (``repair-table-<dataset>``) and
-its persistence curves into ``docs/gallery/persistence-<dataset>.png``, so one dataset can be
-regenerated without the other.
+its persistence curves (``details.persistence`` of its ``fine_tuning`` results) into
+``docs/gallery/persistence-<dataset>.png``, so one dataset can be regenerated without the other.
+
+The shortcut options replace the grid's fields where given: ``--dataset`` and ``--attack`` (axes),
+``--recipe``, ``--rate`` (``poison_rate``), ``--train-size``, ``--test-size``, ``--trusted-size``,
+``--seed``, and ``--repairs`` (the repairs after ``none``; a partial table, so with ``--no-docs``, as
+``--only``).
 
 Usage::
 
-    BACKDOORLAB_DATA=../shared/data python scripts/repair_table.py --dataset mnist --recipe quick \\
-        --train-size 10000 --trusted-size 0.05 --output runs/repair-table [--device cuda]
+    BACKDOORLAB_DATA=../shared/data python scripts/repair_table.py --dataset mnist --output runs/repair-table \\
+        [--device cuda]
+    BACKDOORLAB_DATA=../shared/data python scripts/repair_table.py --dataset cifar10 --recipe fast \\
+        --test-size 2000 --output runs/repair-table
 """
 
 from __future__ import annotations
 
 import argparse
-import time
-from dataclasses import replace
+import json
 from pathlib import Path
+from typing import Any
 
-from doc_blocks import DOCS, replace_block
+from doc_blocks import DOCS, grid_arguments, replace_block, sweep_results
 
 from backdoorlab.defenses import REPAIRS
-from backdoorlab.experiments import RunConfig, load_model, run, run_cached, save_model
-from backdoorlab.experiments.recipes import DEFAULT_RECIPE
+from backdoorlab.registry import UnknownNameError
+from backdoorlab.report.tables import method_label
 
-NONE = "none"
+#: Shortcut option (its argparse dest) -> the grid field it replaces.
+SHORTCUTS = {
+    "dataset": "dataset",
+    "attack": "attack",
+    "recipe": "recipe",
+    "rate": "poison_rate",
+    "train_size": "train_size",
+    "test_size": "test_size",
+    "trusted_size": "trusted_size",
+    "seed": "seed",
+}
+
+Key = tuple[str, str, str]
 
 
-def victim(config: RunConfig, directory: Path) -> Path:
-    """Train (once) and store the backdoored model of ``config``; return its model file."""
-    model_file = directory / "victim.safetensors"
-    if not model_file.exists():
-        result = run(config)
-        result.write(directory / NONE)
-        save_model(model_file, result.model, config)
-    return model_file
+def overrides(args: argparse.Namespace) -> list[str]:
+    """The grid fields the shortcut options replace, as ``field=value`` (the value as YAML)."""
+    values: dict[str, Any] = {field: getattr(args, dest) for dest, field in SHORTCUTS.items()}
+    if args.repairs:
+        values["defense"] = [None, *args.repairs]
+    return [f"{field}={json.dumps(value)}" for field, value in values.items() if value is not None]
 
 
-def table(results: dict, keys: list[tuple[str, str]]) -> list[str]:
+def table(results: dict[Key, dict], keys: list[Key]) -> list[str]:
+    """One row per cell of ``keys`` (dataset, attack, repair or ``none``), in that order."""
     lines = ["| dataset | attack | repair | CA | ASR | RA | time |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for dataset, attack in keys:
-        for label in [NONE, *REPAIRS.names()]:
-            r = results[dataset, attack, label]
-            m, t = r["metrics"], r["timings"]
-            seconds = t.get("defense", t.get("train", 0.0))
-            lines.append(
-                f"| {dataset} | {attack} | {label} | {m['clean_accuracy']:.3f} | {m['attack_success_rate']:.3f} | "
-                f"{m['robust_accuracy']:.3f} | {seconds:.0f} s |"
-            )
+    for key in keys:
+        m, t = results[key]["metrics"], results[key]["timings"]
+        seconds = t.get("defense", t.get("train", 0.0))
+        lines.append(
+            f"| {' | '.join(key)} | {m['clean_accuracy']:.3f} | {m['attack_success_rate']:.3f} | "
+            f"{m['robust_accuracy']:.3f} | {seconds:.0f} s |"
+        )
     return lines
 
 
-def persistence_plot(results: dict, keys: list[tuple[str, str]], path: Path) -> None:
-    """CA and ASR after each epoch of clean fine-tuning, one line pair per (dataset, attack)."""
+def persistence_plot(results: dict[Key, dict], pairs: list[tuple[str, str]], path: Path) -> None:
+    """CA and ASR after each epoch of clean fine-tuning, one line pair per (dataset, attack) with a
+    ``fine_tuning`` result."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_asr, ax_ca) = plt.subplots(1, 2, figsize=(9, 3.4), sharex=True)
-    for dataset, attack in keys:
+    for dataset, attack in (pair for pair in pairs if (*pair, "fine_tuning") in results):
         curve = results[dataset, attack, "fine_tuning"]["details"]["persistence"]
         epochs = [p["checkpoint"] for p in curve]
         ax_asr.plot(epochs, [p["attack_success_rate"] for p in curve], marker=".", label=f"{dataset} {attack}")
@@ -74,63 +93,46 @@ def persistence_plot(results: dict, keys: list[tuple[str, str]], path: Path) -> 
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_docs(results: dict[Key, dict], doc: Path, gallery: Path) -> None:
+    """Each dataset's table into ``doc``'s block ``repair-table-<dataset>`` and its persistence plot
+    into ``gallery/persistence-<dataset>.png``."""
+    for dataset in dict.fromkeys(key[0] for key in results):
+        keys = [key for key in results if key[0] == dataset]
+        pairs = list(dict.fromkeys(key[:2] for key in keys))
+        replace_block(doc, f"repair-table-{dataset}", table(results, keys))
+        persistence_plot(results, pairs, gallery / f"persistence-{dataset}.png")
+        print(f"wrote repair-table-{dataset} into {doc.name} and {gallery.name}/persistence-{dataset}.png")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", nargs="+", default=["mnist"])
-    parser.add_argument("--attack", nargs="+", default=["badnets", "blended", "wanet"])
-    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="training recipe (default: %(default)s)")
-    parser.add_argument("--rate", type=float, default=0.1)
-    parser.add_argument("--train-size", type=int, default=10_000)
-    parser.add_argument("--test-size", type=int, default=None)
-    parser.add_argument("--trusted-size", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--output", default="runs/repair-table")
-    parser.add_argument("--repairs", nargs="+", default=None, help="only these repairs (default: every one)")
-    parser.add_argument("--no-docs", action="store_true", help="run, but leave docs/defenses.md alone")
+    grid_arguments(parser, "repair_table.yaml", "runs/repair-table")
+    parser.add_argument("--dataset", nargs="+", default=None, help="datasets (default: the grid's)")
+    parser.add_argument("--attack", nargs="+", default=None, help="attacks (default: the grid's)")
+    parser.add_argument("--recipe", default=None, help="training recipe (default: the grid's)")
+    parser.add_argument("--rate", type=float, default=None, help="poison rate (default: the grid's)")
+    parser.add_argument("--train-size", type=int, default=None, help="default: the grid's")
+    parser.add_argument("--test-size", type=int, default=None, help="default: the grid's")
+    parser.add_argument("--trusted-size", type=float, default=None, help="default: the grid's")
+    parser.add_argument("--seed", type=int, default=None, help="default: the grid's")
+    parser.add_argument("--repairs", nargs="+", default=None, help="only these repairs (default: the grid's)")
     args = parser.parse_args()
-    repairs = args.repairs or REPAIRS.names()
-    for name in repairs:
-        REPAIRS.get(name)  # an unknown name fails here, listing the valid ones
-    if args.repairs and not args.no_docs:
-        parser.error("--repairs makes a partial table: add --no-docs")
-    results, keys = {}, []
-    for dataset in args.dataset:
-        for attack in args.attack:
-            config = RunConfig(
-                dataset=dataset,
-                recipe=args.recipe,
-                attack=attack,
-                poison_rate=args.rate,
-                train_size=args.train_size,
-                test_size=args.test_size,
-                trusted_size=args.trusted_size,
-                device=args.device,
-                seed=args.seed,
-                data_root=args.data_root,
-            )
-            directory = Path(args.output) / dataset / attack
-            model_file = victim(config, directory)
-            keys.append((dataset, attack))
-            results[dataset, attack, NONE] = run_cached(config, directory / NONE)
-            for name in repairs:
-                tick = time.perf_counter()
-                suspect, stored = load_model(model_file)
-                stored.device = args.device
-                repaired = replace(stored, defense=name)
-                results[dataset, attack, name] = r = run_cached(repaired, directory / name, suspect=suspect)
-                print(
-                    f"{dataset:8s} {attack:8s} {name:16s} {r['metrics']} {time.perf_counter() - tick:.0f} s", flush=True
-                )
+    for name in args.repairs or []:
+        try:
+            REPAIRS.get(name)
+        except UnknownNameError as err:
+            parser.error(f"--repairs: {err}")
+    if (args.repairs or args.only) and not args.no_docs:
+        parser.error("--repairs and --only make a partial table: add --no-docs")
+    results: dict[Key, dict] = {}
+    for r in sweep_results(args, overrides(args)):
+        c = r["config"]
+        results[c["dataset"], c["attack"], method_label(c)] = r
     if not args.no_docs:
-        for dataset in args.dataset:
-            mine = [key for key in keys if key[0] == dataset]
-            replace_block(DOCS / "defenses.md", f"repair-table-{dataset}", table(results, mine))
-            persistence_plot(results, mine, DOCS / "gallery" / f"persistence-{dataset}.png")
-            print(f"wrote repair-table-{dataset} into docs/defenses.md and docs/gallery/persistence-{dataset}.png")
+        write_docs(results, DOCS / "defenses.md", DOCS / "gallery")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 
 import pytest
 import torch
@@ -22,12 +23,22 @@ from backdoorlab.defenses import (
 from backdoorlab.defenses.fine_pruning import pruning_order
 from backdoorlab.defenses.nad import attention_map, map_scaled_betas
 from backdoorlab.defenses.neural_cleanse import anomaly_indices
-from backdoorlab.defenses.pivotal_tuning import chosen_checkpoint, parameter_distance, soft_latent_orthogonality
+from backdoorlab.defenses.pivotal_tuning import (
+    REFERENCE_PARAMETERS,
+    anchor_weight,
+    chosen_checkpoint,
+    parameter_distance,
+    slol_terms,
+    soft_latent_orthogonality,
+)
 from backdoorlab.defenses.post_training import accuracy, holdout_split
 from backdoorlab.experiments import RunConfig, run
 from backdoorlab.experiments.run import Prepared, apply_repair, evaluate, prepare, train_victim
+from backdoorlab.experiments.store import Record
 from backdoorlab.models import create_model
+from backdoorlab.options import OptionError
 from backdoorlab.registry import UnknownNameError
+from backdoorlab.report.tables import export_rows, summarize
 from backdoorlab.training.loop import TrainConfig, predict_logits
 
 
@@ -40,6 +51,46 @@ def test_slol_matches_a_hand_computed_value():
     # Centroids (1, 1) and (0, 2): off-diagonal entries 1/2 -> Frobenius norm sqrt(2 * 0.25).
     z2 = torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 2.0], [0.0, 2.0]])
     assert soft_latent_orthogonality(z2, z2, labels).item() == pytest.approx(0.5**0.5 + 1.0)
+
+
+def test_slol_reference_form_subtracts_the_diagonal_vector_from_every_row():
+    """Centroids (1, 1) and (0, 2): S = C^T C / 2 = [[0.5, 0.5], [0.5, 2.5]]. The off-diagonal form
+    keeps [[0, 0.5], [0.5, 0]] (norm sqrt(0.5)); the reference's ``S - torch.diag(S)`` is
+    [[0, -2], [0, 0]] (entry (i, j) = S_ij - S_jj; norm 2)."""
+    labels = torch.tensor([0, 0, 1, 1])
+    z = torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 2.0], [0.0, 2.0]])
+    assert slol_terms(z, z, labels)[0].item() == pytest.approx(0.5**0.5)
+    orthogonality, pivot_cosine = slol_terms(z, z, labels, "reference")
+    assert orthogonality.item() == pytest.approx(2.0) and pivot_cosine.item() == pytest.approx(1.0)
+    assert soft_latent_orthogonality(z, z, labels, "reference").item() == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="valid: off_diagonal, reference"):
+        slol_terms(z, z, labels, "diagonal")  # type: ignore[arg-type]
+    with pytest.raises(OptionError, match="slol_form"):
+        create_repair("pivotal_tuning", slol_form="literal")
+
+
+def test_per_parameter_anchor_pulls_each_weight_as_the_reference_does_on_resnet18():
+    """The reference's anchor is 20000 x the *mean* squared distance: its gradient on one weight is
+    2 x 20000 x d / N, which fades with N. The per-parameter anchor's is 2 x 20000 x d / 11,173,962
+    on any model (on the small CNN's 94,186 parameters: the mean term at weight 168.6)."""
+    assert REFERENCE_PARAMETERS == 11_173_962 == sum(p.numel() for p in create_model("resnet18", 10).parameters())
+    assert anchor_weight(20_000.0, 94_186) == pytest.approx(168.58, abs=0.01)
+    assert anchor_weight(20_000.0, REFERENCE_PARAMETERS) == pytest.approx(20_000.0)
+    assert anchor_weight(20_000.0, 94_186, "mean") == 20_000.0
+    with pytest.raises(OptionError, match="anchor"):
+        create_repair("pivotal_tuning", anchor="sum")
+    for size in (10, 1000):
+        pivot, model = torch.nn.Linear(size, 1, bias=False), torch.nn.Linear(size, 1, bias=False)
+        with torch.no_grad():
+            model.weight.copy_(pivot.weight + 0.5)
+        for anchor, pull in (
+            ("per_parameter", 2 * 20_000 * 0.5 / REFERENCE_PARAMETERS),
+            ("mean", 2 * 20_000 * 0.5 / size),
+        ):
+            model.zero_grad()
+            (anchor_weight(20_000.0, size, anchor) * parameter_distance(model, pivot)).backward()
+            assert model.weight.grad is not None
+            assert torch.allclose(model.weight.grad, torch.full_like(model.weight, pull)), (size, anchor)
 
 
 def test_parameter_distance_is_the_mean_squared_difference():
@@ -253,7 +304,7 @@ def test_pivotal_tuning_persistence_curve_follows_its_held_out_checkpoints(digit
     """The evaluation watches Pivotal Tuning at each held-out measurement (steps, not epochs), and
     the model it returns is the chosen checkpoint of that curve."""
     prepared, model = digits_victim
-    options = {"steps": 60, "lr": 1e-2, "eval_every": 10}
+    options = {"steps": 60, "lr": 1e-2, "eval_every": 10, "anchor": "mean"}  # the per-parameter anchor falls back here
     with pytest.warns(DefenseWarning, match="the held-out share has 29 images"):
         _, metrics, details, _ = apply_repair(prepared, model, "pivotal_tuning", options)
     curve = details["persistence"]
@@ -272,10 +323,11 @@ def test_pivotal_tuning_first_drop_rule_stops_at_the_first_held_out_fall(digits_
     first falls below the floor; the default may return a later one where it climbs back (digits,
     lr 0.02 without the anchor: held-out 0.97 -> 0.69 -> 0.97; measured: latest step 90, first
     drop step 0). A bad rule lists the valid ones."""
-    with pytest.raises(ValueError, match="valid: latest, first_drop"):
+    with pytest.raises(OptionError, match="checkpoint_rule.*one of 'latest', 'first_drop', 'last'"):
         create_repair("pivotal_tuning", checkpoint_rule="best")
     dip = [0.90, 0.89, 0.80, 0.90, 0.85]  # within 0.02, below, back within, below
     assert chosen_checkpoint(dip, 0.02, "latest") == 3 and chosen_checkpoint(dip, 0.02, "first_drop") == 1
+    assert chosen_checkpoint(dip, 0.02, "last") == 4
     prepared, model = digits_victim
     chosen = {}
     for rule in ("latest", "first_drop"):
@@ -328,3 +380,105 @@ def test_pivotal_tuning_warns_when_it_returns_the_suspect_model(digits_victim):
     assert outcome.details["chosen_step"] == 0
     x = prepared.test_set.inputs[:200]
     assert torch.equal(predict_logits(outcome.model, x).argmax(1), predict_logits(model, x).argmax(1))
+
+
+@pytest.mark.filterwarnings("ignore:the held-out share has 29 images")
+def test_pivotal_tuning_last_rule_returns_the_last_step_where_the_held_out_rule_falls_back(digits_victim):
+    """``checkpoint_rule="last"`` (the reference's) returns the model of the last step, measured
+    even where it is not a multiple of ``eval_every`` (25 steps: 9 passes of 3, 27 steps), however
+    wrecked (lr 0.5); the held-out rule, on the same run, falls back to the suspect model."""
+    prepared, model = digits_victim
+    options = {"steps": 25, "lr": 0.5, "eval_every": 10, "parameter_weight": 0.0}
+    last = create_repair("pivotal_tuning", checkpoint_rule="last", **options).repair(
+        model, prepared.trusted, context(prepared, 0)
+    )
+    curve = last.details["held_out_curve"]
+    assert [p["step"] for p in curve] == [0, 12, 21, 27], "every 10 steps and the last (9 passes of 3)"
+    assert last.details["chosen_step"] == 27 and last.details["fallback"] is None
+    assert parameter_distance(last.model, model).item() > 0
+    with pytest.warns(DefenseWarning, match="collapsed"):
+        latest = create_repair("pivotal_tuning", **options).repair(model, prepared.trusted, context(prepared, 0))
+    assert latest.details["held_out_curve"] == curve, "the same run, another choice"
+    assert latest.details["chosen_step"] == 0 and latest.details["fallback"] == "suspect"
+
+
+@pytest.mark.filterwarnings("ignore:the held-out share has 29 images")
+def test_a_collapsed_repair_is_reported_as_collapsed_in_result_json_and_the_report_table(digits_victim, tmp_path):
+    """A repair that falls back to the suspect model (lr 0.5 wrecks every checkpoint: see above)
+    says so in its details and in a warning on the result, which the report's tables carry."""
+    prepared, model = digits_victim
+    options = {"steps": 30, "lr": 0.5, "eval_every": 10, "parameter_weight": 0.0}
+    config = dataclasses.replace(prepared.config, defense="pivotal_tuning", defense_options=options)
+    with pytest.warns(DefenseWarning, match="collapsed"):
+        result = run(config, suspect=model)
+    stored = json.loads(result.write(tmp_path).read_text())
+    assert stored["details"]["fallback"] == "suspect"
+    assert stored["metrics"]["attack_success_rate"] == stored["metrics"]["suspect_attack_success_rate"]
+    [warning] = [w for w in stored["warnings"] if "collapsed" in w]
+    assert warning.startswith("repaired model:") and "fell back to the suspect model" in warning
+    cell = {"key": "cell", "grid": "grid", "position": 0, "label": "pt", "seed": 0, "status": "done", "attempts": 1}
+    stored_as = {"config": stored["config"], "version": stored["version"], "metrics": stored["metrics"]}
+    none = dict.fromkeys(("error", "model_path", "started", "finished"))
+    record = Record(**cell, **stored_as, timings=stored["timings"], result=stored, **none)
+    [row] = export_rows([record])
+    assert row["flagged"] and "collapsed" in row["warnings"]
+    [summary] = summarize("grid", [record]).rows
+    assert summary["warned"] == 1 and any("collapsed" in text for text, _ in summary["warnings"])
+
+
+@pytest.mark.filterwarnings("ignore:the held-out share has 29 images")
+def test_cti_says_when_its_calibration_repair_collapsed(digits_victim):
+    """CTI calibrated with a repair that fell back compares the model with itself: its details
+    and the run's warnings say so."""
+    prepared, model = digits_victim
+    repair_options = {"steps": 30, "lr": 0.5, "eval_every": 10, "parameter_weight": 0.0}
+    config = dataclasses.replace(
+        prepared.config, detector="cti", detector_options={"steps": 2, "repair_options": repair_options}
+    )
+    with pytest.warns(DefenseWarning, match="collapsed"):
+        result = run(config, suspect=model)
+    assert result.details["detection"]["repair_fallback"] == "suspect"
+    assert any(w.startswith("detector 'cti':") and "collapsed" in w for w in result.warnings), result.warnings
+
+
+@pytest.fixture(scope="module")
+def digits_victim_30():
+    """BadNets on digits, 10 epochs, a 30% trusted split (431 digits: 388 to tune on, 43 held out)."""
+    prepared = prepare(RunConfig(dataset="digits", epochs=10, trusted_size=0.3))
+    model, _ = train_victim(prepared)
+    return prepared, model
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:the held-out share has 43 images")
+def test_pivotal_tuning_with_the_per_parameter_anchor_removes_badnets_within_3_points(digits_victim_30):
+    """With the anchor's pull per weight that the reference has on ResNet-18 (the default
+    ``anchor="per_parameter"``: 168.6 in mean units on the small CNN) and lr 1e-2 (not the
+    reference's default 1e-4, which barely moves a converged model), 300 steps and the clean-only
+    held-out choice remove BadNets. Measured (1 thread), suspect CA 0.986 / ASR 0.991 -> 0.978 /
+    0.003; victims of seeds 1 and 2: 0.989 / 0.969 -> 0.967 / 0.000 and 0.989 / 0.960 -> 0.981 /
+    0.012."""
+    prepared, model = digits_victim_30
+    suspect = evaluate(prepared, model)
+    _, repaired, details, _ = apply_repair(
+        prepared, model, "pivotal_tuning", {"steps": 300, "lr": 1e-2}, persistence=False
+    )
+    assert details["anchor_weight"] == pytest.approx(168.58, abs=0.01) and details["fallback"] is None
+    assert suspect["attack_success_rate"] >= 0.9, suspect
+    assert repaired["attack_success_rate"] < 0.2, repaired
+    assert repaired["clean_accuracy"] >= suspect["clean_accuracy"] - 0.03, (suspect, repaired)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:the held-out share has 43 images")
+def test_pivotal_tuning_with_the_reference_mean_anchor_pulls_the_backdoor_back(digits_victim_30):
+    """The reference's literal anchor (``anchor="mean"``: 20000 in mean units, 119 times the
+    per-parameter pull on the small CNN) at the same lr: a spring that pulls the backdoor back
+    (ASR 0.23-0.97 over the run), so the held-out choice keeps it. Measured ASR after: 0.725, and
+    0.815 and 0.892 on the victims of seeds 1 and 2."""
+    prepared, model = digits_victim_30
+    _, repaired, details, _ = apply_repair(
+        prepared, model, "pivotal_tuning", {"steps": 300, "lr": 1e-2, "anchor": "mean"}, persistence=False
+    )
+    assert details["anchor_weight"] == 20_000.0
+    assert repaired["attack_success_rate"] > 0.5, repaired

@@ -27,10 +27,18 @@ from backdoorlab.attacks.poisoning import PoisonedDataset, TriggeredTestSet
 from backdoorlab.attacks.triggers import Trigger
 from backdoorlab.data import TensorDataset
 from backdoorlab.defenses import DEFENSES, REPAIRS, DefenseOutcome, Repair, TrainingDefense
-from backdoorlab.experiments import ModelFileError, RunConfig, load_model, run, run_cached, save_model
+from backdoorlab.experiments import ModelFileError, RunConfig, load_model, run, save_model
 from backdoorlab.experiments.detectability import study_model
 from backdoorlab.experiments.grid import Cell
-from backdoorlab.experiments.run import ModelSpec, Prepared, apply_repair, evaluate, prepare, train_victim
+from backdoorlab.experiments.run import (
+    ModelSpec,
+    Prepared,
+    apply_repair,
+    config_differences,
+    evaluate,
+    prepare,
+    train_victim,
+)
 from backdoorlab.experiments.store import ResultStore, StoreError
 from backdoorlab.files import CorruptFileError, ResumeMismatchError, write_json
 from backdoorlab.models import create_model
@@ -146,19 +154,20 @@ class _RunsCode:
         return (Path.write_text, (Path(self.path), "ran"))
 
 
-def test_run_cached_refuses_a_result_of_another_config(tmp_path: Path) -> None:
-    """Issue case 3: asked for Blended with target 5, it returned the stored BadNets target 0."""
-    stored = run_cached(RunConfig(**SMALL), tmp_path)
-    assert run_cached(RunConfig(**SMALL), tmp_path) == stored, "the same config is reused"
-    before = (tmp_path / "result.json").read_bytes()
-    with pytest.raises(ResumeMismatchError) as err:
-        run_cached(RunConfig(**SMALL, attack="blended", target=5), tmp_path)
-    message = one_line_naming(err.value, tmp_path / "result.json")
-    assert "attack 'badnets' -> 'blended'" in message and "target 0 -> 5" in message
-    with pytest.raises(ResumeMismatchError, match=r"attack_options.size 2 -> 4"):  # options compared in full
-        run_cached(RunConfig(**SMALL, attack_options={"size": 4}), tmp_path)
-    assert run_cached(RunConfig(**SMALL, attack_options={"size": 2}), tmp_path) == stored, "the default, spelt out"
-    assert (tmp_path / "result.json").read_bytes() == before, "the stored result is not overwritten"
+def test_config_differences_names_what_differs_from_a_stored_result() -> None:
+    """Issue case 3 (a resume returned the stored BadNets target 0 when asked for Blended target 5):
+    what a resume compares names each field that differs, compares attack options in full (a
+    default spelt out is the same config) and leaves out placement and the runtime settings the run
+    stored where the config left them open."""
+    stored = run(RunConfig(**SMALL)).to_dict()["config"]
+    assert config_differences(stored, RunConfig(**SMALL)) == []
+    assert config_differences(stored, RunConfig(**SMALL, attack="blended", target=5)) == [
+        "attack 'badnets' -> 'blended'",
+        "target 0 -> 5",
+    ]
+    assert config_differences(stored, RunConfig(**SMALL, attack_options={"size": 4})) == ["attack_options.size 2 -> 4"]
+    assert config_differences(stored, RunConfig(**SMALL, attack_options={"size": 2})) == [], "the default, spelt out"
+    assert config_differences(stored, RunConfig(**SMALL, device="cpu")) == [], "placement is not compared"
 
 
 def test_detectability_refuses_a_stored_model_of_another_config(tmp_path: Path) -> None:
@@ -224,15 +233,10 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_partial_one(tmp_path: P
 def test_a_truncated_result_json_is_named_when_resumed(tmp_path: Path) -> None:
     document = {"config": RunConfig(**SMALL).resolved().to_dict(), "metrics": {"clean_accuracy": 0.9}}
     text = json.dumps(document)
-    for folder in ("run", "study"):
-        (tmp_path / folder).mkdir()
-        (tmp_path / folder / "result.json").write_text(text[: len(text) // 2])
+    (tmp_path / "result.json").write_text(text[: len(text) // 2])
     with pytest.raises(CorruptFileError) as err:
-        run_cached(RunConfig(**SMALL), tmp_path / "run")
-    assert "not valid JSON" in one_line_naming(err.value, tmp_path / "run" / "result.json")
-    with pytest.raises(CorruptFileError) as err:
-        study_model(RunConfig(**SMALL), tmp_path / "study", repair="fine_tuning", detectors=("neural_cleanse",))
-    one_line_naming(err.value, tmp_path / "study" / "result.json")
+        study_model(RunConfig(**SMALL), tmp_path, repair="fine_tuning", detectors=("neural_cleanse",))
+    assert "not valid JSON" in one_line_naming(err.value, tmp_path / "result.json")
 
 
 def _model_file(tmp_path: Path) -> Path:

@@ -545,3 +545,22 @@ def test_a_repair_grid_trains_its_victim_once(tmp_path, monkeypatch):
     assert results["fine_tuning"].result["details"]["suspect"]["reused"] is True
     inline = run_once(grid.cells[1].config)
     assert results["fine_tuning"].metrics == pytest.approx({k: v for k, v in inline.metrics.items()})
+
+
+def test_a_methods_revision_changes_its_cells_keys_and_no_other():
+    """A method registered with ``revision`` > 0 (its computation changed at the same options) gets
+    new cell keys, so a store never serves a result of the earlier computation; methods at revision 0
+    keep their keys."""
+    from backdoorlab.defenses import REPAIRS
+
+    config = RunConfig(dataset="digits", defense="fine_tuning").resolved()
+    before = cell_key(config)
+    assert "revisions" not in json.dumps(config.to_dict())
+    metadata = REPAIRS._metadata["fine_tuning"]
+    try:
+        REPAIRS._metadata["fine_tuning"] = {**metadata, "revision": 1}
+        assert cell_key(config) != before
+    finally:
+        REPAIRS._metadata["fine_tuning"] = metadata
+    assert cell_key(config) == before
+    assert REPAIRS.metadata("pivotal_tuning")["revision"] == 1, "its anchor changed on 2026-12-06"

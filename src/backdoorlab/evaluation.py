@@ -90,6 +90,25 @@ def repair_warnings(suspect_accuracy: float, repaired_accuracy: float) -> list[s
     ]
 
 
+#: What a collapsed repair's fallback means for a repaired model's numbers.
+FALLBACK_MEANING = "its ASR is the {fallback}'s, not evidence that the repair keeps the backdoor"
+
+
+def fallback_warnings(
+    fallback: str | None, subject: str = "repaired model", meaning: str = FALLBACK_MEANING
+) -> list[str]:
+    """A warning where a repair collapsed and fell back (``fallback``, from its details: ``"suspect"``
+    when no checkpoint stayed within its clean-accuracy tolerance and it returned the suspect model
+    unchanged); ``meaning`` says what that does to the numbers (by default: the repaired model's
+    ASR is the suspect's, not evidence that the repair keeps the backdoor)."""
+    if not fallback:
+        return []
+    return [
+        f"{subject}: the repair collapsed (no checkpoint kept its clean accuracy within the tolerance) and fell back "
+        f"to the {fallback} model unchanged: " + meaning.format(fallback=fallback)
+    ]
+
+
 def assess_backdoor(
     model: nn.Module,
     test: TensorDataset,

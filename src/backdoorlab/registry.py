@@ -48,7 +48,10 @@ class Registry(Generic[T]):
         """Decorator: register ``obj`` under ``name`` (lower case, unique), with optional metadata
         (timm's convention: ``classes=10`` for a dataset), read back by :meth:`metadata`.
         ``modality=`` (one of :data:`MODALITIES`) is the data it takes; where not given, a class
-        that declares ``modality`` (a trigger) gives its own, else the registry's default."""
+        that declares ``modality`` (a trigger) gives its own, else the registry's default.
+        ``revision=`` counts changes to what the method computes at the same options (a changed
+        default): a sweep's cell key includes it where above 0, so a store never serves a result of
+        the earlier computation (``experiments.grid.cell_key``)."""
 
         def decorator(obj: T) -> T:
             key = name.lower()

@@ -65,13 +65,14 @@ def trigger_success(model: nn.Module, data: TensorDataset, delta: Tensor, target
 @DETECTORS.register(
     "cti",
     "Calibrated Trigger Inversion (Lukas & Kerschbaum 2023): trigger success on the suspect minus on its Pivotal-Tuned repair",
+    revision=1,  # 2026-12-06: its default calibration repair, Pivotal Tuning, changed its anchor
 )
 class CalibratedTriggerInversion(Detector):
-    """Repair the suspect model with :class:`PivotalTuning` (on the whole trusted split, as the
-    reference code's ``def_data_ratio=1.0``; ``repair`` / ``repair_options`` choose another repair
-    as the calibration model, for example ``fine_tuning`` where Pivotal Tuning leaves the backdoor
-    in place); then for each class ``c`` invert a calibrated
-    additive trigger (:func:`calibrated_trigger`) on the trusted samples of other classes and score
+    """Repair the suspect model with :class:`PivotalTuning`, given the whole trusted split (which
+    Pivotal Tuning itself splits into a tuning share and a held-out share: see below; ``repair`` /
+    ``repair_options`` choose another repair as the calibration model, for example
+    ``fine_tuning`` where Pivotal Tuning leaves the backdoor in place); then for each class ``c``
+    invert a calibrated additive trigger (:func:`calibrated_trigger`) on the trusted samples of other classes and score
     ``c`` by the trigger's success on the suspect model minus its success on the repaired one. The
     model's score is the maximum over classes; higher means more likely backdoored (the reference
     returns its negation). The reference measures the success on the test set; here it is
@@ -79,6 +80,14 @@ class CalibratedTriggerInversion(Detector):
     by the method: ``flagged`` is ``None``; the study compares scores with clean models' (ROC AUC).
     Sources: ``Universal-Backdoor-Attacks/src/defenses/detection/calibrated_trigger_inversion.py``
     and ``defense_args.py`` (``nc_steps_per_class`` 50, trigger lr 0.01, L1 weight 0).
+
+    The repair gets the whole trusted split (the reference code's ``def_data_ratio=1.0``) and uses
+    it as it would alone: Pivotal Tuning, at its defaults, tunes on 90% of it and holds 10% out to
+    choose its checkpoint (``held_out``; the reference tunes on all of it and keeps the last step:
+    ``repair_options={"checkpoint_rule": "last"}`` keeps the last step here, still tuning on 90%).
+    The trigger inversion and the score use the whole trusted split. Where the repair collapses
+    and returns the suspect model (its ``details["fallback"]``), the score compares the model with
+    itself: ``details["repair_fallback"]`` says so, and the run warns.
     """
 
     def __init__(
@@ -109,8 +118,10 @@ class CalibratedTriggerInversion(Detector):
 
     def detect(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> Detection:
         require_images(trusted, "Calibrated Trigger Inversion")  # before the repair, not after it
-        repaired = self.repair.repair(model, trusted, ctx).model
-        return self.calibrated_score(model, repaired, trusted, ctx)
+        outcome = self.repair.repair(model, trusted, ctx)
+        detection = self.calibrated_score(model, outcome.model, trusted, ctx)
+        detection.details["repair_fallback"] = outcome.details.get("fallback")
+        return detection
 
     def calibrated_score(
         self, model: nn.Module, repaired: nn.Module, trusted: TensorDataset, ctx: DefenseContext

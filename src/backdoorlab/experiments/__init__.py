@@ -2,7 +2,7 @@
 
 from backdoorlab.experiments.config import RunConfig
 from backdoorlab.experiments.recipes import RECIPES, Recipe, recipe_for
-from backdoorlab.experiments.run import ModelSpec, RunResult, build_model, fit_attack, run, run_cached
+from backdoorlab.experiments.run import ModelSpec, RunResult, build_model, fit_attack, run
 from backdoorlab.experiments.saved_model import ModelFileError, load_model, read_metadata, save_model
 
 __all__ = [
@@ -18,6 +18,5 @@ __all__ = [
     "read_metadata",
     "recipe_for",
     "run",
-    "run_cached",
     "save_model",
 ]

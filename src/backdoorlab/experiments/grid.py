@@ -88,8 +88,27 @@ def cell_key(config: RunConfig) -> str:
     # fields added later are left out at their defaults, so keys stay those of earlier versions
     _drop_defaults(values, ADDED_FIELDS)
     _drop_defaults(values.get("train") or {}, ADDED_TRAIN_FIELDS)
+    revisions = method_revisions(config)
+    if revisions:  # a method whose computation changed at the same options: results of before differ
+        values["revisions"] = revisions
     text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def method_revisions(config: RunConfig) -> dict[str, int]:
+    """``{method: revision}`` for the methods ``config`` uses that were registered with a revision
+    above 0 (:meth:`backdoorlab.registry.Registry.register`)."""
+    from backdoorlab.attacks import ATTACKS
+    from backdoorlab.defenses import DETECTORS, registry_for
+    from backdoorlab.models import MODELS
+    from backdoorlab.training.regularizers import REGULARIZERS
+
+    used = [(MODELS, config.model), (ATTACKS, config.attack), (DETECTORS, config.detector)]
+    used += [(REGULARIZERS, config.regularizer)]
+    if config.defense is not None:
+        used.append((registry_for(config.defense), config.defense))
+    found = {name: registry.metadata(name).get("revision", 0) for registry, name in used if name is not None}
+    return {name: revision for name, revision in found.items() if revision}
 
 
 def suspect_config(config: RunConfig) -> RunConfig:

@@ -42,10 +42,10 @@ from backdoorlab.defenses import (
     defense_kind,
     registry_for,
 )
-from backdoorlab.evaluation import Assessment, assess_backdoor, evaluate_backdoor, repair_warnings
+from backdoorlab.evaluation import Assessment, assess_backdoor, evaluate_backdoor, fallback_warnings, repair_warnings
 from backdoorlab.experiments.config import RunConfig
 from backdoorlab.experiments.grid import PLACEMENT_FIELDS
-from backdoorlab.files import CorruptFileError, differences, mismatch_error, read_json_object, write_json
+from backdoorlab.files import CorruptFileError, differences, write_json
 from backdoorlab.metrics import finite_json, isolation_metrics
 from backdoorlab.models.registry import check_input_fits, create_model
 from backdoorlab.training.loop import NonFiniteError, TrainHistory, nonfinite_tensors, resolve_device, train
@@ -429,6 +429,11 @@ def _run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunRes
         detection, timings["detect"] = apply_detector(prepared, model, config.detector, config.detector_options)
         metrics["detection_score"] = detection.score
         details["detection"] = {"flagged": detection.flagged, **detection.details}
+        warnings += fallback_warnings(
+            detection.details.get("repair_fallback"),
+            f"detector '{config.detector}'",
+            "the score compares the suspect model with itself, no evidence that the model is clean",
+        )
 
     tick = time.perf_counter()
     final = assess(prepared, model, "repaired model" if kind == "repair" else "model")
@@ -436,6 +441,7 @@ def _run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunRes
     warnings += final.warnings
     if kind == "repair":
         warnings += repair_warnings(metrics["suspect_clean_accuracy"], metrics["clean_accuracy"])
+        warnings += fallback_warnings(details.get("fallback"))
     if outcome is not None and outcome.isolated is not None:
         metrics.update(isolation_metrics(outcome.isolated, poisoned.mask))
     timings["evaluate"] = time.perf_counter() - tick
@@ -478,24 +484,6 @@ def _run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunRes
         model=model,
         warnings=warnings,
     )
-
-
-def run_cached(config: RunConfig, directory: str | Path, *, suspect: torch.nn.Module | None = None) -> dict[str, Any]:
-    """``run(config, suspect=suspect)`` stored as ``directory/result.json``, or that file's content
-    when it exists already and was made with the same config (:func:`config_differences`), so that
-    a table of many runs resumes where it stopped. A stored result of another config is refused
-    with a :class:`~backdoorlab.files.ResumeMismatchError` naming the fields that differ, a corrupt
-    one with a :class:`~backdoorlab.files.CorruptFileError` naming the file; neither is overwritten."""
-    path = Path(directory) / "result.json"
-    if path.exists():
-        stored = read_json_object(path, required=("config", "metrics"))
-        found = config_differences(stored["config"], config, path)
-        if found:
-            raise mismatch_error(path, found)
-        return stored
-    result = run(config, suspect=suspect)
-    result.write(directory)
-    return result.to_dict()
 
 
 #: Config fields a result stores as the run had them where the config left them open (``None``).
