@@ -6,7 +6,7 @@ persistence curve), then ask which checkpoint each rule would have returned and 
   suspect's (the rule Pivotal Tuning uses; reconstructed);
 - ``first_drop``: the last checkpoint before the held-out accuracy first falls below that floor
   (early stopping on the same measurements);
-- ``last step``: the end of the schedule (the reference code's choice).
+- ``last``: the end of the schedule (the reference code's choice).
 
 The rules read the held-out curve only; the test CA and ASR beside them are the evaluation's,
 which the repair never sees. Each repair is stored as ``OUTPUT/<name>.json`` and reused. Usage::
@@ -29,11 +29,10 @@ from backdoorlab.experiments.run import apply_repair, prepare
 
 
 def chosen_steps(held_out: list[dict[str, Any]], tolerance: float) -> dict[str, int]:
-    """The step each rule keeps, from the held-out curve (step 0 is the suspect model): Pivotal
-    Tuning's own rules, and the last step."""
+    """The step each of Pivotal Tuning's checkpoint rules keeps, from the held-out curve (step 0 is
+    the suspect model)."""
     accuracies = [p["accuracy"] for p in held_out]
-    steps = {rule: held_out[chosen_checkpoint(accuracies, tolerance, rule)]["step"] for rule in CHECKPOINT_RULES}
-    return {**steps, "last step": held_out[-1]["step"]}
+    return {rule: held_out[chosen_checkpoint(accuracies, tolerance, rule)]["step"] for rule in CHECKPOINT_RULES}
 
 
 def repaired(model_file: Path, options: dict[str, Any], output: Path) -> dict[str, Any]:
@@ -66,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     options = parse_options(args.defense_option)
     tolerance = create_repair("pivotal_tuning", **options).config()["max_accuracy_drop"]  # the repair's own default
-    rules = [*CHECKPOINT_RULES, "last step"]
+    rules = CHECKPOINT_RULES
     header = ["poison rate", "seed", "held-out images", "suspect CA"]
     header += [f"{rule}: {what}" for rule in rules for what in ("step", "CA lost", "ASR")]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]

@@ -272,15 +272,15 @@ def test_e2abl_flags_the_poisoned_series_of_a_bundled_set_with_two_class_setting
 def test_e2abl_removes_a_pattern_backdoor_from_a_500_series_set(data_root):
     """E2ABL at its defaults on UCR SwedishLeaf (500 training series, 15 classes), ``ts_pattern`` at
     10%: the shallow head on FCN's first activated map flags the poisoned series and the backdoor
-    goes, where undefended training keeps it (docs/time_series.md, "Larger sets": undefended CA
-    0.952, ASR 0.948; E2ABL CA 0.952, ASR 0.002, 52 flagged at precision 0.90, recall 0.94)."""
+    goes (docs/time_series.md, "Larger sets": undefended CA 0.952, ASR 0.948; E2ABL CA 0.952, ASR
+    0.002, 52 flagged at precision 0.90, recall 0.94). The undefended run is not repeated here (it
+    doubled the test's two minutes): the CA bar is its measured 0.952 less 5 points, and
+    ``test_pattern_backdoor_takes_on_gunpoint_with_clean_accuracy_kept`` checks that the attack takes."""
     base = dict(dataset="ucr:SwedishLeaf", data_root=str(data_root), attack="ts_pattern", poison_rate=0.1, device="cpu")
-    undefended = run(RunConfig(**base))
-    assert undefended.metrics["attack_success_rate"] > 0.9, "the backdoor takes"
     defended = run(RunConfig(**base, defense="e2abl"))
     assert defended.details["head_switched_at"] is None
     assert defended.metrics["attack_success_rate"] < 0.2
-    assert defended.metrics["clean_accuracy"] > undefended.metrics["clean_accuracy"] - 0.05, "CA within 5 points"
+    assert defended.metrics["clean_accuracy"] > 0.952 - 0.05, "CA within 5 points of the undefended run's"
     assert defended.metrics["isolation_precision"] > 0.5 and defended.metrics["isolation_recall"] > 0.8
 
 
