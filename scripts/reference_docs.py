@@ -25,7 +25,7 @@ from typing import Any
 from backdoorlab.attacks import ATTACKS
 from backdoorlab.attacks.triggers import TRIGGER_PARAMETERS
 from backdoorlab.data import DATASETS
-from backdoorlab.defenses import DEFENSES, DETECTORS, REPAIRS
+from backdoorlab.defenses import DETECTORS, REPAIRS, TRAINING_DEFENSES
 from backdoorlab.models import MODELS
 from backdoorlab.models.registry import DATA_PARAMETERS
 from backdoorlab.registry import Registry
@@ -68,7 +68,7 @@ KINDS = [
     Kind(
         "defenses",
         "Training-time defenses",
-        DEFENSES,
+        TRAINING_DEFENSES,
         "Defenses that train on the untrusted training set and return a model (and the samples they isolated): "
         f"{RUN} --defense NAME -d KEY=VALUE`.",
     ),

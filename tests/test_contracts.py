@@ -28,7 +28,7 @@ from backdoorlab.attacks.poisoning import PoisonedDataset, TriggeredTestSet
 from backdoorlab.cli import app
 from backdoorlab.data import Splits
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses import DEFENSES, DETECTORS, REPAIRS, DefenseContext, DefenseOutcome, Repair
+from backdoorlab.defenses import DETECTORS, REPAIRS, TRAINING_DEFENSES, DefenseContext, DefenseOutcome, Repair
 from backdoorlab.experiments import RunConfig, RunResult, run
 from backdoorlab.experiments.grid import GridError, expand
 from backdoorlab.experiments.run import Prepared
@@ -45,7 +45,7 @@ from backdoorlab.training.regularizers import REGULARIZERS
 KINDS: dict[str, tuple[Registry[Any], int, tuple[str, ...]]] = {
     "models": (MODELS, 0, DATA_PARAMETERS),
     "attacks": (ATTACKS, 1, ()),
-    "defenses": (DEFENSES, 0, ()),
+    "defenses": (TRAINING_DEFENSES, 0, ()),
     "repairs": (REPAIRS, 0, ()),
     "detectors": (DETECTORS, 0, ()),
     "regularizers": (REGULARIZERS, 0, ()),
@@ -335,7 +335,7 @@ def check_run(kind: str, name: str, options: dict[str, Any] | None = None, **con
     return result
 
 
-@pytest.mark.parametrize("name", DEFENSES.names())
+@pytest.mark.parametrize("name", TRAINING_DEFENSES.names())
 def test_every_training_defense_keeps_the_contract(name):
     result = check_run("defenses", name)
     assert result.data["train"] == TINY_RUN["train_size"] - TINY_RUN["trusted_size"]

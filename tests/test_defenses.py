@@ -9,7 +9,14 @@ import torch
 
 from backdoorlab.attacks import PoisonedDataset
 from backdoorlab.data import TensorDataset
-from backdoorlab.defenses import DEFENSES, DefenseContext, DefenseOutcome, TrainingDefense, create_defense, lowest
+from backdoorlab.defenses import (
+    TRAINING_DEFENSES,
+    DefenseContext,
+    DefenseOutcome,
+    TrainingDefense,
+    create_defense,
+    lowest,
+)
 from backdoorlab.defenses.abl import local_gradient_ascent
 from backdoorlab.experiments import RunConfig, run
 from backdoorlab.metrics import isolation_metrics
@@ -53,8 +60,8 @@ def test_a_defense_gets_the_training_set_and_nothing_about_the_attack(monkeypatc
             train(model, data, ctx.recipe, device=ctx.device, seed=ctx.seed)
             return DefenseOutcome(model, isolated=torch.zeros(len(data), dtype=torch.bool))
 
-    monkeypatch.setitem(DEFENSES._items, "spy", Spy)
-    monkeypatch.setitem(DEFENSES._help, "spy", "test spy")
+    monkeypatch.setitem(TRAINING_DEFENSES._items, "spy", Spy)
+    monkeypatch.setitem(TRAINING_DEFENSES._help, "spy", "test spy")
     run_module = importlib.import_module("backdoorlab.experiments.run")  # the package exports run()
 
     captured = {}
@@ -287,7 +294,7 @@ def test_e2abl_shallow_head_works_on_1d_models():
 def test_pt_trains_only_the_shallow_half_before_isolating(digits, monkeypatch):
     """The partial model: the body's first half (rounded up) and the head learn, the deep half keeps
     its initialisation; a body with nothing left to freeze is refused."""
-    import backdoorlab.defenses.pt as pt_module
+    import backdoorlab.defenses.partial_training as pt_module
     from backdoorlab.models.registry import create_model
 
     data = digits.train

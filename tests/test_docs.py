@@ -15,7 +15,7 @@ import yaml
 from backdoorlab.attacks import ATTACKS
 from backdoorlab.cli import app
 from backdoorlab.data import DATASETS
-from backdoorlab.defenses import DEFENSES, DETECTORS, REPAIRS
+from backdoorlab.defenses import DETECTORS, REPAIRS, TRAINING_DEFENSES
 from backdoorlab.experiments.grid import load_grid
 from backdoorlab.experiments.recipes import RECIPES
 from backdoorlab.models import MODELS
@@ -119,7 +119,7 @@ def test_documented_method_names_are_registered():
             continue
         for option, value in re.findall(r"(--[a-z-]+)[ =]([\w:.,-]+)", arguments):
             if option == "--defense":
-                valid = {*DEFENSES, *REPAIRS}
+                valid = {*TRAINING_DEFENSES, *REPAIRS}
             elif option in NAMED:
                 valid = set(NAMED[option])
             else:

@@ -231,7 +231,7 @@ def test_every_registered_defense_is_one_of_the_three_kinds_in_base():
     names and import paths still work."""
     from backdoorlab.defenses import base, post_training
 
-    kinds = ((base.DEFENSES, base.TrainingDefense), (REPAIRS, Repair), (base.DETECTORS, base.Detector))
+    kinds = ((base.TRAINING_DEFENSES, base.TrainingDefense), (REPAIRS, Repair), (base.DETECTORS, base.Detector))
     for registry, kind in kinds:
         assert kind.__module__ == base.__name__
         assert all(issubclass(registry.get(name), kind) for name in registry.names()), registry.kind

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from backdoorlab.attacks.poisoning import PoisonedDataset, TriggeredTestSet
 from backdoorlab.attacks.triggers import Trigger
 from backdoorlab.data import TensorDataset
-from backdoorlab.defenses import DEFENSES, REPAIRS, DefenseOutcome, Repair, TrainingDefense
+from backdoorlab.defenses import REPAIRS, TRAINING_DEFENSES, DefenseOutcome, Repair, TrainingDefense
 from backdoorlab.experiments import ModelFileError, RunConfig, load_model, run, save_model
 from backdoorlab.experiments.detectability import study_model
 from backdoorlab.experiments.grid import Cell
@@ -349,8 +349,8 @@ def test_a_training_defense_gets_a_model_spec_with_nothing_of_the_run(monkeypatc
             train(model, data, ctx.recipe, device=ctx.device, seed=ctx.seed)
             return DefenseOutcome(model)
 
-    monkeypatch.setitem(DEFENSES._items, "spy", Spy)
-    monkeypatch.setitem(DEFENSES._help, "spy", "test spy")
+    monkeypatch.setitem(TRAINING_DEFENSES._items, "spy", Spy)
+    monkeypatch.setitem(TRAINING_DEFENSES._help, "spy", "test spy")
     run(RunConfig(**SMALL, defense="spy"))
     factory = seen["factory"]
     assert isinstance(factory, ModelSpec) and not isinstance(factory, types.FunctionType)

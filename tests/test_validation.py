@@ -20,7 +20,7 @@ from backdoorlab.attacks import ATTACKS
 from backdoorlab.attacks.series import SeriesTrigger
 from backdoorlab.cli import app
 from backdoorlab.data.sources import dataset_modality
-from backdoorlab.defenses import DEFENSES, DETECTORS, REPAIRS
+from backdoorlab.defenses import DETECTORS, REPAIRS, TRAINING_DEFENSES
 from backdoorlab.experiments import RunConfig, run
 from backdoorlab.experiments.grid import GridError, cell_key, expand
 from backdoorlab.models import MODELS, models_for
@@ -111,7 +111,7 @@ def _where(kind: str, name: str, option: str, value: object) -> RunConfig:
 REGISTRIES = {
     "attacks": (ATTACKS, 1, ()),
     "models": (MODELS, 0, DATA_PARAMETERS),
-    "defenses": (DEFENSES, 0, ()),
+    "defenses": (TRAINING_DEFENSES, 0, ()),
     "repairs": (REPAIRS, 0, ()),
     "detectors": (DETECTORS, 0, ()),
     "regularizers": (REGULARIZERS, 0, ()),

@@ -734,7 +734,7 @@ def list_command(
     from backdoorlab.attacks import ATTACKS
     from backdoorlab.clip.models import CLIP_MODELS
     from backdoorlab.data import DATASETS
-    from backdoorlab.defenses import DEFENSES, DETECTORS, REPAIRS
+    from backdoorlab.defenses import DETECTORS, REPAIRS, TRAINING_DEFENSES
     from backdoorlab.experiments.presets import PRESETS
     from backdoorlab.experiments.recipes import RECIPES
     from backdoorlab.models import MODELS
@@ -746,7 +746,7 @@ def list_command(
         "recipes": RECIPES,
         "presets": PRESETS,
         "attacks": ATTACKS,
-        "defenses": DEFENSES,
+        "defenses": TRAINING_DEFENSES,
         "repairs": REPAIRS,
         "detectors": DETECTORS,
         "regularizers": REGULARIZERS,

@@ -1,7 +1,7 @@
 """Defenses, of three kinds (their interfaces: :mod:`backdoorlab.defenses.base`).
 
 - Training-time defenses (ABL, E2ABL, PT) get only the untrusted training set and a model factory,
-  and return a model plus the samples they isolated (``TrainingDefense``, ``DEFENSES``).
+  and return a model plus the samples they isolated (``TrainingDefense``, ``TRAINING_DEFENSES``).
 - Repair defenses (fine-tuning, Fine-Pruning, NAD, Neural Cleanse, Pivotal Tuning) get a suspect
   model and the trusted clean split and return a repaired model (``Repair``, ``REPAIRS``).
 - Detectors (Neural Cleanse, Calibrated Trigger Inversion) get the same and return a score
@@ -20,13 +20,13 @@ from backdoorlab.defenses import (  # noqa: F401  (registers the defenses)
     fine_tuning,
     nad,
     neural_cleanse,
+    partial_training,
     pivotal_tuning,
-    pt,
 )
 from backdoorlab.defenses.base import (
-    DEFENSES,
     DETECTORS,
     REPAIRS,
+    TRAINING_DEFENSES,
     DefenseContext,
     DefenseOutcome,
     DefenseWarning,
@@ -47,23 +47,23 @@ from backdoorlab.registry import Registry, UnknownNameError
 
 def defense_kind(name: str) -> Literal["training", "repair"]:
     """Whether ``name`` is a training-time or a repair defense; an unknown name lists both kinds."""
-    if name in DEFENSES:
+    if name in TRAINING_DEFENSES:
         return "training"
     if name in REPAIRS:
         return "repair"
     raise UnknownNameError(
-        f"unknown defense '{name}'; training-time defenses: {', '.join(DEFENSES.names())}; "
+        f"unknown defense '{name}'; training-time defenses: {', '.join(TRAINING_DEFENSES.names())}; "
         f"repair defenses: {', '.join(REPAIRS.names())}"
     )
 
 
 def registry_for(name: str) -> Registry[Any]:
-    """The registry (``DEFENSES`` or ``REPAIRS``) that holds defense ``name``."""
-    return DEFENSES if defense_kind(name) == "training" else REPAIRS
+    """The registry (``TRAINING_DEFENSES`` or ``REPAIRS``) that holds defense ``name``."""
+    return TRAINING_DEFENSES if defense_kind(name) == "training" else REPAIRS
 
 
 __all__ = [
-    "DEFENSES",
+    "TRAINING_DEFENSES",
     "DETECTORS",
     "REPAIRS",
     "DefenseContext",

@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses.base import DEFENSES, DefenseContext, DefenseOutcome, ModelFactory, TrainingDefense, lowest
+from backdoorlab.defenses.base import (
+    TRAINING_DEFENSES,
+    DefenseContext,
+    DefenseOutcome,
+    ModelFactory,
+    TrainingDefense,
+    lowest,
+)
 from backdoorlab.options import NonNegativeInt, OpenFraction, PositiveFloat, PositiveInt
 from backdoorlab.training.loop import TrainConfig, per_sample_loss, train
 
@@ -103,7 +110,7 @@ def without_augmentation(recipe: TrainConfig) -> TrainConfig:
     return replace(recipe, crop_padding=0, flip=False, alternating_flip=False, jitter=0.0, scaling=0.0)
 
 
-@DEFENSES.register("abl", "ABL (Li et al. 2021): isolate the lowest-loss 1% under LGA, then unlearn them")
+@TRAINING_DEFENSES.register("abl", "ABL (Li et al. 2021): isolate the lowest-loss 1% under LGA, then unlearn them")
 class ABL(TrainingDefense):
     """Anti-Backdoor Learning in three steps on one model:
 

@@ -1,6 +1,6 @@
 """The three kinds of defense, and the context every defense hook gets.
 
-- A **training-time defense** (:class:`TrainingDefense`, registry ``DEFENSES``) gets the untrusted
+- A **training-time defense** (:class:`TrainingDefense`, registry ``TRAINING_DEFENSES``) gets the untrusted
   (possibly poisoned) training set and a factory for fresh models of the run's architecture (``run``
   passes an ``experiments.run.ModelSpec``: the model's name, options and the data's shape facts,
   nothing else). It returns a trained model and, where it isolates samples, its own verdict as a
@@ -35,7 +35,7 @@ from backdoorlab.registry import Registry
 from backdoorlab.training.loop import TrainConfig
 
 #: Training-time defenses by name: ``cls(**options)``.
-DEFENSES: Registry[type[TrainingDefense]] = Registry("defense")
+TRAINING_DEFENSES: Registry[type[TrainingDefense]] = Registry("defense")
 #: Repair defenses by name: ``cls(**options)``.
 REPAIRS: Registry[type[Repair]] = Registry("repair defense")
 #: Detectors by name: ``cls(**options)``.
@@ -152,7 +152,7 @@ RepairDefense = Repair
 
 def create_defense(name: str, **options: Any) -> TrainingDefense:
     """Build a registered training-time defense; unknown options are refused with the valid ones listed."""
-    return DEFENSES.create(name, **options)
+    return TRAINING_DEFENSES.create(name, **options)
 
 
 def create_repair(name: str, **options: Any) -> Repair:

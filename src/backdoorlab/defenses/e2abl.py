@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.abl import local_gradient_ascent
 from backdoorlab.defenses.base import (
-    DEFENSES,
+    TRAINING_DEFENSES,
     DefenseContext,
     DefenseOutcome,
     DefenseWarning,
@@ -217,7 +217,7 @@ class E2ABLStep(TrainStep):
         return main, main_losses
 
 
-@DEFENSES.register(
+@TRAINING_DEFENSES.register(
     "e2abl", "E2ABL-style (Jiang et al. 2024, reconstructed): a shallow head flags, the main head relabels"
 )
 class E2ABL(TrainingDefense):

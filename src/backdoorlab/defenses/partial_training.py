@@ -14,12 +14,21 @@ import torch
 
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.abl import train_on_rest_then_unlearn
-from backdoorlab.defenses.base import DEFENSES, DefenseContext, DefenseOutcome, ModelFactory, TrainingDefense, lowest
+from backdoorlab.defenses.base import (
+    TRAINING_DEFENSES,
+    DefenseContext,
+    DefenseOutcome,
+    ModelFactory,
+    TrainingDefense,
+    lowest,
+)
 from backdoorlab.options import OpenFraction, PositiveInt
 from backdoorlab.training.loop import per_sample_loss, train
 
 
-@DEFENSES.register("pt", "PT (Li & Gao 2024, reconstructed): isolate with a partly frozen model, then fine-tune")
+@TRAINING_DEFENSES.register(
+    "pt", "PT (Li & Gao 2024, reconstructed): isolate with a partly frozen model, then fine-tune"
+)
 class PartialTrain(TrainingDefense):
     """Partial train and isolate (reconstructed).
 
