@@ -451,22 +451,33 @@ def digits_victim_30():
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:the held-out share has 43 images")
-def test_pivotal_tuning_with_the_per_parameter_anchor_removes_badnets_within_3_points(digits_victim_30):
+def test_pivotal_tuning_with_the_per_parameter_anchor_and_a_clean_only_choice_removes_badnets(digits_victim_30):
     """With the anchor's pull per weight that the reference has on ResNet-18 (the default
-    ``anchor="per_parameter"``: 168.6 in mean units on the small CNN) and lr 1e-2 (not the
-    reference's default 1e-4, which barely moves a converged model), 300 steps and the clean-only
-    held-out choice remove BadNets. Measured (1 thread), suspect CA 0.986 / ASR 0.991 -> 0.978 /
-    0.003; victims of seeds 1 and 2: 0.989 / 0.969 -> 0.967 / 0.000 and 0.989 / 0.960 -> 0.981 /
-    0.012."""
+    ``anchor="per_parameter"``: 168.6 in mean units on the small CNN), a grid of two learning rates
+    (1e-3, 1e-2; the reference's 1e-4 barely moves a converged model) for 300 steps, and the
+    clean-only protocol (``report.protocols.clean_only_choice``: the farthest-moved checkpoint within
+    2 points of held-out accuracy), Pivotal Tuning removes BadNets within 3 points of CA. Measured
+    (1 thread), suspect 0.986 / 0.991 -> lr 1e-2 at its last step 0.978 / 0.003; over the wider grid
+    of examples/pivotal_protocols.yaml, seeds 0-2, the clean-only choice keeps ASR <= 0.034 at
+    0.9-1.9 points of CA (docs/defenses.md). The reference tooling's rule, which reads the test set,
+    also finds the backdoor gone within its 3-point window."""
+    from backdoorlab.report.protocols import checkpoints, clean_only_choice, reference_choice
+
     prepared, model = digits_victim_30
     suspect = evaluate(prepared, model)
-    _, repaired, details, _ = apply_repair(
-        prepared, model, "pivotal_tuning", {"steps": 300, "lr": 1e-2}, persistence=False
-    )
-    assert details["anchor_weight"] == pytest.approx(168.58, abs=0.01) and details["fallback"] is None
     assert suspect["attack_success_rate"] >= 0.9, suspect
-    assert repaired["attack_success_rate"] < 0.2, repaired
-    assert repaired["clean_accuracy"] >= suspect["clean_accuracy"] - 0.03, (suspect, repaired)
+    points, start = [], None
+    for lr in (1e-3, 1e-2):
+        options = {"steps": 300, "lr": lr}
+        _, _, details, _ = apply_repair(prepared, model, "pivotal_tuning", options)
+        assert details["anchor_weight"] == pytest.approx(168.58, abs=0.01) and details["fallback"] is None
+        points += checkpoints({"config": {"defense_options": options}, "details": details})
+        start = details["held_out_curve"][0]["accuracy"]
+    chosen = clean_only_choice(points, start, tolerance=0.02)
+    assert chosen is not None and chosen["options"]["lr"] == 1e-2, chosen
+    assert chosen["test"]["attack_success_rate"] < 0.2, chosen
+    assert chosen["test"]["clean_accuracy"] >= suspect["clean_accuracy"] - 0.03, (suspect, chosen)
+    assert reference_choice(points, delta=0.03)["test"]["attack_success_rate"] < 0.2
 
 
 @pytest.mark.slow
