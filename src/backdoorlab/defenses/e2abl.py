@@ -248,38 +248,20 @@ class E2ABL(TrainingDefense):
     batch and no better than the class prior), in which case the run starts over, from the same
     random state, as an ``own`` run (``details.head_switched_at``: the epoch and step where it died,
     or ``None``; the steps before it are spent). The rule reads only the head's own activations and
-    loss on the training batch, no mask. Starting over, rather than going on with a fresh head,
-    keeps the first steps' poisoned samples from teaching the main network before any are flagged:
-    on all 59,400 MNIST images, going on with a fresh head from step 6 left ASR at 0.629 (flag recall
-    0.92), where ``own`` from the start gives 0.018 (recall 0.92) on the same machine.
+    loss on the training batch, no mask. It starts over rather than going on with a fresh head, so
+    the first steps' poisoned samples do not teach the main network before any are flagged.
 
-    ``recipe`` fails on the default recipe's MNIST: steps of 1024 at lr up to 1.5 kill the head
-    within the first epoch's six steps (its loss spikes to 11, then its units fall silent and it
-    predicts the prior), so it flags nothing, on 10,000 images at 2, 3, 4 and 6 epochs and on all
-    60,000 at 2; ``own`` removed BadNets there on five seeds and on the full set, and ``auto`` found
-    the head dead at step 5 or 6 on each of five seeds and on the full set, and so is ``own`` there.
-    Where the recipe's head lives (the small CNN, the pretrained EfficientNet-Lite0, CIFAR-10's
-    airbench at 16 epochs, 8x8 digits), ``auto`` is ``recipe``, which there keeps up to 3.5 points
-    more accuracy than ``own`` at higher isolation precision, in a third to a half of the time, but
-    takes ``recipe``'s failures too: on the small CNN it misses Blended (ASR 1.000), which ``own``
-    removes (0.008) (docs/notes/2026-11-24-e2abl-head-optimizer.md). On 8x8 digits and the small time-series sets no setting removes the
-    backdoor; on the 500-series UCR SwedishLeaf the default removes a pattern trigger (ASR 0.948 ->
-    0.002), not a sinusoid, and on the binary Strawberry it flags nothing: the loss floor gamma 0.5 is
-    near a binary problem's chance loss (docs/time_series.md, "Larger sets").
+    Where each setting works and fails (the default recipe's MNIST kills the recipe's head; the
+    recipe's head misses Blended on the small CNN; no setting works on 8x8 digits or the small
+    time-series sets; SwedishLeaf's pattern trigger goes, a sinusoid stays): docs/defenses.md and
+    docs/notes/2026-11-24-e2abl-head-optimizer.md.
 
     Reconstructed choices (no code, no paper body): attachment depth, the head's shape and
     optimiser (with its restart of a dead head, and ``auto``'s switch), LGA on the shallow head, the
-    flag threshold, relabelling to the main head's best other class, and when flagging starts. Several were set during development by looking at
-    isolation precision or ASR, with the poison mask in view, on MNIST BadNets: the threshold (0.05
-    flagged 2181 samples at precision 0.43; 0.01, 1113 at 0.85, on the small CNN); ``own``'s
-    settings and its start of flagging (on airbench, seeds 0, 1 and 4: 4 passes left ASR at
-    0.19-0.44, or at 0.01-0.69 with the early start; 8 passes with it, 0.003-0.005; docs/notes/2026-11-24-e2abl-head-optimizer.md);
-    the attachment at the first activated feature map (on the pretrained EfficientNet-Lite0, a head
-    on the stem's convolution alone, 2 modules, or after four blocks, 8, flagged nothing, on its
-    activated map, 4, exactly the poisoned samples); the rule for a dead head, after seeing which
-    heads worked (the recipe's head on the pretrained EfficientNet-Lite0 works while silent on 38-73%
-    of a batch, so silence alone does not mark death; the dying head on MNIST's airbench was silent
-    on 91-99% and no better than the prior).
+    flag threshold, relabelling to the main head's best other class, and when flagging starts.
+    Several were set during development by looking at isolation precision or ASR, with the poison
+    mask in view, on MNIST BadNets (the threshold, ``own``'s settings and start of flagging, the
+    attachment depth, the rule for a dead head); the measurements behind each are in the note.
     """
 
     def __init__(

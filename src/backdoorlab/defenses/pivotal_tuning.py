@@ -263,9 +263,8 @@ class PivotalTuning(Repair):
     whose held-out accuracy is within ``max_accuracy_drop`` = 0.02 of the suspect model's is
     returned (the paper's headline accepts at most a 2% accuracy decline). Only clean trusted data
     enters the choice. ``checkpoint_rule="first_drop"`` keeps only checkpoints before the held-out
-    accuracy first falls below that floor (early stopping on the same measurements): on 22 MNIST
-    repairs it lost more than 2 points of test CA on 3 where the default lost it on 4-5, at the
-    same ASR (docs/notes/2026-12-05-pivotal-tuning-checkpoint-rule.md). ``checkpoint_rule="last"``
+    accuracy first falls below that floor (early stopping on the same measurements; compared in
+    docs/notes/2026-12-05-pivotal-tuning-checkpoint-rule.md). ``checkpoint_rule="last"``
     returns the last step, as the reference code does (the held-out share is still held out and
     measured, for the curve). Where no checkpoint stays within the tolerance, the repair has
     collapsed: it returns the suspect model unchanged, with a ``DefenseWarning``, and
@@ -273,8 +272,11 @@ class PivotalTuning(Repair):
     its result (``evaluation.fallback_warnings``), so such a row never reads as "the repair kept
     the backdoor".
     Where the held-out share is too small to see that tolerance (one standard error of its
-    accuracy above it: 50 images at accuracy 0.75 measure it to 0.06), a ``DefenseWarning`` says
-    so: on CIFAR-10 WaNet such a share let a checkpoint 7 points below the suspect through.
+    accuracy above it), a ``DefenseWarning`` says so.
+
+    At the reference's lr 1e-4 the repair barely moves a converged model; a learning rate (and
+    anchor weight) chosen over a grid on clean data alone is ``report.protocols.clean_only_choice``
+    (docs/defenses.md, "Two reporting protocols").
 
     Args:
         parameter_weight: the weight anchor's weight, in the units ``anchor`` says (default 20000,
