@@ -25,7 +25,7 @@ from typing import Any
 from backdoorlab.attacks import ATTACKS
 from backdoorlab.attacks.triggers import TRIGGER_PARAMETERS
 from backdoorlab.data import DATASETS
-from backdoorlab.defenses import DETECTORS, REPAIRS, TRAINING_DEFENSES
+from backdoorlab.defenses import DETECTORS, INPUT_DETECTORS, REPAIRS, TRAINING_DEFENSES
 from backdoorlab.models import MODELS
 from backdoorlab.models.registry import DATA_PARAMETERS
 from backdoorlab.registry import Registry
@@ -85,6 +85,14 @@ KINDS = [
         DETECTORS,
         "Model detectors: a score (higher: more likely backdoored) from a suspect model and the trusted split: "
         f"{RUN} --detector NAME -x KEY=VALUE`, or `backdoorlab detect`.",
+    ),
+    Kind(
+        "input-detectors",
+        "Input detectors",
+        INPUT_DETECTORS,
+        "Inference-time detectors: is this input triggered? Fitted on the suspect model and half the trusted split, "
+        "the threshold set at 5% false positives on the other half, then shown the clean and triggered test sets "
+        f"(AUROC, TPR, CA and ASR behind the filter): {RUN} --input-detector NAME -y KEY=VALUE`.",
     ),
     Kind(
         "regularizers",

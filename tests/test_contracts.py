@@ -28,10 +28,18 @@ from backdoorlab.attacks.poisoning import PoisonedDataset, TriggeredTestSet
 from backdoorlab.cli import app
 from backdoorlab.data import Splits
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses import DETECTORS, REPAIRS, TRAINING_DEFENSES, DefenseContext, DefenseOutcome, Repair
+from backdoorlab.defenses import (
+    DETECTORS,
+    INPUT_DETECTORS,
+    REPAIRS,
+    TRAINING_DEFENSES,
+    DefenseContext,
+    DefenseOutcome,
+    Repair,
+)
 from backdoorlab.experiments import RunConfig, RunResult, run
 from backdoorlab.experiments.grid import GridError, expand
-from backdoorlab.experiments.run import Prepared
+from backdoorlab.experiments.run import INPUT_CALIBRATION_SHARE, Prepared
 from backdoorlab.models import create_model
 from backdoorlab.models.registry import DATA_PARAMETERS, MODELS
 from backdoorlab.models.series import models_for
@@ -48,6 +56,7 @@ KINDS: dict[str, tuple[Registry[Any], int, tuple[str, ...]]] = {
     "defenses": (TRAINING_DEFENSES, 0, ()),
     "repairs": (REPAIRS, 0, ()),
     "detectors": (DETECTORS, 0, ()),
+    "input-detectors": (INPUT_DETECTORS, 0, ()),
     "regularizers": (REGULARIZERS, 0, ()),
 }
 REGISTRY_OF = {kind: registry for kind, (registry, _, _) in KINDS.items()}
@@ -71,6 +80,7 @@ FAST_METHODS: dict[str, dict[str, dict[str, Any]]] = {
         "cti": {"steps": 5, "repair_options": {"steps": 10, "eval_every": 5}},
         "neural_cleanse": {"steps": 5},
     },
+    "input-detectors": {"strip": {"overlays": 5}},
     "regularizers": {},
 }
 
@@ -89,8 +99,13 @@ IMAGE_SHAPES = ((1, 8, 8), (3, 16, 16))
 SERIES_SHAPE = (1, 64)
 NUM_CLASSES = 4
 #: How each kind's method is called by ``run``, and which RunConfig field names it.
-ENTRY_POINTS = {"defenses": "train", "repairs": "repair", "detectors": "detect"}
-CONFIG_FIELD = {"defenses": "defense", "repairs": "defense", "detectors": "detector"}
+ENTRY_POINTS = {"defenses": "train", "repairs": "repair", "detectors": "detect", "input-detectors": "fit"}
+CONFIG_FIELD = {
+    "defenses": "defense",
+    "repairs": "defense",
+    "detectors": "detector",
+    "input-detectors": "input_detector",
+}
 #: What a defense must never be given (DESIGN.md: no mask, trigger, target or test set).
 FORBIDDEN = (PoisonedDataset, TriggeredTestSet, Trigger, Prepared, RunConfig, Splits, RunResult)
 FORBIDDEN_PARAMETERS = {"mask", "poison_mask", "poisoned", "trigger", "target", "test", "test_set", "triggered"}
@@ -323,9 +338,17 @@ def check_run(kind: str, name: str, options: dict[str, Any] | None = None, **con
         patch.setattr(cls, ENTRY_POINTS[kind], spy)
         result = run(RunConfig(**{**TINY_RUN, **config, field: name, f"{field}_options": options}))
 
-    check_hygiene(kind, name, calls, result.data["train" if kind == "defenses" else "trusted"])
+    size = result.data["train" if kind == "defenses" else "trusted"]
+    if kind == "input-detectors":  # fitted on the trusted split less its calibration share
+        size -= max(1, round(INPUT_CALIBRATION_SHARE * size))
+    check_hygiene(kind, name, calls, size)
     check_finite_metrics(result)
-    expected = {"defenses": "clean_accuracy", "repairs": "suspect_clean_accuracy", "detectors": "detection_score"}[kind]
+    expected = {
+        "defenses": "clean_accuracy",
+        "repairs": "suspect_clean_accuracy",
+        "detectors": "detection_score",
+        "input-detectors": "input_auroc",
+    }[kind]
     assert expected in result.metrics
     method_config = check_config_round_trip(registry, name, registry.create(name, **options))
     stored = json.loads(json.dumps(result.config))[f"{field}_options"]
@@ -349,6 +372,13 @@ def test_every_repair_keeps_the_contract(name):
 @pytest.mark.parametrize("name", DETECTORS.names())
 def test_every_detector_keeps_the_contract(name):
     check_run("detectors", name)
+
+
+@pytest.mark.parametrize("name", INPUT_DETECTORS.names())
+@pytest.mark.filterwarnings("ignore:the input detector's threshold is set on")
+def test_every_input_detector_keeps_the_contract(name):
+    result = check_run("input-detectors", name)
+    assert 0.0 <= result.metrics["input_auroc"] <= 1.0 and result.metrics["input_calibration_size"] == 30
 
 
 def check_regularizer(name: str, options: dict[str, Any] | None = None) -> None:

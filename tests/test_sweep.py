@@ -92,7 +92,15 @@ def test_cell_key_ignores_placement_but_not_content() -> None:
     assert cell_key(config) != cell_key(RunConfig(dataset="digits", seed=1).resolved())
     assert cell_key(config) != cell_key(RunConfig(dataset="digits", attack_options={"size": 4}).resolved())
     # a field added later leaves earlier keys alone at its default, and changes them otherwise
-    added = ("data_seed", "threads", "deterministic", "preset", "poison_rate_of")
+    added = (
+        "data_seed",
+        "threads",
+        "deterministic",
+        "preset",
+        "poison_rate_of",
+        "input_detector",
+        "input_detector_options",
+    )
     earlier = {k: v for k, v in config.to_dict().items() if k not in ("device", "data_root", *added)}
     del earlier["train"]["milestones"]  # the dict a version before the step schedule hashed
     del earlier["train"]["min_last_batch"]  # ... and before the last batch could be skipped

@@ -101,6 +101,15 @@ DetectorOpt = Annotated[Optional[str], typer.Option(help="Detector scoring the f
 DetectorOptionOpt = Annotated[
     Optional[list[str]], typer.Option("--detector-option", "-x", help="Detector option KEY=VALUE, repeatable.")
 ]
+InputDetectorOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Input detector shown the clean and triggered test inputs (strip; see `backdoorlab list input-detectors`)."
+    ),
+]
+InputDetectorOptionOpt = Annotated[
+    Optional[list[str]], typer.Option("--input-detector-option", "-y", help="Input detector option KEY=VALUE.")
+]
 OutputOpt = Annotated[Optional[Path], typer.Option(help="Write DIR/result.json.")]
 SaveModelOpt = Annotated[Optional[Path], typer.Option(help="Write the final model to this safetensors file.")]
 DataRootOpt = Annotated[
@@ -162,6 +171,8 @@ def run_command(
     defense_option: DefenseOptionOpt = None,
     detector: DetectorOpt = None,
     detector_option: DetectorOptionOpt = None,
+    input_detector: InputDetectorOpt = None,
+    input_detector_option: InputDetectorOptionOpt = None,
     regularizer: Annotated[
         Optional[str],
         typer.Option(
@@ -223,6 +234,8 @@ def run_command(
             defense_options=parse_options(defense_option),
             detector=detector,
             detector_options=parse_options(detector_option),
+            input_detector=input_detector,
+            input_detector_options=parse_options(input_detector_option),
             regularizer=regularizer,
             regularizer_options=parse_options(regularizer_option),
             epochs=epochs,
@@ -301,6 +314,9 @@ def _report(result: Any, output: Path | None, save_model: Path | None) -> None:
     if "detection_score" in m:
         flagged = result.details.get("detection", {}).get("flagged")
         extra["detection score"] = f"{m['detection_score']:.3f}" + {True: " (flagged)", False: "", None: ""}[flagged]
+    if "input_auroc" in m:
+        extra["inputs: AUROC / TPR / FPR"] = f"{m['input_auroc']:.3f} / {m['input_tpr']:.3f} / {m['input_fpr']:.3f}"
+        extra["filtered CA / ASR"] = f"{m['filtered_clean_accuracy']:.3f} / {m['filtered_attack_success_rate']:.3f}"
     seconds = result.timings.get("defense", result.timings.get("train"))
     if seconds is not None:
         extra["defense s" if config.defense else "train s"] = f"{seconds:.1f}"
@@ -730,11 +746,11 @@ def list_command(
     ] = None,
     options: Annotated[bool, typer.Option("--options", help="Each method's options: type, range and default.")] = False,
 ) -> None:
-    """List the registered datasets, models, recipes, attacks, defenses, repairs, detectors and regularisers."""
+    """List the registered datasets, models, recipes, attacks, defenses, repairs, detectors, input detectors and regularisers."""
     from backdoorlab.attacks import ATTACKS
     from backdoorlab.clip.models import CLIP_MODELS
     from backdoorlab.data import DATASETS
-    from backdoorlab.defenses import DETECTORS, REPAIRS, TRAINING_DEFENSES
+    from backdoorlab.defenses import DETECTORS, INPUT_DETECTORS, REPAIRS, TRAINING_DEFENSES
     from backdoorlab.experiments.presets import PRESETS
     from backdoorlab.experiments.recipes import RECIPES
     from backdoorlab.models import MODELS
@@ -749,10 +765,11 @@ def list_command(
         "defenses": TRAINING_DEFENSES,
         "repairs": REPAIRS,
         "detectors": DETECTORS,
+        "input-detectors": INPUT_DETECTORS,
         "regularizers": REGULARIZERS,
         "clip-models": CLIP_MODELS,
     }
-    with_options = {"models", "attacks", "defenses", "repairs", "detectors", "regularizers"}
+    with_options = {"models", "attacks", "defenses", "repairs", "detectors", "input-detectors", "regularizers"}
     if kind is not None and kind not in registries:
         _fail(ValueError(f"unknown kind '{kind}'; valid: {', '.join(registries)}"))
     for name, registry in registries.items():

@@ -9,6 +9,8 @@ checks (:func:`health_warnings`) read the same clean predictions, no extra pass.
 from __future__ import annotations
 
 import math
+import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +18,7 @@ from torch import Tensor, nn
 
 from backdoorlab.attacks.poisoning import TriggeredTestSet
 from backdoorlab.data.dataset import TensorDataset
+from backdoorlab.defenses.base import DefenseWarning, InputDetector
 from backdoorlab.metrics import attack_success_rate, clean_accuracy, robust_accuracy
 from backdoorlab.training.loop import predict
 
@@ -27,6 +30,8 @@ COLLAPSE_SHARE = 0.9
 CHANCE_MARGIN = 0.05
 #: A repair that loses more clean accuracy than this against the suspect model is flagged.
 MAX_REPAIR_CA_DROP = 0.10
+#: The false-positive rate an input detector's threshold is set to, on trusted clean inputs.
+INPUT_FPR = 0.05
 
 
 @dataclass
@@ -145,3 +150,60 @@ def evaluate_backdoor(
     """``{"clean_accuracy", "attack_success_rate", "robust_accuracy"}`` as fractions in [0, 1];
     ``tta``: the recipe's test-time augmentation level (``training.loop.tta_logits``)."""
     return assess_backdoor(model, test, triggered, device=device, batch_size=batch_size, tta=tta).metrics
+
+
+def assess_input_detector(
+    detector: InputDetector,
+    model: nn.Module,
+    test: TensorDataset,
+    triggered: TriggeredTestSet,
+    calibration: TensorDataset,
+    *,
+    device: str | torch.device | None = "cpu",
+    tta: int = 0,
+    fpr: float = INPUT_FPR,
+) -> dict[str, float]:
+    """An input detector (already fitted) shown the clean test set and its triggered copy, mixed:
+
+    - ``input_auroc``: ROC AUC of its scores, triggered against clean inputs;
+    - ``input_threshold``: the score above which an input is flagged, set so that a share ``fpr``
+      (5%) of ``calibration`` (trusted clean inputs it did not fit on) is flagged;
+    - ``input_tpr`` and ``input_fpr``: the share of triggered and of clean test inputs flagged;
+    - ``filtered_clean_accuracy`` and ``filtered_attack_success_rate``: CA and ASR of "detector,
+      then model", where a flagged input counts as rejected (neither correct nor a success);
+    - ``input_seconds_per_input``: scoring time per test input; ``input_calibration_size``.
+
+    A threshold set on fewer than ``2 / fpr`` clean inputs is warned about (``DefenseWarning``).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    if len(calibration) < 2 / fpr:
+        warnings.warn(
+            f"the input detector's threshold is set on {len(calibration)} trusted clean inputs: a {fpr:.0%} "
+            f"false-positive rate needs at least {math.ceil(2 / fpr)} to be more than a guess; raise --trusted-size",
+            DefenseWarning,
+            stacklevel=2,
+        )
+    threshold = float(torch.quantile(detector.score(calibration.inputs).double(), 1.0 - fpr))
+    inputs = torch.cat([test.inputs, triggered.inputs])
+    order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(0))  # shown mixed
+    start = time.perf_counter()
+    scores = torch.empty(len(inputs))
+    scores[order] = detector.score(inputs[order]).float()
+    seconds = (time.perf_counter() - start) / len(inputs)
+    predictions = predict(model, inputs, device=device, tta=tta)
+    passed = scores <= threshold
+    clean_passed, poisoned_passed = passed[: len(test)], passed[len(test) :]
+    labels = [0] * len(test) + [1] * len(triggered.inputs)
+    return {
+        "input_auroc": float(roc_auc_score(labels, scores.double().numpy())),
+        "input_threshold": threshold,
+        "input_tpr": float((~poisoned_passed).float().mean()),
+        "input_fpr": float((~clean_passed).float().mean()),
+        "filtered_clean_accuracy": float(((predictions[: len(test)] == test.labels) & clean_passed).float().mean()),
+        "filtered_attack_success_rate": float(
+            ((predictions[len(test) :] == triggered.target_labels) & poisoned_passed).float().mean()
+        ),
+        "input_seconds_per_input": seconds,
+        "input_calibration_size": len(calibration),
+    }

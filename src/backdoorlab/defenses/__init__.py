@@ -1,4 +1,4 @@
-"""Defenses, of three kinds (their interfaces: :mod:`backdoorlab.defenses.base`).
+"""Defenses, of four kinds (their interfaces: :mod:`backdoorlab.defenses.base`).
 
 - Training-time defenses (ABL, E2ABL, PT) get only the untrusted training set and a model factory,
   and return a model plus the samples they isolated (``TrainingDefense``, ``TRAINING_DEFENSES``).
@@ -6,6 +6,8 @@
   model and the trusted clean split and return a repaired model (``Repair``, ``REPAIRS``).
 - Detectors (Neural Cleanse, Calibrated Trigger Inversion) get the same and return a score
   (``Detector``, ``DETECTORS``).
+- Input detectors (STRIP) calibrate on the same, then score inputs at inference: is this input
+  triggered? (``InputDetector``, ``INPUT_DETECTORS``).
 
 Each hook also gets a :class:`DefenseContext`: the run's recipe, device, seed and observer.
 """
@@ -22,9 +24,11 @@ from backdoorlab.defenses import (  # noqa: F401  (registers the defenses)
     neural_cleanse,
     partial_training,
     pivotal_tuning,
+    strip,
 )
 from backdoorlab.defenses.base import (
     DETECTORS,
+    INPUT_DETECTORS,
     REPAIRS,
     TRAINING_DEFENSES,
     DefenseContext,
@@ -32,6 +36,7 @@ from backdoorlab.defenses.base import (
     DefenseWarning,
     Detection,
     Detector,
+    InputDetector,
     ModelFactory,
     Observer,
     Repair,
@@ -39,6 +44,7 @@ from backdoorlab.defenses.base import (
     TrainingDefense,
     create_defense,
     create_detector,
+    create_input_detector,
     create_repair,
     lowest,
 )
@@ -65,12 +71,14 @@ def registry_for(name: str) -> Registry[Any]:
 __all__ = [
     "TRAINING_DEFENSES",
     "DETECTORS",
+    "INPUT_DETECTORS",
     "REPAIRS",
     "DefenseContext",
     "DefenseOutcome",
     "DefenseWarning",
     "Detection",
     "Detector",
+    "InputDetector",
     "ModelFactory",
     "Observer",
     "Repair",
@@ -78,6 +86,7 @@ __all__ = [
     "TrainingDefense",
     "create_defense",
     "create_detector",
+    "create_input_detector",
     "create_repair",
     "defense_kind",
     "lowest",

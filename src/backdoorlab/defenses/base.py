@@ -1,4 +1,4 @@
-"""The three kinds of defense, and the context every defense hook gets.
+"""The four kinds of defense, and the context every defense hook gets.
 
 - A **training-time defense** (:class:`TrainingDefense`, registry ``TRAINING_DEFENSES``) gets the untrusted
   (possibly poisoned) training set and a factory for fresh models of the run's architecture (``run``
@@ -10,6 +10,9 @@
   split (by default 1% of the training set, carved off before poisoning) and returns a repaired model.
 - A **detector** (:class:`Detector`, ``DETECTORS``) gets the same and returns a score: higher means
   more likely backdoored.
+- An **input detector** (:class:`InputDetector`, ``INPUT_DETECTORS``) gets the same to calibrate
+  on, then scores the inputs it is shown at inference: higher means more likely triggered. It is
+  never told which inputs carry the trigger; its threshold is set on trusted clean data only.
 
 None of them gets the poison mask, the trigger, the target class or the test set (DESIGN.md). Each
 hook takes its kind's own data and one :class:`DefenseContext`: the run's recipe, device and seed,
@@ -40,6 +43,8 @@ TRAINING_DEFENSES: Registry[type[TrainingDefense]] = Registry("defense")
 REPAIRS: Registry[type[Repair]] = Registry("repair defense")
 #: Detectors by name: ``cls(**options)``.
 DETECTORS: Registry[type[Detector]] = Registry("detector")
+#: Input detectors by name: ``cls(**options)``.
+INPUT_DETECTORS: Registry[type[InputDetector]] = Registry("input detector")
 
 ModelFactory = Callable[[], nn.Module]
 
@@ -146,6 +151,19 @@ class Detector(_PostTraining):
         """Score ``model`` (left unchanged)."""
 
 
+class InputDetector(_PostTraining):
+    """Base class of input detectors: :meth:`fit` once on the suspect model and trusted clean data,
+    then :meth:`score` any inputs (uint8 images or float series, as the dataset stores them)."""
+
+    @abstractmethod
+    def fit(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> None:
+        """Calibrate on ``model`` (left unchanged) and the trusted clean split."""
+
+    @abstractmethod
+    def score(self, inputs: Tensor) -> Tensor:
+        """One float score per input (on the CPU): higher means more likely triggered."""
+
+
 #: The name repairs had before the three kinds moved here.
 RepairDefense = Repair
 
@@ -153,6 +171,11 @@ RepairDefense = Repair
 def create_defense(name: str, **options: Any) -> TrainingDefense:
     """Build a registered training-time defense; unknown options are refused with the valid ones listed."""
     return TRAINING_DEFENSES.create(name, **options)
+
+
+def create_input_detector(name: str, **options: Any) -> InputDetector:
+    """Build a registered input detector; unknown options are refused with the valid ones listed."""
+    return INPUT_DETECTORS.create(name, **options)
 
 
 def create_repair(name: str, **options: Any) -> Repair:

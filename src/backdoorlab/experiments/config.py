@@ -16,7 +16,7 @@ import yaml
 from backdoorlab.attacks.poisoning import PoisonSpec
 from backdoorlab.attacks.triggers import ATTACKS, create_trigger
 from backdoorlab.data.sources import dataset_facts, dataset_loader, dataset_modality
-from backdoorlab.defenses import DETECTORS, registry_for
+from backdoorlab.defenses import DETECTORS, INPUT_DETECTORS, registry_for
 from backdoorlab.experiments.presets import Preset, preset_for
 from backdoorlab.experiments.recipes import DEFAULT_RECIPE, StepBudget, recipe_for, step_budget, stretch_schedule
 from backdoorlab.models.registry import MODELS, check_input_fits, check_model_options
@@ -79,6 +79,9 @@ class RunConfig:
         defense_options: keyword options for the defense.
         detector, detector_options: a detector (``neural_cleanse``, ``cti``) that scores the final
             model from the trusted split, and its options.
+        input_detector, input_detector_options: an input detector (``strip``) fitted on the final
+            model and half the trusted split, its threshold set on the other half, then shown the
+            clean and triggered test sets (``input_auroc``, ``input_tpr``, ``filtered_*`` metrics).
         regularizer, regularizer_options: a defensive regulariser of the training loop
             (``logit_squeezing``, ``manifold_mixup``, ``soft_nearest_neighbour``, ``contrastive``)
             and its options; set into the resolved ``train`` recipe.
@@ -110,6 +113,8 @@ class RunConfig:
     defense_options: dict[str, Any] = field(default_factory=dict)
     detector: str | None = None
     detector_options: dict[str, Any] = field(default_factory=dict)
+    input_detector: str | None = None
+    input_detector_options: dict[str, Any] = field(default_factory=dict)
     regularizer: str | None = None
     regularizer_options: dict[str, Any] = field(default_factory=dict)
     epochs: int | None = None
@@ -167,11 +172,12 @@ class RunConfig:
             ("trusted_size", self.trusted_size),
         ):
             check_size(size, name, zero=name == "poison_rate")
-        for method in ("defense", "detector", "regularizer"):
+        for method in ("defense", "detector", "input_detector", "regularizer"):
             if getattr(self, f"{method}_options") and getattr(self, method) is None:
+                a = "an" if method.startswith("input") else "a"
                 raise OptionError(
-                    f"{method}_options {getattr(self, f'{method}_options')} given without a {method}: "
-                    f"choose a {method} or drop its options"
+                    f"{method}_options {getattr(self, f'{method}_options')} given without {a} {method}: "
+                    f"choose {a} {method} or drop its options"
                 )
         facts = dataset_facts(self.dataset)
         modality = dataset_modality(self.dataset)
@@ -198,6 +204,9 @@ class RunConfig:
             registry_for(self.defense).create(self.defense, **defense_options)  # validates name and options
         if self.detector is not None:
             DETECTORS.create(self.detector, **detector_options)
+        if self.input_detector is not None:
+            INPUT_DETECTORS.create(self.input_detector, **self.input_detector_options)
+            INPUT_DETECTORS.check_modality(self.input_detector, modality, self.dataset)
         options = (
             {**defaults.model_options, **self.model_options} if model == defaults.model else dict(self.model_options)
         )

@@ -55,6 +55,8 @@ ADDED_FIELDS: dict[str, Any] = {
     "deterministic": None,
     "preset": None,
     "poison_rate_of": "train",
+    "input_detector": None,
+    "input_detector_options": {},
 }
 
 

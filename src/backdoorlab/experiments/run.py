@@ -38,11 +38,20 @@ from backdoorlab.defenses import (
     Observer,
     create_defense,
     create_detector,
+    create_input_detector,
     create_repair,
     defense_kind,
     registry_for,
 )
-from backdoorlab.evaluation import Assessment, assess_backdoor, evaluate_backdoor, fallback_warnings, repair_warnings
+from backdoorlab.defenses.post_training import holdout_split
+from backdoorlab.evaluation import (
+    Assessment,
+    assess_backdoor,
+    assess_input_detector,
+    evaluate_backdoor,
+    fallback_warnings,
+    repair_warnings,
+)
 from backdoorlab.experiments.config import RunConfig
 from backdoorlab.experiments.grid import PLACEMENT_FIELDS
 from backdoorlab.files import CorruptFileError, differences, write_json
@@ -194,6 +203,8 @@ def check_before_training(
         create_repair(config.defense, **config.defense_options).check_trusted(trusted)
     if config.detector is not None:
         create_detector(config.detector, **config.detector_options).check_trusted(trusted)
+    if config.input_detector is not None:
+        create_input_detector(config.input_detector, **config.input_detector_options).check_trusted(trusted)
 
 
 def prepare(config: RunConfig) -> Prepared:
@@ -353,6 +364,32 @@ def apply_detector(
     return detection, time.perf_counter() - tick
 
 
+#: The share of the trusted split an input detector's threshold is set on (it fits on the rest).
+INPUT_CALIBRATION_SHARE = 0.5
+
+
+def apply_input_detector(
+    prepared: Prepared, model: torch.nn.Module, name: str, options: dict[str, Any]
+) -> tuple[dict[str, float], float]:
+    """Fit an input detector on half the trusted split, set its threshold on the other half, and
+    show it the clean and triggered test sets (:func:`~backdoorlab.evaluation.assess_input_detector`)."""
+    assert prepared.config.train is not None
+    detector = create_input_detector(name, **options)
+    tick = time.perf_counter()
+    fit_on, calibration = holdout_split(prepared.trusted, INPUT_CALIBRATION_SHARE, prepared.config.seed)
+    detector.fit(model, fit_on, post_training_context(prepared))
+    metrics = assess_input_detector(
+        detector,
+        model,
+        prepared.test_set,
+        prepared.triggered,
+        calibration,
+        device=prepared.device,
+        tta=prepared.config.train.tta,
+    )
+    return metrics, time.perf_counter() - tick
+
+
 @contextmanager
 def runtime_settings(threads: int | None, deterministic: bool | None) -> Iterator[None]:
     """torch's thread count and deterministic-algorithms flag set for a run where given, and put
@@ -434,6 +471,11 @@ def _run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunRes
             f"detector '{config.detector}'",
             "the score compares the suspect model with itself, no evidence that the model is clean",
         )
+    if config.input_detector is not None:
+        input_metrics, timings["input_detect"] = apply_input_detector(
+            prepared, model, config.input_detector, config.input_detector_options
+        )
+        metrics.update(input_metrics)
 
     tick = time.perf_counter()
     final = assess(prepared, model, "repaired model" if kind == "repair" else "model")
@@ -458,6 +500,10 @@ def _run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunRes
         )
     if config.detector is not None:
         stored["detector_options"] = create_detector(config.detector, **config.detector_options).config()
+    if config.input_detector is not None:
+        stored["input_detector_options"] = create_input_detector(
+            config.input_detector, **config.input_detector_options
+        ).config()
     return RunResult(
         config=stored,
         seed=config.seed,
