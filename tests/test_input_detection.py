@@ -95,3 +95,24 @@ def test_strip_scores_series_by_superimposing_series():
     with pytest.warns(DefenseWarning, match="threshold is set on 8 trusted clean inputs"):
         metrics = run(config).metrics
     assert metrics["attack_success_rate"] > 0.9 and metrics["input_auroc"] >= 0.9, metrics
+
+
+@pytest.mark.slow
+def test_detect_inputs_scores_a_saved_models_inputs_from_the_command_line(tmp_path):
+    """``run --save-model`` then ``detect-inputs``: the same data, trusted split and trigger are rebuilt
+    from the stored config, and the table gives the detector's figures."""
+    from typer.testing import CliRunner
+
+    from backdoorlab.cli import app
+
+    runner = CliRunner()
+    model = tmp_path / "digits.safetensors"
+    saved = runner.invoke(app, ["run", "--trusted-size", "0.3", "--device", "cpu", "--save-model", str(model)])
+    assert saved.exit_code == 0, saved.output
+    scored = runner.invoke(app, ["detect-inputs", str(model), "-y", "overlays=20", "--output", str(tmp_path / "out")])
+    assert scored.exit_code == 0, scored.output
+    assert "AUROC" in scored.output
+    result = (tmp_path / "out" / "result.json").read_text()
+    assert '"input_detector": "strip"' in result and '"overlays": 20' in result
+    refused = runner.invoke(app, ["detect-inputs", str(model), "--input-detector", "strp"])
+    assert refused.exit_code != 0 and "strip" in refused.output

@@ -349,6 +349,8 @@ def _rerun_saved(
     device: str | None,
     output: Path | None,
     save_model: Path | None,
+    input_detector: str | None = None,
+    input_detector_option: list[str] | None = None,
 ) -> None:
     from dataclasses import replace
 
@@ -365,6 +367,8 @@ def _rerun_saved(
             defense_options=parse_options(defense_option),
             detector=detector,
             detector_options=parse_options(detector_option),
+            input_detector=input_detector,
+            input_detector_options=parse_options(input_detector_option),
             data_root=data_root or config.data_root,
             device=device or config.device,
         )
@@ -409,6 +413,24 @@ def detect_command(
 ) -> None:
     """Score a saved model with a detector that sees only its run's trusted clean split."""
     _rerun_saved(model_file, None, None, detector, detector_option, data_root, device, output, None)
+
+
+@app.command("detect-inputs")
+def detect_inputs_command(
+    model_file: ModelFileArg,
+    input_detector: Annotated[
+        str, typer.Option(help="Input detector (see `backdoorlab list input-detectors`).")
+    ] = "strip",
+    input_detector_option: InputDetectorOptionOpt = None,
+    data_root: DataRootOpt = None,
+    device: DeviceOverrideOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Fit an input detector on a saved model and its run's trusted clean split, then score the clean
+    and triggered test inputs (AUROC, TPR / FPR at 5%, CA / ASR behind the filter; docs/detection.md)."""
+    _rerun_saved(
+        model_file, None, None, None, None, data_root, device, output, None, input_detector, input_detector_option
+    )
 
 
 @app.command("sweep")
