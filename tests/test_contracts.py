@@ -80,7 +80,7 @@ FAST_METHODS: dict[str, dict[str, dict[str, Any]]] = {
         "cti": {"steps": 5, "repair_options": {"steps": 10, "eval_every": 5}},
         "neural_cleanse": {"steps": 5},
     },
-    "input-detectors": {"strip": {"overlays": 5}, "cognitive_distillation": {"steps": 3}},
+    "input-detectors": {"strip": {"overlays": 5}},
     "regularizers": {},
 }
 

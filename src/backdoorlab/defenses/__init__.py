@@ -6,7 +6,7 @@
   model and the trusted clean split and return a repaired model (``Repair``, ``REPAIRS``).
 - Detectors (Neural Cleanse, Calibrated Trigger Inversion) get the same and return a score
   (``Detector``, ``DETECTORS``).
-- Input detectors (STRIP, Cognitive Distillation) calibrate on the same, then score inputs at inference: is this input
+- Input detectors (STRIP) calibrate on the same, then score inputs at inference: is this input
   triggered? (``InputDetector``, ``INPUT_DETECTORS``).
 
 Each hook also gets a :class:`DefenseContext`: the run's recipe, device, seed and observer.
@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 from backdoorlab.defenses import (  # noqa: F401  (registers the defenses)
     abl,
-    cognitive_distillation,
     cti,
     e2abl,
     fine_pruning,
