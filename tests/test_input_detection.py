@@ -117,3 +117,22 @@ def test_detect_inputs_scores_a_saved_models_inputs_from_the_command_line(tmp_pa
     assert '"input_detector": "strip"' in result and '"overlays": 20' in result
     refused = runner.invoke(app, ["detect-inputs", str(model), "--input-detector", "strp"])
     assert refused.exit_code != 0 and "strip" in refused.output
+
+
+def test_the_report_tables_show_the_input_detection_metrics():
+    from backdoorlab.experiments.store import Record
+    from backdoorlab.report.tables import summarize
+
+    metrics = {
+        "clean_accuracy": 0.99,
+        "attack_success_rate": 1.0,
+        "input_auroc": 0.97,
+        "filtered_attack_success_rate": 0.02,
+    }
+    cell = {"key": "k", "grid": "g", "position": 0, "label": "strip", "seed": 0, "status": "done", "attempts": 1}
+    none = dict.fromkeys(("error", "model_path", "started", "finished", "result"))
+    record = Record(**cell, config={"input_detector": "strip"}, version="0", metrics=metrics, timings={}, **none)
+    summary = summarize("g", [record])
+    titles = dict(summary.metrics)
+    assert titles["input_auroc"] == "input AUROC" and titles["filtered_attack_success_rate"] == "filtered ASR"
+    assert summary.rows[0]["input_auroc"] == (0.97, 0.0)

@@ -44,6 +44,11 @@ METRIC_COLUMNS = (
     ("isolation_precision", "isolation precision"),
     ("isolation_recall", "isolation recall"),
     ("detection_score", "detection score"),
+    ("input_auroc", "input AUROC"),
+    ("input_tpr", "input TPR"),
+    ("input_fpr", "input FPR"),
+    ("filtered_clean_accuracy", "filtered CA"),
+    ("filtered_attack_success_rate", "filtered ASR"),
 )
 
 
