@@ -7,7 +7,10 @@ Usage::
 
     BACKDOORLAB_DATA=../shared/data backdoorlab sweep examples/backdoorbench_leaderboard_cpu.yaml \\
         --output benchmarks/results/backdoorbench-leaderboard-cpu
-    python scripts/leaderboard_table.py --store benchmarks/results/backdoorbench-leaderboard-cpu
+    BACKDOORLAB_DATA=../shared/data python scripts/leaderboard_table.py --store benchmarks/results/backdoorbench-leaderboard-cpu
+
+The grid's cells are expanded to find their keys, which checks their trigger files (Hello Kitty):
+hence the data root, though nothing is read from it.
 """
 
 from __future__ import annotations
