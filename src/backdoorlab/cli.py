@@ -339,19 +339,20 @@ def _report(result: Any, output: Path | None, save_model: Path | None) -> None:
         console.print(f"wrote {write_model(save_model, result.model, config)}")
 
 
+#: The config fields a rerun of a saved model sets (each with its ``_options``); the others stay stored.
+RERUN_METHODS = ("defense", "detector", "input_detector")
+
+
 def _rerun_saved(
     model_file: Path,
-    defense: str | None,
-    defense_option: list[str] | None,
-    detector: str | None,
-    detector_option: list[str] | None,
     data_root: str | None,
     device: str | None,
     output: Path | None,
-    save_model: Path | None,
-    input_detector: str | None = None,
-    input_detector_option: list[str] | None = None,
+    save_model: Path | None = None,
+    **methods: tuple[str | None, list[str] | None],
 ) -> None:
+    """Run a saved model's config again on the model, with the methods given as ``field=(name,
+    KEY=VALUE options)`` (those of :data:`RERUN_METHODS` not given are off)."""
     from dataclasses import replace
 
     from backdoorlab.data.dataset import DataError
@@ -361,14 +362,11 @@ def _rerun_saved(
         check_output_dir(output, "--output")
         check_output_file(save_model, "--save-model")
         model, config = load_model(model_file)
+        chosen = {field: methods.get(field, (None, None)) for field in RERUN_METHODS}
         config = replace(
             config,
-            defense=defense,
-            defense_options=parse_options(defense_option),
-            detector=detector,
-            detector_options=parse_options(detector_option),
-            input_detector=input_detector,
-            input_detector_options=parse_options(input_detector_option),
+            **{field: name for field, (name, _) in chosen.items()},
+            **{f"{field}_options": parse_options(options) for field, (_, options) in chosen.items()},
             data_root=data_root or config.data_root,
             device=device or config.device,
         )
@@ -399,7 +397,15 @@ def repair_command(
 
     The stored config rebuilds the same data, trusted split and trigger (for the evaluation only:
     the repair sees the model and the trusted split)."""
-    _rerun_saved(model_file, defense, defense_option, detector, detector_option, data_root, device, output, save_model)
+    _rerun_saved(
+        model_file,
+        data_root,
+        device,
+        output,
+        save_model,
+        defense=(defense, defense_option),
+        detector=(detector, detector_option),
+    )
 
 
 @app.command("detect")
@@ -412,7 +418,7 @@ def detect_command(
     output: OutputOpt = None,
 ) -> None:
     """Score a saved model with a detector that sees only its run's trusted clean split."""
-    _rerun_saved(model_file, None, None, detector, detector_option, data_root, device, output, None)
+    _rerun_saved(model_file, data_root, device, output, detector=(detector, detector_option))
 
 
 @app.command("detect-inputs")
@@ -428,9 +434,7 @@ def detect_inputs_command(
 ) -> None:
     """Fit an input detector on a saved model and its run's trusted clean split, then score the clean
     and triggered test inputs (AUROC, TPR / FPR at 5%, CA / ASR behind the filter; docs/detection.md)."""
-    _rerun_saved(
-        model_file, None, None, None, None, data_root, device, output, None, input_detector, input_detector_option
-    )
+    _rerun_saved(model_file, data_root, device, output, input_detector=(input_detector, input_detector_option))
 
 
 @app.command("sweep")
