@@ -572,3 +572,37 @@ def test_a_methods_revision_changes_its_cells_keys_and_no_other():
         REPAIRS._metadata["fine_tuning"] = metadata
     assert cell_key(config) == before
     assert REPAIRS.metadata("pivotal_tuning")["revision"] == 1, "its anchor changed on 2026-12-06"
+
+
+def test_a_persistence_subsample_measures_the_curve_on_it_and_shares_the_victim():
+    """``persistence_size`` measures a repair's curve on seeded subsamples of the clean and the
+    triggered test set, while its final metrics stay on the whole; the victim's key ignores it, so
+    a sweep shares one victim between cells measured either way, and keys of cells without it stay."""
+    import torch
+
+    from backdoorlab.evaluation import evaluate_backdoor
+    from backdoorlab.experiments.grid import suspect_key
+    from backdoorlab.experiments.run import apply_repair, evaluate, persistence_sets, prepare, train_victim
+    from backdoorlab.options import OptionError
+
+    base = RunConfig(dataset="digits", epochs=2, train_size=600, test_size=200, trusted_size=0.1)
+    sub = replace(base, persistence_size=50)
+    assert suspect_key(sub.resolved()) == suspect_key(base.resolved())
+    assert cell_key(sub.resolved()) == cell_key(base.resolved()), "no repair: nothing it changes"
+    base = replace(base, defense="fine_tuning", defense_options={"epochs": 2})
+    sub = replace(base, persistence_size=50)
+    assert suspect_key(sub.resolved()) == suspect_key(base.resolved())
+    assert cell_key(sub.resolved()) != cell_key(base.resolved())
+    with pytest.raises(OptionError, match="persistence_size 1 is ambiguous"):
+        replace(base, persistence_size=1).resolved()
+    prepared = prepare(sub.resolved())
+    model, _ = train_victim(prepared)
+    test, triggered = persistence_sets(prepared)
+    assert len(test) == 50 and len(triggered.true_labels) == 50 and len(prepared.test_set) == 200
+    again, _ = persistence_sets(prepared)
+    assert torch.equal(again.labels, test.labels), "the same subsample each time"
+    repaired, metrics, details, _ = apply_repair(prepared, model, "fine_tuning", sub.defense_options)
+    assert details["persistence_test_sizes"] == [50, 50]
+    on_subsample = evaluate_backdoor(model, test, triggered, device=prepared.device)
+    assert details["persistence"][0] == {"checkpoint": 0, **{k: round(v, 4) for k, v in on_subsample.items()}}
+    assert metrics == evaluate(prepared, repaired), "the final metrics on the whole test sets"

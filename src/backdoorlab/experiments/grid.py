@@ -57,6 +57,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "poison_rate_of": "train",
     "input_detector": None,
     "input_detector_options": {},
+    "persistence_size": None,
 }
 
 
@@ -114,8 +115,9 @@ def method_revisions(config: RunConfig) -> dict[str, int]:
 
 
 def suspect_config(config: RunConfig) -> RunConfig:
-    """The config of the victim a cell repairs or scores: ``config`` without its repair and
-    detector (a training-time defense is part of how the victim trains, so it stays)."""
+    """The config of the victim a cell repairs or scores: ``config`` without its repair, its
+    detectors and how a repair's curve is measured (a training-time defense is part of how the
+    victim trains, so it stays)."""
     from backdoorlab.defenses import defense_kind
 
     repair = config.defense is not None and defense_kind(config.defense) == "repair"
@@ -123,6 +125,9 @@ def suspect_config(config: RunConfig) -> RunConfig:
         config,
         detector=None,
         detector_options={},
+        input_detector=None,
+        input_detector_options={},
+        persistence_size=None,
         **({"defense": None, "defense_options": {}} if repair else {}),
     )
 

@@ -30,7 +30,14 @@ import torch
 from backdoorlab import __version__
 from backdoorlab.attacks.poisoning import PoisonedDataset, TriggeredTestSet, poison_dataset, triggered_test_set
 from backdoorlab.attacks.triggers import Trigger, create_trigger
-from backdoorlab.data.dataset import DataError, TensorDataset, split_trusted, subsample
+from backdoorlab.data.dataset import (
+    DataError,
+    TensorDataset,
+    resolve_count,
+    seeded_permutation,
+    split_trusted,
+    subsample,
+)
 from backdoorlab.data.sources import dataset_facts, load_dataset
 from backdoorlab.defenses import (
     DefenseContext,
@@ -60,7 +67,7 @@ from backdoorlab.models.registry import check_input_fits, create_model
 from backdoorlab.training.loop import NonFiniteError, TrainHistory, nonfinite_tensors, resolve_device, train
 
 # Seed offsets keep the random streams of the steps independent of each other.
-_SPLIT, _POISON, _TEST_TRIGGER, _MODEL, _SURROGATE, _DEFENSE = 0, 1, 2, 3, 4, 5
+_SPLIT, _POISON, _TEST_TRIGGER, _MODEL, _SURROGATE, _DEFENSE, _PERSISTENCE = 0, 1, 2, 3, 4, 5, 6
 
 
 @dataclass
@@ -310,13 +317,36 @@ class CheckpointSnapshots:
         self.seconds += time.perf_counter() - tick
 
 
+def persistence_sets(prepared: Prepared) -> tuple[TensorDataset, TriggeredTestSet]:
+    """The clean and triggered test sets a persistence curve is measured on: the run's whole, or
+    seeded subsamples of ``config.persistence_size`` each (a count above a set's size takes it whole)."""
+    size = prepared.config.persistence_size
+    if size is None:
+        return prepared.test_set, prepared.triggered
+    seed = prepared.config.split_seed + _PERSISTENCE
+    triggered = prepared.triggered
+    test = prepared.test_set
+    if not (isinstance(size, int) and size >= len(test)):
+        test = subsample(test, size, seed)
+    count = len(triggered.true_labels)
+    if not (isinstance(size, int) and size >= count):
+        keep = seeded_permutation(count, seed)[: resolve_count(size, count, "persistence_size")].sort().values
+        triggered = TriggeredTestSet(triggered.inputs[keep], triggered.true_labels[keep], triggered.target_labels[keep])
+    return test, triggered
+
+
 def persistence_curve(prepared: Prepared, observed: CheckpointSnapshots) -> list[dict[str, float]]:
-    """``{"checkpoint", CA, ASR, RA}`` of each snapshot a repair's observer took, in order."""
+    """``{"checkpoint", CA, ASR, RA}`` of each snapshot a repair's observer took, in order, on
+    :func:`persistence_sets`."""
+    assert prepared.config.train is not None
+    test, triggered = persistence_sets(prepared)
     curve = []
     for checkpoint, state in observed.snapshots:
         assert observed.template is not None
         observed.template.load_state_dict(state)
-        metrics = evaluate(prepared, observed.template)
+        metrics = evaluate_backdoor(
+            observed.template, test, triggered, device=prepared.device, tta=prepared.config.train.tta
+        )
         curve.append({"checkpoint": checkpoint, **{k: round(v, 4) for k, v in metrics.items()}})
     return curve
 
@@ -346,6 +376,9 @@ def apply_repair(
     if observer is not None and len(observer.snapshots) > 1:
         details["persistence"] = persistence_curve(prepared, observer)
         details["persistence_unit"] = repair.checkpoint_unit
+        if prepared.config.persistence_size is not None:
+            test, triggered = persistence_sets(prepared)
+            details["persistence_test_sizes"] = [len(test), len(triggered.true_labels)]
     return outcome.model, evaluate(prepared, outcome.model), details, seconds
 
 
