@@ -11,9 +11,7 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-
-from doc_blocks import DOCS, grid_arguments, replace_block, sweep_results
+from doc_blocks import table_script
 
 
 def table(results: list[dict]) -> list[str]:
@@ -35,15 +33,9 @@ def table(results: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    grid_arguments(parser, "input_detection.yaml", "runs/input-detection")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="replace a grid field")
-    args = parser.parse_args()
-    lines = table(sweep_results(args, args.set))
-    print("\n".join(lines))
-    if not args.no_docs:
-        dataset = lines[2].split("|")[1].strip()
-        replace_block(DOCS / "detection.md", f"input-detection-{dataset}", lines)
+    table_script(
+        __doc__.split("\n")[0], "input_detection.yaml", "runs/input-detection", "detection.md", "input-detection", table
+    )
 
 
 if __name__ == "__main__":

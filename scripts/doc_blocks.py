@@ -4,7 +4,7 @@ and replace a generated block of a Markdown file (the lines between two HTML-com
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +62,20 @@ def replace_block(doc: Path, name: str, lines: list[str]) -> None:
     before, _, rest = content.partition(start)
     _, _, after = rest.partition(end)
     doc.write_text(before + "\n".join([start, "", *lines, "", end]) + after)
+
+
+def table_script(
+    description: str, grid: str, output: str, doc: str, block: str, table: Callable[[list[dict[str, Any]]], list[str]]
+) -> None:
+    """The main of a script that sweeps one example grid into one table: parse the common options
+    (and ``--set FIELD=VALUE``), sweep, print the table and put it into ``DOCS/doc`` as block
+    ``<block>-<dataset>``, the dataset read from the table's first row's first column."""
+    parser = argparse.ArgumentParser(description=description)
+    grid_arguments(parser, grid, output)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="replace a grid field")
+    args = parser.parse_args()
+    lines = table(sweep_results(args, args.set))
+    print("\n".join(lines))
+    if not args.no_docs:
+        dataset = lines[2].split("|")[1].strip()
+        replace_block(DOCS / doc, f"{block}-{dataset}", lines)

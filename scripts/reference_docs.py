@@ -25,7 +25,7 @@ from typing import Any
 from backdoorlab.attacks import ATTACKS
 from backdoorlab.attacks.triggers import TRIGGER_PARAMETERS
 from backdoorlab.data import DATASETS
-from backdoorlab.defenses import DETECTORS, INPUT_DETECTORS, REPAIRS, TRAINING_DEFENSES
+from backdoorlab.defenses import DETECTORS, INPUT_DETECTORS, REPAIRS, SAMPLE_FILTERS, TRAINING_DEFENSES
 from backdoorlab.models import MODELS
 from backdoorlab.models.registry import DATA_PARAMETERS
 from backdoorlab.registry import Registry
@@ -78,6 +78,14 @@ KINDS = [
         REPAIRS,
         "Post-training defenses that repair a suspect model with a small trusted clean split: "
         f"{RUN} --defense NAME -d KEY=VALUE`, or `backdoorlab repair`.",
+    ),
+    Kind(
+        "sample-filters",
+        "Sample filters",
+        SAMPLE_FILTERS,
+        "Data filtering: a suspicion score per training sample from the poisoned training set and the model trained "
+        "on it, the flagged samples removed and a fresh model trained on the rest (precision, recall and AUROC "
+        f"against the poison mask, then CA / ASR / RA): {RUN} --defense NAME -d KEY=VALUE`.",
     ),
     Kind(
         "detectors",

@@ -32,6 +32,7 @@ from backdoorlab.defenses import (
     DETECTORS,
     INPUT_DETECTORS,
     REPAIRS,
+    SAMPLE_FILTERS,
     TRAINING_DEFENSES,
     DefenseContext,
     DefenseOutcome,
@@ -55,6 +56,7 @@ KINDS: dict[str, tuple[Registry[Any], int, tuple[str, ...]]] = {
     "attacks": (ATTACKS, 1, ()),
     "defenses": (TRAINING_DEFENSES, 0, ()),
     "repairs": (REPAIRS, 0, ()),
+    "sample-filters": (SAMPLE_FILTERS, 0, ()),
     "detectors": (DETECTORS, 0, ()),
     "input-detectors": (INPUT_DETECTORS, 0, ()),
     "regularizers": (REGULARIZERS, 0, ()),
@@ -81,6 +83,7 @@ FAST_METHODS: dict[str, dict[str, dict[str, Any]]] = {
         "neural_cleanse": {"steps": 5},
     },
     "input-detectors": {"strip": {"overlays": 5}},
+    "sample-filters": {},
     "regularizers": {},
 }
 
@@ -99,10 +102,17 @@ IMAGE_SHAPES = ((1, 8, 8), (3, 16, 16))
 SERIES_SHAPE = (1, 64)
 NUM_CLASSES = 4
 #: How each kind's method is called by ``run``, and which RunConfig field names it.
-ENTRY_POINTS = {"defenses": "train", "repairs": "repair", "detectors": "detect", "input-detectors": "fit"}
+ENTRY_POINTS = {
+    "defenses": "train",
+    "repairs": "repair",
+    "sample-filters": "filter",
+    "detectors": "detect",
+    "input-detectors": "fit",
+}
 CONFIG_FIELD = {
     "defenses": "defense",
     "repairs": "defense",
+    "sample-filters": "defense",
     "detectors": "detector",
     "input-detectors": "input_detector",
 }
@@ -338,7 +348,7 @@ def check_run(kind: str, name: str, options: dict[str, Any] | None = None, **con
         patch.setattr(cls, ENTRY_POINTS[kind], spy)
         result = run(RunConfig(**{**TINY_RUN, **config, field: name, f"{field}_options": options}))
 
-    size = result.data["train" if kind == "defenses" else "trusted"]
+    size = result.data["train" if kind in ("defenses", "sample-filters") else "trusted"]
     if kind == "input-detectors":  # fitted on the trusted split less its calibration share
         size -= max(1, round(INPUT_CALIBRATION_SHARE * size))
     check_hygiene(kind, name, calls, size)
@@ -346,6 +356,7 @@ def check_run(kind: str, name: str, options: dict[str, Any] | None = None, **con
     expected = {
         "defenses": "clean_accuracy",
         "repairs": "suspect_clean_accuracy",
+        "sample-filters": "isolation_auroc",
         "detectors": "detection_score",
         "input-detectors": "input_auroc",
     }[kind]
@@ -367,6 +378,15 @@ def test_every_training_defense_keeps_the_contract(name):
 @pytest.mark.parametrize("name", REPAIRS.names())
 def test_every_repair_keeps_the_contract(name):
     check_run("repairs", name)
+
+
+@pytest.mark.parametrize("name", SAMPLE_FILTERS.names())
+def test_every_sample_filter_keeps_the_contract(name):
+    """A sample filter gets the poisoned training set alone (and the victim); its verdict is
+    measured against the mask and a fresh model retrains on the samples it did not flag."""
+    result = check_run("sample-filters", name)
+    assert 0.0 <= result.metrics["isolation_auroc"] <= 1.0
+    assert result.metrics["isolated"] < result.data["train"] and result.timings["retrain"] > 0
 
 
 @pytest.mark.parametrize("name", DETECTORS.names())

@@ -92,7 +92,10 @@ AttackOptionOpt = Annotated[
 ]
 DefenseOpt = Annotated[
     Optional[str],
-    typer.Option(help="Training-time (abl, e2abl, pt) or repair (fine_tuning, pivotal_tuning ...) defense."),
+    typer.Option(
+        help="Training-time (abl, e2abl, pt), repair (fine_tuning, pivotal_tuning ...) or sample-filter "
+        "(activation_clustering, spectral_signatures) defense."
+    ),
 ]
 DefenseOptionOpt = Annotated[
     Optional[list[str]], typer.Option("--defense-option", "-d", help="Defense option KEY=VALUE, repeatable.")
@@ -277,7 +280,7 @@ def _short(value: Any) -> str | None:
 
 
 def _flagged_rows(labels: list[str], warnings: list[str]) -> set[str]:
-    """The table rows (``suspect``, ``repaired``, ``model``) a run's warnings are about: each warning
+    """The table rows (``suspect``, ``repaired`` or ``retrained``, ``model``) a run's warnings are about: each warning
     starts with its subject (``suspect model:``...); one naming no row marks the last row."""
     subjects = {label: "model" if label == "model" else f"{label} model" for label in labels}
     flagged = {label for label, subject in subjects.items() for w in warnings if w.startswith(f"{subject}:")}
@@ -302,7 +305,7 @@ def _report(result: Any, output: Path | None, save_model: Path | None) -> None:
         rows.append(
             ("suspect", {k: m[f"suspect_{k}"] for k in ("clean_accuracy", "attack_success_rate", "robust_accuracy")})
         )
-    rows.append(("repaired" if rows else "model", m))
+    rows.append(("model" if not rows else "retrained" if "isolation_auroc" in m else "repaired", m))
     warned = list(getattr(result, "warnings", []) or [])
     flagged = _flagged_rows([label for label, _ in rows], warned)
     columns = ["", "check", "CA", "ASR", "RA"] if warned else ["", "CA", "ASR", "RA"]
@@ -311,6 +314,8 @@ def _report(result: Any, output: Path | None, save_model: Path | None) -> None:
         extra["isolated (precision/recall)"] = (
             f"{m['isolated']} ({m['isolation_precision']:.2f}/{m['isolation_recall']:.2f})"
         )
+    if "isolation_auroc" in m:
+        extra["isolation AUROC"] = f"{m['isolation_auroc']:.3f}"
     if "detection_score" in m:
         flagged = result.details.get("detection", {}).get("flagged")
         extra["detection score"] = f"{m['detection_score']:.3f}" + {True: " (flagged)", False: "", None: ""}[flagged]
@@ -767,16 +772,16 @@ def list_command(
     kind: Annotated[
         Optional[str],
         typer.Argument(
-            help="datasets, models, recipes, presets, attacks, defenses, repairs, detectors, regularizers or clip-models (default: all)."
+            help="datasets, models, recipes, presets, attacks, defenses, repairs, sample-filters, detectors, input-detectors, regularizers or clip-models (default: all)."
         ),
     ] = None,
     options: Annotated[bool, typer.Option("--options", help="Each method's options: type, range and default.")] = False,
 ) -> None:
-    """List the registered datasets, models, recipes, attacks, defenses, repairs, detectors, input detectors and regularisers."""
+    """List the registered datasets, models, recipes, attacks, defenses, repairs, sample filters, detectors, input detectors and regularisers."""
     from backdoorlab.attacks import ATTACKS
     from backdoorlab.clip.models import CLIP_MODELS
     from backdoorlab.data import DATASETS
-    from backdoorlab.defenses import DETECTORS, INPUT_DETECTORS, REPAIRS, TRAINING_DEFENSES
+    from backdoorlab.defenses import DETECTORS, INPUT_DETECTORS, REPAIRS, SAMPLE_FILTERS, TRAINING_DEFENSES
     from backdoorlab.experiments.presets import PRESETS
     from backdoorlab.experiments.recipes import RECIPES
     from backdoorlab.models import MODELS
@@ -790,12 +795,22 @@ def list_command(
         "attacks": ATTACKS,
         "defenses": TRAINING_DEFENSES,
         "repairs": REPAIRS,
+        "sample-filters": SAMPLE_FILTERS,
         "detectors": DETECTORS,
         "input-detectors": INPUT_DETECTORS,
         "regularizers": REGULARIZERS,
         "clip-models": CLIP_MODELS,
     }
-    with_options = {"models", "attacks", "defenses", "repairs", "detectors", "input-detectors", "regularizers"}
+    with_options = {
+        "models",
+        "attacks",
+        "defenses",
+        "repairs",
+        "sample-filters",
+        "detectors",
+        "input-detectors",
+        "regularizers",
+    }
     if kind is not None and kind not in registries:
         _fail(ValueError(f"unknown kind '{kind}'; valid: {', '.join(registries)}"))
     for name, registry in registries.items():

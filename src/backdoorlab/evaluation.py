@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from backdoorlab.attacks.poisoning import TriggeredTestSet
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.base import DefenseWarning, InputDetector
-from backdoorlab.metrics import attack_success_rate, clean_accuracy, robust_accuracy
+from backdoorlab.metrics import attack_success_rate, clean_accuracy, robust_accuracy, scores_auroc
 from backdoorlab.training.loop import predict
 
 #: A model that gives one class to at least this share of the clean test set is flagged as
@@ -175,8 +175,6 @@ def assess_input_detector(
 
     A threshold set on fewer than ``2 / fpr`` clean inputs is warned about (``DefenseWarning``).
     """
-    from sklearn.metrics import roc_auc_score
-
     if len(calibration) < 2 / fpr:
         warnings.warn(
             f"the input detector's threshold is set on {len(calibration)} trusted clean inputs: a {fpr:.0%} "
@@ -194,9 +192,9 @@ def assess_input_detector(
     predictions = predict(model, inputs, device=device, tta=tta)
     passed = scores <= threshold
     clean_passed, poisoned_passed = passed[: len(test)], passed[len(test) :]
-    labels = [0] * len(test) + [1] * len(triggered.inputs)
+    truth = torch.arange(len(inputs)) >= len(test)
     return {
-        "input_auroc": float(roc_auc_score(labels, scores.double().numpy())),
+        "input_auroc": scores_auroc(scores, truth),
         "input_threshold": threshold,
         "input_tpr": float((~poisoned_passed).float().mean()),
         "input_fpr": float((~clean_passed).float().mean()),

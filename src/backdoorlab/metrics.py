@@ -88,6 +88,17 @@ def isolation_metrics(isolated: Tensor, poisoned: Tensor) -> dict[str, float]:
     }
 
 
+def scores_auroc(scores: Tensor, truth: Tensor) -> float:
+    """ROC AUC of ``scores`` (higher = more suspect) against ``truth`` (a boolean mask):
+    scikit-learn's, NaN where the mask holds one kind only (no poisons: nothing to separate)."""
+    from sklearn.metrics import roc_auc_score
+
+    truth = torch.as_tensor(truth).bool()
+    if bool(truth.all()) or not bool(truth.any()):
+        return float("nan")
+    return float(roc_auc_score(truth.numpy(), torch.as_tensor(scores).double().numpy()))
+
+
 def detection_auroc(clean_scores: list[float], backdoored_scores: list[float]) -> tuple[float, float]:
     """``(auroc, p)``: the ROC AUC of a detector's scores on backdoored models against its scores on
     clean models (1: every backdoored model above every clean one; 0.5: chance), and its one-sided

@@ -1,4 +1,4 @@
-"""The four kinds of defense, and the context every defense hook gets.
+"""The five kinds of defense, and the context every defense hook gets.
 
 - A **training-time defense** (:class:`TrainingDefense`, registry ``TRAINING_DEFENSES``) gets the untrusted
   (possibly poisoned) training set and a factory for fresh models of the run's architecture (``run``
@@ -10,6 +10,10 @@
   split (by default 1% of the training set, carved off before poisoning) and returns a repaired model.
 - A **detector** (:class:`Detector`, ``DETECTORS``) gets the same and returns a score: higher means
   more likely backdoored.
+- A **sample filter** (:class:`SampleFilter`, ``SAMPLE_FILTERS``; data filtering) gets the untrusted
+  training set and a model trained on it, and returns a suspicion score per training sample and the
+  samples it flags; the run retrains a fresh model on the rest. How good the verdict is (precision,
+  recall, AUROC against the poison mask) is measured by the evaluation.
 - An **input detector** (:class:`InputDetector`, ``INPUT_DETECTORS``) gets the same to calibrate
   on, then scores the inputs it is shown at inference: higher means more likely triggered. It is
   never told which inputs carry the trigger; its threshold is set on trusted clean data only.
@@ -43,6 +47,8 @@ TRAINING_DEFENSES: Registry[type[TrainingDefense]] = Registry("defense")
 REPAIRS: Registry[type[Repair]] = Registry("repair defense")
 #: Detectors by name: ``cls(**options)``.
 DETECTORS: Registry[type[Detector]] = Registry("detector")
+#: Sample filters (poisoned-sample detection) by name: ``cls(**options)``.
+SAMPLE_FILTERS: Registry[type[SampleFilter]] = Registry("sample filter")
 #: Input detectors by name: ``cls(**options)``.
 INPUT_DETECTORS: Registry[type[InputDetector]] = Registry("input detector")
 
@@ -97,6 +103,17 @@ class Detection:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Filtering:
+    """A sample filter's verdict over the training set it got: ``scores`` (one float per sample,
+    higher = more likely poisoned), ``flagged`` (a boolean mask: the samples it removes) and
+    method-specific details."""
+
+    scores: Tensor
+    flagged: Tensor
+    details: dict[str, Any] = field(default_factory=dict)
+
+
 class _Method(ABC):
     """What every defense shares: options kept in ``self._options``, read back by :meth:`config`."""
 
@@ -117,6 +134,15 @@ class TrainingDefense(_Method):
     @abstractmethod
     def train(self, data: TensorDataset, build_model: ModelFactory, ctx: DefenseContext) -> DefenseOutcome:
         """Train a model built by ``build_model`` on ``data`` (untrusted) defensively."""
+
+
+class SampleFilter(_Method):
+    """Base class of poisoned-sample filters (data filtering)."""
+
+    @abstractmethod
+    def filter(self, model: nn.Module, data: TensorDataset, ctx: DefenseContext) -> Filtering:
+        """Score every sample of ``data`` (untrusted, as the victim trained on it) with ``model``
+        (trained on it, left unchanged) and flag the ones to remove."""
 
 
 class _PostTraining(_Method):
@@ -171,6 +197,11 @@ RepairDefense = Repair
 def create_defense(name: str, **options: Any) -> TrainingDefense:
     """Build a registered training-time defense; unknown options are refused with the valid ones listed."""
     return TRAINING_DEFENSES.create(name, **options)
+
+
+def create_sample_filter(name: str, **options: Any) -> SampleFilter:
+    """Build a registered sample filter; unknown options are refused with the valid ones listed."""
+    return SAMPLE_FILTERS.create(name, **options)
 
 
 def create_input_detector(name: str, **options: Any) -> InputDetector:

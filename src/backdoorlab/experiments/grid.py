@@ -120,7 +120,7 @@ def suspect_config(config: RunConfig) -> RunConfig:
     victim trains, so it stays)."""
     from backdoorlab.defenses import defense_kind
 
-    repair = config.defense is not None and defense_kind(config.defense) == "repair"
+    shared = config.defense is not None and defense_kind(config.defense) in ("repair", "filter")
     return replace(
         config,
         detector=None,
@@ -128,7 +128,7 @@ def suspect_config(config: RunConfig) -> RunConfig:
         input_detector=None,
         input_detector_options={},
         persistence_size=None,
-        **({"defense": None, "defense_options": {}} if repair else {}),
+        **({"defense": None, "defense_options": {}} if shared else {}),
     )
 
 

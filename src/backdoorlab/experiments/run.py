@@ -47,6 +47,7 @@ from backdoorlab.defenses import (
     create_detector,
     create_input_detector,
     create_repair,
+    create_sample_filter,
     defense_kind,
     registry_for,
 )
@@ -62,7 +63,7 @@ from backdoorlab.evaluation import (
 from backdoorlab.experiments.config import RunConfig
 from backdoorlab.experiments.grid import PLACEMENT_FIELDS
 from backdoorlab.files import CorruptFileError, differences, write_json
-from backdoorlab.metrics import finite_json, isolation_metrics
+from backdoorlab.metrics import finite_json, isolation_metrics, scores_auroc
 from backdoorlab.models.registry import check_input_fits, create_model
 from backdoorlab.training.loop import NonFiniteError, TrainHistory, nonfinite_tensors, resolve_device, train
 
@@ -246,19 +247,21 @@ def prepare(config: RunConfig) -> Prepared:
     return Prepared(config, device, train_set, test_set, trusted, trigger, poisoned, triggered, timings)
 
 
-def train_victim(prepared: Prepared) -> tuple[torch.nn.Module, TrainHistory]:
-    """Train the run's model on the poisoned training set, undefended."""
+def train_victim(
+    prepared: Prepared, data: TensorDataset | None = None, description: str | None = None
+) -> tuple[torch.nn.Module, TrainHistory]:
+    """Train the run's model on the poisoned training set (or on ``data``, a part of it), undefended."""
     config = prepared.config
     assert config.train is not None
     torch.manual_seed(config.seed + _MODEL)
     model = build_model(config, prepared.train_set)
     history = train(
         model,
-        prepared.poisoned.data,
+        prepared.poisoned.data if data is None else data,
         config.train,
         device=prepared.device,
         seed=config.seed,
-        description=f"{config.attack} on {config.dataset}",
+        description=description or f"{config.attack} on {config.dataset}",
     )
     return model, history
 
@@ -397,6 +400,36 @@ def apply_detector(
     return detection, time.perf_counter() - tick
 
 
+def apply_filter(
+    prepared: Prepared, model: torch.nn.Module, name: str, options: dict[str, Any]
+) -> tuple[torch.nn.Module, dict[str, float], dict[str, Any], float, float]:
+    """Score the poisoned training set with sample filter ``name`` (it gets the set and ``model``,
+    trained on it; never the mask), measure its verdict against the mask, and train a fresh model
+    on the samples it did not flag. Returns ``(retrained, metrics, details, filter seconds,
+    retraining seconds)``; ``metrics``: ``isolation_precision`` / ``isolation_recall`` /
+    ``isolated`` of the flagged samples and ``isolation_auroc`` of the scores."""
+    poisoned = prepared.poisoned
+    sample_filter = create_sample_filter(name, **options)
+    tick = time.perf_counter()
+    verdict = sample_filter.filter(model, poisoned.data, post_training_context(prepared))
+    seconds = time.perf_counter() - tick
+    flagged = torch.as_tensor(verdict.flagged).bool()
+    if flagged.shape != (len(poisoned.data),) or len(verdict.scores) != len(poisoned.data):
+        raise ValueError(
+            f"sample filter '{name}' returned a verdict that does not cover the {len(poisoned.data)} samples"
+        )
+    if bool(flagged.all()):
+        raise ValueError(f"sample filter '{name}' flagged every training sample: nothing is left to retrain on")
+    metrics = {
+        **isolation_metrics(flagged, poisoned.mask),
+        "isolation_auroc": scores_auroc(verdict.scores, poisoned.mask),
+    }
+    tick = time.perf_counter()
+    kept = poisoned.data.subset((~flagged).nonzero().flatten())
+    retrained, _ = train_victim(prepared, kept, f"retraining on {len(kept)} unflagged samples")
+    return retrained, metrics, dict(verdict.details), seconds, time.perf_counter() - tick
+
+
 #: The share of the trusted split an input detector's threshold is set on (it fits on the rest).
 INPUT_CALIBRATION_SHARE = 0.5
 
@@ -488,13 +521,19 @@ def _run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunRes
     else:
         model, history = train_victim(prepared)
         timings["train"] = time.perf_counter() - tick
-    if kind == "repair":
+    if kind in ("repair", "filter"):
         before = assess(prepared, model, "suspect model")
         metrics.update({f"suspect_{k}": v for k, v in before.metrics.items()})
         warnings += before.warnings
+    if kind == "repair":
         model, after, details, timings["defense"] = apply_repair(
             prepared, model, config.defense, config.defense_options
         )
+    elif kind == "filter":
+        model, filtering, details, timings["defense"], timings["retrain"] = apply_filter(
+            prepared, model, config.defense, config.defense_options
+        )
+        metrics.update(filtering)
     if config.detector is not None:
         detection, timings["detect"] = apply_detector(prepared, model, config.detector, config.detector_options)
         metrics["detection_score"] = detection.score
@@ -511,7 +550,7 @@ def _run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunRes
         metrics.update(input_metrics)
 
     tick = time.perf_counter()
-    final = assess(prepared, model, "repaired model" if kind == "repair" else "model")
+    final = assess(prepared, model, {"repair": "repaired model", "filter": "retrained model"}.get(kind or "", "model"))
     metrics.update(final.metrics)
     warnings += final.warnings
     if kind == "repair":

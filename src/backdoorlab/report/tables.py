@@ -43,6 +43,7 @@ METRIC_COLUMNS = (
     ("robust_accuracy", "RA"),
     ("isolation_precision", "isolation precision"),
     ("isolation_recall", "isolation recall"),
+    ("isolation_auroc", "isolation AUROC"),
     ("detection_score", "detection score"),
     ("input_auroc", "input AUROC"),
     ("input_tpr", "input TPR"),

@@ -1,0 +1,29 @@
+"""What the sample filters share: the embeddings they read and the per-class loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from backdoorlab.data.dataset import TensorDataset
+from backdoorlab.defenses.base import DefenseContext
+from backdoorlab.training.loop import predict_logits
+
+
+def penultimate_embeddings(model: nn.Module, data: TensorDataset, ctx: DefenseContext) -> Tensor:
+    """The pooled penultimate features (what the linear head reads) of every sample, float32 on
+    the CPU, in eval mode without augmentation or mixed precision."""
+    return predict_logits(model, data.inputs, device=ctx.device, amp=False, pre_logits=True)
+
+
+def per_class(labels: Tensor, score_class: Callable[[Tensor, int], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Run ``score_class(indices, label) -> (scores, flagged)`` on the samples of each label and
+    gather the results into ``(scores, flagged)`` over all samples."""
+    scores = torch.zeros(len(labels))
+    flagged = torch.zeros(len(labels), dtype=torch.bool)
+    for label in labels.unique().tolist():
+        index = (labels == label).nonzero().flatten()
+        scores[index], flagged[index] = score_class(index, int(label))
+    return scores, flagged
