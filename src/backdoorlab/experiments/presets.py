@@ -130,6 +130,17 @@ BACKDOORBENCH_DEFENSES: dict[str, dict[str, Any]] = {
         "unlearning_batch_size": 256,
         "isolation_augmentation": False,
     },
+    # clp: config/defense/clp/cifar10.yaml (u 3; its u_min / u_max / u_num sweep is reported on
+    # the test set, and is not copied) with defense/clp.py's CLP_prune, as the official code.
+    "clp": {"u": 3.0},
+    # ac: config/defense/ac/cifar10.yaml (nb_dims 10, nb_clusters 2, cluster_analysis smaller) with
+    # defense/ac.py, which reduces by PCA (hard-coded reduce='PCA'). Not copied: it clusters each
+    # shuffled, augmented batch of 256 on its own and reads the verdicts back in a reshuffled order;
+    # here each class is clustered whole, as ART does. Then retrains at the run's recipe.
+    "activation_clustering": {"nb_dims": 10, "reduce": "pca", "cluster_analysis": "smaller"},
+    # spectral: config/defense/spectral/cifar10.yaml (percentile 85, every label examined) with
+    # defense/spectral.py's score (the official code's uncentred projection, the default here).
+    "spectral_signatures": {"percentile": 85.0, "centred": False},
 }
 
 

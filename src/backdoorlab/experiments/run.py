@@ -405,7 +405,8 @@ def apply_filter(
 ) -> tuple[torch.nn.Module, dict[str, float], dict[str, Any], float, float]:
     """Score the poisoned training set with sample filter ``name`` (it gets the set and ``model``,
     trained on it; never the mask), measure its verdict against the mask, and train a fresh model
-    on the samples it did not flag. Returns ``(retrained, metrics, details, filter seconds,
+    on the samples it did not flag (where it flagged none, the victim stands: the same data, seed and
+    recipe; ``details["retrained"]`` says which). Returns ``(retrained, metrics, details, filter seconds,
     retraining seconds)``; ``metrics``: ``isolation_precision`` / ``isolation_recall`` /
     ``isolated`` of the flagged samples and ``isolation_auroc`` of the scores."""
     poisoned = prepared.poisoned
@@ -424,10 +425,12 @@ def apply_filter(
         **isolation_metrics(flagged, poisoned.mask),
         "isolation_auroc": scores_auroc(verdict.scores, poisoned.mask),
     }
+    if not bool(flagged.any()):  # the same data, seed and recipe: the victim is the retrained model
+        return model, metrics, {**verdict.details, "retrained": False}, seconds, 0.0
     tick = time.perf_counter()
     kept = poisoned.data.subset((~flagged).nonzero().flatten())
     retrained, _ = train_victim(prepared, kept, f"retraining on {len(kept)} unflagged samples")
-    return retrained, metrics, dict(verdict.details), seconds, time.perf_counter() - tick
+    return retrained, metrics, {**verdict.details, "retrained": True}, seconds, time.perf_counter() - tick
 
 
 #: The share of the trusted split an input detector's threshold is set on (it fits on the rest).
