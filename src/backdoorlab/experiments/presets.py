@@ -133,6 +133,10 @@ BACKDOORBENCH_DEFENSES: dict[str, dict[str, Any]] = {
     # clp: config/defense/clp/cifar10.yaml (u 3; its u_min / u_max / u_num sweep is reported on
     # the test set, and is not copied) with defense/clp.py's CLP_prune, as the official code.
     "clp": {"u": 3.0},
+    # bnp: config/defense/bnp/cifar10.yaml (u 3, ratio 0.05 of clean data) with defense/bnp.py. Not
+    # copied: bnp_defense compares the running statistics with one batch of the poisoned training
+    # set (its second forward pass overwrites the clean batch's); here the trusted split's.
+    "bnp": {"u": 3.0},
     # ac: config/defense/ac/cifar10.yaml (nb_dims 10, nb_clusters 2, cluster_analysis smaller) with
     # defense/ac.py, which reduces by PCA (hard-coded reduce='PCA'). Not copied: it clusters each
     # shuffled, augmented batch of 256 on its own and reads the verdicts back in a reshuffled order;
