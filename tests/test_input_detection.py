@@ -50,6 +50,18 @@ def test_the_threshold_comes_from_calibration_data_and_flagged_inputs_are_reject
     )
     with pytest.warns(DefenseWarning, match="threshold is set on 10 trusted clean inputs.*at least 40"):
         assess_input_detector(MeanBrightness(), Constant(), dataset(clean), triggered, dataset(clean[:10]))
+    # the final evaluation's predictions, passed in, give the same metrics without predicting again
+    made = torch.zeros(300, dtype=torch.long)  # what Constant predicts for the 200 clean and 100 triggered
+    again = assess_input_detector(
+        MeanBrightness(), Constant(), dataset(clean), triggered, calibration, predictions=made
+    )
+    assert {k: v for k, v in again.items() if "seconds" not in k} == {
+        k: v for k, v in metrics.items() if "seconds" not in k
+    }
+    with pytest.raises(ValueError, match="299 predictions given for 300 test inputs"):
+        assess_input_detector(
+            MeanBrightness(), Constant(), dataset(clean), triggered, calibration, predictions=made[1:]
+        )
 
 
 def test_unknown_input_detectors_and_stray_options_are_refused_with_the_valid_names():

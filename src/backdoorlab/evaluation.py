@@ -36,11 +36,13 @@ INPUT_FPR = 0.05
 
 @dataclass
 class Assessment:
-    """What one evaluation found: the metrics, and warnings where the model looks broken (each a
-    sentence starting with ``subject``, e.g. ``"model: ..."``)."""
+    """What one evaluation found: the metrics, warnings where the model looks broken (each a
+    sentence starting with ``subject``, e.g. ``"model: ..."``), and the model's predictions on the
+    clean then the triggered test inputs (what an input detector's filtered metrics reuse)."""
 
     metrics: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    predictions: Tensor | None = None
 
 
 def health_warnings(predictions: Tensor, labels: Tensor, subject: str = "model") -> list[str]:
@@ -135,7 +137,7 @@ def assess_backdoor(
         "attack_success_rate": attack_success_rate(poisoned, triggered.target_labels),
         "robust_accuracy": robust_accuracy(poisoned, triggered.true_labels),
     }
-    return Assessment(metrics, health_warnings(clean, test.labels, subject))
+    return Assessment(metrics, health_warnings(clean, test.labels, subject), predictions)
 
 
 def evaluate_backdoor(
@@ -162,6 +164,7 @@ def assess_input_detector(
     device: str | torch.device | None = "cpu",
     tta: int = 0,
     fpr: float = INPUT_FPR,
+    predictions: Tensor | None = None,
 ) -> dict[str, float]:
     """An input detector (already fitted) shown the clean test set and its triggered copy, mixed:
 
@@ -173,6 +176,8 @@ def assess_input_detector(
       then model", where a flagged input counts as rejected (neither correct nor a success);
     - ``input_seconds_per_input``: scoring time per test input; ``input_calibration_size``.
 
+    ``predictions``: the model's on the clean then the triggered inputs where already made
+    (:attr:`Assessment.predictions`), else they are made here.
     A threshold set on fewer than ``2 / fpr`` clean inputs is warned about (``DefenseWarning``).
     """
     if len(calibration) < 2 / fpr:
@@ -189,7 +194,10 @@ def assess_input_detector(
     scores = torch.empty(len(inputs))
     scores[order] = detector.score(inputs[order]).float()
     seconds = (time.perf_counter() - start) / len(inputs)
-    predictions = predict(model, inputs, device=device, tta=tta)
+    if predictions is None:
+        predictions = predict(model, inputs, device=device, tta=tta)
+    elif len(predictions) != len(inputs):
+        raise ValueError(f"{len(predictions)} predictions given for {len(inputs)} test inputs")
     passed = scores <= threshold
     clean_passed, poisoned_passed = passed[: len(test)], passed[len(test) :]
     truth = torch.arange(len(inputs)) >= len(test)

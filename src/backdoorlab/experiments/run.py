@@ -438,7 +438,11 @@ INPUT_CALIBRATION_SHARE = 0.5
 
 
 def apply_input_detector(
-    prepared: Prepared, model: torch.nn.Module, name: str, options: dict[str, Any]
+    prepared: Prepared,
+    model: torch.nn.Module,
+    name: str,
+    options: dict[str, Any],
+    predictions: torch.Tensor | None = None,
 ) -> tuple[dict[str, float], float]:
     """Fit an input detector on half the trusted split, set its threshold on the other half, and
     show it the clean and triggered test sets (:func:`~backdoorlab.evaluation.assess_input_detector`)."""
@@ -455,6 +459,7 @@ def apply_input_detector(
         calibration,
         device=prepared.device,
         tta=prepared.config.train.tta,
+        predictions=predictions,
     )
     return metrics, time.perf_counter() - tick
 
@@ -546,22 +551,22 @@ def _run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunRes
             f"detector '{config.detector}'",
             "the score compares the suspect model with itself, no evidence that the model is clean",
         )
-    if config.input_detector is not None:
-        input_metrics, timings["input_detect"] = apply_input_detector(
-            prepared, model, config.input_detector, config.input_detector_options
-        )
-        metrics.update(input_metrics)
 
     tick = time.perf_counter()
     final = assess(prepared, model, {"repair": "repaired model", "filter": "retrained model"}.get(kind or "", "model"))
     metrics.update(final.metrics)
+    timings["evaluate"] = time.perf_counter() - tick
+    if config.input_detector is not None:  # behind the final model's predictions, made once
+        input_metrics, timings["input_detect"] = apply_input_detector(
+            prepared, model, config.input_detector, config.input_detector_options, final.predictions
+        )
+        metrics.update(input_metrics)
     warnings += final.warnings
     if kind == "repair":
         warnings += repair_warnings(metrics["suspect_clean_accuracy"], metrics["clean_accuracy"])
         warnings += fallback_warnings(details.get("fallback"))
     if outcome is not None and outcome.isolated is not None:
         metrics.update(isolation_metrics(outcome.isolated, poisoned.mask))
-    timings["evaluate"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
     if budget is not None:
         details["step_budget"] = asdict(budget)
