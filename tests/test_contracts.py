@@ -74,6 +74,7 @@ FAST_METHODS: dict[str, dict[str, dict[str, Any]]] = {
     "repairs": {
         "fine_pruning": {"epochs": 1},
         "fine_tuning": {"epochs": 1},
+        "ft_sam": {"epochs": 1},
         "nad": {"epochs": 1, "teacher_epochs": 1},
         "neural_cleanse": {"steps": 5, "epochs": 1},
         "pivotal_tuning": {"steps": 10, "eval_every": 5},

@@ -21,6 +21,7 @@ from backdoorlab.defenses import (
     defense_kind,
 )
 from backdoorlab.defenses.fine_pruning import pruning_order
+from backdoorlab.defenses.ft_sam import SharpnessAwareStep
 from backdoorlab.defenses.nad import attention_map, map_scaled_betas
 from backdoorlab.defenses.neural_cleanse import anomaly_indices
 from backdoorlab.defenses.pivotal_tuning import (
@@ -493,3 +494,50 @@ def test_pivotal_tuning_with_the_reference_mean_anchor_pulls_the_backdoor_back(d
     )
     assert details["anchor_weight"] == 20_000.0
     assert repaired["attack_success_rate"] > 0.5, repaired
+
+
+def test_the_sharpness_aware_step_takes_its_gradient_at_the_perturbed_weights():
+    """One SGD step through the loop's order (step, backward, optimiser): the weights end where
+    plain SGD from ``w`` with the gradient at ``w + e`` puts them, ``e`` ASAM's
+    ``rho * w^2 g / ||w g||``; and the perturbation is taken back before the optimiser moves."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(8, 3), torch.tensor([0, 1] * 4)
+    w = [p.detach().clone() for p in model.parameters()]
+    step = SharpnessAwareStep(rho=0.5, adaptive=True, label_smoothing=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _, losses = step(model, x, y, None, torch.arange(8), 0, torch.Generator())
+    optimizer.zero_grad()
+    losses.mean().backward()
+    assert all(torch.equal(p.detach(), v) for p, v in zip(model.parameters(), w)), "back at w before the step"
+    optimizer.step()
+    step.close()
+
+    reference = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        for p, v in zip(reference.parameters(), w):
+            p.copy_(v)
+    g = torch.autograd.grad(torch.nn.functional.cross_entropy(reference(x), y), list(reference.parameters()))
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v.abs() * d) for v, d in zip(w, g)]))
+    with torch.no_grad():
+        for p, v, d in zip(reference.parameters(), w, g):
+            p.copy_(v + 0.5 / norm * v.abs() * v.abs() * d)
+    g_perturbed = torch.autograd.grad(torch.nn.functional.cross_entropy(reference(x), y), list(reference.parameters()))
+    for p, v, d in zip(model.parameters(), w, g_perturbed):
+        assert torch.allclose(p.detach(), v - 0.1 * d, atol=1e-6)
+    assert not step.hooks and all(not p._post_accumulate_grad_hooks for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_ft_sam_removes_more_of_badnets_than_fine_tuning_at_the_same_schedule(digits_victim):
+    """FT-SAM at its source's defaults (ASAM rho 2, 100 epochs at lr 0.01, batch 256) against
+    fine-tuning at that schedule. Measured on digits: ASR 0.997 -> 0.265 (CA 0.975) against 0.809
+    (CA 0.989); on MNIST's small CNN 1.00 -> 0.71 against 0.99 (docs/defenses.md)."""
+    prepared, model = digits_victim
+    suspect = evaluate(prepared, model)
+    _, sam, _, _ = apply_repair(prepared, model, "ft_sam", {}, persistence=False)
+    _, plain, _, _ = apply_repair(
+        prepared, model, "fine_tuning", {"epochs": 100, "lr": 0.01, "batch_size": 256}, persistence=False
+    )
+    assert sam["attack_success_rate"] < 0.5 and sam["attack_success_rate"] < plain["attack_success_rate"] - 0.3
+    assert sam["clean_accuracy"] >= suspect["clean_accuracy"] - 0.03

@@ -133,6 +133,9 @@ BACKDOORBENCH_DEFENSES: dict[str, dict[str, Any]] = {
     # clp: config/defense/clp/cifar10.yaml (u 3; its u_min / u_max / u_num sweep is reported on
     # the test set, and is not copied) with defense/clp.py's CLP_prune, as the official code.
     "clp": {"u": 3.0},
+    # ft-sam: config/defense/ft-sam/cifar10.yaml with defense/ft-sam.py (rho 2, adaptive, label
+    # smoothing 0.1, lr 0.01 cosine, batch 256, 100 epochs): the defaults of ft_sam, restated.
+    "ft_sam": {"epochs": 100, "lr": 0.01, "batch_size": 256, "rho": 2.0, "adaptive": True, "label_smoothing": 0.1},
     # bnp: config/defense/bnp/cifar10.yaml (u 3, ratio 0.05 of clean data) with defense/bnp.py. Not
     # copied: bnp_defense compares the running statistics with one batch of the poisoned training
     # set (its second forward pass overwrites the clean batch's); here the trusted split's.
