@@ -50,7 +50,10 @@ def test_bad_input_is_a_clear_error_with_exit_code_2():
         (["run", "--trusted-size", "0"], "trusted_size must be a fraction in (0, 1] or a count >= 2"),
         (["run", "-a", "shape=star"], "valid: size, pattern, position, margin"),
         (["list", "poisons"], "valid: datasets, models, recipes, presets, attacks, defenses"),
-        (["run", "--defense", "strip"], "training-time defenses: abl, e2abl, pt; repair defenses: fine_pruning"),
+        (
+            ["run", "--defense", "strip"],
+            "training-time defenses: abl, e2abl, pt; repair defenses: bnp, clp, fine_pruning",
+        ),
         (["run", "--detector", "strip"], "valid detectors: cti, neural_cleanse"),
         (["run", "--defense", "abl", "-d", "ratio=0.1"], "valid: gamma, isolation_ratio"),
         (["run", "--dataset", "mnist[x]"], "unknown dataset 'mnist[x]'"),  # printed as is, not read as markup

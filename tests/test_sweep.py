@@ -100,6 +100,7 @@ def test_cell_key_ignores_placement_but_not_content() -> None:
         "poison_rate_of",
         "input_detector",
         "input_detector_options",
+        "persistence_size",
     )
     earlier = {k: v for k, v in config.to_dict().items() if k not in ("device", "data_root", *added)}
     del earlier["train"]["milestones"]  # the dict a version before the step schedule hashed
