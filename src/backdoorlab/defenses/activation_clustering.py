@@ -120,5 +120,10 @@ class ActivationClustering(SampleFilter):
             return torch.from_numpy(1.0 - share[clusters]).float(), torch.from_numpy(flagged)
 
         scores, flagged = per_class(data.labels, score_class)
-        # the classes whose ICA stopped at its iteration limit (clustered all the same, as ART does)
-        return Filtering(scores, flagged, {"cluster_shares": shares, "ica_unconverged_classes": unconverged})
+        details: dict[str, object] = {"cluster_shares": shares, "ica_unconverged_classes": unconverged}
+        if unconverged:  # clustered all the same, as ART does, and said so
+            details["warnings"] = [
+                f"FastICA stopped at its iteration limit on class(es) {unconverged}; their clusters come from "
+                "an unconverged reduction (try reduce=pca)"
+            ]
+        return Filtering(scores, flagged, details)

@@ -107,7 +107,8 @@ class Detection:
 class Filtering:
     """A sample filter's verdict over the training set it got: ``scores`` (one float per sample,
     higher = more likely poisoned), ``flagged`` (a boolean mask: the samples it removes) and
-    method-specific details."""
+    method-specific details; ``details["warnings"]`` (sentences), where given, become the run's
+    warnings."""
 
     scores: Tensor
     flagged: Tensor

@@ -542,6 +542,7 @@ def _run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunRes
             prepared, model, config.defense, config.defense_options
         )
         metrics.update(filtering)
+        warnings += [f"sample filter '{config.defense}': {w}" for w in details.pop("warnings", [])]
     if config.detector is not None:
         detection, timings["detect"] = apply_detector(prepared, model, config.detector, config.detector_options)
         metrics["detection_score"] = detection.score
