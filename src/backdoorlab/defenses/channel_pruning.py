@@ -4,6 +4,8 @@ in BN lie from the trusted clean data's."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -50,10 +52,24 @@ def outliers(values: Tensor, u: float) -> Tensor:
 def zero_channels(norm: _BatchNorm, index: Tensor) -> None:
     """Switch channels ``index`` of ``norm`` off: its weight and bias there set to zero."""
     with torch.no_grad():
-        if norm.weight is not None:
-            norm.weight[index] = 0.0
-        if norm.bias is not None:
-            norm.bias[index] = 0.0
+        for parameter in (norm.weight, norm.bias):
+            if parameter is not None:
+                parameter[index.to(parameter.device)] = 0.0
+
+
+def prune_outlying_channels(scored: list[tuple[str, _BatchNorm, Tensor]], u: float) -> dict[str, Any]:
+    """For each ``(name, norm, per-channel score)``, switch off the channels whose score lies above
+    ``mean + u * std`` of their layer's; returns the details both pruners report."""
+    pruned: dict[str, int] = {}
+    for name, norm, scores in scored:
+        index = outliers(scores, u)
+        zero_channels(norm, index)
+        pruned[name] = len(index)
+    return {
+        "pruned_channels": sum(pruned.values()),
+        "pruned_by_layer": pruned,
+        "channels": sum(norm.num_features for _, norm, _ in scored),
+    }
 
 
 def norm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
@@ -102,20 +118,9 @@ class ChannelLipschitzPruning(Repair):
             )
         norms = {id(norm) for _, _, norm in pairs}
         unpaired = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) and id(m) not in norms]
-        pruned: dict[str, int] = {}
-        for name, conv, norm in pairs:
-            index = outliers(channel_lipschitz(conv, norm), self._options["u"])
-            zero_channels(norm, index)
-            pruned[name] = len(index)
-        return DefenseOutcome(
-            model,
-            details={
-                "pruned_channels": sum(pruned.values()),
-                "pruned_by_layer": pruned,
-                "channels": sum(norm.num_features for _, _, norm in pairs),
-                "unpaired": unpaired,
-            },
-        )
+        scored = [(name, norm, channel_lipschitz(conv, norm)) for name, conv, norm in pairs]
+        details = prune_outlying_channels(scored, self._options["u"])
+        return DefenseOutcome(model, details={**details, "unpaired": unpaired})
 
 
 @torch.no_grad()
@@ -187,19 +192,10 @@ class BatchNormPruning(Repair):
         model = suspect_copy(model)
         layers = norm_layers(model)
         clean = input_statistics(model, layers, trusted.inputs, ctx.device)
-        pruned: dict[str, int] = {}
+        scored = []
         for name, norm in layers:
             mean, var = clean[name]
             run_mean, run_var = norm.running_mean.float().cpu(), norm.running_var.float().cpu()
             divergence = (run_var / var).log() + (var + (mean - run_mean) ** 2) / (2 * run_var) - 0.5
-            index = outliers(divergence, self._options["u"])
-            zero_channels(norm, index.to(norm.weight.device if norm.weight is not None else "cpu"))
-            pruned[name] = len(index)
-        return DefenseOutcome(
-            model,
-            details={
-                "pruned_channels": sum(pruned.values()),
-                "pruned_by_layer": pruned,
-                "channels": sum(norm.num_features for _, norm in layers),
-            },
-        )
+            scored.append((name, norm, divergence))
+        return DefenseOutcome(model, details=prune_outlying_channels(scored, self._options["u"]))

@@ -338,11 +338,13 @@ def persistence_sets(prepared: Prepared) -> tuple[TensorDataset, TriggeredTestSe
     return test, triggered
 
 
-def persistence_curve(prepared: Prepared, observed: CheckpointSnapshots) -> list[dict[str, float]]:
+def persistence_curve(
+    prepared: Prepared, observed: CheckpointSnapshots, sets: tuple[TensorDataset, TriggeredTestSet]
+) -> list[dict[str, float]]:
     """``{"checkpoint", CA, ASR, RA}`` of each snapshot a repair's observer took, in order, on
-    :func:`persistence_sets`."""
+    ``sets`` (:func:`persistence_sets`)."""
     assert prepared.config.train is not None
-    test, triggered = persistence_sets(prepared)
+    test, triggered = sets
     curve = []
     for checkpoint, state in observed.snapshots:
         assert observed.template is not None
@@ -377,10 +379,10 @@ def apply_repair(
     seconds = time.perf_counter() - tick - (observer.seconds if observer else 0.0)
     details = dict(outcome.details)
     if observer is not None and len(observer.snapshots) > 1:
-        details["persistence"] = persistence_curve(prepared, observer)
+        test, triggered = persistence_sets(prepared)
+        details["persistence"] = persistence_curve(prepared, observer, (test, triggered))
         details["persistence_unit"] = repair.checkpoint_unit
         if prepared.config.persistence_size is not None:
-            test, triggered = persistence_sets(prepared)
             details["persistence_test_sizes"] = [len(test), len(triggered.true_labels)]
     return outcome.model, evaluate(prepared, outcome.model), details, seconds
 
