@@ -301,6 +301,41 @@ def _wait_for(database: Path, done: int, process: subprocess.Popen, limit: float
         time.sleep(0.2)
 
 
+class _InterruptedExecutor:
+    """An executor hit by Ctrl-C at one of two moments: in ``submit`` (after the store marked the
+    cell running, before the sweep holds its future) or in the worker (its future raises
+    KeyboardInterrupt, as a pool worker in the same process group does)."""
+
+    capacity, threads = 1, None
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def submit(self, fn, *args):  # noqa: ANN001, ANN201
+        from concurrent.futures import Future
+
+        if self.where == "submit":
+            raise KeyboardInterrupt
+        future: Future = Future()
+        future.set_exception(KeyboardInterrupt())
+        return future
+
+    def restart(self) -> None:
+        pass
+
+    def shutdown(self, cancel: bool = False) -> None:
+        pass
+
+
+@pytest.mark.parametrize("where", ["submit", "worker"])
+def test_an_interrupt_at_any_moment_leaves_no_cell_running(tmp_path: Path, where: str) -> None:
+    grid = expand({"name": "interrupted", "dataset": "digits", "epochs": 1, "seed": [0, 1]})
+    summary = sweep(grid, tmp_path, executor=_InterruptedExecutor(where))
+    assert summary.interrupted and summary.done == 0
+    assert _count(tmp_path / "results.sqlite", "running") == 0
+    assert _count(tmp_path / "results.sqlite", "pending") == 2
+
+
 @pytest.mark.slow
 def test_a_killed_sweep_loses_nothing_and_resumes(tmp_path: Path) -> None:
     grid = write_yaml(tmp_path / "grid.yaml", "name: resume\ndataset: digits\nepochs: 3\nseed: [0, 1, 2, 3, 4, 5]\n")

@@ -133,6 +133,7 @@ def sweep(
         if save_models:
             (output / MODELS_DIR).mkdir(exist_ok=True)
         running: dict[Future, Cell] = {}
+        unended: set[str] = set()  # marked running in the store and not yet ended there
         queue = list(reversed(todo))
         training: dict[str, Future] = {}  # suspect key -> the running cell that trains it
         keys = [suspect_key(cell.config) for cell in grid.cells]
@@ -158,6 +159,7 @@ def sweep(
             try:
                 while queue or running:
                     while queue and len(running) < executor.capacity and (cell := next_cell()) is not None:
+                        unended.add(cell.key)  # before the store, so an interrupt at any point releases it
                         store.start(cell.key)
                         model_file = str(output / MODELS_DIR / f"{cell.key}.safetensors") if save_models else None
                         key = suspect_key(cell.config) if suspect_key(cell.config) in shared else None
@@ -190,6 +192,7 @@ def sweep(
                             store.finish(cell.key, outcome["result"], relative)
                             summary.done += 1
                             summary.warned += bool(outcome["result"].get("warnings"))
+                        unended.discard(cell.key)
                         if on_cell is not None:
                             on_cell(cell, outcome)
                         show()
@@ -198,7 +201,9 @@ def sweep(
             except KeyboardInterrupt:
                 summary.interrupted = True
                 executor.shutdown(cancel=True)
-                store.release(cell.key for cell in running.values())
+                # every cell marked running and not ended, including one between the store and the
+                # executor, or one whose result came back but was not yet stored
+                store.release(unended)
             else:
                 executor.shutdown()
     summary.seconds = time.perf_counter() - started
