@@ -52,7 +52,7 @@ def test_bad_input_is_a_clear_error_with_exit_code_2():
         (["list", "poisons"], "valid: datasets, models, recipes, presets, attacks, defenses"),
         (
             ["run", "--defense", "strip"],
-            "training-time defenses: abl, e2abl, pt; repair defenses: bnp, clp, fine_pruning",
+            "training-time defenses: abl, e2abl, pt; repair defenses: anp, bnp, clp, fine_pruning",
         ),
         (["run", "--detector", "strip"], "valid detectors: cti, neural_cleanse"),
         (["run", "--defense", "abl", "-d", "ratio=0.1"], "valid: gamma, isolation_ratio"),

@@ -72,6 +72,7 @@ FAST_METHODS: dict[str, dict[str, dict[str, Any]]] = {
         "pt": {"isolation_epochs": 1},
     },
     "repairs": {
+        "anp": {"iterations": 3},
         "fine_pruning": {"epochs": 1},
         "fine_tuning": {"epochs": 1},
         "ft_sam": {"epochs": 1},

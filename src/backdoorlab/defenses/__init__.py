@@ -2,7 +2,8 @@
 
 - Training-time defenses (ABL, E2ABL, PT) get only the untrusted training set and a model factory,
   and return a model plus the samples they isolated (``TrainingDefense``, ``TRAINING_DEFENSES``).
-- Repair defenses (fine-tuning, Fine-Pruning, NAD, Neural Cleanse, Pivotal Tuning, FT-SAM, CLP, BNP) get a suspect
+- Repair defenses (fine-tuning, Fine-Pruning, NAD, Neural Cleanse, Pivotal Tuning, FT-SAM, CLP, BNP,
+  ANP) get a suspect
   model and the trusted clean split and return a repaired model (``Repair``, ``REPAIRS``).
 - Detectors (Neural Cleanse, Calibrated Trigger Inversion) get the same and return a score
   (``Detector``, ``DETECTORS``).
@@ -20,6 +21,7 @@ from typing import Any, Literal
 from backdoorlab.defenses import (  # noqa: F401  (registers the defenses)
     abl,
     activation_clustering,
+    anp,
     channel_pruning,
     cti,
     e2abl,
