@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,3 +37,16 @@ def data_root() -> Path:
 @pytest.fixture(scope="session")
 def digits() -> Splits:
     return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def mnist_badnets_airbench(data_root: Path) -> tuple[Any, Any, dict[str, float]]:
+    """One BadNets victim for the repairs' MNIST tests: 5,000 images, the fast recipe's airbench
+    (width 24), BadNets at 10%, 5% trusted; returns the prepared run, the model and its metrics."""
+    from backdoorlab.experiments import RunConfig
+    from backdoorlab.experiments.run import evaluate, prepare, train_victim
+
+    config = RunConfig(dataset="mnist", train_size=5_000, test_size=2_000, trusted_size=0.05, data_root=str(data_root))
+    prepared = prepare(config)
+    model, _ = train_victim(prepared)
+    return prepared, model, evaluate(prepared, model)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from backdoorlab.defenses import DefenseContext, create_repair
-from backdoorlab.defenses.anp import perturbable
+from backdoorlab.defenses.neuron_masks import masked
 from backdoorlab.training.loop import TrainConfig
 
 from .test_channel_pruning import small_cnn, trusted
@@ -26,7 +26,7 @@ def test_the_perturbation_scales_bn_weight_by_mask_plus_noise_and_bias_by_one_pl
         norm.bias.copy_(torch.tensor([0.5, -0.5, 1.0]))
     x = torch.randn(2, 3, 4, 4)
     before = norm(x)
-    perturbation = perturbable(nn.Sequential(norm))["0"]
+    perturbation = masked(nn.Sequential(norm))["0"]
     assert torch.allclose(norm(x), before), "mask 1 and no perturbation leave the layer as it was"
     with torch.no_grad():
         perturbation.mask.copy_(torch.tensor([1.0, 0.0, 0.5]))

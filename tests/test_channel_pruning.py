@@ -11,8 +11,7 @@ from torch import nn
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses import DefenseContext, create_repair
 from backdoorlab.defenses.channel_pruning import channel_lipschitz, conv_norm_pairs
-from backdoorlab.experiments import RunConfig
-from backdoorlab.experiments.run import apply_repair, evaluate, prepare, train_victim
+from backdoorlab.experiments.run import apply_repair
 from backdoorlab.models import create_model
 from backdoorlab.training.loop import TrainConfig
 
@@ -84,15 +83,12 @@ def test_a_model_without_batch_norm_is_refused():
 
 
 @pytest.mark.slow
-def test_bnp_and_anp_remove_badnets_from_an_mnist_airbench_and_clp_does_not(data_root):
+def test_bnp_and_anp_remove_badnets_from_an_mnist_airbench_and_clp_does_not(mnist_badnets_airbench):
     """MNIST, 5,000 images, the fast recipe's airbench (width 24), BadNets at 10%. Measured: BNP
     prunes 16 of 432 channels, ASR 1.00 -> 0.01 at CA 0.99; CLP prunes 2-4 (by thread count), none the
     backdoor's (ASR stays 1.00; on CIFAR-10's width-32 airbench it removes BadNets, docs/defenses.md);
     ANP with 100 of its 2,000 mask steps prunes about 15 neurons, ASR 1.00 -> 0.04 at CA 0.99."""
-    config = RunConfig(dataset="mnist", train_size=5_000, test_size=2_000, trusted_size=0.05, data_root=str(data_root))
-    prepared = prepare(config)
-    model, _ = train_victim(prepared)
-    suspect = evaluate(prepared, model)
+    prepared, model, suspect = mnist_badnets_airbench
     assert suspect["attack_success_rate"] >= 0.9
     _, after, details, _ = apply_repair(prepared, model, "bnp", {})
     assert after["attack_success_rate"] < 0.2 and after["clean_accuracy"] >= suspect["clean_accuracy"] - 0.03

@@ -76,9 +76,11 @@ FAST_METHODS: dict[str, dict[str, dict[str, Any]]] = {
         "fine_pruning": {"epochs": 1},
         "fine_tuning": {"epochs": 1},
         "ft_sam": {"epochs": 1},
+        "i_bau": {"rounds": 1, "K": 2},
         "nad": {"epochs": 1, "teacher_epochs": 1},
         "neural_cleanse": {"steps": 5, "epochs": 1},
         "pivotal_tuning": {"steps": 10, "eval_every": 5},
+        "rnp": {"unlearning_epochs": 1, "recovering_epochs": 1},
     },
     "detectors": {
         "cti": {"steps": 5, "repair_options": {"steps": 10, "eval_every": 5}},

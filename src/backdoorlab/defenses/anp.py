@@ -8,62 +8,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils import parametrize
 
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.base import REPAIRS, DefenseContext, DefenseOutcome, Repair
 from backdoorlab.defenses.channel_pruning import norm_layers
+from backdoorlab.defenses.neuron_masks import masked, prune_masked_neurons
 from backdoorlab.defenses.post_training import suspect_copy
 from backdoorlab.options import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt
 from backdoorlab.progress import progress_bar
 from backdoorlab.training.loop import BatchAugmentation
-
-
-class NeuronPerturbation(nn.Module):
-    """One batch-norm layer's mask ``m`` and adversarial noise ``(d, d_b)``, applied as
-    parametrisations: the layer computes with weight ``gamma * (m + d)`` and bias ``beta * (1 + d_b)``
-    while ``perturbed``, else with ``gamma * m`` and ``beta`` (the official ``NoisyBatchNorm2d``)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.mask = nn.Parameter(torch.ones(channels))
-        self.noise = nn.Parameter(torch.zeros(channels))
-        self.noise_bias = nn.Parameter(torch.zeros(channels))
-        self.perturbed = False
-
-    def weight(self, gamma: Tensor) -> Tensor:
-        return gamma * (self.mask + self.noise if self.perturbed else self.mask)
-
-    def bias(self, beta: Tensor) -> Tensor:
-        return beta * (1.0 + self.noise_bias) if self.perturbed else beta
-
-
-class _Apply(nn.Module):
-    """A parametrisation that hands its tensor to one of :class:`NeuronPerturbation`'s maps."""
-
-    def __init__(self, perturbation: NeuronPerturbation, which: str) -> None:
-        super().__init__()
-        self.perturbation, self.which = [perturbation], which  # a list: not a submodule (no duplicate parameters)
-
-    def forward(self, tensor: Tensor) -> Tensor:
-        return getattr(self.perturbation[0], self.which)(tensor)
-
-
-def perturbable(model: nn.Module) -> dict[str, NeuronPerturbation]:
-    """Give every affine batch-norm layer of ``model`` (changed in place) a
-    :class:`NeuronPerturbation`; returns them by layer name."""
-    found = {}
-    for name, norm in norm_layers(model):
-        if norm.weight is None or norm.bias is None:
-            continue
-        perturbation = NeuronPerturbation(norm.num_features).to(norm.weight.device)
-        parametrize.register_parametrization(norm, "weight", _Apply(perturbation, "weight"))
-        parametrize.register_parametrization(norm, "bias", _Apply(perturbation, "bias"))
-        found[name] = perturbation
-    if not found:
-        raise ValueError(f"ANP masks affine batch-norm neurons; {type(model).__name__} has none")
-    return found
 
 
 def optimise_masks(
@@ -84,9 +37,7 @@ def optimise_masks(
     the masks take an SGD step (momentum 0.9) on ``alpha * natural + (1 - alpha) * perturbed`` loss
     and are clipped to ``[0, 1]``. Returns each layer's mask."""
     model = suspect_copy(model).to(ctx.device).train()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    layers = perturbable(model)
+    layers = masked(model)
     masks = [p.mask for p in layers.values()]
     noises = [t for p in layers.values() for t in (p.noise, p.noise_bias)]
     mask_optimizer = torch.optim.SGD(masks, lr=lr, momentum=0.9)
@@ -132,8 +83,7 @@ class AdversarialNeuronPruning(Repair):
     """Backdoored neurons are the ones whose small perturbation flips clean predictions to the target:
     ANP learns a mask in ``[0, 1]`` over every batch-norm neuron (:func:`optimise_masks`) that keeps
     the trusted data classified while neurons are adversarially perturbed, then prunes each neuron
-    whose mask is at or below ``threshold`` (its BN weight set to zero; the bias stays, as in the
-    official ``pruning``). Source: Wu & Wang, "Adversarial Neuron Pruning Purifies Backdoored Deep
+    whose mask is at or below ``threshold`` (:func:`~backdoorlab.defenses.neuron_masks.prune_masked_neurons`). Source: Wu & Wang, "Adversarial Neuron Pruning Purifies Backdoored Deep
     Models" (NeurIPS 2021); official code ``csdongxian/ANP_backdoor`` (``optimize_mask_cifar.py``:
     eps 0.4, one step, alpha 0.2, mask lr 0.2, batch 128, 2,000 iterations, the defaults here).
 
@@ -190,17 +140,5 @@ class AdversarialNeuronPruning(Repair):
             alpha=o["alpha"],
         )
         model = suspect_copy(model)
-        norms: dict[str, _BatchNorm] = dict(norm_layers(model))
-        pruned = {}
-        with torch.no_grad():
-            for name, mask in masks.items():
-                index = (mask <= o["threshold"]).nonzero().flatten()
-                norms[name].weight[index.to(norms[name].weight.device)] = 0.0
-                pruned[name] = len(index)
-        details = {
-            "pruned_channels": sum(pruned.values()),
-            "pruned_by_layer": pruned,
-            "channels": sum(len(mask) for mask in masks.values()),
-            "mask_quantiles": torch.quantile(torch.cat(list(masks.values())), torch.tensor([0.0, 0.1, 0.5])).tolist(),
-        }
+        details = prune_masked_neurons(model, masks, o["threshold"])
         return DefenseOutcome(model, details=details)

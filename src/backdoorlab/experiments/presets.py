@@ -145,6 +145,10 @@ BACKDOORBENCH_DEFENSES: dict[str, dict[str, Any]] = {
     # official code has 0.2). Not copied: its pruning threshold is the one of 0, 0.05, ..., 0.9 with
     # the lowest *test* ASR within 10% of the clean accuracy; here the paper's fixed 0.2.
     "anp": {"eps": 0.4, "steps": 1, "alpha": 0.2, "iterations": 2000, "batch_size": 256, "lr": 0.01},
+    # i-bau: config/defense/i-bau/cifar10.yaml with defense/i-bau.py (n_rounds 5, K 5, Adam at the
+    # yaml's lr 1e-4 where the official code has 1e-3, batch_size 256; the outer loss's portion 0.01
+    # and the perturbation's SGD lr 10, both hard-coded, as the defaults here).
+    "i_bau": {"rounds": 5, "K": 5, "lr": 1e-4, "batch_size": 256},
     # ac: config/defense/ac/cifar10.yaml (nb_dims 10, nb_clusters 2, cluster_analysis smaller) with
     # defense/ac.py, which reduces by PCA (hard-coded reduce='PCA'). Not copied: it clusters each
     # shuffled, augmented batch of 256 on its own and reads the verdicts back in a reshuffled order;
