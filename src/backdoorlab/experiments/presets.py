@@ -149,6 +149,11 @@ BACKDOORBENCH_DEFENSES: dict[str, dict[str, Any]] = {
     # yaml's lr 1e-4 where the official code has 1e-3, batch_size 256; the outer loss's portion 0.01
     # and the perturbation's SGD lr 10, both hard-coded, as the defaults here).
     "i_bau": {"rounds": 5, "K": 5, "lr": 1e-4, "batch_size": 256},
+    # rnp: config/defense/rnp/config.yaml with defense/rnp.py (its argparse defaults: alpha 0.2,
+    # clean_threshold 0.2, unlearning lr 0.01 and recovering lr 0.2, 20 + 20 epochs; batch_size 256
+    # from the yaml; ratio 0.01 of clean data). Not copied: as for ANP, its threshold is the one with
+    # the lowest *test* ASR within acc_ratio of the clean accuracy; here a fixed 0.2.
+    "rnp": {"batch_size": 256},
     # ac: config/defense/ac/cifar10.yaml (nb_dims 10, nb_clusters 2, cluster_analysis smaller) with
     # defense/ac.py, which reduces by PCA (hard-coded reduce='PCA'). Not copied: it clusters each
     # shuffled, augmented batch of 256 on its own and reads the verdicts back in a reshuffled order;
