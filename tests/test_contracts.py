@@ -81,6 +81,7 @@ FAST_METHODS: dict[str, dict[str, dict[str, Any]]] = {
         "neural_cleanse": {"steps": 5, "epochs": 1},
         "pivotal_tuning": {"steps": 10, "eval_every": 5},
         "rnp": {"unlearning_epochs": 1, "recovering_epochs": 1},
+        "sau": {"rounds": 1, "steps": 2},
     },
     "detectors": {
         "cti": {"steps": 5, "repair_options": {"steps": 10, "eval_every": 5}},

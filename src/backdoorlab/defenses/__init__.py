@@ -3,7 +3,8 @@
 - Training-time defenses (ABL, E2ABL, PT) get only the untrusted training set and a model factory,
   and return a model plus the samples they isolated (``TrainingDefense``, ``TRAINING_DEFENSES``).
 - Repair defenses (fine-tuning, Fine-Pruning, NAD, Neural Cleanse, Pivotal Tuning, FT-SAM, CLP, BNP,
-  ANP, I-BAU, RNP) get a suspect
+  ANP, I-BAU, RNP,
+  SAU) get a suspect
   model and the trusted clean split and return a repaired model (``Repair``, ``REPAIRS``).
 - Detectors (Neural Cleanse, Calibrated Trigger Inversion) get the same and return a score
   (``Detector``, ``DETECTORS``).
@@ -34,6 +35,7 @@ from backdoorlab.defenses import (  # noqa: F401  (registers the defenses)
     partial_training,
     pivotal_tuning,
     rnp,
+    sau,
     spectral_signatures,
     strip,
 )

@@ -154,6 +154,10 @@ BACKDOORBENCH_DEFENSES: dict[str, dict[str, Any]] = {
     # from the yaml; ratio 0.01 of clean data). Not copied: as for ANP, its threshold is the one with
     # the lowest *test* ASR within acc_ratio of the clean accuracy; here a fixed 0.2.
     "rnp": {"batch_size": 256},
+    # sau: config/defense/sau/cifar10.yaml with defense/sau.py (n_rounds 100, batch 256, Adam lr
+    # 1e-4 never scheduled, L_inf 0.2, adv_lr 0.2, 5 steps from max, beta 0.01 / 1, lmd 1 / 0 / 1):
+    # the defaults of sau, restated.
+    "sau": {"rounds": 100, "batch_size": 256, "lr": 1e-4, "bound": 0.2, "step_size": 0.2, "steps": 5},
     # ac: config/defense/ac/cifar10.yaml (nb_dims 10, nb_clusters 2, cluster_analysis smaller) with
     # defense/ac.py, which reduces by PCA (hard-coded reduce='PCA'). Not copied: it clusters each
     # shuffled, augmented batch of 256 on its own and reads the verdicts back in a reshuffled order;
