@@ -546,11 +546,11 @@ def test_ft_sam_removes_more_of_badnets_than_fine_tuning_at_the_same_schedule(di
 @pytest.mark.slow
 def test_sau_at_its_defaults_weakens_badnets_on_digits(digits_victim):
     """SAU at BackdoorBench's configuration (100 rounds of batch 256: 200 Adam steps on the 287
-    trusted digits, lr 1e-4). Measured: ASR 0.997 -> 0.83 at CA 0.986: a fifth of the backdoor in
-    200 steps, where CIFAR-10's 2,500 trusted images give SAU 1,000 (on MNIST, 800 steps took ASR
-    to 0.19, docs/defenses.md)."""
+    trusted digits, AMSGrad at lr 1e-4). Measured: ASR 0.997 -> 0.88 at CA 0.989 -> 0.969 (0.83 at
+    0.986 with plain Adam): a little of the backdoor in 200 steps, where CIFAR-10's 2,500 trusted
+    images give SAU 1,000 (on MNIST, 800 steps took ASR to 0.19, docs/defenses.md)."""
     prepared, model = digits_victim
     suspect = evaluate(prepared, model)
     _, after, _, _ = apply_repair(prepared, model, "sau", {}, persistence=False)
-    assert after["attack_success_rate"] < 0.9 and after["attack_success_rate"] < suspect["attack_success_rate"] - 0.1
-    assert after["clean_accuracy"] >= suspect["clean_accuracy"] - 0.03
+    assert after["attack_success_rate"] < 0.93
+    assert after["clean_accuracy"] >= suspect["clean_accuracy"] - 0.04

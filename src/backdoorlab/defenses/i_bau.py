@@ -77,6 +77,7 @@ class ImplicitBackdoorUnlearning(Repair):
         perturbation_lr: SGD learning rate of the perturbation.
         inner_lr: step size of the inner map.
         regularisation: the weight of ``||delta||^2`` in the perturbation's loss.
+        amsgrad: the AMSGrad variant of Adam (BackdoorBench's optimiser factory; the official code's is plain).
     """
 
     #: The persistence curve's checkpoints: the model after each round.
@@ -92,6 +93,7 @@ class ImplicitBackdoorUnlearning(Repair):
         perturbation_lr: PositiveFloat = 10.0,
         inner_lr: PositiveFloat = 0.1,
         regularisation: NonNegativeFloat = 0.001,
+        amsgrad: bool = False,
     ) -> None:
         self._options: dict[str, Any] = {
             "rounds": int(rounds),
@@ -102,13 +104,14 @@ class ImplicitBackdoorUnlearning(Repair):
             "perturbation_lr": float(perturbation_lr),
             "inner_lr": float(inner_lr),
             "regularisation": float(regularisation),
+            "amsgrad": bool(amsgrad),
         }
 
     def repair(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> DefenseOutcome:
         o = self._options
         model = suspect_copy(model).to(ctx.device).eval()
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=o["lr"])
+        optimizer = torch.optim.Adam(params, lr=o["lr"], amsgrad=o["amsgrad"])
         generator = torch.Generator().manual_seed(ctx.seed)
         batches = [
             (to_float(x.to(ctx.device)), y.to(ctx.device))

@@ -47,7 +47,7 @@ def unlearn(
         if epoch != current:  # the previous epoch is over
             accuracy = epoch_correct / len(trusted)
             if accuracy <= o["clean_threshold"]:
-                return current, accuracy
+                return current + 1, accuracy
             scheduler.step()
             epoch_correct, current = 0, epoch
         logits = model(x)

@@ -83,7 +83,8 @@ class SharedAdversarialUnlearning(Repair):
     """Adversarial examples that fool the suspect model and its frozen copy in the same way behave
     like poisoned samples; SAU finds them on the trusted split (:func:`shared_adversarial_examples`)
     and trains the model to classify them off the shared wrong label while keeping the clean batch
-    (:func:`shared_unlearning_loss`), by Adam at a constant learning rate, model in eval mode,
+    (:func:`shared_unlearning_loss`), by Adam (AMSGrad, as BackdoorBench's optimiser factory builds
+    it) at a constant learning rate, model in eval mode,
     batches unaugmented (BackdoorBench's ``train=False`` transform). Source: Wei et al., "Shared
     Adversarial Unlearning: Backdoor Mitigation by Unlearning Shared Adversarial Examples" (NeurIPS
     2023); the official code is BackdoorBench's ``defense/sau.py`` by the first author
@@ -131,7 +132,7 @@ class SharedAdversarialUnlearning(Repair):
         o = self._options
         reference = frozen_copy(model).to(ctx.device).eval()
         model = suspect_copy(model).to(ctx.device).eval()
-        optimizer = torch.optim.Adam(model.parameters(), lr=o["lr"])
+        optimizer = torch.optim.Adam(model.parameters(), lr=o["lr"], amsgrad=True)
         generator = torch.Generator().manual_seed(ctx.seed)
         inputs, labels = trusted.inputs.to(ctx.device), trusted.labels.to(ctx.device)
         ctx.observe(model, 0)
