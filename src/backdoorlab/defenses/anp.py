@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.base import REPAIRS, DefenseContext, DefenseOutcome, Repair
 from backdoorlab.defenses.channel_pruning import norm_layers
-from backdoorlab.defenses.neuron_masks import masked, prune_masked_neurons
+from backdoorlab.defenses.neuron_masks import clip_masks, masked, prune_masked_neurons
 from backdoorlab.defenses.post_training import suspect_copy
 from backdoorlab.options import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt
 from backdoorlab.progress import progress_bar
@@ -70,9 +70,7 @@ def optimise_masks(
         natural = F.cross_entropy(model(x), y)
         (alpha * natural + (1 - alpha) * robust).backward()
         mask_optimizer.step()
-        with torch.no_grad():
-            for mask in masks:
-                mask.clamp_(0.0, 1.0)
+        clip_masks(masks)
     return {name: p.mask.detach().cpu() for name, p in layers.items()}
 
 

@@ -49,10 +49,10 @@ def outliers(values: Tensor, u: float) -> Tensor:
     return (values > values.mean() + u * values.std()).nonzero().flatten()
 
 
-def zero_channels(norm: _BatchNorm, index: Tensor) -> None:
-    """Switch channels ``index`` of ``norm`` off: its weight and bias there set to zero."""
+def zero_channels(norm: _BatchNorm, index: Tensor, bias: bool = True) -> None:
+    """Switch channels ``index`` of ``norm`` off: its weight and (with ``bias``) bias there set to zero."""
     with torch.no_grad():
-        for parameter in (norm.weight, norm.bias):
+        for parameter in (norm.weight, norm.bias if bias else None):
             if parameter is not None:
                 parameter[index.to(parameter.device)] = 0.0
 

@@ -45,7 +45,7 @@ def fixed_point_hypergradient(
             break
     through = torch.autograd.grad(mapped, params, grad_outputs=v, allow_unused=True)
     return [
-        sum(g for g in (a, b) if g is not None) if (a is not None or b is not None) else torch.zeros_like(p)
+        (torch.zeros_like(p) if a is None else a) + (0.0 if b is None else b)
         for a, b, p in zip(through, outer_params, params, strict=True)
     ]
 

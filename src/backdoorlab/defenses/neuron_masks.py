@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from backdoorlab.defenses.channel_pruning import norm_layers
+from backdoorlab.defenses.channel_pruning import norm_layers, zero_channels
 
 
 class NeuronMask(nn.Module):
@@ -64,16 +64,22 @@ def masked(model: nn.Module) -> dict[str, NeuronMask]:
     return found
 
 
+@torch.no_grad()
+def clip_masks(masks: list[nn.Parameter]) -> None:
+    """Clip every mask to ``[0, 1]`` (after each optimiser step, as both official ``clip_mask``)."""
+    for mask in masks:
+        mask.clamp_(0.0, 1.0)
+
+
 def prune_masked_neurons(model: nn.Module, masks: dict[str, Tensor], threshold: float) -> dict[str, Any]:
     """Zero the BN weight of every neuron of ``model`` (in place) whose mask is at or below
     ``threshold`` (the bias stays, as both official ``pruning`` functions); returns the details."""
     norms: dict[str, _BatchNorm] = dict(norm_layers(model))
     pruned = {}
-    with torch.no_grad():
-        for name, mask in masks.items():
-            index = (mask <= threshold).nonzero().flatten()
-            norms[name].weight[index.to(norms[name].weight.device)] = 0.0
-            pruned[name] = len(index)
+    for name, mask in masks.items():
+        index = (mask <= threshold).nonzero().flatten()
+        zero_channels(norms[name], index, bias=False)
+        pruned[name] = len(index)
     values = torch.cat(list(masks.values()))
     return {
         "pruned_channels": sum(pruned.values()),

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.base import REPAIRS, DefenseContext, DefenseOutcome, DefenseWarning, Repair
 from backdoorlab.defenses.channel_pruning import norm_layers
-from backdoorlab.defenses.neuron_masks import masked, prune_masked_neurons
+from backdoorlab.defenses.neuron_masks import clip_masks, masked, prune_masked_neurons
 from backdoorlab.defenses.post_training import suspect_copy
 from backdoorlab.options import Fraction, NonNegativeInt, PositiveFloat, PositiveInt
 from backdoorlab.progress import progress_bar
@@ -137,9 +137,7 @@ class ReconstructiveNeuronPruning(Repair):
             optimizer.zero_grad()
             (o["alpha"] * F.cross_entropy(unlearned(x), y)).backward()
             optimizer.step()
-            with torch.no_grad():
-                for mask in masks:
-                    mask.clamp_(0.0, 1.0)
+            clip_masks(masks)
         repaired = suspect_copy(model)
         details = prune_masked_neurons(repaired, {n: m.mask.detach().cpu() for n, m in layers.items()}, o["threshold"])
         return DefenseOutcome(

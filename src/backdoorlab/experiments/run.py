@@ -379,10 +379,11 @@ def apply_repair(
     seconds = time.perf_counter() - tick - (observer.seconds if observer else 0.0)
     details = dict(outcome.details)
     if observer is not None and len(observer.snapshots) > 1:
-        test, triggered = persistence_sets(prepared)
-        details["persistence"] = persistence_curve(prepared, observer, (test, triggered))
+        sets = persistence_sets(prepared)
+        details["persistence"] = persistence_curve(prepared, observer, sets)
         details["persistence_unit"] = repair.checkpoint_unit
         if prepared.config.persistence_size is not None:
+            test, triggered = sets
             details["persistence_test_sizes"] = [len(test), len(triggered.true_labels)]
     return outcome.model, evaluate(prepared, outcome.model), details, seconds
 
