@@ -4,14 +4,14 @@
   and return a model plus the samples they isolated (``TrainingDefense``, ``TRAINING_DEFENSES``).
 - Repair defenses (fine-tuning, Fine-Pruning, NAD, Neural Cleanse, Pivotal Tuning, FT-SAM, CLP, BNP,
   ANP, I-BAU, RNP,
-  SAU) get a suspect
+  SAU, NPD, MCR) get a suspect
   model and the trusted clean split and return a repaired model (``Repair``, ``REPAIRS``).
 - Detectors (Neural Cleanse, Calibrated Trigger Inversion) get the same and return a score
   (``Detector``, ``DETECTORS``).
 - Sample filters (Activation Clustering, Spectral Signatures) get the untrusted training set and a
   model trained on it, and flag the samples they suspect; the run retrains on the rest
   (``SampleFilter``, ``SAMPLE_FILTERS``).
-- Input detectors (STRIP) calibrate on the same, then score inputs at inference: is this input
+- Input detectors (STRIP, SentiNet, TeCo) calibrate on the same, then score inputs at inference: is this input
   triggered? (``InputDetector``, ``INPUT_DETECTORS``).
 
 Each hook also gets a :class:`DefenseContext`: the run's recipe, device, seed and observer.
@@ -30,14 +30,18 @@ from backdoorlab.defenses import (  # noqa: F401  (registers the defenses)
     fine_tuning,
     ft_sam,
     i_bau,
+    mcr,
     nad,
     neural_cleanse,
+    npd,
     partial_training,
     pivotal_tuning,
     rnp,
     sau,
+    sentinet,
     spectral_signatures,
     strip,
+    teco,
 )
 from backdoorlab.defenses.base import (
     DETECTORS,

@@ -164,6 +164,43 @@ BACKDOORBENCH_DEFENSES: dict[str, dict[str, Any]] = {
     # 1e-4 with amsgrad (train_settings_generate.py) never scheduled, L_inf 0.2, adv_lr 0.2, 5 steps from max, beta 0.01 / 1, lmd 1 / 0 / 1):
     # the defaults of sau, restated.
     "sau": {"rounds": 100, "batch_size": 256, "lr": 1e-4, "bound": 0.2, "step_size": 0.2, "steps": 5},
+    # npd: config/defense/npd/cifar10.yaml (the same as config.yaml) with defense/npd.py (epochs 50,
+    # batch_size 128, lr 0.01 never scheduled (its CosineAnnealingLR belongs to the frozen model's
+    # optimiser), momentum 0.9 and wd 5e-4 hard-coded, model_name convbn, norm_type L2, trigger_norm
+    # 3.0, adv_lr 0.1 hard-coded, inner_steps 2, warm_epochs 5 at a hard-coded lr 1e-4, lmd1-4 1 /
+    # 0.4 / 0.4 / 0.4): the defaults of npd, restated. Not expressible: its target_layer_name
+    # layer4.1.conv1, inside PreAct-ResNet18's last stage; here the polarizer is at that stage's input.
+    "npd": {
+        "epochs": 50,
+        "batch_size": 128,
+        "lr": 0.01,
+        "warm_epochs": 5,
+        "bound": 3.0,
+        "step_size": 0.1,
+        "steps": 2,
+        "lambda_1": 1.0,
+        "lambda_2": 0.4,
+        "lambda_3": 0.4,
+        "lambda_4": 0.4,
+    },
+    # mcr: config/defense/mcr/cifar10.yaml with defense/mcr.py (num_bends 3, Bezier, test_t 0.1,
+    # train_curve_epochs 100 at SGD lr 3e-5 momentum 0.9 wd 5e-4 cosine, batch 128; the endpoint
+    # fine-tuned ft_epochs 100 at lr 0.01, wd 5e-4, cosine). Its curve loop never zeroes the
+    # evaluated model's gradient, so each bend step takes the sum of all gradients so far
+    # (accumulate_gradients). Not copied: its BN update continues from the curve training's
+    # statistics (momentum 0.1, augmented); here they restart, as the official update_bn.
+    "mcr": {
+        "t": 0.1,
+        "epochs": 100,
+        "lr": 3e-5,
+        "batch_size": 128,
+        "weight_decay": 5e-4,
+        "accumulate_gradients": True,
+        "tuning_epochs": 100,
+        "tuning_lr": 0.01,
+        "tuning_batch_size": 128,
+        "tuning_weight_decay": 5e-4,
+    },
     # ac: config/defense/ac/cifar10.yaml (nb_dims 10, nb_clusters 2, cluster_analysis smaller) with
     # defense/ac.py, which reduces by PCA (hard-coded reduce='PCA'). Not copied: it clusters each
     # shuffled, augmented batch of 256 on its own and reads the verdicts back in a reshuffled order;
