@@ -122,7 +122,7 @@ def assess_backdoor(
     triggered: TriggeredTestSet,
     *,
     device: str | torch.device | None = "cpu",
-    batch_size: int = 1024,
+    batch_size: int | None = None,
     tta: int = 0,
     subject: str = "model",
 ) -> Assessment:
@@ -146,7 +146,7 @@ def evaluate_backdoor(
     triggered: TriggeredTestSet,
     *,
     device: str | torch.device | None = "cpu",
-    batch_size: int = 1024,
+    batch_size: int | None = None,
     tta: int = 0,
 ) -> dict[str, float]:
     """``{"clean_accuracy", "attack_success_rate", "robust_accuracy"}`` as fractions in [0, 1];

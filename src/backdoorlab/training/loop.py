@@ -503,23 +503,35 @@ def train(
     return history
 
 
+#: Inference batch sizes by device type: large batches fill a GPU; on a CPU, batches of 128 stay in
+#: cache and predicted 2,000 MNIST images 3x faster than batches of 1,024 with the small CNN and 1.5x
+#: with airbench (CIFAR-10 airbench 1.6x; 64 was no faster; measured 2026-12-06 on the 2-core CPU).
+INFERENCE_BATCH = {"cuda": 1024, "cpu": 128}
+
+
+def inference_batch_size(device: torch.device) -> int:
+    """The default batch for predictions on ``device`` (:data:`INFERENCE_BATCH`; 1,024 elsewhere)."""
+    return INFERENCE_BATCH.get(device.type, 1024)
+
+
 def predict_logits(
     model: nn.Module,
     inputs: Tensor,
     *,
-    batch_size: int = 1024,
+    batch_size: int | None = None,
     device: str | torch.device | None = "cpu",
     amp: bool = True,
     channels_last: bool = True,
     pre_logits: bool = False,
     tta: int = 0,
 ) -> Tensor:
-    """Float32 logits for ``inputs`` (uint8 images or float) on the CPU, in large batches, no
-    gradients. The model is put in eval mode for the call and restored afterwards.
+    """Float32 logits for ``inputs`` (uint8 images or float) on the CPU, in batches of
+    ``batch_size`` (``None``: :func:`inference_batch_size` for the device), no gradients. The model is put in eval mode for the call and restored afterwards.
     ``pre_logits``: the pooled embedding the linear head reads instead (a :class:`Classifier`'s
     ``forward_head(..., pre_logits=True)``). ``tta``: test-time augmentation of images
     (:func:`tta_logits`; 0 is none)."""
     device = resolve_device(device)
+    batch_size = batch_size or inference_batch_size(device)
     memory_format = _memory_format(inputs, channels_last)
     was_training = model.training
     # Outside inference mode: a parameter converted inside it would become an inference tensor,
