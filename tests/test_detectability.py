@@ -79,21 +79,21 @@ def test_a_small_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_cti_separates_backdoored_from_clean_models_on_mnist(data_root, tmp_path):
-    """The study's population, trimmed to fit CI: 4 clean models and 4 with BadNets at 10% (other
-    seeds), MNIST 6k, 5% trusted, all on one training subset and trusted split (the study's
+    """The study's population, trimmed to fit CI: 3 clean models and 3 with BadNets at 10% (other
+    seeds; perfect separation of 3 from 3 has p = 1/20), MNIST 6k, 5% trusted, all on one training subset and trusted split (the study's
     ``data_seed=0``), so the two groups differ in poison and training seed alone. CTI is calibrated
     with fine-tuning (Pivotal Tuning leaves the backdoor in small_cnn, docs/defenses.md) and inverts
     with batch 32 instead of 128 to fit CI. Measured (2026-12-06, one thread): clean 0.66-0.74,
-    backdoored 0.95-0.98 (a fifth model each: 0.76 and 0.98); at 10k images the margin was 0.03.
-    About 4 minutes on 2 cores."""
+    backdoored 0.95-0.98 over 4 + 4 (a fifth model each: 0.76 and 0.98); at 10k images the margin
+    was 0.03. About 2.5 minutes on 2 cores."""
     base = RunConfig(
         dataset="mnist", recipe="quick", train_size=6_000, test_size=2_000, trusted_size=0.05, data_root=str(data_root)
     )
     results = detectability_study(
         base,
         [0.1],
-        seeds=range(4),
-        clean_seeds=range(100, 104),
+        seeds=range(3),
+        clean_seeds=range(100, 103),
         output=tmp_path,
         repair="fine_tuning",
         detectors=("cti",),
