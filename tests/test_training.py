@@ -274,3 +274,17 @@ def test_the_fast_recipe_skips_a_last_batch_under_half_and_repairs_keep_theirs()
     assert steps_in_epoch(29_700, recipe) == 29 and steps_in_epoch(9_900, recipe) == 10
     assert tuning_recipe(recipe, epochs=1, lr=0.01, batch_size=64).min_last_batch == 0.0
     assert RunConfig(dataset="mnist", recipe="quick").resolved().train.min_last_batch == 0.0
+
+
+def test_predictions_do_not_depend_on_the_device_default_batch():
+    """The CPU predicts in batches of 128 (faster there), CUDA in 1,024; an eval-mode model's
+    logits are the same either way, and the model's training mode is restored."""
+    model = create_model("small_cnn", 10, 1)
+    model.train()
+    inputs = torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8)
+    assert loop.inference_batch_size(torch.device("cpu")) == 128
+    assert loop.inference_batch_size(torch.device("cuda")) == 1024
+    by_default = loop.predict_logits(model, inputs)
+    whole = loop.predict_logits(model, inputs, batch_size=1024)
+    assert by_default.shape == (300, 10) and torch.allclose(by_default, whole, atol=1e-5)
+    assert model.training
