@@ -252,6 +252,7 @@ def test_e2abl_auto_starts_over_as_own_when_the_head_dies(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_e2abl_removes_badnets_from_a_fine_tuned_pretrained_model(data_root):
     """E2ABL at its defaults on the pretrained EfficientNet-Lite0 (about 100 s on 2 cores): its shallow
     head sits on the first activated feature map (the model's ``shallow_depth``, 4), lives in the

@@ -78,6 +78,7 @@ def test_a_small_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_cti_separates_backdoored_from_clean_models_on_mnist(data_root, tmp_path):
     """The study's population, trimmed to fit CI: 3 clean models and 3 with BadNets at 10% (other
     seeds; perfect separation of 3 from 3 has p = 1/20), MNIST 6k, 5% trusted, all on one training subset and trusted split (the study's

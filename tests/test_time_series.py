@@ -269,6 +269,7 @@ def test_e2abl_flags_the_poisoned_series_of_a_bundled_set_with_two_class_setting
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_e2abl_removes_a_pattern_backdoor_from_a_500_series_set(data_root):
     """E2ABL at its defaults on UCR SwedishLeaf (500 training series, 15 classes), ``ts_pattern`` at
     10%: the shallow head on FCN's first activated map flags the poisoned series and the backdoor
