@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.base import REPAIRS, DefenseContext, DefenseOutcome, Repair
-from backdoorlab.defenses.post_training import suspect_copy
+from backdoorlab.defenses.post_training import shuffled_index_batches, suspect_copy
 from backdoorlab.options import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from backdoorlab.progress import progress_bar
 from backdoorlab.training.loop import to_float
@@ -248,14 +248,11 @@ class NeuralPolarizerDefense(Repair):
         polarizer = insert_polarizer(model, position, to_float(inputs[:2]))
         generator = torch.Generator().manual_seed(ctx.seed)
 
-        def batches() -> tuple[Tensor, ...]:
-            return torch.randperm(len(trusted), generator=generator).to(ctx.device).split(o["batch_size"])
-
         ctx.observe(model, 0)
         warm = torch.optim.SGD(polarizer.parameters(), lr=WARM_LR)
         polarizer.train()
         for _ in range(o["warm_epochs"]):
-            for index in batches():
+            for index in shuffled_index_batches(len(trusted), o["batch_size"], generator, ctx.device):
                 if len(index) < 2:
                     continue
                 loss = F.cross_entropy(model(to_float(inputs[index])), labels[index])
@@ -267,7 +264,7 @@ class NeuralPolarizerDefense(Repair):
         lambdas = (o["lambda_1"], o["lambda_2"], o["lambda_3"], o["lambda_4"])
         optimizer = torch.optim.SGD(polarizer.parameters(), lr=o["lr"], momentum=0.9, weight_decay=5e-4)
         for epoch in progress_bar(range(o["epochs"]), "NPD epochs"):
-            for index in batches():
+            for index in shuffled_index_batches(len(trusted), o["batch_size"], generator, ctx.device):
                 x, y = to_float(inputs[index]), labels[index]
                 clean = model(x)  # the polarizer does not change before the step: its graph serves the loss
                 targets = attack_targets(clean.detach(), y)

@@ -79,6 +79,14 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return frozen
 
 
+def shuffled_index_batches(
+    size: int, batch_size: int, generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """One shuffled pass over ``size`` samples as index batches of ``batch_size`` on ``device``
+    (the permutation drawn from ``generator``): the repairs' own loops over the trusted split."""
+    return torch.randperm(size, generator=generator).to(device).split(batch_size)
+
+
 def holdout_split(data: TensorDataset, share: float, seed: int) -> tuple[TensorDataset, TensorDataset]:
     """Split trusted data into ``(tune, held_out)``; ``held_out`` (``share`` of it, at least one
     sample) is what a repair chooses its hyperparameters or checkpoints on."""

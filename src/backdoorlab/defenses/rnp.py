@@ -15,7 +15,7 @@ from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.base import REPAIRS, DefenseContext, DefenseOutcome, DefenseWarning, Repair
 from backdoorlab.defenses.channel_pruning import norm_layers
 from backdoorlab.defenses.neuron_masks import clip_masks, masked, prune_masked_neurons
-from backdoorlab.defenses.post_training import suspect_copy
+from backdoorlab.defenses.post_training import shuffled_index_batches, suspect_copy
 from backdoorlab.options import Fraction, NonNegativeInt, PositiveFloat, PositiveInt
 from backdoorlab.progress import progress_bar
 from backdoorlab.training.loop import BatchAugmentation
@@ -29,7 +29,7 @@ def shuffled_batches(
     augment = BatchAugmentation(ctx.recipe, trusted, generator, ctx.device)
     inputs, labels = trusted.inputs.to(ctx.device), trusted.labels.to(ctx.device)
     for epoch in range(epochs):
-        for index in torch.randperm(len(trusted), generator=generator).to(ctx.device).split(batch_size):
+        for index in shuffled_index_batches(len(trusted), batch_size, generator, ctx.device):
             yield epoch, augment(inputs[index], index, epoch), labels[index]
 
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.base import REPAIRS, DefenseContext, DefenseOutcome, Repair
-from backdoorlab.defenses.post_training import frozen_copy, suspect_copy
+from backdoorlab.defenses.post_training import frozen_copy, shuffled_index_batches, suspect_copy
 from backdoorlab.options import NonNegativeFloat, PositiveFloat, PositiveInt
 from backdoorlab.progress import progress_bar
 from backdoorlab.training.loop import to_float
@@ -137,7 +137,7 @@ class SharedAdversarialUnlearning(Repair):
         inputs, labels = trusted.inputs.to(ctx.device), trusted.labels.to(ctx.device)
         ctx.observe(model, 0)
         for round_ in progress_bar(range(o["rounds"]), "SAU rounds"):
-            for index in torch.randperm(len(trusted), generator=generator).to(ctx.device).split(o["batch_size"]):
+            for index in shuffled_index_batches(len(trusted), o["batch_size"], generator, ctx.device):
                 x, y = to_float(inputs[index]), labels[index]
                 delta = shared_adversarial_examples(model, reference, x, y, o)
                 loss = shared_unlearning_loss(model, reference, x, y, delta, trusted.num_classes)
