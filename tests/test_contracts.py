@@ -44,7 +44,7 @@ from backdoorlab.experiments.run import INPUT_CALIBRATION_SHARE, Prepared
 from backdoorlab.models import create_model
 from backdoorlab.models.registry import DATA_PARAMETERS, MODELS
 from backdoorlab.models.series import models_for
-from backdoorlab.options import Fraction, check_value
+from backdoorlab.options import Fraction, OptionError, check_value
 from backdoorlab.registry import Registry, UnknownNameError
 from backdoorlab.training.loop import TrainConfig
 from backdoorlab.training.regularizers import REGULARIZERS
@@ -470,7 +470,6 @@ class Brighten(Trigger):
     def __init__(self, input_shape: tuple[int, ...], intensity: Fraction = 0.5) -> None:
         super().__init__(input_shape)
         self.intensity = float(intensity)
-        self._options = {"intensity": self.intensity}
 
     def apply(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         return x + self.intensity * (1 - x)
@@ -480,10 +479,24 @@ class KeepModel(Repair):
     """Throwaway repair: returns (a copy of) the suspect model unchanged."""
 
     def __init__(self, strength: Fraction = 0.5) -> None:
-        self._options = {"strength": float(strength)}
+        super().__init__()
 
     def repair(self, model, trusted, ctx):  # noqa: ANN001, ANN201
         return DefenseOutcome(copy.deepcopy(model))
+
+
+def test_options_are_recorded_from_the_signature_and_checked_when_a_method_is_built_directly():
+    """A method declares each option once, in its constructor's signature: the recorded options
+    (defaults filled in, converted as the registries convert them) give config() and repr, and a
+    bad value fails at construction even outside the registries."""
+    brighten = Brighten((3, 8, 8), intensity=1)
+    assert brighten.config() == {"intensity": 1.0} and repr(brighten) == "Brighten(intensity=1.0)"
+    assert json.loads(json.dumps(KeepModel().config())) == {"strength": 0.5}
+    with pytest.raises(OptionError, match=r"option 'strength' of KeepModel must be a number in \[0, 1\], got 2"):
+        KeepModel(strength=2)
+    assert Unseeded((1, 8, 8)).config() == {"intensity": 0.5}, "a subclass without a constructor keeps its parent's"
+    badnets = ATTACKS.create("badnets", (3, 32, 32), pattern=torch.ones(3, 2, 2))
+    assert badnets.config()["size"] == 3 and badnets.config()["pattern"] == "custom", "resolved by the constructor"
 
 
 def test_temporary_registration_is_undone_even_on_error():

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import functools
 import inspect
 import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 
 class OptionError(ValueError):
@@ -173,3 +174,68 @@ def check_fields(instance: Any, what: str) -> None:
         converted = check_value(value, hints.get(field.name, Any), f"{what} '{field.name}'")
         if converted is not value:
             object.__setattr__(instance, field.name, converted)
+
+
+def _as_stored(value: Any) -> Any:
+    """A recorded option as results store it: tuples as lists (what JSON gives back)."""
+    if isinstance(value, (list, tuple)):
+        return [_as_stored(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_stored(v) for k, v in value.items()}
+    return value
+
+
+class Configurable:
+    """A method whose constructor's typed keyword parameters are its options.
+
+    The arguments it is built with (defaults filled in, each checked and converted against its type
+    hint as the registries do) are recorded in ``self._options`` before the constructor's body runs,
+    so the body can read them, and :meth:`config` and ``repr`` give them back: a method declares each
+    option once, in its signature. Parameters named in ``not_options`` (what the toolkit passes: an
+    attack's input shape and data root) are not recorded. A constructor that must store something
+    else (a computed default, ``"custom"`` for a tensor pattern) updates ``self._options``.
+    """
+
+    not_options: ClassVar[tuple[str, ...]] = ()
+    _options: dict[str, Any] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature, owner, hints = inspect.signature(init), cls, {}
+
+        @functools.wraps(init)
+        def recording_init(self: Any, *args: Any, **options: Any) -> None:
+            if type(self).__mro__[_init_depth(type(self))] is owner:  # the outermost constructor records
+                hints.update({} if hints else option_hints(owner))
+                bound = signature.bind(self, *args, **options)
+                bound.apply_defaults()
+                self._options = {
+                    key: _as_stored(check_value(value, hints[key].annotation, f"option '{key}' of {owner.__name__}"))
+                    for key, value in list(bound.arguments.items())[1:]
+                    if key in hints and key not in type(self).not_options
+                }
+            init(self, *args, **options)
+
+        cls.__init__ = recording_init  # type: ignore[method-assign]
+
+    def _resolve_options(self, **values: Any) -> None:
+        """Record what the constructor resolved for its options (a default computed from the input
+        shape, ``"custom"`` for a tensor pattern); names the built class does not take are ignored,
+        so a base class can resolve options for its subclasses."""
+        self._options.update({key: _as_stored(v) for key, v in values.items() if key in self._options})
+
+    def config(self) -> dict[str, Any]:
+        """The options that rebuild this method (stored with results)."""
+        return dict(self._options)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+def _init_depth(cls: type) -> int:
+    """The position in ``cls``'s MRO of the first class that defines its own ``__init__``."""
+    return next(i for i, c in enumerate(cls.__mro__) if "__init__" in c.__dict__)

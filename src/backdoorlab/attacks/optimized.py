@@ -102,16 +102,6 @@ class LabelConsistent(BadNets):
         self.eps, self.steps, self.step_size = float(eps), int(steps), float(step_size)
         self.random_start = bool(random_start)
         self.surrogate: nn.Module | None = None
-        # the pattern is fixed (Turner's, pasted at full amplitude, as the official config): neither is
-        # an option, so neither is in the config that rebuilds the attack
-        del self._options["alpha"], self._options["pattern"]
-        self._options.update(
-            position=position,
-            eps=self.eps,
-            steps=self.steps,
-            step_size=self.step_size,
-            random_start=self.random_start,
-        )
 
     def apply(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         if self.position != ALL_CORNERS:
@@ -188,14 +178,6 @@ class TrojanNN(BadNets):
             raise ValueError("neurons and steps must be >= 1 and lr > 0")
         self.neurons, self.target_value, self.steps, self.lr = int(neurons), float(target_value), int(steps), float(lr)
         self.neuron_index: Tensor | None = None
-        del self._options["alpha"], self._options["pattern"]  # the optimised patch, opaque: not options
-        self._options.update(
-            neurons=self.neurons,
-            target_value=self.target_value,
-            steps=self.steps,
-            lr=self.lr,
-            seed=seed,
-        )
 
     def fit(self, surrogate: nn.Module, generator: torch.Generator | None = None) -> None:
         head = getattr(surrogate, "fc", None)

@@ -101,7 +101,7 @@ class SeriesPattern(SeriesTrigger):
             raise ValueError(f"offset {position} puts a {width}-sample window outside series of length {length}")
         self.shape, self.width, self.position = shape, width, position
         self.waveform = _window(shape, width)
-        self._options = {"shape": shape, "width": width, "position": position, "amplitude": self.amplitude}
+        self._resolve_options(width=width)
 
     def offset(self) -> int:
         """The window's first sample for a fixed position."""
@@ -137,7 +137,6 @@ class SeriesSine(SeriesTrigger):
             raise ValueError(f"frequency must be in (0, {self.length / 2}] cycles (Nyquist), got {frequency}")
         t = torch.arange(self.length, dtype=torch.float32)
         self.signal = torch.sin(2 * math.pi * frequency * t / self.length)
-        self._options = {"frequency": float(frequency), "amplitude": self.amplitude}
 
     def apply(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         return x + self.scale(x) * self.signal.to(x.device)
@@ -174,7 +173,7 @@ class SeriesFrequency(SeriesTrigger):
             spectrum[f] = torch.polar(torch.tensor(1.0), phase)
         signal = torch.fft.irfft(spectrum, n=length)
         self.signal = signal / signal.abs().max()
-        self._options = {"frequencies": bins, "amplitude": self.amplitude, "seed": seed}
+        self._resolve_options(frequencies=bins)
 
     def apply(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         return x + self.scale(x) * self.signal.to(x.device)

@@ -48,7 +48,6 @@ class SIG(Trigger):
         width = self.input_shape[2]
         columns = torch.arange(width, dtype=torch.float32)
         self.signal = (delta / 255.0) * torch.sin(2 * math.pi * columns * frequency / width)
-        self._options = {"delta": float(delta), "frequency": float(frequency)}
 
     def apply(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         return x + self.signal.to(x.device)

@@ -56,7 +56,7 @@ class _PerImagePatch(Trigger):
         self.size = scaled(16, min(h, w), 3) if size is None else int(size)
         if not 1 <= self.size < min(h, w):
             raise ValueError(f"patch size {self.size} does not fit {h}x{w} images")
-        self._options = {"size": self.size}
+        self._resolve_options(size=self.size)
 
     def draw(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         raise NotImplementedError
@@ -97,7 +97,6 @@ class BlendedStripes(Trigger):
     def __init__(self, input_shape: tuple[int, ...], alpha: Fraction = 0.03) -> None:
         super().__init__(input_shape)
         self.alpha = blend_weight(alpha)
-        self._options = {"alpha": self.alpha}
 
     def apply(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         stripes = column_signs(len(x), x.shape[1], x.shape[-1], generator).to(x.device)
@@ -112,7 +111,6 @@ class BlendedRand(Trigger):
     def __init__(self, input_shape: tuple[int, ...], alpha: Fraction = 0.2) -> None:
         super().__init__(input_shape)
         self.alpha = blend_weight(alpha)
-        self._options = {"alpha": self.alpha}
 
     def apply(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         noise = torch.rand(x.shape, generator=generator).to(x.device)
@@ -140,7 +138,7 @@ class BlendedTriangles(Trigger):
             raise ValueError(f"tile must be >= 2 px, got {self.tile}")
         self.alpha = blend_weight(alpha)
         self.pattern = triangle_pattern(h, w, self.tile).expand(c, -1, -1).contiguous()
-        self._options = {"alpha": self.alpha, "tile": self.tile}
+        self._resolve_options(tile=self.tile)
 
     def apply(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         return torch.lerp(x, self.pattern.to(x.device), self.alpha)
@@ -176,7 +174,6 @@ class BlendedText(Trigger):
         c, h, w = self.input_shape
         self.alpha, self.text = blend_weight(alpha), text
         self.pattern = text_pattern(text, c, h, w)
-        self._options = {"alpha": self.alpha, "text": text}
 
     def apply(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         pattern = self.pattern.to(x.device)

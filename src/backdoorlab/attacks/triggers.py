@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from backdoorlab.data.sources import DATA_ENV, DataNotFoundError, resolve_data_root
-from backdoorlab.options import Fraction, NonNegativeInt, PositiveInt
+from backdoorlab.options import Configurable, Fraction, NonNegativeInt, PositiveInt
 from backdoorlab.registry import Registry
 
 #: Keywords the toolkit itself passes to a trigger that takes them (the run's data root, for a
@@ -36,10 +36,14 @@ ATTACKS: Registry[type[Trigger]] = Registry("attack", positional=1, not_options=
 
 #: Trigger images read from the data root, by pattern name: BackdoorBench's resources, copied to
 #: ``<data root>/backdoorbench/`` (see that folder's README for provenance and licence).
-RESOURCES = {"hello_kitty": "backdoorbench/blended/hello_kitty.jpeg"}
+RESOURCES = {
+    "hello_kitty": "backdoorbench/blended/hello_kitty.jpeg",
+    # a folder: Refool's 200 selected Pascal VOC reflections (attacks.refool)
+    "refool_voc": "backdoorbench/refool/Refool-SelectedReflectionImages/selected_out-images",
+}
 
 
-class Trigger(ABC):
+class Trigger(Configurable, ABC):
     """Base class: ``trigger(images, generator) -> images``.
 
     Class attributes a poisoning strategy reads: ``clean_label`` (the attack is clean-label by
@@ -53,6 +57,8 @@ class Trigger(ABC):
     needs_surrogate: ClassVar[bool] = False
     #: ``"image"`` (uint8 ``(N, C, H, W)``) or ``"series"`` (float32 ``(N, C, L)``).
     modality: ClassVar[str] = "image"
+    #: What the toolkit passes, not options (:class:`~backdoorlab.options.Configurable`).
+    not_options: ClassVar[tuple[str, ...]] = ("input_shape", *TRIGGER_PARAMETERS)
 
     def __init__(self, input_shape: tuple[int, ...]) -> None:
         rank = 3 if self.modality == "image" else 2
@@ -97,16 +103,6 @@ class Trigger(ABC):
         """Noise-mode ("cross") samples; only triggers with ``cross_ratio > 0`` define it."""
         raise NotImplementedError(f"{type(self).__name__} has no cross samples")
 
-    def config(self) -> dict[str, Any]:
-        """The options that rebuild this trigger (stored with results)."""
-        return dict(self._options)
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
-        return f"{type(self).__name__}({args})"
-
-    _options: dict[str, Any] = {}
-
 
 def attacks_for(modality: str) -> list[str]:
     """The registered attacks for ``"image"`` or ``"series"`` data (their registry metadata), sorted."""
@@ -126,9 +122,9 @@ def create_trigger(
 
 
 def resource_path(pattern: str, data_root: str | Path | None) -> Path:
-    """The file of the named pattern ``pattern`` (:data:`RESOURCES`) under ``data_root`` (default
-    ``$BACKDOORLAB_DATA``); a missing root or file raises a :class:`DataNotFoundError` that says
-    where the file is expected."""
+    """The file (or folder) of the named pattern ``pattern`` (:data:`RESOURCES`) under ``data_root``
+    (default ``$BACKDOORLAB_DATA``); a missing root or file raises a :class:`DataNotFoundError` that
+    says where the file is expected."""
     relative = RESOURCES[pattern]
     root = resolve_data_root(data_root)
     if root is None:
@@ -137,7 +133,7 @@ def resource_path(pattern: str, data_root: str | Path | None) -> Path:
             f"pass --data-root (data_root) or set {DATA_ENV}"
         )
     path = root / relative
-    if not path.is_file():
+    if not path.exists():
         raise DataNotFoundError(f"pattern '{pattern}' reads {path}, which does not exist (data root {root})")
     return path
 
@@ -240,13 +236,7 @@ class BadNets(Trigger):
         else:
             patch = load_pattern(pattern, c, (size, size))
         self.patch, self.size, self.position, self.margin = patch, size, position, margin
-        self._options = {
-            "size": size,
-            "pattern": pattern if isinstance(pattern, str) else "custom",
-            "position": position,
-            "margin": margin,
-            "alpha": self.alpha,
-        }
+        self._resolve_options(size=size, pattern=pattern if isinstance(pattern, str) else "custom")
 
     def _corner(self, position: str | None = None) -> tuple[int, int]:
         """Top-left pixel of the patch at corner ``position`` (default: the trigger's)."""
@@ -322,11 +312,7 @@ class Blended(Trigger):
             self.pattern = load_pattern(resource_path(pattern, data_root), c, (h, w))
         else:
             self.pattern = load_pattern(pattern, c, (h, w))
-        self._options = {
-            "alpha": self.alpha,
-            "pattern": pattern if isinstance(pattern, str) else "custom",
-            "seed": seed,
-        }
+        self._resolve_options(pattern=pattern if isinstance(pattern, str) else "custom")
 
     def apply(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         return torch.lerp(x, self.pattern.to(x.device), self.alpha)

@@ -50,13 +50,6 @@ class WaNet(Trigger):
         identity = torch.stack((cols, rows), 2)[None]
         self.grid = ((identity + strength * noise_grid / h) * grid_rescale).clamp(-1, 1)
         self.cross_ratio = float(cross_ratio)
-        self._options = {
-            "k": k,
-            "strength": float(strength),
-            "grid_rescale": float(grid_rescale),
-            "cross_ratio": self.cross_ratio,
-            "seed": seed,
-        }
 
     def _warp(self, x: Tensor, grid: Tensor) -> Tensor:
         return F.grid_sample(x, grid.to(x.device), align_corners=True)

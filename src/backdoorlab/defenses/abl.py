@@ -166,15 +166,6 @@ class ABL(TrainingDefense):
         self.isolation_epochs, self.unlearning_epochs = isolation_epochs, int(unlearning_epochs)
         self.unlearning_lr, self.unlearning_batch_size = float(unlearning_lr), int(unlearning_batch_size)
         self.isolation_augmentation = bool(isolation_augmentation)
-        self._options = {
-            "gamma": self.gamma,
-            "isolation_ratio": self.isolation_ratio,
-            "isolation_epochs": isolation_epochs,
-            "unlearning_epochs": self.unlearning_epochs,
-            "unlearning_lr": self.unlearning_lr,
-            "unlearning_batch_size": self.unlearning_batch_size,
-            "isolation_augmentation": self.isolation_augmentation,
-        }
 
     def train(self, data: TensorDataset, build_model: ModelFactory, ctx: DefenseContext) -> DefenseOutcome:
         model = build_model()

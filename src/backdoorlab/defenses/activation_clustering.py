@@ -60,13 +60,7 @@ class ActivationClustering(SampleFilter):
         size_threshold: Fraction = 0.35,
         silhouette_threshold: float = 0.1,
     ) -> None:
-        self._options = {
-            "nb_dims": int(nb_dims),
-            "reduce": reduce,
-            "cluster_analysis": cluster_analysis,
-            "size_threshold": float(size_threshold),
-            "silhouette_threshold": float(silhouette_threshold),
-        }
+        super().__init__()
 
     def reduced(self, activations: np.ndarray, seed: int) -> tuple[np.ndarray, bool]:
         """``activations`` reduced to ``nb_dims`` dimensions (as they are when they have no more

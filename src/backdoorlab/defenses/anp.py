@@ -3,8 +3,6 @@ adversarial neuron perturbations, then prune the neurons whose mask falls low.""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -113,15 +111,7 @@ class AdversarialNeuronPruning(Repair):
         batch_size: PositiveInt = 128,
         threshold: Fraction = 0.2,
     ) -> None:
-        self._options: dict[str, Any] = {
-            "eps": float(eps),
-            "steps": int(steps),
-            "alpha": float(alpha),
-            "lr": float(lr),
-            "iterations": int(iterations),
-            "batch_size": int(batch_size),
-            "threshold": float(threshold),
-        }
+        super().__init__()
 
     def repair(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> DefenseOutcome:
         o = self._options

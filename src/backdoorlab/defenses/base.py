@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
+from backdoorlab.options import Configurable
 from backdoorlab.registry import Registry
 from backdoorlab.training.loop import TrainConfig
 
@@ -115,18 +116,8 @@ class Filtering:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-class _Method(ABC):
-    """What every defense shares: options kept in ``self._options``, read back by :meth:`config`."""
-
-    _options: dict[str, Any] = {}
-
-    def config(self) -> dict[str, Any]:
-        """The options that rebuild this method (stored with results)."""
-        return dict(self._options)
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
-        return f"{type(self).__name__}({args})"
+class _Method(Configurable, ABC):
+    """What every defense shares: its constructor's options, recorded by :class:`Configurable`."""
 
 
 class TrainingDefense(_Method):

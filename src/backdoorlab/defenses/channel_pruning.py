@@ -104,7 +104,7 @@ class ChannelLipschitzPruning(Repair):
     """
 
     def __init__(self, u: NonNegativeFloat = 3.0) -> None:
-        self._options = {"u": float(u)}
+        super().__init__()
 
     def check_trusted(self, trusted: TensorDataset) -> None:
         """Data-free: any trusted split, even an empty one, will do."""
@@ -179,7 +179,7 @@ class BatchNormPruning(Repair):
     """
 
     def __init__(self, u: NonNegativeFloat = 3.0, min_trusted: PositiveInt = 16) -> None:
-        self._options = {"u": float(u), "min_trusted": int(min_trusted)}
+        super().__init__()
 
     def check_trusted(self, trusted: TensorDataset) -> None:
         if len(trusted) < self._options["min_trusted"]:

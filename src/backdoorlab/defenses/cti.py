@@ -102,14 +102,7 @@ class CalibratedTriggerInversion(Detector):
         if steps < 1 or lr <= 0 or batch_size < 1:
             raise ValueError("CTI needs steps >= 1, batch_size >= 1 and lr > 0")
         self.repair = create_repair(repair, **(repair_options or {}))  # validates name and options now
-        self._options = {
-            "steps": int(steps),
-            "lr": float(lr),
-            "batch_size": int(batch_size),
-            "calibration_weight": float(calibration_weight),
-            "repair": repair,
-            "repair_options": self.repair.config(),
-        }
+        self._resolve_options(repair_options=self.repair.config())
 
     def check_trusted(self, trusted: TensorDataset) -> None:
         """Images only, then what the calibration repair needs."""

@@ -287,17 +287,6 @@ class E2ABL(TrainingDefense):
         self.gamma, self.flag_loss = float(gamma), float(flag_loss)
         self.warmup_epochs, self.head_width = int(warmup_epochs), int(head_width)
         self.head_lr, self.head_batch_size, self.head_passes = float(head_lr), int(head_batch_size), int(head_passes)
-        self._options = {
-            "depth": self.depth,
-            "gamma": self.gamma,
-            "flag_loss": self.flag_loss,
-            "warmup_epochs": self.warmup_epochs,
-            "head_width": self.head_width,
-            "head_optimizer": self.head_optimizer,
-            "head_lr": self.head_lr,
-            "head_batch_size": self.head_batch_size,
-            "head_passes": self.head_passes,
-        }
 
     def train(self, data: TensorDataset, build_model: ModelFactory, ctx: DefenseContext) -> DefenseOutcome:
         if self.warmup_epochs >= ctx.recipe.epochs:

@@ -79,13 +79,6 @@ class FinePruning(Repair):
             raise ValueError(f"max_accuracy_drop must be in [0, 1), got {max_accuracy_drop}")
         self.tuning = FineTuning(epochs=epochs, lr=lr, batch_size=batch_size)
         self.max_accuracy_drop, self.relative_drop = float(max_accuracy_drop), bool(relative_drop)
-        self._options = {
-            "max_accuracy_drop": self.max_accuracy_drop,
-            "epochs": int(epochs),
-            "lr": float(lr),
-            "batch_size": int(batch_size),
-            "relative_drop": self.relative_drop,
-        }
 
     def repair(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> DefenseOutcome:
         model = suspect_copy(model)

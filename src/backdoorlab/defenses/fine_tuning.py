@@ -56,14 +56,6 @@ class FineTuning(Repair):
         TrainConfig(
             epochs=self.epochs, lr=self.lr, schedule=schedule, milestones=self.milestones
         ).validate()  # fail early
-        self._options = {
-            "epochs": self.epochs,
-            "lr": self.lr,
-            "batch_size": self.batch_size,
-            "weight_decay": self.weight_decay,
-            "schedule": schedule,
-            "milestones": self.milestones,
-        }
 
     def repair(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> DefenseOutcome:
         model = suspect_copy(model)

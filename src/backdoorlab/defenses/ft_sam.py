@@ -109,15 +109,6 @@ class FineTuningSAM(FineTuning):
     ) -> None:
         super().__init__(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay)
         self.rho, self.adaptive, self.label_smoothing = float(rho), bool(adaptive), float(label_smoothing)
-        self._options = {
-            "epochs": self.epochs,
-            "lr": self.lr,
-            "batch_size": self.batch_size,
-            "weight_decay": self.weight_decay,
-            "rho": self.rho,
-            "adaptive": self.adaptive,
-            "label_smoothing": self.label_smoothing,
-        }
 
     def repair(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> DefenseOutcome:
         model = suspect_copy(model)

@@ -4,7 +4,7 @@ universal adversarial perturbation, the outer step's gradient through it by impl
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -95,17 +95,7 @@ class ImplicitBackdoorUnlearning(Repair):
         regularisation: NonNegativeFloat = 0.001,
         amsgrad: bool = False,
     ) -> None:
-        self._options: dict[str, Any] = {
-            "rounds": int(rounds),
-            "K": int(K),
-            "lr": float(lr),
-            "batch_size": int(batch_size),
-            "portion": float(portion),
-            "perturbation_lr": float(perturbation_lr),
-            "inner_lr": float(inner_lr),
-            "regularisation": float(regularisation),
-            "amsgrad": bool(amsgrad),
-        }
+        super().__init__()
 
     def repair(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> DefenseOutcome:
         o = self._options

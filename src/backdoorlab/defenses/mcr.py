@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -242,20 +242,6 @@ class ModeConnectivityRepair(Repair):
     ) -> None:
         if num_bends < 3:
             raise ValueError(f"num_bends counts the curve's points with its two ends: at least 3, got {num_bends}")
-        self._options: dict[str, Any] = {
-            "t": float(t),
-            "epochs": int(epochs),
-            "lr": float(lr),
-            "batch_size": int(batch_size),
-            "weight_decay": float(weight_decay),
-            "num_bends": int(num_bends),
-            "curve": curve,
-            "accumulate_gradients": bool(accumulate_gradients),
-            "tuning_epochs": int(tuning_epochs),
-            "tuning_lr": float(tuning_lr),
-            "tuning_batch_size": int(tuning_batch_size),
-            "tuning_weight_decay": float(tuning_weight_decay),
-        }
         curve_coefficients(self._options["t"], self._options["num_bends"], curve)  # fail early
 
     def repair(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> DefenseOutcome:

@@ -154,18 +154,6 @@ class NAD(Repair):
         self.teacher_tuning = FineTuning(epochs=teacher_epochs, **tuning)
         self.student_tuning = FineTuning(epochs=epochs, **tuning)
         self.betas, self.p, self.scale_betas = [float(b) for b in betas], float(p), bool(scale_betas)
-        self._options = {
-            "epochs": int(epochs),
-            "teacher_epochs": int(teacher_epochs),
-            "lr": float(lr),
-            "batch_size": int(batch_size),
-            "betas": self.betas,
-            "p": self.p,
-            "schedule": schedule,
-            "milestones": [int(m) for m in milestones],
-            "scale_betas": self.scale_betas,
-            "weight_decay": float(weight_decay),
-        }
 
     def repair(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> DefenseOutcome:
         blocks = distillation_blocks(model, len(self.betas))

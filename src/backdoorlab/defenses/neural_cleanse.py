@@ -156,13 +156,6 @@ class _NeuralCleanseOptions:
             float(init_cost),
             float(threshold),
         )
-        self._options = {
-            "steps": self.steps,
-            "batch_size": self.batch_size,
-            "init_cost": self.init_cost,
-            "threshold": self.threshold,
-            **more,
-        }
 
     def cleanse(self, model: nn.Module, data: TensorDataset, device: torch.device, seed: int) -> CleanseResult:
         model = frozen_copy(model).to(device)

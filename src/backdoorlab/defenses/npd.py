@@ -207,20 +207,7 @@ class NeuralPolarizerDefense(Repair):
         lambda_4: NonNegativeFloat = 0.4,
         position: NonNegativeInt | None = None,
     ) -> None:
-        self._options: dict[str, Any] = {
-            "epochs": int(epochs),
-            "lr": float(lr),
-            "batch_size": int(batch_size),
-            "warm_epochs": int(warm_epochs),
-            "bound": float(bound),
-            "step_size": float(step_size),
-            "steps": int(steps),
-            "lambda_1": float(lambda_1),
-            "lambda_2": float(lambda_2),
-            "lambda_3": float(lambda_3),
-            "lambda_4": float(lambda_4),
-            "position": None if position is None else int(position),
-        }
+        super().__init__()
 
     def _position(self, model: nn.Module) -> int:
         """The chosen body index, checked against this model's body."""

@@ -67,12 +67,6 @@ class PartialTrain(TrainingDefense):
             raise ValueError("trained and isolation_epochs must be >= 1")
         self.trained, self.isolation_ratio = trained, float(isolation_ratio)
         self.isolation_epochs, self.unlearn = isolation_epochs, bool(unlearn)
-        self._options = {
-            "trained": trained,
-            "isolation_ratio": self.isolation_ratio,
-            "isolation_epochs": isolation_epochs,
-            "unlearn": self.unlearn,
-        }
 
     def train(self, data: TensorDataset, build_model: ModelFactory, ctx: DefenseContext) -> DefenseOutcome:
         model = build_model()

@@ -321,19 +321,6 @@ class PivotalTuning(Repair):
         ):
             if value not in valid:
                 raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
-        self._options: dict[str, Any] = {
-            "steps": int(steps),
-            "lr": float(lr),
-            "batch_size": int(batch_size),
-            "slol_weight": float(slol_weight),
-            "parameter_weight": float(parameter_weight),
-            "anchor": anchor,
-            "eval_every": int(eval_every),
-            "held_out": float(held_out),
-            "max_accuracy_drop": float(max_accuracy_drop),
-            "checkpoint_rule": checkpoint_rule,
-            "slol_form": slol_form,
-        }
 
     def check_trusted(self, trusted: TensorDataset) -> None:
         """The held-out share must leave samples on both sides of the split."""

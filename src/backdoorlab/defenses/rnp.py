@@ -103,16 +103,7 @@ class ReconstructiveNeuronPruning(Repair):
         batch_size: PositiveInt = 128,
         threshold: Fraction = 0.2,
     ) -> None:
-        self._options: dict[str, Any] = {
-            "unlearning_lr": float(unlearning_lr),
-            "unlearning_epochs": int(unlearning_epochs),
-            "clean_threshold": float(clean_threshold),
-            "recovering_lr": float(recovering_lr),
-            "recovering_epochs": int(recovering_epochs),
-            "alpha": float(alpha),
-            "batch_size": int(batch_size),
-            "threshold": float(threshold),
-        }
+        super().__init__()
 
     def repair(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> DefenseOutcome:
         o = self._options

@@ -117,16 +117,7 @@ class SharedAdversarialUnlearning(Repair):
         beta_1: NonNegativeFloat = 0.01,
         beta_2: NonNegativeFloat = 1.0,
     ) -> None:
-        self._options: dict[str, Any] = {
-            "rounds": int(rounds),
-            "lr": float(lr),
-            "batch_size": int(batch_size),
-            "bound": float(bound),
-            "step_size": float(step_size),
-            "steps": int(steps),
-            "beta_1": float(beta_1),
-            "beta_2": float(beta_2),
-        }
+        super().__init__()
 
     def repair(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> DefenseOutcome:
         o = self._options

@@ -115,13 +115,6 @@ class SentiNet(InputDetector):
             )
         if score not in ("boundary", "confidence"):
             raise ValueError(f"SentiNet score must be 'boundary' or 'confidence', got {score!r}")
-        self._options = {
-            "clean_images": int(clean_images),
-            "mask_threshold": float(mask_threshold),
-            "score": score,
-            "boundary_inputs": int(boundary_inputs),
-            "batch_size": int(batch_size),
-        }
         self.model: nn.Module | None = None
         self.boundary: np.ndarray | None = None
 

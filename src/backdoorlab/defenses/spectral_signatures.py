@@ -44,7 +44,7 @@ class SpectralSignatures(SampleFilter):
     """
 
     def __init__(self, percentile: Percentile = 85.0, centred: bool = False) -> None:
-        self._options = {"percentile": float(percentile), "centred": bool(centred)}
+        super().__init__()
 
     def filter(self, model: nn.Module, data: TensorDataset, ctx: DefenseContext) -> Filtering:
         embeddings = penultimate_embeddings(model, data, ctx).double()

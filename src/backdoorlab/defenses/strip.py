@@ -41,7 +41,6 @@ class STRIP(InputDetector):
     def __init__(self, overlays: PositiveInt = 100, alpha: PositiveFloat = 1.0, batch_size: PositiveInt = 64) -> None:
         if overlays < 1 or alpha <= 0 or batch_size < 1:
             raise ValueError("STRIP needs overlays >= 1, batch_size >= 1 and alpha > 0")
-        self._options = {"overlays": int(overlays), "alpha": float(alpha), "batch_size": int(batch_size)}
         self.model: nn.Module | None = None
 
     def fit(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> None:

@@ -68,12 +68,6 @@ class TeCo(InputDetector):
             )
         if not 1 <= severities <= SEVERITIES or batch_size < 1:
             raise ValueError(f"TeCo needs severities in 1-{SEVERITIES} and batch_size >= 1")
-        self._options = {
-            "corruptions": list(corruptions),
-            "severities": int(severities),
-            "compound": bool(compound),
-            "batch_size": int(batch_size),
-        }
         self.model: nn.Module | None = None
 
     def fit(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> None:

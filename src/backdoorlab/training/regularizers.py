@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backdoorlab.options import NonNegativeFloat, NonNegativeInt, PositiveFloat
+from backdoorlab.options import Configurable, NonNegativeFloat, NonNegativeInt, PositiveFloat
 from backdoorlab.registry import Registry
 from backdoorlab.training.steps import PerSampleLoss, TrainStep
 
@@ -39,11 +39,9 @@ def embedding(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return pooled, model.forward_head(features)
 
 
-class Regularizer(TrainStep, ABC):
+class Regularizer(TrainStep, Configurable, ABC):
     """A registered training step with options:
     ``reg(model, x, y, loss_fn, indices, epoch, generator) -> (logits, per-sample losses)``."""
-
-    _options: dict[str, Any] = {}
 
     @abstractmethod
     def __call__(
@@ -57,9 +55,6 @@ class Regularizer(TrainStep, ABC):
         generator: torch.Generator,
     ) -> tuple[Tensor, Tensor]:
         """Forward ``x`` and return logits (for accuracy) and regularised per-sample losses."""
-
-    def config(self) -> dict[str, Any]:
-        return dict(self._options)
 
 
 def create_regularizer(name: str, **options: Any) -> Regularizer:
@@ -77,7 +72,6 @@ class LogitSqueezing(Regularizer):
         if weight < 0:
             raise ValueError(f"weight must be >= 0, got {weight}")
         self.weight = float(weight)
-        self._options = {"weight": self.weight}
 
     def __call__(self, model, x, y, loss_fn, indices, epoch, generator):  # noqa: ANN001, ANN204
         logits = model(x).float()
@@ -100,7 +94,6 @@ class ManifoldMixup(Regularizer):
         if alpha <= 0 or not layers or min(layers) < 0:
             raise ValueError("alpha must be > 0 and layers non-negative body indices")
         self.alpha, self.layers = float(alpha), tuple(int(k) for k in layers)
-        self._options = {"alpha": self.alpha, "layers": list(self.layers)}
 
     def __call__(self, model, x, y, loss_fn, indices, epoch, generator):  # noqa: ANN001, ANN204
         body = getattr(model, "body", None)
@@ -184,7 +177,6 @@ class FeatureTerm(Regularizer):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.weight = float(weight)
         self.temperature = None if temperature is None else float(temperature)
-        self._options = {"weight": self.weight, "temperature": self.temperature}
 
     @staticmethod
     @abstractmethod
