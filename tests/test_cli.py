@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -187,3 +189,19 @@ def test_parse_size():
 def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "backdoorlab", "list", "attacks"], capture_output=True, text=True)
     assert proc.returncode == 0 and "badnets" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_command_line_logs_progress_lines_when_stderr_is_not_a_terminal():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("BACKDOORLAB_PROGRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "backdoorlab", "run", "--dataset", "digits", "--epochs", "2", "--train-size", "300"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^\d\d:\d\d:\d\d badnets on digits: epoch 2/2 loss [\d.]+ acc [\d.]+ \(", proc.stderr, re.M), (
+        proc.stderr
+    )

@@ -288,3 +288,20 @@ def test_predictions_do_not_depend_on_the_device_default_batch():
     whole = loop.predict_logits(model, inputs, batch_size=1024)
     assert by_default.shape == (300, 10) and torch.allclose(by_default, whole, atol=1e-5)
     assert model.training
+
+
+def test_without_a_terminal_training_logs_a_line_per_epoch_and_none_when_progress_is_off(digits, caplog, monkeypatch):
+    monkeypatch.setattr("backdoorlab.progress.LOG_EVERY", 0.0)
+    monkeypatch.delenv("BACKDOORLAB_PROGRESS", raising=False)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    data = subsample(digits.train, 300, seed=0)
+    config = TrainConfig(epochs=3, batch_size=64, lr=0.05)
+    with caplog.at_level("INFO", logger="backdoorlab"):
+        train(fresh_model(data), data, config, description="toy")
+    lines = [r.getMessage() for r in caplog.records if r.name == "backdoorlab"]
+    assert [line.split(" loss")[0] for line in lines] == [f"toy: epoch {e}/3" for e in (1, 2, 3)], lines
+    assert "(15/15, " in lines[-1], "the last line gives the steps done of all"
+    caplog.clear()
+    with caplog.at_level("INFO", logger="backdoorlab"):
+        train(fresh_model(data), data, FAST)
+    assert not [r for r in caplog.records if r.name == "backdoorlab"], "progress=False logs nothing"

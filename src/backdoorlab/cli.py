@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from backdoorlab.files import write_bytes, write_json, write_text
+from backdoorlab.progress import log_to_stderr
 from backdoorlab.registry import UnknownNameError
 
 app = typer.Typer(
@@ -879,4 +880,5 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main() -> None:
     warnings.showwarning = _show_warning
+    log_to_stderr()
     app()
