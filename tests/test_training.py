@@ -290,7 +290,9 @@ def test_predictions_do_not_depend_on_the_device_default_batch():
     assert model.training
 
 
-def test_without_a_terminal_training_logs_a_line_per_epoch_and_none_when_progress_is_off(digits, caplog, monkeypatch):
+def test_without_a_terminal_training_logs_a_line_per_epoch_and_none_when_progress_is_turned_off(
+    digits, caplog, monkeypatch
+):
     monkeypatch.setattr("backdoorlab.progress.LOG_EVERY", 0.0)
     monkeypatch.delenv("BACKDOORLAB_PROGRESS", raising=False)
     monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
@@ -305,3 +307,7 @@ def test_without_a_terminal_training_logs_a_line_per_epoch_and_none_when_progres
     with caplog.at_level("INFO", logger="backdoorlab"):
         train(fresh_model(data), data, FAST)
     assert not [r for r in caplog.records if r.name == "backdoorlab"], "progress=False logs nothing"
+    monkeypatch.setenv("BACKDOORLAB_PROGRESS", "0")
+    with caplog.at_level("INFO", logger="backdoorlab"):
+        train(fresh_model(data), data, config)
+    assert not [r for r in caplog.records if r.name == "backdoorlab"], "BACKDOORLAB_PROGRESS=0 turns the lines off"

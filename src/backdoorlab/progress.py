@@ -33,12 +33,16 @@ log = logging.getLogger("backdoorlab")
 LOG_EVERY = 5.0
 
 
+def _setting() -> bool | None:
+    """``BACKDOORLAB_PROGRESS``: ``False`` for 0/false/no/empty, ``True`` for anything else, ``None`` unset."""
+    setting = os.environ.get("BACKDOORLAB_PROGRESS")
+    return None if setting is None else setting not in ("0", "false", "no", "")
+
+
 def progress_enabled() -> bool:
     """Bars show on an interactive terminal unless ``BACKDOORLAB_PROGRESS=0``."""
-    setting = os.environ.get("BACKDOORLAB_PROGRESS")
-    if setting is not None:
-        return setting not in ("0", "false", "no", "")
-    return sys.stderr.isatty()
+    setting = _setting()
+    return sys.stderr.isatty() if setting is None else setting
 
 
 class _LoggedProgress(Progress):
@@ -87,14 +91,14 @@ def make_progress(enabled: bool = True) -> Progress:
         console=Console(stderr=True),
         transient=True,
         disable=not drawn,
-        log_lines=enabled and not drawn,
+        log_lines=enabled and not drawn and _setting() is not False,
     )
 
 
 def log_to_stderr() -> None:
     """Send the ``backdoorlab`` logger's INFO lines to stderr with a time stamp where no progress
     bar is drawn (what the command line does; on a terminal the bars show the same)."""
-    if progress_enabled():
+    if progress_enabled() or _setting() is False:
         return
     for handler in [h for h in log.handlers if getattr(h, "backdoorlab_stderr", False)]:
         log.removeHandler(handler)
