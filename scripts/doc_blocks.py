@@ -27,14 +27,14 @@ def sweep_results(args: argparse.Namespace, overrides: Sequence[str] = ()) -> li
     """Sweep ``args.grid`` (the cells matching ``args.only``) into ``args.output`` (finished cells are
     skipped, so a table resumes) and return their ``result.json`` documents, in grid order; stops if
     a cell failed. ``overrides`` (``field=value``, as ``sweep --set``) replace fields of the grid."""
-    from backdoorlab.cli import parse_options
+    from backdoorlab.cli import parse_selection
     from backdoorlab.experiments.grid import load_grid, select
     from backdoorlab.experiments.store import ResultStore
     from backdoorlab.experiments.sweep import sweep
 
     grid = load_grid(args.grid, overrides=overrides)
     if args.only:
-        grid = select(grid, parse_options(args.only))
+        grid = select(grid, parse_selection(args.only))
 
     def show(cell: Any, outcome: dict[str, Any]) -> None:
         text = outcome["error"].strip().splitlines()[-1] if "error" in outcome else outcome["result"]["metrics"]

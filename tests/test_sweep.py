@@ -145,6 +145,11 @@ def test_select_keeps_the_matching_cells() -> None:
         ("blended", None, 1),
     ]
     assert len(select(grid, {"train.epochs": 2}).cells) == 8
+    from backdoorlab.cli import parse_selection
+
+    either = parse_selection(["attack=blended", "seed=1", "attack=badnets"])
+    assert either == {"attack": ("blended", "badnets"), "seed": 1}
+    assert sorted(c.config.attack for c in select(grid, either).cells) == ["badnets", "badnets", "blended", "blended"]
     with pytest.raises(GridError, match="cannot select on 'atack'"):
         select(grid, {"atack": "blended"})
 

@@ -54,6 +54,21 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
     return options
 
 
+def parse_selection(pairs: list[str] | None) -> dict[str, Any]:
+    """``--only`` pairs as :func:`~backdoorlab.experiments.grid.select` takes them: a field given
+    more than once matches any of its values (``attack=bpp attack=ctrl`` -> ``("bpp", "ctrl")``)."""
+    selection: dict[str, Any] = {}
+    for pair in pairs or []:
+        for key, value in parse_options([pair]).items():
+            if key not in selection:
+                selection[key] = value
+            elif isinstance(selection[key], tuple):
+                selection[key] = (*selection[key], value)
+            else:
+                selection[key] = (selection[key], value)
+    return selection
+
+
 def check_output_dir(path: Path | None, option: str) -> None:
     """Refuse, before any work, an output folder that is a file or cannot be created or written
     (it is created, and a scratch file written and removed in it, to know)."""
@@ -468,7 +483,10 @@ def sweep_command(
     data_root: DataRootOpt = None,
     only: Annotated[
         Optional[list[str]],
-        typer.Option(help="Run only the cells with FIELD=VALUE, repeatable (attack=badnets, seed=0)."),
+        typer.Option(
+            help="Run only the cells with FIELD=VALUE, repeatable (attack=badnets, seed=0); a field given "
+            "twice matches either value."
+        ),
     ] = None,
     set_: SetOpt = None,
     dry_run: Annotated[bool, typer.Option(help="Validate the grid and list its cells; run nothing.")] = False,
@@ -488,7 +506,7 @@ def sweep_command(
             resolve_device(device)
         grid = load_grid(grid_file, data_root=data_root, overrides=set_ or ())
         if only:
-            grid = select(grid, parse_options(only))
+            grid = select(grid, parse_selection(only))
             if not grid.cells:
                 raise GridError(f"no cell of {grid_file} has {' and '.join(only)}")
     except (GridError, typer.BadParameter, ValueError) as err:

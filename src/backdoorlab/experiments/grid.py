@@ -243,7 +243,8 @@ def expand(
 
 def select(grid: Grid, only: dict[str, Any]) -> Grid:
     """The cells of ``grid`` whose config has each ``field: value`` of ``only`` (dotted names reach
-    into options: ``attack_options.size``); an unknown field is an error."""
+    into options: ``attack_options.size``; a tuple of values matches any of them); an unknown field
+    is an error."""
     for name in only:
         if name.split(".")[0] not in CONFIG_FIELDS:
             raise GridError(f"cannot select on '{name}': not a config field; valid: {', '.join(CONFIG_FIELDS)}")
@@ -254,7 +255,10 @@ def select(grid: Grid, only: dict[str, Any]) -> Grid:
             current = current.get(part) if isinstance(current, dict) else None
         return current
 
-    cells = tuple(c for c in grid.cells if all(value(c.config, k) == v for k, v in only.items()))
+    def matches(config: RunConfig, name: str, wanted: Any) -> bool:
+        return value(config, name) in wanted if isinstance(wanted, tuple) else value(config, name) == wanted
+
+    cells = tuple(c for c in grid.cells if all(matches(c.config, k, v) for k, v in only.items()))
     return Grid(grid.name, cells, grid.description)
 
 
