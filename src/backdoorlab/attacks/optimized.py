@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from backdoorlab.attacks.adversarial import pgd_linf
 from backdoorlab.attacks.triggers import ATTACKS, BadNets, default_patch_size
+from backdoorlab.models.classifier import model_device
 from backdoorlab.options import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 #: Turner et al.'s 3x3 bottom-right trigger (official ``poison_attack.py``): 1 white, 0 black.
@@ -21,10 +22,6 @@ TURNER_PATTERN = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]
 #: The label-consistent position value that stamps every corner.
 ALL_CORNERS = "all-corners"
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 @ATTACKS.register(
@@ -119,7 +116,7 @@ class LabelConsistent(BadNets):
     def poison(self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if self.surrogate is None:
             raise ValueError("LabelConsistent needs fit(surrogate) before poisoning")
-        device = _device_of(self.surrogate)
+        device = model_device(self.surrogate)
         x = images.to(device).float().div_(255.0)
         hard = pgd_linf(
             self.surrogate,
@@ -183,7 +180,7 @@ class TrojanNN(BadNets):
         head = getattr(surrogate, "fc", None)
         if not isinstance(head, nn.Linear) or not hasattr(surrogate, "forward_head"):
             raise TypeError("TrojanNN needs a backdoorlab Classifier (forward_features/forward_head, fc)")
-        device = _device_of(surrogate)
+        device = model_device(surrogate)
         self.neuron_index = head.weight.detach().abs().mean(0).argsort(descending=True)[: self.neurons]
         was_training = surrogate.training
         surrogate.eval()

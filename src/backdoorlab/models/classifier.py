@@ -89,3 +89,9 @@ class Classifier(nn.Module):
         init = getattr(self.body, "init_from_data", None)
         if init is not None:
             init(self.normalize(x))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device ``model``'s parameters are on (the CPU for a model without parameters)."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
+from backdoorlab.models.classifier import model_device
 from backdoorlab.options import Fraction, check_fields
 from backdoorlab.progress import make_progress
 from backdoorlab.training.augment import (
@@ -436,7 +437,7 @@ def train(
     data: TensorDataset,
     config: TrainConfig | None = None,
     *,
-    device: str | torch.device | None = "cpu",
+    device: str | torch.device | None = "auto",
     seed: int = 0,
     loss_fn: PerSampleLoss | None = None,
     callbacks: Sequence[Callback] = (),
@@ -519,18 +520,20 @@ def predict_logits(
     inputs: Tensor,
     *,
     batch_size: int | None = None,
-    device: str | torch.device | None = "cpu",
+    device: str | torch.device | None = None,
     amp: bool = True,
     channels_last: bool = True,
     pre_logits: bool = False,
     tta: int = 0,
 ) -> Tensor:
     """Float32 logits for ``inputs`` (uint8 images or float) on the CPU, in batches of
-    ``batch_size`` (``None``: :func:`inference_batch_size` for the device), no gradients. The model is put in eval mode for the call and restored afterwards.
+    ``batch_size`` (``None``: :func:`inference_batch_size` for the device), no gradients, on
+    ``device`` (``None``: where the model is; ``"auto"``: CUDA where available; the model is moved
+    there). The model is put in eval mode for the call and restored afterwards.
     ``pre_logits``: the pooled embedding the linear head reads instead (a :class:`Classifier`'s
     ``forward_head(..., pre_logits=True)``). ``tta``: test-time augmentation of images
     (:func:`tta_logits`; 0 is none)."""
-    device = resolve_device(device)
+    device = model_device(model) if device is None else resolve_device(device)
     batch_size = batch_size or inference_batch_size(device)
     memory_format = _memory_format(inputs, channels_last)
     was_training = model.training
