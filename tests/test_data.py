@@ -184,3 +184,24 @@ def test_shared_mnist_loads_with_stats(data_root):
     splits = load_dataset("mnist", data_root)
     assert len(splits.train) == 60_000 and len(splits.test) == 10_000
     assert splits.train.mean == pytest.approx((0.1237,), abs=1e-3)  # the data README's figure
+
+
+def test_from_arrays_takes_numpy_images_in_any_layout_and_series_and_refuses_what_it_cannot_read():
+    grey = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4)
+    ds = TensorDataset.from_arrays(grey, [0, 1])
+    assert ds.inputs.shape == (2, 1, 4, 4) and torch.equal(ds.inputs[1, 0], torch.from_numpy(grey[1]))
+    assert ds.classes == ("0", "1") and ds.mean[0] == pytest.approx(grey.mean() / 255, rel=1e-5)
+    rgb = np.random.default_rng(0).random((3, 5, 6, 3))
+    ds = TensorDataset.from_arrays(rgb, np.array([2, 0, 1]), classes=["a", "b", "c"])
+    assert ds.inputs.shape == (3, 3, 5, 6) and ds.inputs.dtype == torch.uint8
+    assert int(ds.inputs[0, 2, 4, 5]) == round(rgb[0, 4, 5, 2] * 255)
+    series = TensorDataset.from_arrays(np.ones((4, 10)), [0, 1, 0, 1])
+    assert series.modality == "series" and series.input_shape == (1, 10)
+    x, y = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
+    assert x.shape == (2, 3, 5, 6) and y.tolist() == [2, 0]
+    with pytest.raises(DataError, match=r"float images must be in \[0, 1\]"):
+        TensorDataset.from_arrays(rgb * 2, [0, 1, 2])
+    with pytest.raises(DataError, match="labels must be 3 integers"):
+        TensorDataset.from_arrays(rgb, [0.5, 1, 2])
+    with pytest.raises(DataError, match="2 class names for labels up to 2"):
+        TensorDataset.from_arrays(rgb, [0, 1, 2], classes=["a", "b"])

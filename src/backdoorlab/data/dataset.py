@@ -9,8 +9,11 @@ triggers and inversion methods work on raw pixels or raw series values.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -61,6 +64,60 @@ class TensorDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getitem__(self, index: Any) -> tuple[Tensor, Tensor]:
+        """``(input, label)`` at ``index``: a map-style dataset, so a ``torch.utils.data.DataLoader``
+        takes it as it is (uint8 images stay uint8; the toolkit's models scale them)."""
+        return self.inputs[index], self.labels[index]
+
+    @classmethod
+    def from_arrays(
+        cls,
+        inputs: Any,
+        labels: Any,
+        *,
+        classes: Sequence[str] | None = None,
+        name: str = "custom",
+        channels_last: bool | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        hflip: bool = False,
+    ) -> TensorDataset:
+        """Your own data as a dataset: numpy arrays or tensors.
+
+        Images: uint8 ``(N, H, W)`` (grey), ``(N, C, H, W)`` or ``(N, H, W, C)`` (``channels_last``
+        ``None`` guesses from which axis has 1 or 3 entries), or floats in [0, 1] of 4 dimensions
+        (rounded to uint8). Time series: numbers ``(N, L)`` or ``(N, C, L)`` that are not uint8 (so
+        float grey images must come as ``(N, 1, H, W)``). Labels: integers ``0..K-1``. ``classes``
+        default to ``"0".."K-1"``; ``mean`` and ``std`` (per channel; images in [0, 1] units) to
+        those of ``inputs``, which should be a training split (give the test split the training
+        split's). Every mistake is a :class:`DataError` naming what is wrong."""
+        x = torch.as_tensor(np.asarray(inputs) if not isinstance(inputs, Tensor) else inputs)
+        y = torch.as_tensor(np.asarray(labels) if not isinstance(labels, Tensor) else labels)
+        if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool or len(y) != len(x):
+            raise DataError(f"{name}: labels must be {len(x)} integers (N,), got {y.dtype} {tuple(y.shape)}")
+        y = y.long()
+        if len(y) and int(y.min()) < 0:
+            raise DataError(f"{name}: labels must be class indices >= 0, got {int(y.min())}")
+        image = x.dtype == torch.uint8 or x.dim() == 4
+        if image:
+            x = _as_uint8_images(x, name, channels_last)
+        elif x.dim() in (2, 3) and x.dtype != torch.bool:
+            x = (x[:, None] if x.dim() == 2 else x).float()
+        else:
+            raise DataError(
+                f"{name}: inputs must be images (N, H, W), (N, C, H, W) or (N, H, W, C), or float series "
+                f"(N, L) or (N, C, L); got {x.dtype} {tuple(x.shape)}"
+            )
+        count = int(y.max()) + 1 if len(y) else 0
+        classes = tuple(classes) if classes is not None else tuple(str(i) for i in range(count))
+        if len(classes) < count:
+            raise DataError(f"{name}: {len(classes)} class names for labels up to {count - 1}")
+        values = x.float().div(255.0) if image else x
+        dims = [0, 2, 3] if image else [0, 2]
+        mean = tuple(mean) if mean is not None else tuple(values.mean(dims).tolist())
+        std = tuple(std) if std is not None else tuple(values.std(dims).clamp_min(1e-6).tolist())
+        return cls(x.contiguous(), y, classes, mean, std, name, hflip)
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)
@@ -86,6 +143,29 @@ class TensorDataset:
     def replace(self, **changes: object) -> TensorDataset:
         """A copy with some fields replaced (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
+
+
+def _as_uint8_images(x: Tensor, name: str, channels_last: bool | None) -> Tensor:
+    """Images as uint8 ``(N, C, H, W)``: grey ``(N, H, W)`` gains a channel, channels-last is
+    moved, floats in [0, 1] are rounded to 8 bits."""
+    if x.dim() == 3:
+        x = x[:, None]
+    if x.dim() != 4:
+        raise DataError(f"{name}: images must be (N, H, W), (N, C, H, W) or (N, H, W, C), got {tuple(x.shape)}")
+    if channels_last is None:
+        channels_last = x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3)
+    if channels_last:
+        x = x.permute(0, 3, 1, 2)
+    if x.dtype == torch.uint8:
+        return x
+    if not x.dtype.is_floating_point:
+        raise DataError(f"{name}: images must be uint8 or floats in [0, 1], got {x.dtype}")
+    if len(x) and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
+        raise DataError(
+            f"{name}: float images must be in [0, 1], got values in [{float(x.min()):g}, {float(x.max()):g}] "
+            "(pass uint8 pixels, or divide by 255)"
+        )
+    return x.float().mul(255.0).round().to(torch.uint8)
 
 
 @dataclass(frozen=True)
