@@ -116,6 +116,25 @@ class Filtering:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+def require_classifier(model: nn.Module, method: str, *, min_body: int = 0) -> None:
+    """Refuse, with what to do instead, a model that is not a backdoorlab ``Classifier`` (for a
+    method that reads features: ``forward_features``, ``forward_head``, ``body``), or whose body is
+    not an ``nn.Sequential`` of at least ``min_body`` modules (for one that cuts the body)."""
+    body = getattr(model, "body", None)
+    needed = ("forward_features", "forward_head", "normalize", "body")
+    if all(hasattr(model, name) for name in needed) and (
+        min_body == 0 or (isinstance(body, nn.Sequential) and len(body) >= min_body)
+    ):
+        return
+    shape = f" whose body is an nn.Sequential of at least {min_body} modules" if min_body > 1 else ""
+    shape = " whose body is an nn.Sequential" if min_body == 1 else shape
+    raise TypeError(
+        f"{method} reads the model's features: it needs a backdoorlab Classifier{shape} "
+        f"(normalisation, body, pooled linear head), got {type(model).__name__}; wrap your network's "
+        "feature extractor as Classifier(body, num_features, num_classes, mean, std) (docs/library.md)"
+    )
+
+
 class _Method(Configurable, ABC):
     """What every defense shares: its constructor's options, recorded by :class:`Configurable`."""
 

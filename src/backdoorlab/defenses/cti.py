@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses.base import DETECTORS, DefenseContext, Detection, Detector, create_repair, require_images
+from backdoorlab.defenses.base import (
+    DETECTORS,
+    DefenseContext,
+    Detection,
+    Detector,
+    create_repair,
+    require_classifier,
+    require_images,
+)
 from backdoorlab.defenses.post_training import frozen_copy
 from backdoorlab.options import NonNegativeFloat, PositiveFloat, PositiveInt
 from backdoorlab.progress import make_progress
@@ -111,6 +119,7 @@ class CalibratedTriggerInversion(Detector):
 
     def detect(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> Detection:
         require_images(trusted, "Calibrated Trigger Inversion")  # before the repair, not after it
+        require_classifier(model, "Calibrated Trigger Inversion")
         outcome = self.repair.repair(model, trusted, ctx)
         detection = self.calibrated_score(model, outcome.model, trusted, ctx)
         detection.details["repair_fallback"] = outcome.details.get("fallback")

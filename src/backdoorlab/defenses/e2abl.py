@@ -21,6 +21,7 @@ from backdoorlab.defenses.base import (
     DefenseWarning,
     ModelFactory,
     TrainingDefense,
+    require_classifier,
 )
 from backdoorlab.options import NonNegativeInt, PositiveFloat, PositiveInt
 from backdoorlab.training.loop import PerSampleLoss, to_float, train
@@ -78,9 +79,8 @@ class ShallowHead(nn.Sequential):
 
     @classmethod
     def for_model(cls, model: nn.Module, depth: int, example: Tensor, width: int = 64) -> ShallowHead:
-        body = getattr(model, "body", None)
-        if not isinstance(body, nn.Sequential) or not hasattr(model, "normalize"):
-            raise TypeError("E2ABL needs a backdoorlab Classifier whose body is an nn.Sequential")
+        require_classifier(model, "E2ABL", min_body=2)
+        body = model.body
         if not 1 <= depth < len(body):
             raise ValueError(f"depth must be in 1..{len(body) - 1} for this model, got {depth}")
         with torch.no_grad():

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses.base import REPAIRS, DefenseContext, DefenseOutcome, Repair
+from backdoorlab.defenses.base import REPAIRS, DefenseContext, DefenseOutcome, Repair, require_classifier
 from backdoorlab.defenses.fine_tuning import FineTuning
 from backdoorlab.defenses.post_training import suspect_copy
 from backdoorlab.options import Fraction, NonNegativeInt, PositiveFloat, PositiveInt
@@ -81,6 +81,7 @@ class FinePruning(Repair):
         self.max_accuracy_drop, self.relative_drop = float(max_accuracy_drop), bool(relative_drop)
 
     def repair(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> DefenseOutcome:
+        require_classifier(model, "Fine-pruning")
         model = suspect_copy(model)
         # the pooled last-layer features the head reads, in float32 (no autocast: the pruning
         # threshold compares accuracies that bf16 rounding could shift)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses.base import REPAIRS, DefenseContext, DefenseOutcome, Repair
+from backdoorlab.defenses.base import REPAIRS, DefenseContext, DefenseOutcome, Repair, require_classifier
 from backdoorlab.defenses.fine_tuning import FineTuning
 from backdoorlab.defenses.post_training import frozen_copy, suspect_copy
 from backdoorlab.options import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
@@ -32,6 +32,7 @@ def distillation_blocks(model: nn.Module, count: int = 3) -> list[int]:
     """Indices of the last ``count`` blocks of the model's body (modules with submodules: the
     residual groups of a ResNet, airbench's conv groups, small_cnn's conv-BN-ReLU blocks), where
     NAD distils attention (the official code: the outputs of WRN's three residual groups)."""
+    require_classifier(model, "NAD", min_body=count)
     blocks = [i for i, m in enumerate(model.body) if any(True for _ in m.children())]
     if len(blocks) < count:
         raise ValueError(f"NAD needs {count} blocks in the model body, found {len(blocks)}")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses.base import REPAIRS, DefenseContext, DefenseOutcome, Repair
+from backdoorlab.defenses.base import REPAIRS, DefenseContext, DefenseOutcome, Repair, require_classifier
 from backdoorlab.defenses.post_training import shuffled_index_batches, suspect_copy
 from backdoorlab.options import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from backdoorlab.progress import progress_bar
@@ -211,9 +211,8 @@ class NeuralPolarizerDefense(Repair):
 
     def _position(self, model: nn.Module) -> int:
         """The chosen body index, checked against this model's body."""
-        body = getattr(model, "body", None)
-        if not isinstance(body, nn.Sequential) or not hasattr(model, "normalize"):
-            raise TypeError("NPD needs a backdoorlab Classifier whose body is an nn.Sequential")
+        require_classifier(model, "NPD", min_body=1)
+        body = model.body
         position = self._options["position"]
         if position is None:
             return polarizer_position(model)

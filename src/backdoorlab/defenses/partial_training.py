@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-import torch
-
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.abl import train_on_rest_then_unlearn
 from backdoorlab.defenses.base import (
@@ -21,6 +19,7 @@ from backdoorlab.defenses.base import (
     ModelFactory,
     TrainingDefense,
     lowest,
+    require_classifier,
 )
 from backdoorlab.options import OpenFraction, PositiveInt
 from backdoorlab.training.loop import per_sample_loss, train
@@ -70,9 +69,8 @@ class PartialTrain(TrainingDefense):
 
     def train(self, data: TensorDataset, build_model: ModelFactory, ctx: DefenseContext) -> DefenseOutcome:
         model = build_model()
-        body = getattr(model, "body", None)
-        if not isinstance(body, torch.nn.Sequential) or len(body) < 2:
-            raise TypeError("PT needs a backdoorlab Classifier whose body is an nn.Sequential of at least 2 modules")
+        require_classifier(model, "PT", min_body=2)
+        body = model.body
         trained = math.ceil(len(body) / 2) if self.trained is None else self.trained
         if trained >= len(body):
             raise ValueError(f"trained must leave part of the body's {len(body)} modules frozen, got {trained}")

@@ -19,7 +19,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses.base import REPAIRS, DefenseContext, DefenseOutcome, DefenseWarning, Observer, Repair
+from backdoorlab.defenses.base import (
+    REPAIRS,
+    DefenseContext,
+    DefenseOutcome,
+    DefenseWarning,
+    Observer,
+    Repair,
+    require_classifier,
+)
 from backdoorlab.defenses.post_training import frozen_copy, holdout_split, suspect_copy, tuning_recipe
 from backdoorlab.metrics import clean_accuracy
 from backdoorlab.options import Fraction, NonNegativeFloat, OpenFraction, PositiveFloat, PositiveInt
@@ -328,6 +336,7 @@ class PivotalTuning(Repair):
         holdout_split(trusted, self._options["held_out"], 0)
 
     def repair(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> DefenseOutcome:
+        require_classifier(model, "Pivotal Tuning")
         o, device = self._options, ctx.device
         tune, held_out = holdout_split(trusted, o["held_out"], ctx.seed)
         model = suspect_copy(model).to(device)
