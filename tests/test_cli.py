@@ -46,7 +46,7 @@ def test_bad_input_is_a_clear_error_with_exit_code_2():
             ["run", "--dataset", "imagenet"],
             "cifar10, digits, gtsrb, gunpoint, italypowerdemand, mnist, osuleaf; or a prefixed time-series name: ucr:<Name>, sktime:<Name>",
         ),
-        (["run", "--attack", "trojan"], "valid attacks: badnet_rand, badnet_stripes, badnets, blended"),
+        (["run", "--attack", "trojan"], "valid attacks: adaptive_blend, adaptive_patch, badnet_rand, badnet_stripes"),
         (["run", "--target", "11"], "outside the dataset's classes 0..9"),
         (["run", "--poison-rate", "1.5"], "poison_rate 1.5 is neither a fraction in (0, 1] nor a count"),
         (["run", "--trusted-size", "0"], "trusted_size must be a fraction in (0, 1] or a count >= 2"),

@@ -64,7 +64,16 @@ KINDS: dict[str, tuple[Registry[Any], int, tuple[str, ...]]] = {
 REGISTRY_OF = {kind: registry for kind, (registry, _, _) in KINDS.items()}
 
 #: Cheap options per method (a method not listed runs with its defaults).
-FAST_ATTACKS: dict[str, dict[str, Any]] = {"label_consistent": {"steps": 2}, "trojannn": {"steps": 5}}
+FAST_ATTACKS: dict[str, dict[str, Any]] = {
+    "label_consistent": {"steps": 2},
+    "trojannn": {"steps": 5},
+    # the stored patterns need the data folder and 32x32 RGB images; a fitted one needs neither
+    "low_frequency": {"pattern": "generate", "images": 8, "passes": 1, "deepfool_steps": 100},
+    # the VOC reflections need the data folder; smooth-noise reflections do not
+    "refool": {"reflections": "noise"},
+    # the Hello Kitty pattern needs the data folder; a seeded noise pattern does not
+    "adaptive_blend": {"pattern": "noise"},
+}
 FAST_METHODS: dict[str, dict[str, dict[str, Any]]] = {
     "defenses": {
         "abl": {"isolation_epochs": 1, "unlearning_epochs": 1, "isolation_ratio": 0.05},
@@ -174,7 +183,8 @@ def built_trigger(name: str, shape: tuple[int, ...], options: dict[str, Any]) ->
     """``ATTACKS.create`` and, for an attack that adapts to a model, its fit on a tiny surrogate."""
     trigger = ATTACKS.create(name, shape, **options)
     if trigger.needs_surrogate:
-        trigger.fit(surrogate_for(trigger.modality, shape), generator(0))
+        images = sample_inputs(trigger.modality, shape, 8)  # the attacker's clean images
+        trigger.fit(surrogate_for(trigger.modality, shape), generator(0), images=images, target=0)
     return trigger
 
 
@@ -409,6 +419,33 @@ def test_every_detector_keeps_the_contract(name):
 def test_every_input_detector_keeps_the_contract(name):
     result = check_run("input-detectors", name)
     assert 0.0 <= result.metrics["input_auroc"] <= 1.0 and result.metrics["input_calibration_size"] == 30
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [(kind, name) for kind in ("repairs", "detectors", "input-detectors") for name in REGISTRY_OF[kind].names()],
+)
+def test_every_post_training_method_takes_a_plain_module_or_says_what_it_needs(kind, name, digits):
+    """A user's own network (a plain nn.Sequential, no Classifier, no batch norm) either works or
+    is refused with a TypeError or ValueError that says what the method needs, never a raw
+    AttributeError from deep inside."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10))
+    trusted = digits.train.subset(torch.arange(60))
+    recipe = TrainConfig(epochs=1, batch_size=16, lr=0.01, progress=False)
+    ctx = DefenseContext(recipe, torch.device("cpu"), 0)
+    method = REGISTRY_OF[kind].create(name, **FAST_METHODS.get(kind, {}).get(name, {}))
+    try:
+        if kind == "repairs":
+            assert isinstance(method.repair(model, trusted, ctx).model, nn.Module)
+        elif kind == "detectors":
+            assert math.isfinite(method.detect(model, trusted, ctx).score)
+        else:
+            method.fit(model, trusted, ctx)
+            assert method.score(trusted.inputs[:4]).shape == (4,)
+    except (TypeError, ValueError) as refused:
+        message = str(refused)
+        assert "Classifier" in message or "batch" in message or "normalisation" in message, message
 
 
 def check_regularizer(name: str, options: dict[str, Any] | None = None) -> None:

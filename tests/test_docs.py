@@ -41,6 +41,11 @@ NUMBERS = {
     "thirteen": 13,
     "fourteen": 14,
     "fifteen": 15,
+    "sixteen": 16,
+    "seventeen": 17,
+    "eighteen": 18,
+    "nineteen": 19,
+    "twenty": 20,
 }
 #: Options whose value names a registered method, and where the names are.
 NAMED = {

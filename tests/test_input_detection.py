@@ -71,7 +71,7 @@ def test_unknown_input_detectors_and_stray_options_are_refused_with_the_valid_na
         RunConfig(input_detector_options={"overlays": 5}).resolved()
     with pytest.raises(ValueError, match="unknown option.*overlay.*valid: overlays"):
         RunConfig(input_detector="strip", input_detector_options={"overlay": 5}).resolved()
-    assert INPUT_DETECTORS.names() == ["sentinet", "strip", "teco"]
+    assert INPUT_DETECTORS.names() == ["beatrix", "cognitive_distillation", "sentinet", "strip", "teco"]
 
 
 @pytest.mark.slow

@@ -88,7 +88,10 @@ def test_blended_alpha_one_replaces_the_image():
 
 
 def test_trigger_options_are_validated():
-    with pytest.raises(UnknownNameError, match="valid attacks: badnet_rand, badnet_stripes, badnets, blended"):
+    with pytest.raises(
+        UnknownNameError,
+        match="valid attacks: adaptive_blend, adaptive_patch, badnet_rand, badnet_stripes, badnets, blended",
+    ):
         create_trigger("wanet2", (3, 32, 32))
     with pytest.raises(ValueError, match="valid: size, pattern, position, margin"):
         create_trigger("badnets", (3, 32, 32), colour="red")

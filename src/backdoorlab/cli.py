@@ -897,6 +897,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main() -> None:
+    from backdoorlab.training.loop import flush_denormals
+
     warnings.showwarning = _show_warning
     log_to_stderr()
+    flush_denormals()
     app()

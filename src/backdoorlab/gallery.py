@@ -25,7 +25,9 @@ def fitted_trigger(attack: str, options: dict[str, Any], splits: Splits, seed: i
         from backdoorlab.experiments import RunConfig, fit_attack
 
         train = subsample(splits.train, min(5000, len(splits.train)), seed)
-        config = RunConfig(dataset=splits.train.name, recipe="quick", attack=attack, epochs=1, seed=seed)
+        config = RunConfig(
+            dataset=splits.train.name, recipe="quick", attack=attack, attack_options=dict(options), epochs=1, seed=seed
+        )
         fit_attack(trigger, train, config, resolve_device(device))
     return trigger
 

@@ -1,6 +1,18 @@
 """Attacks: triggers (pure tensor functions) and poisoning strategies."""
 
-from backdoorlab.attacks import optimized, series, sig, structured, wanet  # noqa: F401  (registers the attacks)
+from backdoorlab.attacks import (  # noqa: F401  (registers the attacks)
+    adaptive,
+    bpp,
+    ctrl,
+    ftrojan,
+    low_frequency,
+    optimized,
+    refool,
+    series,
+    sig,
+    structured,
+    wanet,
+)
 from backdoorlab.attacks.poisoning import (
     MODES,
     PoisonedDataset,

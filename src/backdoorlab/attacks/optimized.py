@@ -109,7 +109,14 @@ class LabelConsistent(BadNets):
             self._paste(out, patch if "right" in corner else patch.flip(-1), corner)
         return out
 
-    def fit(self, surrogate: nn.Module, generator: torch.Generator | None = None) -> None:
+    def fit(
+        self,
+        surrogate: nn.Module,
+        generator: torch.Generator | None = None,
+        *,
+        images: Tensor | None = None,
+        target: int = 0,
+    ) -> None:
         self.surrogate = surrogate
         self.fitted = True
 
@@ -176,7 +183,14 @@ class TrojanNN(BadNets):
         self.neurons, self.target_value, self.steps, self.lr = int(neurons), float(target_value), int(steps), float(lr)
         self.neuron_index: Tensor | None = None
 
-    def fit(self, surrogate: nn.Module, generator: torch.Generator | None = None) -> None:
+    def fit(
+        self,
+        surrogate: nn.Module,
+        generator: torch.Generator | None = None,
+        *,
+        images: Tensor | None = None,
+        target: int = 0,
+    ) -> None:
         head = getattr(surrogate, "fc", None)
         if not isinstance(head, nn.Linear) or not hasattr(surrogate, "forward_head"):
             raise TypeError("TrojanNN needs a backdoorlab Classifier (forward_features/forward_head, fc)")

@@ -40,6 +40,21 @@ RESOURCES = {
     "hello_kitty": "backdoorbench/blended/hello_kitty.jpeg",
     # a folder: Refool's 200 selected Pascal VOC reflections (attacks.refool)
     "refool_voc": "backdoorbench/refool/Refool-SelectedReflectionImages/selected_out-images",
+    # Low Frequency's universal patterns (attacks.low_frequency), "lf_<dataset>_<victim model>"
+    **{
+        f"lf_{dataset}_{model}": f"backdoorbench/lowFrequency/{dataset}_{model}_0_255.npy"
+        for dataset in ("cifar10", "gtsrb")
+        for model in (
+            "preactresnet18",
+            "vgg19",
+            "vgg19_bn",
+            "densenet161",
+            "efficientnet_b3",
+            "mobilenet_v3_large",
+            "convnext_tiny",
+            "vit_b_16",
+        )
+    },
 }
 
 
@@ -72,9 +87,18 @@ class Trigger(Configurable, ABC):
         self.input_shape = tuple(int(s) for s in input_shape)
         self.fitted = not self.needs_surrogate
 
-    def fit(self, surrogate: nn.Module, generator: torch.Generator | None = None) -> None:
+    def fit(
+        self,
+        surrogate: nn.Module,
+        generator: torch.Generator | None = None,
+        *,
+        images: Tensor | None = None,
+        target: int = 0,
+    ) -> None:
         """Adapt the attack to ``surrogate``, a model the attacker trained on clean data (on the
-        model's device). Only attacks with ``needs_surrogate`` override this."""
+        model's device), where it needs to: with the attacker's clean training ``images`` (uint8)
+        and the ``target`` class, for attacks that read them (Low Frequency). Only attacks with
+        ``needs_surrogate`` override this."""
         self.fitted = True
 
     def poison(self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -269,6 +293,20 @@ class BadNets(Trigger):
         return torch.where(inside[:, None], torch.lerp(out, canvas.permute(1, 0, 2, 3), self.alpha), out)
 
 
+def full_image_pattern(
+    pattern: str | Tensor, input_shape: tuple[int, ...], seed: int, data_root: str | Path | None
+) -> Tensor:
+    """A blend pattern of the image's shape ``(C, H, W)`` in [0, 1]: ``"noise"`` (uniform, drawn
+    from ``seed``), a named resource (:data:`RESOURCES`, read under ``data_root``), or an image
+    (tensor or file path), resized."""
+    c, h, w = input_shape
+    if isinstance(pattern, str) and pattern == "noise":
+        return torch.rand((c, h, w), generator=torch.Generator().manual_seed(seed))
+    if isinstance(pattern, str) and pattern in RESOURCES:
+        return load_pattern(resource_path(pattern, data_root), c, (h, w))
+    return load_pattern(pattern, c, (h, w))
+
+
 @ATTACKS.register("blended", "Blended (Chen et al. 2017): a full-image pattern blended with alpha")
 class Blended(Trigger):
     """Blended injection: ``x' = (1 - alpha) * x + alpha * pattern`` over the whole image.
@@ -305,13 +343,7 @@ class Blended(Trigger):
     ) -> None:
         super().__init__(input_shape)
         self.alpha = blend_weight(alpha)
-        c, h, w = self.input_shape
-        if isinstance(pattern, str) and pattern == "noise":
-            self.pattern = torch.rand((c, h, w), generator=torch.Generator().manual_seed(seed))
-        elif isinstance(pattern, str) and pattern in RESOURCES:
-            self.pattern = load_pattern(resource_path(pattern, data_root), c, (h, w))
-        else:
-            self.pattern = load_pattern(pattern, c, (h, w))
+        self.pattern = full_image_pattern(pattern, self.input_shape, seed, data_root)
         self._resolve_options(pattern=pattern if isinstance(pattern, str) else "custom")
 
     def apply(self, x: Tensor, generator: torch.Generator | None) -> Tensor:

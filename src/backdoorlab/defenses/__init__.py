@@ -11,8 +11,8 @@
 - Sample filters (Activation Clustering, Spectral Signatures) get the untrusted training set and a
   model trained on it, and flag the samples they suspect; the run retrains on the rest
   (``SampleFilter``, ``SAMPLE_FILTERS``).
-- Input detectors (STRIP, SentiNet, TeCo) calibrate on the same, then score inputs at inference: is this input
-  triggered? (``InputDetector``, ``INPUT_DETECTORS``).
+- Input detectors (STRIP, SentiNet, TeCo, BEATRIX, Cognitive Distillation) calibrate on the same,
+  then score inputs at inference: is this input triggered? (``InputDetector``, ``INPUT_DETECTORS``).
 
 Each hook also gets a :class:`DefenseContext`: the run's recipe, device, seed and observer.
 """
@@ -23,7 +23,9 @@ from backdoorlab.defenses import (  # noqa: F401  (registers the defenses)
     abl,
     activation_clustering,
     anp,
+    beatrix,
     channel_pruning,
+    cognitive_distillation,
     cti,
     e2abl,
     fine_pruning,

@@ -33,7 +33,9 @@ def run_cell(
         from backdoorlab.experiments.config import RunConfig
         from backdoorlab.experiments.run import run
         from backdoorlab.experiments.saved_model import load_model, save_model
+        from backdoorlab.training.loop import flush_denormals
 
+        flush_denormals()
         if threads:
             torch.set_num_threads(threads)
         config_object = RunConfig.from_dict(config)

@@ -67,6 +67,31 @@ BACKDOORBENCH_ATTACKS: dict[str, dict[str, Any]] = {
     # (PGD eps 8, alpha 1.5, steps 100, in 0-255 units; torchattacks' PGD, random_start False).
     # Not expressible: its adversarially trained ResNet-18 surrogate (resnet18_PGD_best_model.pth).
     "label_consistent": {"position": "all-corners", "eps": 8.0, "step_size": 1.5, "steps": 100, "random_start": False},
+    # bpp: config/attack/bpp/default.yaml (squeeze_num 8, dithering False, neg_ratio 0.1 of each batch
+    # beside pratio 0.1: as many negative samples as poisoned ones). Not expressible: attack/bpp.py
+    # poisons every batch anew in its own loop, with random crop 5, rotation 10, flip and MultiStepLR
+    # (the run's recipe trains here, on samples poisoned once).
+    "bpp": {"squeeze_num": 8, "dithering": False, "cross_ratio": 1.0},
+    # ftrojan: config/attack/ftrojannn/default.yaml (YUV True, channel_list [1, 2], window_size 32,
+    # pos_list (15, 15) and (31, 31): the defaults at 32 px, which scale with smaller images) with
+    # magnitude 30 (the official code's 20 is the default).
+    "ftrojan": {"magnitude": 30.0},
+    # lf: attack/lf.py's lowFrequencyPatternPath resource/lowFrequency/{dataset}_{model}_0_255.npy
+    # (cifar10, preactresnet18), added to the image and clipped (SimpleAdditiveTrigger); pratio 0.1.
+    "low_frequency": {"pattern": "cifar10_preactresnet18"},
+    # ctrl: config/attack/ctrl/default.yaml (use_yuv True, trigger_channels [1, 2], pos_list [15, 31])
+    # with utils/bd_img_transform/ctrl.py (magnitude 100, window_size img_size[0]): the defaults at
+    # 32 px RGB (positions, channels and window resolve from the image, so grey 28 px still runs).
+    # Clean-label, its pratio 0.05 of the training set (half of CIFAR-10's target class):
+    # poison_rate=0.05, a run's field.
+    "ctrl": {"magnitude": 100.0, "yuv": True},
+    # refool: config/attack/refool/default.yaml (r_adv_img_folder_path resource/refool/.../
+    # selected_out-images, ghost_rate 0.49, alpha_t 0.4, offset [0, 0], sigma -1 and ghost_alpha -1:
+    # drawn per image) with attack/refool.py's blend_images at max_image_size = the image side.
+    # Not expressible: its dirty-label run (clean_label: False, pratio 0.1), which is a run's fields
+    # here: clean_label=False, poison_rate=0.1 (drawn from the non-target classes; BackdoorBench
+    # draws from every class, utils/backdoor_generate_poison_index.py).
+    "refool": {"reflections": "voc", "alpha_t": 0.4, "ghost_rate": 0.49},
 }
 #: BackdoorBench's defense options, by defense (each with the reference file it follows): the
 #: values its code runs on CIFAR-10, ``config/defense/<name>/cifar10.yaml`` as ``defense/<name>.py``

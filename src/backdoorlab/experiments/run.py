@@ -173,7 +173,10 @@ def fit_attack(trigger: Trigger, data: TensorDataset, config: RunConfig, device:
         seed=config.seed + _SURROGATE,
         description=f"surrogate for {config.attack}",
     )
-    trigger.fit(surrogate, torch.Generator().manual_seed(config.seed + _SURROGATE))
+    # with what else the attacker knows: its clean images and the target (Low Frequency fits its
+    # universal perturbation on clean images, towards the target class)
+    generator = torch.Generator().manual_seed(config.seed + _SURROGATE)
+    trigger.fit(surrogate, generator, images=data.inputs, target=config.target)
 
 
 @dataclass
