@@ -201,10 +201,11 @@ def test_beatrix_refuses_series_bad_options_and_scoring_before_fit():
 def test_beatrix_flags_badnets_inputs_on_an_mnist_airbench(mnist_badnets_airbench):
     """The shared MNIST victim (airbench width 24, BadNets 3x3 at 10%; 125 trusted images to fit
     on, about 12 per class, 125 to set the threshold on), 200 clean and 200 triggered test inputs,
-    the 96-channel 6x6 map before the last conv group. Measured (1 thread, 3-5 s to fit, 170-460
-    inputs a second): AUROC 1.000, TPR 1.000 at FPR 0.035, filtered ASR 0.000 (on all 2,000 + 1,798
-    test inputs: 0.996, 1.000, 0.038); the raw deviation (``score=deviation``) 0.960,
-    BackdoorBench's Gram without the power (``powered=False``) 0.352."""
+    the 96-channel 6x6 map before the last conv group. Measured with the default score (the
+    deviation): AUROC 0.960 with the victim trained on one torch thread, 0.984 on two (TPR 1.00,
+    FPR 0.05). The per-class margin (``score=margin``) gave 1.000 and 0.220: its thresholds rest on
+    about a dozen trusted inputs a class. BackdoorBench's Gram without the power
+    (``powered=False``): 0.352 and 0.951."""
     prepared, model, suspect = mnist_badnets_airbench
     assert suspect["attack_success_rate"] > 0.9
     fit_on, calibration = holdout_split(prepared.trusted, 0.5, prepared.config.seed)
@@ -214,7 +215,7 @@ def test_beatrix_flags_badnets_inputs_on_an_mnist_airbench(mnist_badnets_airbenc
     t = prepared.triggered
     triggered = TriggeredTestSet(t.inputs[:200], t.true_labels[:200], t.target_labels[:200])
     metrics = assess_input_detector(detector, model, test, triggered, calibration)
-    assert metrics["input_auroc"] >= 0.95 and metrics["input_tpr"] >= 0.9, metrics
+    assert metrics["input_auroc"] >= 0.93 and metrics["input_tpr"] >= 0.9, metrics
     assert metrics["filtered_attack_success_rate"] < 0.1 and metrics["input_fpr"] < 0.15, metrics
 
 

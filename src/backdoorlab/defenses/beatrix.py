@@ -156,11 +156,14 @@ class Beatrix(InputDetector):
     float32), and only the upper triangle is kept (the codes keep the zeroed lower one, which adds
     nothing; both divide by ``C^2 / 2``).
 
-    The score (reconstructed): the paper flags an input whose deviation exceeds its predicted
-    class's threshold; ``score="margin"`` (default) is deviation minus that threshold, positive
-    where the paper flags, so that one threshold (set by the evaluation on trusted clean inputs the
-    detector did not fit on, ``evaluation.assess_input_detector``) serves every class;
-    ``"deviation"`` is the raw deviation. A class with fewer than 5 trusted inputs predicted as it
+    The score: ``score="deviation"`` (default) is the input's deviation, the paper's score, and one
+    threshold set by the evaluation on trusted clean inputs the detector did not fit on
+    (``evaluation.assess_input_detector``) serves every class. The paper flags an input whose
+    deviation exceeds its predicted class's threshold; ``score="margin"`` (reconstructed) is
+    deviation minus that threshold, positive where the paper flags. With about a dozen trusted
+    inputs a class the per-class thresholds are noisy: on the MNIST victim the margin's AUROC was
+    1.00 with one torch thread and 0.22 with two (the victims differ in the last digits), the
+    deviation's 0.96 and 0.98 (docs/detection.md). A class with fewer than 5 trusted inputs predicted as it
     (too few for the folds) takes the bounds and threshold of all trusted inputs together
     (reconstructed; the codes fail there), with a :class:`DefenseWarning`. Not here: the
     model-level verdict (the KMMD between each class's flagged and unflagged inputs and its
@@ -179,7 +182,7 @@ class Beatrix(InputDetector):
         position: the body index whose input is read; ``None``: :func:`feature_position`.
         clean_per_class: the most trusted inputs per predicted class used (the official code's
             30); ``None``: all.
-        score: ``"margin"`` (deviation minus the class's threshold) or ``"deviation"``.
+        score: ``"deviation"`` or ``"margin"`` (deviation minus the predicted class's threshold).
         powered: raise the features element-wise to ``p`` before the Gram product (the paper;
             ``False``: BackdoorBench's).
         batch_size: inputs run through the model together.
@@ -191,7 +194,7 @@ class Beatrix(InputDetector):
         mad_width: PositiveFloat = 10.0,
         position: NonNegativeInt | None = None,
         clean_per_class: PositiveInt | None = None,
-        score: Scoring = "margin",
+        score: Scoring = "deviation",
         powered: bool = True,
         batch_size: PositiveInt = 256,
     ) -> None:

@@ -33,9 +33,7 @@ def run_cell(
         from backdoorlab.experiments.config import RunConfig
         from backdoorlab.experiments.run import run
         from backdoorlab.experiments.saved_model import load_model, save_model
-        from backdoorlab.training.loop import flush_denormals
 
-        flush_denormals()
         if threads:
             torch.set_num_threads(threads)
         config_object = RunConfig.from_dict(config)
@@ -96,7 +94,8 @@ class InlineExecutor:
 
 
 def _watch_parent(parent: int, interval: float = 0.5) -> None:
-    """Pool initializer: a daemon thread that ends this worker as soon as the process that started
+    """Pool initializer: denormals flushed (:func:`~backdoorlab.training.loop.flush_denormals`), and
+    a daemon thread that ends this worker as soon as the process that started
     it is gone (its parent id changes when it dies and the worker is re-parented), so a sweep killed
     with ``kill -9`` leaves no worker training on for minutes. Portable; Linux's
     ``PR_SET_PDEATHSIG`` is not used: it fires when the parent *thread* that started the worker
@@ -108,6 +107,9 @@ def _watch_parent(parent: int, interval: float = 0.5) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="backdoorlab-parent-watch", daemon=True).start()
+    from backdoorlab.training.loop import flush_denormals
+
+    flush_denormals()  # a worker process of ours: before any torch work starts its CPU threads
 
 
 class LocalExecutor:
