@@ -19,7 +19,9 @@ def grid_arguments(parser: argparse.ArgumentParser, grid: str, output: str) -> N
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--device", default=None)
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--only", nargs="*", default=[], metavar="FIELD=VALUE", help="run only the matching cells")
+    parser.add_argument(
+        "--only", nargs="+", action="extend", default=[], metavar="FIELD=VALUE", help="run only the matching cells"
+    )
     parser.add_argument("--no-docs", action="store_true", help="run, but leave the docs alone")
 
 
