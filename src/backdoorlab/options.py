@@ -208,8 +208,9 @@ class Configurable:
 
         @functools.wraps(init)
         def recording_init(self: Any, *args: Any, **options: Any) -> None:
-            if type(self).__mro__[_init_depth(type(self))] is owner:  # the outermost constructor records
-                hints.update({} if hints else option_hints(owner))
+            if type(self).__init__ is recording_init:  # the outermost constructor records
+                if not hints:  # read once, on the first construction (the annotations are resolved by then)
+                    hints.update(option_hints(owner))
                 bound = signature.bind(self, *args, **options)
                 bound.apply_defaults()
                 self._options = {
@@ -234,8 +235,3 @@ class Configurable:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
-
-
-def _init_depth(cls: type) -> int:
-    """The position in ``cls``'s MRO of the first class that defines its own ``__init__``."""
-    return next(i for i, c in enumerate(cls.__mro__) if "__init__" in c.__dict__)
