@@ -1,8 +1,10 @@
-"""CLP and BNP, the batch-norm channel pruners: each prunes the channel planted to stand out, and
-leaves a model without one alone; BNP and ANP (tests/test_anp.py) remove BadNets from an MNIST airbench
-(slow)."""
+"""CLP, BNP and EP, the batch-norm channel pruners: each prunes the channel planted to stand out,
+and leaves a model without one alone; BNP, EP and ANP (tests/test_anp.py) remove BadNets from an
+MNIST airbench (slow)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch import nn
 
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses import DefenseContext, create_repair
-from backdoorlab.defenses.channel_pruning import channel_lipschitz, conv_norm_pairs
+from backdoorlab.defenses.channel_pruning import channel_lipschitz, conv_norm_pairs, histogram_entropy
 from backdoorlab.experiments.run import apply_repair
 from backdoorlab.models import create_model
 from backdoorlab.training.loop import TrainConfig
@@ -75,21 +77,59 @@ def test_bnp_prunes_the_channel_whose_statistics_clean_data_does_not_reproduce()
         create_repair("bnp").check_trusted(trusted(8))
 
 
+def test_histogram_entropy_bins_from_the_smallest_value_as_the_official_code():
+    """Bins of 0.1 from the smallest value of all rows, edges excluded: row one puts a value in
+    each of three bins (0.0 and 0.35 fall in none: int(0.35 / 0.1) = 3 bins), row two four of five
+    values in the first."""
+    values = torch.tensor([[0.0, 0.05, 0.15, 0.25, 0.35], [0.0, 0.05, 0.06, 0.07, 0.08]])
+    expected = torch.tensor([-3 * 0.2 * math.log(0.2), -0.8 * math.log(0.8)])
+    assert torch.allclose(histogram_entropy(values), expected)
+
+
+def test_ep_prunes_the_channel_whose_training_pre_activations_split_in_two():
+    """32 channels carry their input through a 1x1 convolution to batch norm; on the training data
+    one channel is off on 90% of the samples and on at full strength on the rest (a triggered
+    neuron's two modes), the others spread. EP prunes that channel alone, reads the training set
+    (``reads``), and never touches the trusted split."""
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randint(0, 256, (256, 32, 2, 2), generator=g, dtype=torch.uint8)
+    inputs[:, 7] = 0
+    inputs[::10, 7] = 255
+    data = TensorDataset(inputs, torch.arange(256) % 4, tuple("abcd"), (0.5,) * 32, (0.25,) * 32, "noise")
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 32, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(32)[:, :, None, None])
+    model = nn.Sequential(conv, nn.BatchNorm2d(32), nn.Flatten(), nn.Linear(128, 4))
+    ep = create_repair("ep")
+    assert ep.reads == "training"
+    outcome = ep.repair(model, data, context())
+    assert outcome.details["pruned_by_layer"] == {"1": 1} and outcome.details["batch"] == 256
+    assert outcome.model[1].weight[7] == 0 and outcome.model[1].bias[7] == 0
+    assert model[1].weight[7] != 0, "the suspect model is unchanged"
+    inputs[:, 7] = torch.randint(0, 256, (256, 2, 2), generator=g, dtype=torch.uint8)
+    assert ep.repair(model, data, context()).details["pruned_channels"] == 0
+
+
 def test_a_model_without_batch_norm_is_refused():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
-    for name in ("clp", "bnp"):
+    for name in ("clp", "bnp", "ep"):
         with pytest.raises(ValueError, match="batch normalisation"):
             create_repair(name).repair(model, trusted(), context())
 
 
 @pytest.mark.slow
-def test_bnp_and_anp_remove_badnets_from_an_mnist_airbench_and_clp_does_not(mnist_badnets_airbench):
+def test_bnp_ep_and_anp_remove_badnets_from_an_mnist_airbench_and_clp_does_not(mnist_badnets_airbench):
     """MNIST, 5,000 images, the fast recipe's airbench (width 24), BadNets at 10%. Measured: BNP
     prunes 16 of 432 channels, ASR 1.00 -> 0.01 at CA 0.99; CLP prunes 2-4 (by thread count), none the
     backdoor's (ASR stays 1.00; on CIFAR-10's width-32 airbench it removes BadNets, docs/defenses.md);
-    ANP with 100 of its 2,000 mask steps prunes about 15 neurons, ASR 1.00 -> 0.04 at CA 0.99."""
+    ANP with 100 of its 2,000 mask steps prunes about 15 neurons, ASR 1.00 -> 0.04 at CA 0.99; EP,
+    from a batch of the poisoned training set, prunes 20, ASR 1.00 -> 0.01 at CA 0.98."""
     prepared, model, suspect = mnist_badnets_airbench
     assert suspect["attack_success_rate"] >= 0.9
+    _, after, details, _ = apply_repair(prepared, model, "ep", {})
+    assert after["attack_success_rate"] < 0.2 and after["clean_accuracy"] >= suspect["clean_accuracy"] - 0.03
+    assert details["pruned_channels"] < 0.1 * details["channels"]
     _, after, details, _ = apply_repair(prepared, model, "bnp", {})
     assert after["attack_success_rate"] < 0.2 and after["clean_accuracy"] >= suspect["clean_accuracy"] - 0.03
     _, after, details, _ = apply_repair(prepared, model, "anp", {"iterations": 100})

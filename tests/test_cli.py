@@ -11,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from backdoorlab.cli import app, parse_size
+from backdoorlab.defenses import TRAINING_DEFENSES
 
 runner = CliRunner()
 
@@ -54,7 +55,7 @@ def test_bad_input_is_a_clear_error_with_exit_code_2():
         (["list", "poisons"], "valid: datasets, models, recipes, presets, attacks, defenses"),
         (
             ["run", "--defense", "strip"],
-            "training-time defenses: abl, e2abl, pt; repair defenses: anp, bnp, clp, fine_pruning",
+            f"training-time defenses: {', '.join(TRAINING_DEFENSES.names())}; repair defenses: anp, bnp, clp, ep,",
         ),
         (["run", "--detector", "strip"], "valid detectors: cti, neural_cleanse"),
         (["run", "--defense", "abl", "-d", "ratio=0.1"], "valid: gamma, isolation_ratio"),

@@ -365,7 +365,8 @@ def check_run(kind: str, name: str, options: dict[str, Any] | None = None, **con
         patch.setattr(cls, ENTRY_POINTS[kind], spy)
         result = run(RunConfig(**{**TINY_RUN, **config, field: name, f"{field}_options": options}))
 
-    size = result.data["train" if kind in ("defenses", "sample-filters") else "trusted"]
+    reads_training = kind in ("defenses", "sample-filters") or getattr(cls, "reads", "trusted") == "training"
+    size = result.data["train" if reads_training else "trusted"]
     if kind == "input-detectors":  # fitted on the trusted split less its calibration share
         size -= max(1, round(INPUT_CALIBRATION_SHARE * size))
     check_hygiene(kind, name, calls, size)

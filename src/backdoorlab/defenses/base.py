@@ -7,7 +7,8 @@
   mask over the training set; how good that verdict is (isolation precision and recall) is measured
   by the evaluation, which alone holds the truth.
 - A **repair** (:class:`Repair`, ``REPAIRS``) gets a trained (suspect) model and the trusted clean
-  split (by default 1% of the training set, carved off before poisoning) and returns a repaired model.
+  split (by default 1% of the training set, carved off before poisoning) and returns a repaired model;
+  a repair whose ``reads`` is ``"training"`` (EP) gets the training set, without its mask, instead.
 - A **detector** (:class:`Detector`, ``DETECTORS``) gets the same and returns a score: higher means
   more likely backdoored.
 - A **sample filter** (:class:`SampleFilter`, ``SAMPLE_FILTERS``; data filtering) gets the untrusted
@@ -32,7 +33,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -174,6 +175,11 @@ class Repair(_PostTraining):
 
     #: What the checkpoints passed to an ``observer`` count: epochs of clean fine-tuning here.
     checkpoint_unit: ClassVar[str] = "epoch"
+    #: The data :meth:`repair` gets: ``"trusted"``, the trusted clean split (every repair but one),
+    #: or ``"training"``, the training set the suspect model was trained on, poisoned or not and
+    #: without its poison mask (EP, which reads the training data's pre-activations, as its paper
+    #: assumes the defender holds them).
+    reads: ClassVar[Literal["trusted", "training"]] = "trusted"
 
     @abstractmethod
     def repair(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> DefenseOutcome:

@@ -1,6 +1,7 @@
 """Pruning batch-norm channels that stand out from their layer (Zheng et al. 2022): CLP, by each
-channel's Lipschitz upper bound (data-free), and BNP, by how far the training statistics stored
-in BN lie from the trusted clean data's."""
+channel's Lipschitz upper bound (data-free), BNP, by how far the training statistics stored in BN
+lie from the trusted clean data's, and EP, by the entropy of its pre-activations on the training
+data."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.base import REPAIRS, DefenseContext, DefenseOutcome, Repair
 from backdoorlab.defenses.post_training import suspect_copy
 from backdoorlab.options import NonNegativeFloat, PositiveInt
-from backdoorlab.training.loop import to_float
+from backdoorlab.training.loop import BatchAugmentation, to_float
 
 
 @torch.no_grad()
@@ -199,3 +200,96 @@ class BatchNormPruning(Repair):
             divergence = (run_var / var).log() + (var + (mean - run_mean) ** 2) / (2 * run_var) - 0.5
             scored.append((name, norm, divergence))
         return DefenseOutcome(model, details=prune_outlying_channels(scored, self._options["u"]))
+
+
+def histogram_entropy(values: Tensor, step: float = 0.1) -> Tensor:
+    """The entropy (nats) of each row of ``values`` binned into bins of width ``step`` laid from
+    the smallest value of all rows, as EP's official code bins them: a value on a bin's edge
+    (the smallest one among them) falls in no bin."""
+    low, bins = values.min(), int((values.max() - values.min()) / step)
+    entropy = torch.zeros(values.shape[0], dtype=values.dtype)
+    for n in range(bins):
+        share = ((values > low + n * step) & (values < low + (n + 1) * step)).sum(-1) / values.shape[-1]
+        entropy -= share * share.log().nan_to_num(0.0)
+    return entropy
+
+
+@torch.no_grad()
+def channel_maxima(model: nn.Module, layers: list[tuple[str, _BatchNorm]], inputs: Tensor) -> dict[str, Tensor]:
+    """Per layer, what each channel receives at its strongest position for each input:
+    ``(channels, inputs)``, from one forward pass of ``inputs`` (floats on the model's device) in
+    eval mode."""
+    maxima: dict[str, Tensor] = {}
+
+    def hook(name: str):  # noqa: ANN202
+        def record(_: nn.Module, args: tuple[Tensor, ...]) -> None:
+            x = args[0].detach().float()
+            maxima[name] = x.reshape(x.shape[0], x.shape[1], -1).amax(-1).T.cpu()
+
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers]
+    try:
+        model.eval()(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return maxima
+
+
+@REPAIRS.register(
+    "ep",
+    "EP (Zheng et al. 2022): prune BN channels whose pre-activations on the training data have outlying low entropy",
+)
+class EntropyPruning(Repair):
+    """Feed one batch of the training set the suspect model learnt from (poisoned, without its
+    mask) through the model; for every batch-norm layer take each channel's input at its strongest
+    position per sample, standardise it per channel over the batch, and prune the channels whose
+    histogram entropy lies below ``mean - u * std`` of their layer's (BN weight and bias set to
+    zero): a backdoor neuron's pre-activations split into a clean mode and a triggered one, a
+    lower-entropy shape than a clean neuron's. Source: Zheng et al., "Pre-activation Distributions
+    Expose Backdoor Neurons" (NeurIPS 2022), official code ``RJ-T/NIPS2022_EP_BNP``; BackdoorBench's
+    ``defense/ep.py`` (``EP_defense``, ``batch_entropy`` with bins of 0.1; ``config/defense/ep``:
+    ``u`` 3, ``batch_size`` 256, its loader shuffling the poisoned training set under the training
+    transform).
+
+    The batch is drawn with the run's seed and takes the recipe's training augmentation, as
+    BackdoorBench's loader does. BackdoorBench's ``u_min`` / ``u_max`` / ``u_num`` sweep reports
+    every ``u`` on the test set and is not copied. LayerNorm layers (which BackdoorBench also prunes
+    in ConvNeXt and ViT) are not: the registered models normalise with batch norm. Series models'
+    BatchNorm1d channels are pruned the same way (reconstructed: the paper has images only). A
+    channel whose input is constant over the batch (which the official code cannot standardise) is
+    given its layer's mean entropy, so it is never pruned (reconstructed).
+
+    Args:
+        u: how many standard deviations below its layer's mean a channel's entropy must lie.
+        batch_size: the training samples read (one batch).
+    """
+
+    reads = "training"
+
+    def __init__(self, u: NonNegativeFloat = 3.0, batch_size: PositiveInt = 256) -> None:
+        super().__init__()
+
+    def check_trusted(self, trusted: TensorDataset) -> None:
+        """Reads the training set, not the trusted split: any trusted split will do."""
+
+    def repair(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> DefenseOutcome:
+        data = trusted  # the training set: ``reads = "training"``
+        model = suspect_copy(model).to(ctx.device)
+        layers = norm_layers(model)
+        generator = torch.Generator().manual_seed(ctx.seed)
+        index = torch.randperm(len(data), generator=generator)[: self._options["batch_size"]]
+        augment = BatchAugmentation(ctx.recipe, data, generator, ctx.device)
+        inputs = augment(data.inputs[index].to(ctx.device), index.to(ctx.device), epoch=0)
+        maxima = channel_maxima(model, layers, inputs)
+        scored = []
+        for name, norm in layers:
+            feats, spread = maxima[name], maxima[name].std(-1, keepdim=True)
+            entropy = histogram_entropy((feats - feats.mean(-1, keepdim=True)) / spread.clamp_min(1e-12))
+            constant = spread.flatten() == 0
+            if constant.any() and not constant.all():  # no distribution to judge: the layer's mean
+                entropy[constant] = entropy[~constant].mean()
+            scored.append((name, norm, -entropy))
+        details = prune_outlying_channels(scored, self._options["u"])
+        return DefenseOutcome(model, details={**details, "batch": len(index)})

@@ -165,6 +165,9 @@ BACKDOORBENCH_DEFENSES: dict[str, dict[str, Any]] = {
     # copied: bnp_defense compares the running statistics with one batch of the poisoned training
     # set (its second forward pass overwrites the clean batch's); here the trusted split's.
     "bnp": {"u": 3.0},
+    # ep: config/defense/ep/cifar10.yaml (u 3, batch_size 256; its u_min / u_max / u_num sweep is
+    # reported on the test set, and is not copied) with defense/ep.py's EP_defense.
+    "ep": {"u": 3.0, "batch_size": 256},
     # anp: config/defense/anp/cifar10.yaml with defense/anp.py (anp_eps 0.4, anp_steps 1, anp_alpha
     # 0.2, nb_iter 2000, batch_size 256, and the mask optimiser at the yaml's lr 0.01 where the
     # official code has 0.2). Not copied: its pruning threshold is the one of 0, 0.05, ..., 0.9 with

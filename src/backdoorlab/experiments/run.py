@@ -369,7 +369,8 @@ def post_training_context(prepared: Prepared, observer: Observer | None = None) 
 def apply_repair(
     prepared: Prepared, model: torch.nn.Module, name: str, options: dict[str, Any], *, persistence: bool = True
 ) -> tuple[torch.nn.Module, dict[str, float], dict[str, Any], float]:
-    """Repair ``model`` with the trusted split only; return ``(repaired, metrics, details, seconds)``
+    """Repair ``model`` with the trusted split only (or, for a repair that reads the training set,
+    the poisoned training set without its mask); return ``(repaired, metrics, details, seconds)``
     where ``details`` holds the repair's own details and, with ``persistence``, the evaluation's
     ``persistence`` curve (CA, ASR, RA at each checkpoint: for fine-tuning, each epoch; for Pivotal
     Tuning, each held-out measurement; ``persistence_unit`` says which), and
@@ -378,7 +379,8 @@ def apply_repair(
     repair = create_repair(name, **options)
     observer = CheckpointSnapshots() if persistence else None
     tick = time.perf_counter()
-    outcome = repair.repair(model, prepared.trusted, post_training_context(prepared, observer))
+    data = prepared.poisoned.data if repair.reads == "training" else prepared.trusted
+    outcome = repair.repair(model, data, post_training_context(prepared, observer))
     seconds = time.perf_counter() - tick - (observer.seconds if observer else 0.0)
     details = dict(outcome.details)
     if observer is not None and len(observer.snapshots) > 1:
