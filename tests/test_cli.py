@@ -45,7 +45,7 @@ def test_bad_input_is_a_clear_error_with_exit_code_2():
     cases = [
         (
             ["run", "--dataset", "imagenet"],
-            "cifar10, digits, gtsrb, gunpoint, italypowerdemand, mnist, osuleaf; or a prefixed time-series name: ucr:<Name>, sktime:<Name>",
+            "cifar10, digits, gtsrb, gunpoint, italypowerdemand, mnist, osuleaf; or a prefixed name: ucr:<Name>, sktime:<Name>, parquet:<PATH>, folder:<PATH>",
         ),
         (["run", "--attack", "trojan"], "valid attacks: adaptive_blend, adaptive_patch, badnet_rand, badnet_stripes"),
         (["run", "--target", "11"], "outside the dataset's classes 0..9"),

@@ -23,7 +23,7 @@ DOC = ROOT / "docs" / "architecture.md"
 # for the package's own ``__init__`` (``__version__``). A module may import its own layer and the
 # layers below it, never one above.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation", ("__init__", "registry", "options", "files", "metrics", "progress", "plotting")),
+    ("foundation", ("__init__", "registry", "plugins", "options", "files", "metrics", "progress", "plotting")),
     ("data", ("data",)),
     ("attacks and models", ("attacks", "models")),
     ("training", ("training",)),

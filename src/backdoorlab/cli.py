@@ -98,7 +98,10 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-DatasetOpt = Annotated[str, typer.Option(help="Dataset name (see `backdoorlab list`).")]
+DatasetOpt = Annotated[
+    str,
+    typer.Option(help="Dataset name (see `backdoorlab list`), or images by path: parquet:PATH, folder:PATH."),
+]
 AttackOpt = Annotated[
     Optional[str], typer.Option(help="Attack (trigger) name; default: badnets for images, ts_pattern for series.")
 ]
@@ -277,6 +280,9 @@ def run_command(
         budget = config.step_budget()
         if budget is not None:
             console.print(budget.note(), soft_wrap=True)
+        fallback = config.recipe_fallback()
+        if fallback is not None:  # said before training too: the run may take long
+            err_console.print(f"[bold yellow]warning:[/] {escape(fallback)}", soft_wrap=True)
         result = run(config)
     except (UnknownNameError, DataError, ValueError, TypeError) as err:
         _fail(err)
@@ -396,6 +402,76 @@ def _rerun_saved(
         _fail(err)
         return
     _report(result, output, save_model)
+
+
+@app.command("export")
+def export_command(
+    output: Annotated[Path, typer.Option(help="Folder to write train, test, triggered and trusted .parquet to.")],
+    dataset: DatasetOpt = "digits",
+    attack: AttackOpt = None,
+    attack_option: AttackOptionOpt = None,
+    poison_rate: Annotated[
+        str, typer.Option(help="Fraction in (0, 1] of the training set (0.1), or a count (500); 0 = none.")
+    ] = "0.1",
+    poison_rate_of: Annotated[str, typer.Option(help="train, or target (clean-label: of the target class).")] = "train",
+    target: Annotated[int, typer.Option(help="Target class (all-to-one).")] = 0,
+    mode: Annotated[str, typer.Option(help="all-to-one or all-to-all.")] = "all-to-one",
+    clean_label: Annotated[
+        Optional[bool],
+        typer.Option("--clean-label/--dirty-label", help="Default: the attack's (SIG: clean-label)."),
+    ] = None,
+    source: Annotated[Optional[int], typer.Option(help="Poison only this class.")] = None,
+    seed: Annotated[int, typer.Option(help="Seeds the splits, the poison choice and the trigger.")] = 0,
+    train_size: TrainSizeOpt = None,
+    test_size: TestSizeOpt = None,
+    trusted_size: Annotated[
+        Optional[str], typer.Option(help="Trusted clean split kept out of the poisoned set (default: 0.01).")
+    ] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Another toolkit's attack settings: backdoorbench.")] = None,
+    recipe: RecipeOpt = "fast",
+    model: Annotated[
+        Optional[str], typer.Option(help="Surrogate model of an adaptive attack; default: the recipe's.")
+    ] = None,
+    device: DeviceOpt = "auto",
+    data_root: DataRootOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write a poisoned training set (with its mask), the clean and triggered test sets and the trusted
+    split as Hugging Face parquet files, the config in their metadata; `--dataset parquet:OUTPUT` reads
+    them back."""
+    from backdoorlab.data.dataset import DataError
+    from backdoorlab.experiments import RunConfig, export_poisoned
+
+    try:
+        config = RunConfig(
+            dataset=dataset,
+            recipe=recipe,
+            model=model,
+            attack=attack,
+            attack_options=parse_options(attack_option),
+            poison_rate=parse_size(poison_rate),
+            poison_rate_of=poison_rate_of,
+            target=target,
+            mode=mode,
+            clean_label=clean_label,
+            source=source,
+            seed=seed,
+            device=device,
+            train_size=parse_size(train_size),
+            test_size=parse_size(test_size),
+            trusted_size=parse_size(trusted_size),
+            preset=preset,
+            data_root=data_root,
+        )
+        if set_:
+            config = config.with_overrides(set_)
+        check_output_dir(output, "--output")
+        written = export_poisoned(config, output)
+    except (UnknownNameError, DataError, ValueError, TypeError) as err:
+        _fail(err)
+        return
+    for path in written.values():
+        console.print(f"wrote {path}")
 
 
 ModelFileArg = Annotated[Path, typer.Argument(help="A model file written by `run --save-model`.")]
@@ -851,8 +927,14 @@ def list_command(
         modal = any("modality" in registry.metadata(item) for item in registry.names())
         if modal:
             table.add_column("data")
+        # where a plugin (an installed package's entry point) added some: the distribution of each
+        origins = {item: registry.origin(item) or "" for item in registry.names()}
+        plugged = any(origins.values())
+        if plugged:
+            table.add_column("plugin")
         for item, text in registry.describe().items():
-            table.add_row(item, text, *([registry.metadata(item).get("modality", "any")] if modal else []))
+            modality = [registry.metadata(item).get("modality", "any")] if modal else []
+            table.add_row(item, text, *modality, *([origins[item]] if plugged else []))
         if name == "datasets":
             table.add_row(
                 "ucr:<Name>",
@@ -864,6 +946,12 @@ def list_command(
                 "time series: any UCR/UEA set through sktime (downloads what it does not bundle)",
                 "series",
             )
+            table.add_row(
+                "parquet:<PATH>",
+                "images: Hugging Face parquet files, PATH/{train,test}.parquet (or shards, data/...)",
+                "image",
+            )
+            table.add_row("folder:<PATH>", "images: an image folder, PATH/{train,test}/<class>/<image>", "image")
         console.print(table)
 
 

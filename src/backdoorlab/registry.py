@@ -2,6 +2,8 @@
 
 One way to register and look up things by name, with one error message for unknown names that
 lists the valid ones (the CLI and configs rely on that message).
+
+A registry loads the installed plugins (:mod:`backdoorlab.plugins`) at its first look-up.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
 from backdoorlab.options import OptionError, check_value, describe_hint, option_hints
+from backdoorlab.plugins import Plugin, PluginError, current_plugin, ensure_plugins
 
 T = TypeVar("T")
 
@@ -43,6 +46,7 @@ class Registry(Generic[T]):
         self._items: dict[str, T] = {}
         self._help: dict[str, str] = {}
         self._metadata: dict[str, dict[str, Any]] = {}
+        self._origins: dict[str, Plugin] = {}
 
     def register(self, name: str, help: str = "", **metadata: Any) -> Callable[[T], T]:
         """Decorator: register ``obj`` under ``name`` (lower case, unique), with optional metadata
@@ -51,14 +55,18 @@ class Registry(Generic[T]):
         that declares ``modality`` (a trigger) gives its own, else the registry's default.
         ``revision=`` counts changes to what the method computes at the same options (a changed
         default): a sweep's cell key includes it where above 0, so a store never serves a result of
-        the earlier computation (``experiments.grid.cell_key``)."""
+        the earlier computation (``experiments.grid.cell_key``). Inside a plugin's entry point,
+        the plugin is recorded as the origin (:meth:`origin`)."""
 
         def decorator(obj: T) -> T:
             key = name.lower()
+            plugin = current_plugin()
             if key in self._items:
-                raise ValueError(f"{self.kind} '{key}' is registered twice")
+                raise self._taken(key, obj, plugin)
             modality = self._modality_of(key, obj, metadata.get("modality"))
             self._items[key] = obj
+            if plugin is not None:
+                self._origins[key] = plugin
             doc = help or (getattr(obj, "__doc__", None) or "").strip().split("\n")[0]
             self._help[key] = doc
             self._metadata[key] = {**metadata, **({"modality": modality} if modality else {})}
@@ -78,12 +86,38 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} '{key}': unknown modality '{modality}'; valid: {', '.join(MODALITIES)}")
         return modality
 
+    def _taken(self, key: str, obj: object, plugin: Plugin | None) -> ValueError:
+        """The error for registering ``key`` twice: a :class:`PluginError` naming both where a
+        plugin is one of them."""
+        first = self._origins.get(key)
+        if plugin is None and first is None:
+            return ValueError(f"{self.kind} '{key}' is registered twice")
+
+        def who(by: Plugin | None, factory: object) -> str:
+            where = f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', factory)}"
+            if by is not None:
+                return f"plugin {by} as {where}"
+            return f"the built-in {where}" if where.startswith("backdoorlab.") else where
+
+        return PluginError(
+            f"{self.kind} '{key}' is registered twice: by {who(first, self._items[key])}, and by "
+            f"{who(plugin, obj)}; rename one of them"
+        )
+
     def unregister(self, name: str) -> T:
         """Remove ``name`` and return its factory (for tests that register a throwaway entry)."""
         obj = self.get(name)
         key = name.lower()
         del self._items[key], self._help[key], self._metadata[key]
+        self._origins.pop(key, None)
         return obj
+
+    def origin(self, name: str) -> str | None:
+        """The distribution of the plugin that registered ``name`` (its entry point where the
+        distribution is unknown); ``None`` for the built-in methods and those registered by code."""
+        self.get(name)
+        plugin = self._origins.get(name.lower())
+        return None if plugin is None else plugin.distribution or f"{plugin.name} = {plugin.value}"
 
     @contextmanager
     def temporary(self, name: str, obj: T, help: str = "", **metadata: Any) -> Iterator[T]:
@@ -96,6 +130,7 @@ class Registry(Generic[T]):
             self.unregister(name)
 
     def get(self, name: str) -> T:
+        ensure_plugins()
         key = name.lower()
         if key not in self._items:
             raise UnknownNameError(f"unknown {self.kind} '{name}'; valid {self.kind}s: {', '.join(self.names())}")
@@ -153,6 +188,7 @@ class Registry(Generic[T]):
 
     def names(self, modality: str | None = None) -> list[str]:
         """The registered names, sorted; with ``modality``, only those registered for it."""
+        ensure_plugins()
         return sorted(k for k in self._items if modality is None or self._metadata[k].get("modality") == modality)
 
     def check_modality(self, name: str, modality: str, data: str) -> None:
@@ -170,6 +206,7 @@ class Registry(Generic[T]):
         return {name: self._help[name] for name in self.names()}
 
     def __contains__(self, name: object) -> bool:
+        ensure_plugins()
         return isinstance(name, str) and name.lower() in self._items
 
     def __iter__(self) -> Iterator[str]:

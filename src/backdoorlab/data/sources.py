@@ -5,6 +5,8 @@
   (argument, or ``$BACKDOORLAB_DATA``); where absent, torchvision's download (needs internet).
 - time series (``backdoorlab.data.series``): ``ucr:<Name>`` (UCR archive folders under the data
   root), sktime's bundled sets by name (``gunpoint``...) and ``sktime:<Name>``.
+- images by path (``backdoorlab.data.paths``): ``parquet:<PATH>`` (Hugging Face parquet files) and
+  ``folder:<PATH>`` (``PATH/{train,test}/<class>/<image>``); mean and std are the training split's.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import Tensor
 from backdoorlab.data.cache import cache_dir, cached
 from backdoorlab.data.dataset import DataError, Splits, TensorDataset
 from backdoorlab.data.parquet import read_image_parquet
+from backdoorlab.data.paths import read_image_folder, read_parquet_dataset, resolve_path
 from backdoorlab.data.series import SKTIME_BUNDLED, load_sktime, load_ucr
 from backdoorlab.registry import Registry, UnknownNameError
 
@@ -32,10 +35,37 @@ DATA_ENV = "BACKDOORLAB_DATA"
 DATASETS: Registry[Callable[[Path | None, bool], Splits]] = Registry("dataset", modality="image")
 
 
-#: Name prefixes for open-ended families of sets: ``ucr:<Name>``, ``sktime:<Name>`` (all time series).
+@dataclass(frozen=True)
+class Prefix:
+    """An open-ended family of sets named ``<prefix>:<rest>``: ``loader(rest)`` gives the loader of
+    one, ``modality`` the data they hold, ``usage`` how to write a name (``ucr:<Name>``)."""
+
+    loader: Callable[[str], Callable[[Path | None, bool], Splits]]
+    modality: str
+    usage: str
+
+
+def _by_path(prefix: str, read: Callable[[Path], tuple[Any, Any, tuple[str, ...]]]) -> Prefix:
+    """``<prefix>:PATH``: images read from a path (``data.paths``), mean and std of its training
+    split; a label is kept under a horizontal flip only where the data says so (never, here)."""
+
+    def loader(rest: str) -> Callable[[Path | None, bool], Splits]:
+        def load(root: Path | None, download: bool) -> Splits:
+            train, test, classes = read(resolve_path(rest, root, prefix))
+            return _make_splits(f"{prefix}:{rest}", train, test, classes, hflip=False)
+
+        return load
+
+    return Prefix(loader, "image", f"{prefix}:<PATH>")
+
+
+#: Name prefixes for open-ended families of sets: time series ``ucr:<Name>``, ``sktime:<Name>``;
+#: images by path ``parquet:<PATH>`` (Hugging Face parquet files), ``folder:<PATH>`` (an image folder).
 PREFIXES = {
-    "ucr": lambda name: lambda root, download: load_ucr(root, name),
-    "sktime": lambda name: lambda root, download: load_sktime(name),
+    "ucr": Prefix(lambda name: lambda root, download: load_ucr(root, name), "series", "ucr:<Name>"),
+    "sktime": Prefix(lambda name: lambda root, download: load_sktime(name), "series", "sktime:<Name>"),
+    "parquet": _by_path("parquet", read_parquet_dataset),
+    "folder": _by_path("folder", read_image_folder),
 }
 
 
@@ -49,14 +79,16 @@ def dataset_loader(name: str) -> Callable[[Path | None, bool], Splits]:
     prefix, sep, rest = name.partition(":")
     if sep:
         if prefix.lower() not in PREFIXES or not rest:
-            raise DataError(
-                f"unknown dataset '{name}'; prefixed names are {', '.join(p + ':<Name>' for p in PREFIXES)}"
-            )
-        return PREFIXES[prefix.lower()](rest)
+            raise DataError(f"unknown dataset '{name}'; prefixed names are {_usages()}")
+        return PREFIXES[prefix.lower()].loader(rest)
     try:
         return DATASETS.get(name)
     except UnknownNameError as err:
-        raise UnknownNameError(f"{err}; or a prefixed time-series name: ucr:<Name>, sktime:<Name>") from None
+        raise UnknownNameError(f"{err}; or a prefixed name: {_usages()}") from None
+
+
+def _usages() -> str:
+    return ", ".join(p.usage for p in PREFIXES.values())
 
 
 def dataset_facts(name: str) -> dict[str, Any]:
@@ -68,18 +100,22 @@ def dataset_facts(name: str) -> dict[str, Any]:
 
 def dataset_modality(name: str) -> str:
     """``"series"`` or ``"image"``, from the name alone (no data is read): a registered set's
-    ``modality``, ``"series"`` for a prefixed family; an unknown name is refused."""
+    ``modality``, a prefixed family's (``ucr:``: series, ``parquet:``: images); an unknown name is refused."""
     dataset_loader(name)  # refuses an unknown name with the valid ones listed
-    return "series" if ":" in name else DATASETS.metadata(name)["modality"]
+    prefix, sep, _ = name.partition(":")
+    return PREFIXES[prefix.lower()].modality if sep else DATASETS.metadata(name)["modality"]
 
 
 def load_dataset(name: str, root: str | Path | None = None, *, download: bool = True) -> Splits:
     """Load a dataset's train and test splits as tensors.
 
     Args:
-        name: a registered name (``backdoorlab list`` shows them), ``ucr:<Name>`` or
-            ``sktime:<Name>``.
-        root: folder that holds ``<name>/{train,test}.parquet`` (and ``ucr/<Name>/``); default
+        name: a registered name (``backdoorlab list`` shows them), ``ucr:<Name>``,
+            ``sktime:<Name>``, or images by path: ``parquet:<PATH>`` (Hugging Face parquet
+            files), ``folder:<PATH>`` (``PATH/{train,test}/<class>/<image>``); see
+            :mod:`backdoorlab.data.paths`.
+        root: folder that holds ``<name>/{train,test}.parquet`` (and ``ucr/<Name>/``; a relative
+            ``PATH`` of ``parquet:``/``folder:`` not found from the current folder); default
             ``$BACKDOORLAB_DATA``.
         download: where the files are absent, try torchvision's download (needs internet).
     """

@@ -18,7 +18,14 @@ from backdoorlab.attacks.triggers import ATTACKS, create_trigger
 from backdoorlab.data.sources import dataset_facts, dataset_loader, dataset_modality
 from backdoorlab.defenses import DETECTORS, INPUT_DETECTORS, defense_kind, registry_for
 from backdoorlab.experiments.presets import Preset, preset_for
-from backdoorlab.experiments.recipes import DEFAULT_RECIPE, StepBudget, recipe_for, step_budget, stretch_schedule
+from backdoorlab.experiments.recipes import (
+    DEFAULT_RECIPE,
+    StepBudget,
+    fallback_warning,
+    recipe_for,
+    step_budget,
+    stretch_schedule,
+)
 from backdoorlab.models.registry import MODELS, check_input_fits, check_model_options
 from backdoorlab.options import OptionError, PositiveInt, check_fields
 from backdoorlab.training.loop import TrainConfig, parse_device
@@ -154,6 +161,16 @@ class RunConfig:
         check_fields(self, "config field")
         check_size(self.train_size, "train_size")
         return step_budget(self.recipe, self.dataset, self.train_size)
+
+    def recipe_fallback(self, subject: str = "model") -> str | None:
+        """The warning that the recipe has no settings for this dataset and lent another's
+        (:func:`~backdoorlab.experiments.recipes.fallback_warning`), or ``None``: the recipe has its
+        own, or this config sets the model and a schedule (``train``) other than the one lent. A
+        resolved config (a sweep's cell) has both set: it warns where its schedule is the lent one."""
+        warning = fallback_warning(self.recipe, self.dataset, subject)
+        if warning is None or self.model is None or self.train is None:
+            return warning
+        return warning if replace(self, train=None).resolved().train == self.train else None
 
     def poison_spec(self) -> PoisonSpec:
         return PoisonSpec(

@@ -66,13 +66,18 @@ class Recipe:
 
     ``full_size``: the training-set size the schedule's epochs are set for; a smaller subset trains
     more epochs under the step budget (module docstring), up to ``max_epoch_scale`` times the
-    recipe's. ``None``: the epochs are fixed whatever the size."""
+    recipe's. ``None``: the epochs are fixed whatever the size.
+
+    ``fallback``: the dataset whose settings these are, where the recipe has none for the one asked
+    (a set the toolkit does not know: ``parquet:PATH``, a user's own); a run then warns
+    (:func:`fallback_warning`)."""
 
     model: str
     model_options: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     full_size: int | None = None
     max_epoch_scale: int = MAX_EPOCH_SCALE
+    fallback: str | None = None
 
     def epochs_for(self, size: int) -> int:
         """The epochs for a training set of ``size`` samples (before the trusted split): about the
@@ -190,7 +195,12 @@ def fast(dataset: str) -> Recipe:
     if dataset == "gtsrb":
         # No flips (signs are not mirror-symmetric), so no mirrored test-time views either.
         return Recipe("airbench", {"width": 32}, replace(AIRBENCH_TRAIN, epochs=4, flip=False, tta=0), full_size)
-    return Recipe("airbench", {"width": 32}, replace(AIRBENCH_TRAIN, epochs=16), full_size)
+    return Recipe("airbench", {"width": 32}, replace(AIRBENCH_TRAIN, epochs=16), full_size, fallback=_fallback(dataset))
+
+
+def _fallback(dataset: str) -> str | None:
+    """``"cifar10"`` where ``fast`` or ``quick`` lends CIFAR-10's settings to a set it has none for."""
+    return None if dataset == "cifar10" else "cifar10"
 
 
 @RECIPES.register("quick", "minutes on a CPU: airbench width 32 one-cycle / small CNN (earlier defaults)")
@@ -207,6 +217,7 @@ def quick(dataset: str) -> Recipe:
         "airbench",
         {"width": 32},
         TrainConfig(epochs=epochs, batch_size=256, lr=0.2, label_smoothing=0.2, crop_padding=2),
+        fallback=None if dataset == "gtsrb" else _fallback(dataset),
     )
 
 
@@ -236,6 +247,22 @@ def backdoorbench(dataset: str) -> Recipe:
 
 
 DEFAULT_RECIPE = "fast"
+
+
+def fallback_warning(name: str, dataset: str, subject: str = "model") -> str | None:
+    """The warning for a model trained under recipe ``name`` on ``dataset`` where the recipe has no
+    settings of its own for it and lent another set's (``Recipe.fallback``), else ``None``. It
+    starts with ``subject`` (``model``, ``suspect model``), as the run's health warnings do."""
+    recipe = RECIPES.get(name)(dataset)
+    if recipe.fallback is None:
+        return None
+    train = recipe.train
+    return (
+        f"{subject}: recipe '{name}' has no settings for dataset '{dataset}': what the config leaves open "
+        f"(model, schedule, augmentation) is {recipe.fallback}'s ({recipe.model}, {train.epochs} epochs, "
+        f"batch {train.batch_size}, lr {train.lr:g}); check the clean accuracy, or set them "
+        "(--model, --epochs, --batch-size, --lr, --set train.*)"
+    )
 
 
 def recipe_for(name: str, dataset: str) -> Recipe:

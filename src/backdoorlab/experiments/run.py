@@ -508,6 +508,8 @@ def _run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunRes
         check_suspect(suspect)
     prepared = prepare(config)
     budget = config.step_budget()  # of the config as given: a resolved one has its epochs set
+    reviewed = config.defense is not None and defense_kind(config.defense) in ("repair", "filter")
+    fallback = config.recipe_fallback("suspect model" if reviewed else "model")  # as given, too
     config, device, timings = prepared.config, prepared.device, prepared.timings
     assert config.train is not None
     poisoned = prepared.poisoned
@@ -520,7 +522,7 @@ def _run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunRes
     tick = time.perf_counter()
     outcome, history, details = None, None, {}
     metrics: dict[str, float] = {}
-    warnings: list[str] = []
+    warnings: list[str] = [fallback] if fallback else []
     if kind == "training":
         # The defense gets the poisoned training set only: no mask, trigger, target or test set.
         torch.manual_seed(config.seed + _MODEL)
