@@ -12,9 +12,10 @@
 - A **detector** (:class:`Detector`, ``DETECTORS``) gets the same and returns a score: higher means
   more likely backdoored.
 - A **sample filter** (:class:`SampleFilter`, ``SAMPLE_FILTERS``; data filtering) gets the untrusted
-  training set and a model trained on it, and returns a suspicion score per training sample and the
-  samples it flags; the run retrains a fresh model on the rest. How good the verdict is (precision,
-  recall, AUROC against the poison mask) is measured by the evaluation.
+  training set and a model trained on it (and the trusted split, where it says it uses one), and
+  returns a suspicion score per training sample and the samples it flags; the run retrains a fresh
+  model on the rest. How good the verdict is (precision, recall, AUROC against the poison mask) is
+  measured by the evaluation.
 - An **input detector** (:class:`InputDetector`, ``INPUT_DETECTORS``) gets the same to calibrate
   on, then scores the inputs it is shown at inference: higher means more likely triggered. It is
   never told which inputs carry the trigger; its threshold is set on trusted clean data only.
@@ -131,8 +132,9 @@ def require_classifier(model: nn.Module, method: str, *, min_body: int = 0) -> N
     shape = " whose body is an nn.Sequential" if min_body == 1 else shape
     raise TypeError(
         f"{method} reads the model's features: it needs a backdoorlab Classifier{shape} "
-        f"(normalisation, body, pooled linear head), got {type(model).__name__}; wrap your network's "
-        "feature extractor as Classifier(body, num_features, num_classes, mean, std) (docs/library.md)"
+        f"(normalisation, body, pooled linear head), got {type(model).__name__}; wrap your network with "
+        "as_classifier(module, features=..., head=..., blocks=[...]) or build Classifier(body, num_features, "
+        "num_classes, mean, std) (docs/library.md)"
     )
 
 
@@ -151,10 +153,15 @@ class TrainingDefense(_Method):
 class SampleFilter(_Method):
     """Base class of poisoned-sample filters (data filtering)."""
 
+    #: Whether :meth:`filter` takes the trusted clean split as a keyword ``trusted`` (``run`` passes
+    #: it to such a filter only; ASSET offsets its losses against it).
+    uses_trusted: ClassVar[bool] = False
+
     @abstractmethod
     def filter(self, model: nn.Module, data: TensorDataset, ctx: DefenseContext) -> Filtering:
         """Score every sample of ``data`` (untrusted, as the victim trained on it) with ``model``
-        (trained on it, left unchanged) and flag the ones to remove."""
+        (trained on it, left unchanged) and flag the ones to remove. A filter that
+        :attr:`uses_trusted` adds a keyword ``trusted: TensorDataset | None = None``."""
 
 
 class _PostTraining(_Method):

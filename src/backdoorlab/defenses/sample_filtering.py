@@ -15,6 +15,11 @@ from backdoorlab.training.loop import predict_logits
 def penultimate_embeddings(model: nn.Module, data: TensorDataset, ctx: DefenseContext) -> Tensor:
     """The pooled penultimate features (what the linear head reads) of every sample, float32 on
     the CPU, in eval mode without augmentation or mixed precision."""
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        raise TypeError(
+            f"this sample filter reads the pooled features a Classifier's forward_head gives, got {type(model).__name__}; "
+            "wrap your network with as_classifier(module, features=..., head=...) (docs/library.md)"
+        )
     return predict_logits(model, data.inputs, device=ctx.device, amp=False, pre_logits=True)
 
 

@@ -32,6 +32,11 @@ def grad_cam(model: nn.Module, inputs: Tensor) -> tuple[Tensor, Tensor]:
     cams shaped like one input channel, ``(N, H, W)`` (or ``(N, L)``)."""
     with torch.no_grad():
         features = model.forward_features(inputs)
+    if features.dim() < 3:
+        raise ValueError(
+            f"Grad-CAM needs a feature map (N, C, H, W) from forward_features, got {tuple(features.shape)}: "
+            "give as_classifier the last unpooled map as features (a ResNet's 'layer4')"
+        )
     features = features.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model.forward_head(features)

@@ -1,5 +1,6 @@
 """Experiments: one run from a config to a stored result, and model files."""
 
+from backdoorlab.experiments.backdoorbench_import import BackdoorBenchAttack, BackdoorBenchFileError, load_backdoorbench
 from backdoorlab.experiments.config import RunConfig
 from backdoorlab.experiments.export import Export, export_poisoned, load_export
 from backdoorlab.experiments.recipes import RECIPES, Recipe, recipe_for
@@ -8,6 +9,8 @@ from backdoorlab.experiments.saved_model import ModelFileError, load_model, read
 
 __all__ = [
     "RECIPES",
+    "BackdoorBenchAttack",
+    "BackdoorBenchFileError",
     "Export",
     "ModelFileError",
     "ModelSpec",
@@ -17,6 +20,7 @@ __all__ = [
     "build_model",
     "export_poisoned",
     "fit_attack",
+    "load_backdoorbench",
     "load_export",
     "load_model",
     "read_metadata",

@@ -412,15 +412,17 @@ def apply_filter(
     prepared: Prepared, model: torch.nn.Module, name: str, options: dict[str, Any]
 ) -> tuple[torch.nn.Module, dict[str, float], dict[str, Any], float, float]:
     """Score the poisoned training set with sample filter ``name`` (it gets the set and ``model``,
-    trained on it; never the mask), measure its verdict against the mask, and train a fresh model
-    on the samples it did not flag (where it flagged none, the victim stands: the same data, seed and
-    recipe; ``details["retrained"]`` says which). Returns ``(retrained, metrics, details, filter seconds,
-    retraining seconds)``; ``metrics``: ``isolation_precision`` / ``isolation_recall`` /
-    ``isolated`` of the flagged samples and ``isolation_auroc`` of the scores."""
+    trained on it, and the trusted split where it ``uses_trusted``; never the mask), measure its
+    verdict against the mask, and train a fresh model on the samples it did not flag (where it
+    flagged none, the victim stands: the same data, seed and recipe; ``details["retrained"]`` says
+    which). Returns ``(retrained, metrics, details, filter seconds, retraining seconds)``;
+    ``metrics``: ``isolation_precision`` / ``isolation_recall`` / ``isolated`` of the flagged samples
+    and ``isolation_auroc`` of the scores."""
     poisoned = prepared.poisoned
     sample_filter = create_sample_filter(name, **options)
     tick = time.perf_counter()
-    verdict = sample_filter.filter(model, poisoned.data, post_training_context(prepared))
+    trusted = {"trusted": prepared.trusted} if sample_filter.uses_trusted else {}
+    verdict = sample_filter.filter(model, poisoned.data, post_training_context(prepared), **trusted)
     seconds = time.perf_counter() - tick
     flagged = torch.as_tensor(verdict.flagged).bool()
     if flagged.shape != (len(poisoned.data),) or len(verdict.scores) != len(poisoned.data):
