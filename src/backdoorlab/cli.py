@@ -112,8 +112,8 @@ AttackOptionOpt = Annotated[
 DefenseOpt = Annotated[
     Optional[str],
     typer.Option(
-        help="Training-time (abl, e2abl, pt), repair (fine_tuning, pivotal_tuning ...) or sample-filter "
-        "(activation_clustering, spectral_signatures) defense."
+        help="Training-time (abl, e2abl, pt ...), repair (fine_tuning, pivotal_tuning ...) or sample-filter "
+        "(activation_clustering, spectral_signatures ...) defense (`backdoorlab list` shows every kind)."
     ),
 ]
 DefenseOptionOpt = Annotated[
