@@ -319,11 +319,16 @@ def given(value: Any, found: list[Any], depth: int = 0) -> None:
 
 
 def check_hygiene(
-    kind: str, name: str, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], expected_size: int
+    kind: str,
+    name: str,
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    expected_size: int,
+    trusted_size: int | None = None,
 ) -> None:
     """The method's entry point ran once and got one plain :class:`TensorDataset` of the expected
-    size (the training set or the trusted split), and nothing that holds the poison mask, the
-    trigger, the target or the test set, by type or by parameter name."""
+    size (the training set or the trusted split), besides the trusted split (``trusted_size``) as
+    the keyword ``trusted`` exactly where it is a sample filter that ``uses_trusted``, and nothing
+    that holds the poison mask, the trigger, the target or the test set, by type or by parameter name."""
     assert len(calls) == 1, f"{name}.{ENTRY_POINTS[kind]} ran {len(calls)} times"
     args, kwargs = calls[0]
     found: list[Any] = []
@@ -332,7 +337,12 @@ def check_hygiene(
     leaked = [type(v).__name__ for v in found if isinstance(v, FORBIDDEN)]
     leaked += ["a boolean tensor (a mask)" for v in found if isinstance(v, Tensor) and v.dtype == torch.bool]
     assert not leaked, f"{kind[:-1]} '{name}' was given {', '.join(leaked)}"
-    datasets = [v for v in found if isinstance(v, TensorDataset)]
+    uses_trusted = kind == "sample-filters" and REGISTRY_OF[kind].get(name).uses_trusted
+    assert ("trusted" in kwargs) == uses_trusted, f"{name} got the trusted split: {'trusted' in kwargs}"
+    trusted = kwargs.get("trusted")
+    if uses_trusted:
+        assert type(trusted) is TensorDataset and len(trusted) == trusted_size, f"{name}: trusted split {trusted}"
+    datasets = [v for v in found if isinstance(v, TensorDataset) and v is not trusted]
     assert [type(d) for d in datasets] == [TensorDataset], f"{name} got {[type(d).__name__ for d in datasets]}"
     assert len(datasets[0]) == expected_size, f"{name} got {len(datasets[0])} samples, expected {expected_size}"
     parameters = set(inspect.signature(getattr(REGISTRY_OF[kind].get(name), ENTRY_POINTS[kind])).parameters)
@@ -369,7 +379,7 @@ def check_run(kind: str, name: str, options: dict[str, Any] | None = None, **con
     size = result.data["train" if reads_training else "trusted"]
     if kind == "input-detectors":  # fitted on the trusted split less its calibration share
         size -= max(1, round(INPUT_CALIBRATION_SHARE * size))
-    check_hygiene(kind, name, calls, size)
+    check_hygiene(kind, name, calls, size, result.data["trusted"])
     check_finite_metrics(result)
     expected = {
         "defenses": "clean_accuracy",

@@ -8,7 +8,7 @@
   model and the trusted clean split and return a repaired model (``Repair``, ``REPAIRS``).
 - Detectors (Neural Cleanse, Calibrated Trigger Inversion) get the same and return a score
   (``Detector``, ``DETECTORS``).
-- Sample filters (Activation Clustering, Spectral Signatures, SPECTRE) get the untrusted training set and a
+- Sample filters (Activation Clustering, Spectral Signatures, SPECTRE, ASSET) get the untrusted training set and a
   model trained on it, and flag the samples they suspect; the run retrains on the rest
   (``SampleFilter``, ``SAMPLE_FILTERS``).
 - Input detectors (STRIP, SentiNet, TeCo, BEATRIX, Cognitive Distillation) calibrate on the same,
@@ -23,6 +23,7 @@ from backdoorlab.defenses import (  # noqa: F401  (registers the defenses)
     abl,
     activation_clustering,
     anp,
+    asset,
     beatrix,
     channel_pruning,
     cognitive_distillation,

@@ -237,6 +237,11 @@ BACKDOORBENCH_DEFENSES: dict[str, dict[str, Any]] = {
     # spectral: config/defense/spectral/cifar10.yaml (percentile 85, every label examined) with
     # defense/spectral.py's score (the official code's uncentred projection, the default here).
     "spectral_signatures": {"percentile": 85.0, "centred": False},
+    # asset: config/detection/asset/cifar10.yaml (batch_size 256, lr 1e-4, n_rounds 1) with
+    # detection_pretrain/asset.py (the MLP and its 100 steps at lr 1e-4, outlyingness cut 2, get_t at
+    # eps 1e-6). Not copied: its base set, 2% of the clean training set; ASSET reads the run's trusted
+    # split (the preset's 5%).
+    "asset": {"batch_size": 256, "lr": 1e-4, "rounds": 1},
 }
 
 
