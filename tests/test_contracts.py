@@ -77,6 +77,8 @@ FAST_ATTACKS: dict[str, dict[str, Any]] = {
 FAST_METHODS: dict[str, dict[str, dict[str, Any]]] = {
     "defenses": {
         "abl": {"isolation_epochs": 1, "unlearning_epochs": 1, "isolation_ratio": 0.05},
+        "d_br": {"intra_epochs": 1, "removal_epochs": 1},
+        "d_st": {"intra_epochs": 1, "extractor_epochs": 2, "classifier_epochs": 1},
         "e2abl": {"warmup_epochs": 0, "head_passes": 1},
         "pt": {"isolation_epochs": 1},
     },

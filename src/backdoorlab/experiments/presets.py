@@ -155,6 +155,28 @@ BACKDOORBENCH_DEFENSES: dict[str, dict[str, Any]] = {
         "unlearning_batch_size": 256,
         "isolation_augmentation": False,
     },
+    # nab: config/defense/nab/cifar10.yaml with defense/nab.py: SimCLR epoch_self 100 at DBD's
+    # pretrain config (batch 512, lr 0.4, temperature 0.5; its cosine T_max 1000 keeps the rate
+    # near 0.4: constant here); LGA epoch_lga 20 at lr 0.01, batch_size_lgd 64, gamma 0.5; the
+    # lowest-loss 10% relabelled by the nearest centre, the centres without the lowest 20%; then
+    # epochs 100 at lr 0.01 (never scheduled: its scheduler.step() steps SimCLR's), batch_size
+    # 256, wd 1e-4.
+    "nab": {
+        "ssl_epochs": 100,
+        "ssl_lr": 0.4,
+        "ssl_batch_size": 512,
+        "temperature": 0.5,
+        "detection_epochs": 20,
+        "detection_lr": 0.01,
+        "detection_batch_size": 64,
+        "gamma": 0.5,
+        "isolation_ratio": 0.1,
+        "centroid_exclusion": 0.2,
+        "epochs": 100,
+        "lr": 0.01,
+        "batch_size": 256,
+        "weight_decay": 1e-4,
+    },
     # clp: config/defense/clp/cifar10.yaml (u 3; its u_min / u_max / u_num sweep is reported on
     # the test set, and is not copied) with defense/clp.py's CLP_prune, as the official code.
     "clp": {"u": 3.0},
@@ -242,6 +264,46 @@ BACKDOORBENCH_DEFENSES: dict[str, dict[str, Any]] = {
     # eps 1e-6). Not copied: its base set, 2% of the clean training set; ASSET reads the run's trusted
     # split (the preset's 5%).
     "asset": {"batch_size": 256, "lr": 1e-4, "rounds": 1},
+    # d-br: config/defense/d-br/cifar10.yaml (clean_ratio 0.2, poison_ratio 0.05, batch_size 128,
+    # lr 0.01) with defense/d-br.py's set_new_args (2 epochs without augmentation, 10 of L_intra,
+    # 20 of unlearning and relearning at lr 1e-4, batch 128): the official code's, the defaults.
+    # Not expressible: its SD stages' CosineAnnealingLR (T_max 100; constant 0.01 here) and the
+    # momentum carried between stages; its BR starts from the attack's model, here the run's.
+    "d_br": {
+        "clean_ratio": 0.2,
+        "poison_ratio": 0.05,
+        "sd_epochs": 2,
+        "intra_epochs": 10,
+        "sd_lr": 0.01,
+        "sd_batch_size": 128,
+        "removal_epochs": 20,
+        "removal_lr": 1e-4,
+        "removal_batch_size": 128,
+    },
+    # d-st: config/defense/d-st/cifar10.yaml (batch_size 128, lr 0.01; clean_ratio 0.2 and
+    # poison_ratio 0.05 from the parser) with defense/d-st.py's set_new_args and
+    # utils/defense_utils/dst/utils_st.py's set_optimizer (weight decay 5e-4 in both ST stages):
+    # SD as d-br's; extractor 200 epochs at lr 0.5, temperature 0.1, cosine with 10 warm-up
+    # epochs; classifier 10 epochs at lr 5. Not expressible: the classifier's warm-up from 0.01
+    # to 5 over its 10 epochs (constant 5 here, as the official code), and its batches over every
+    # sample (here the clean and poisoned parts only, as the official code).
+    "d_st": {
+        "clean_ratio": 0.2,
+        "poison_ratio": 0.05,
+        "sd_epochs": 2,
+        "intra_epochs": 10,
+        "sd_lr": 0.01,
+        "sd_batch_size": 128,
+        "extractor_epochs": 200,
+        "extractor_lr": 0.5,
+        "extractor_batch_size": 128,
+        "extractor_weight_decay": 5e-4,
+        "temperature": 0.1,
+        "classifier_epochs": 10,
+        "classifier_lr": 5.0,
+        "classifier_batch_size": 128,
+        "classifier_weight_decay": 5e-4,
+    },
 }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from backdoorlab.defenses.nab import DefensiveTriggerClassifier
 from backdoorlab.experiments.config import RunConfig
 from backdoorlab.files import atomic_path
 from backdoorlab.models.classifier import Classifier
@@ -36,6 +37,8 @@ def save_model(path: str | Path, model: Classifier, config: RunConfig) -> Path:
     path = Path(path)
     shape = {"num_classes": model.num_classes, "in_channels": model.mean.numel()}
     meta = {"format": FORMAT_VERSION, "config": config.to_dict(), "shape": shape}
+    if isinstance(model, DefensiveTriggerClassifier):  # NAB's: the stamp is no weight, so it is recorded
+        meta["defensive_trigger"] = model.trigger_size
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={_KEY: json.dumps(meta)})
@@ -89,4 +92,6 @@ def load_model(path: str | Path) -> tuple[Classifier, RunConfig]:
     except RuntimeError as err:
         reason = " ".join(str(err).split())  # load_state_dict's message spans lines
         raise ModelFileError(f"{path}: the weights do not fit model '{config.model}': {reason}") from None
+    if meta.get("defensive_trigger"):
+        model = DefensiveTriggerClassifier(model, int(meta["defensive_trigger"]))
     return model.eval(), config
