@@ -84,7 +84,8 @@ def test_a_defense_gets_the_training_set_and_nothing_about_the_attack(monkeypatc
 def test_unknown_defense_and_options_are_refused():
     with pytest.raises(
         ValueError,
-        match="training-time defenses: abl, e2abl, pt; repair defenses: anp, bnp, clp, fine_pruning.*sample filters: activation_clustering",
+        match=f"training-time defenses: {', '.join(TRAINING_DEFENSES.names())}; repair defenses: anp, bnp, clp, ep, "
+        "fine_pruning.*sample filters: activation_clustering",
     ):
         RunConfig(defense="nope").resolved()
     with pytest.raises(ValueError, match="valid: gamma"):
