@@ -152,6 +152,8 @@ def test_as_classifier_refuses_a_head_that_is_not_the_last_step_and_an_output_ch
     assert as_classifier(net, blocks=["1"])(torch.rand(2, 1, 8, 8)).shape == (2, 10)
 
 
+@pytest.mark.slow
+@pytest.mark.heavy  # kept out of CI's 30 minutes: pytest -m heavy
 def test_feature_methods_run_on_a_wrapped_torchvision_resnet18():
     """Fine-Pruning, NAD, Neural Cleanse and Spectral Signatures on torchvision's ResNet-18 (random
     weights, 16 px synthetic images), wrapped by module names."""

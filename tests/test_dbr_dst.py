@@ -190,6 +190,7 @@ def mnist_split(mnist_badnets_airbench):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # kept out of CI's 30 minutes: pytest -m heavy
 def test_sensitivity_split_isolates_badnets_poisons_on_mnist(mnist_badnets_airbench, mnist_split):
     """The highest-FCT 5% are mostly poisoned samples and the lowest 20% almost all clean: measured
     precision 0.73, recall 0.37 (of at most 0.5: the 5% is half of the 10% poisoned), FCT AUROC
@@ -205,6 +206,7 @@ def test_sensitivity_split_isolates_badnets_poisons_on_mnist(mnist_badnets_airbe
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # kept out of CI's 30 minutes: pytest -m heavy
 def test_backdoor_removal_drops_the_asr_on_mnist_at_the_reference_s_rate_ratio(mnist_badnets_airbench, mnist_split):
     """BR on the victim with the split: at lr 0.015, 1% of the fast recipe's 1.5 as the reference's
     1e-4 is 1% of its 0.01, ASR falls from 1.000 to measured 0.042, CA 0.986 -> 0.989, RA 0.87.

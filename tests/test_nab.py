@@ -156,6 +156,7 @@ def test_the_backdoorbench_preset_is_its_cifar10_config():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # kept out of CI's 30 minutes: pytest -m heavy
 def test_nab_lowers_the_asr_of_badnets_on_digits():
     """BadNets (Gu et al.'s 2x2 checkerboard, on which LGA's lowest losses are the poisoned digits,
     as for ABL in test_defense_efficacy.py) at 10% on digits, the digits recipe (small CNN, 20
