@@ -371,6 +371,8 @@ class DBR(_SensitivityDefense):
         )
         for e in range(o["removal_epochs"]):
             for part, loss, what in ((poisoned, gradient_ascent, "unlearning"), (clean, None, "relearning")):
+                if len(part) == 0:  # the second draw of the transformations may leave a part empty
+                    continue
                 train(
                     model,
                     part,
@@ -548,6 +550,8 @@ class DST(_SensitivityDefense):
         """ST stage 2: the head alone, on the clean and poisoned parts, the extractor frozen."""
         o = self._options
         kept = (split.flags != UNCERTAIN).nonzero().squeeze(1)
+        if len(kept) == 0:
+            raise ValueError("D-ST's split left no clean or poisoned sample to train the classifier on")
         config = sgd(
             ctx.recipe,
             epochs=o["classifier_epochs"],
