@@ -6,7 +6,7 @@ import json
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -16,6 +16,9 @@ from rich.table import Table
 from backdoorlab.files import write_bytes, write_json, write_text
 from backdoorlab.progress import log_to_stderr
 from backdoorlab.registry import UnknownNameError
+
+if TYPE_CHECKING:
+    from backdoorlab.experiments import RunConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -160,6 +163,23 @@ TestSizeOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
 
 
+_SIZE_FIELDS = ("poison_rate", "train_size", "test_size", "trusted_size")
+
+
+def _config_from_cli(overrides: Optional[list[str]], **fields: Any) -> RunConfig:
+    """The RunConfig a command line describes: ``*_options`` lists parsed as KEY=VALUE, sizes as a
+    fraction or a count, then the ``--set`` overrides applied."""
+    from backdoorlab.experiments import RunConfig
+
+    for name, value in fields.items():
+        if name.endswith("_options"):
+            fields[name] = parse_options(value)
+        elif name in _SIZE_FIELDS:
+            fields[name] = parse_size(value)
+    config = RunConfig(**fields)
+    return config.with_overrides(overrides) if overrides else config
+
+
 @app.command("run")
 def run_command(
     dataset: DatasetOpt = "digits",
@@ -236,30 +256,31 @@ def run_command(
 ) -> None:
     """Poison a training set, train on it (with a defense where given), and report CA, ASR and RA."""
     from backdoorlab.data.dataset import DataError
-    from backdoorlab.experiments import RunConfig, run
+    from backdoorlab.experiments import run
 
     try:
-        config = RunConfig(
+        config = _config_from_cli(
+            set_,
             dataset=dataset,
             recipe=recipe,
             model=model,
-            model_options=parse_options(model_option),
+            model_options=model_option,
             attack=attack,
-            attack_options=parse_options(attack_option),
-            poison_rate=parse_size(poison_rate),
+            attack_options=attack_option,
+            poison_rate=poison_rate,
             poison_rate_of=poison_rate_of,
             target=target,
             mode=mode,
             clean_label=clean_label,
             source=source,
             defense=defense,
-            defense_options=parse_options(defense_option),
+            defense_options=defense_option,
             detector=detector,
-            detector_options=parse_options(detector_option),
+            detector_options=detector_option,
             input_detector=input_detector,
-            input_detector_options=parse_options(input_detector_option),
+            input_detector_options=input_detector_option,
             regularizer=regularizer,
-            regularizer_options=parse_options(regularizer_option),
+            regularizer_options=regularizer_option,
             epochs=epochs,
             batch_size=batch_size,
             lr=lr,
@@ -267,14 +288,12 @@ def run_command(
             data_seed=data_seed,
             device=device,
             threads=threads,
-            train_size=parse_size(train_size),
-            test_size=parse_size(test_size),
-            trusted_size=parse_size(trusted_size),
+            train_size=train_size,
+            test_size=test_size,
+            trusted_size=trusted_size,
             preset=preset,
             data_root=data_root,
         )
-        if set_:
-            config = config.with_overrides(set_)
         check_output_dir(output, "--output")
         check_output_file(save_model, "--save-model")
         budget = config.step_budget()
@@ -440,16 +459,17 @@ def export_command(
     split as Hugging Face parquet files, the config in their metadata; `--dataset parquet:OUTPUT` reads
     them back."""
     from backdoorlab.data.dataset import DataError
-    from backdoorlab.experiments import RunConfig, export_poisoned
+    from backdoorlab.experiments import export_poisoned
 
     try:
-        config = RunConfig(
+        config = _config_from_cli(
+            set_,
             dataset=dataset,
             recipe=recipe,
             model=model,
             attack=attack,
-            attack_options=parse_options(attack_option),
-            poison_rate=parse_size(poison_rate),
+            attack_options=attack_option,
+            poison_rate=poison_rate,
             poison_rate_of=poison_rate_of,
             target=target,
             mode=mode,
@@ -457,14 +477,12 @@ def export_command(
             source=source,
             seed=seed,
             device=device,
-            train_size=parse_size(train_size),
-            test_size=parse_size(test_size),
-            trusted_size=parse_size(trusted_size),
+            train_size=train_size,
+            test_size=test_size,
+            trusted_size=trusted_size,
             preset=preset,
             data_root=data_root,
         )
-        if set_:
-            config = config.with_overrides(set_)
         check_output_dir(output, "--output")
         written = export_poisoned(config, output)
     except (UnknownNameError, DataError, ValueError, TypeError) as err:
