@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from backdoorlab.attacks import create_trigger
-from backdoorlab.attacks.refool import gaussian_blur
+from backdoorlab.data.corruptions import gaussian_blur
 from backdoorlab.data.sources import DataNotFoundError
 from backdoorlab.experiments import RunConfig, run
 from backdoorlab.experiments.presets import BACKDOORBENCH_ATTACKS

@@ -20,7 +20,6 @@ from backdoorlab.defenses.dbr_dst import (
     POISONED,
     UNCERTAIN,
     MixedCrossEntropyStep,
-    contrastive_views,
     intra_class_loss,
     rotate_and_shift,
     rotate_translate,
@@ -32,6 +31,7 @@ from backdoorlab.experiments.run import ModelSpec, evaluate
 from backdoorlab.metrics import isolation_metrics, scores_auroc
 from backdoorlab.models.classifier import Classifier
 from backdoorlab.options import OptionError
+from backdoorlab.training.augment import contrastive_views
 from backdoorlab.training.loop import TrainConfig
 
 

@@ -132,6 +132,25 @@ def gaussian_smooth(
     return filter2d(filter2d(x, rows[:, None], mode), cols[None, :], mode)
 
 
+def gaussian_blur(images: Tensor, sigmas: Tensor) -> Tensor:
+    """Blur each image ``(N, C, H, W)`` with its own Gaussian ``sigmas[n]`` (kernel side ``2 ceil(2
+    sigma) + 1``, reflect-101 border): ``cv2.GaussianBlur(r, (k, k), sigma)`` for a whole batch.
+    Kernels are zero-padded to the batch's largest, so one depthwise convolution per axis does it
+    (``torchvision``'s ``gaussian_blur`` takes one sigma per call)."""
+    n, c, h, w = images.shape
+    halves = torch.ceil(2 * sigmas.double()).long()  # (k - 1) / 2 per image
+    half = int(halves.max())
+    taps = torch.arange(-half, half + 1, dtype=torch.float64)
+    weights = torch.exp(-(taps**2) / (2 * sigmas.double()[:, None] ** 2)) * (taps.abs() <= halves[:, None])
+    kernels = (weights / weights.sum(1, keepdim=True)).float().repeat_interleave(c, 0).to(images.device)
+    rows = border_index(torch.arange(-half, h + half), h, "reflect101").to(images.device)
+    cols = border_index(torch.arange(-half, w + half), w, "reflect101").to(images.device)
+    padded = images[:, :, rows][:, :, :, cols].reshape(1, n * c, h + 2 * half, w + 2 * half)
+    out = F.conv2d(padded, kernels[:, None, None, :], groups=n * c)
+    out = F.conv2d(out, kernels[:, None, :, None], groups=n * c)
+    return out.reshape(n, c, h, w)
+
+
 def clipped_zoom(x: Tensor, factor: float) -> Tensor:
     """The package's ``clipped_zoom``: the central ``ceil(size / factor)`` crop zoomed by ``factor``
     with SciPy's order-1 ``zoom`` (bilinear, corners aligned, output ``round(crop * factor)``); the

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backdoorlab.attacks.refool import gaussian_blur
+from backdoorlab.data.corruptions import gaussian_blur
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.abl import local_gradient_ascent, without_augmentation
 from backdoorlab.defenses.base import (
@@ -44,9 +44,9 @@ from backdoorlab.defenses.base import (
     TrainingDefense,
     lowest,
 )
-from backdoorlab.defenses.dbr_dst import contrastive_views
 from backdoorlab.models.classifier import Classifier
 from backdoorlab.options import NonNegativeFloat, OpenFraction, PositiveFloat, PositiveInt
+from backdoorlab.training.augment import contrastive_views
 from backdoorlab.training.loop import TrainConfig, per_sample_loss, predict_logits, train, train_step
 from backdoorlab.training.regularizers import embedding
 from backdoorlab.training.steps import PerSampleLoss, TrainStep
@@ -157,7 +157,7 @@ def simclr_loss(anchors: Tensor, others: Tensor, temperature: float) -> Tensor:
 
 def ssl_views(x: Tensor, generator: torch.Generator, flip: bool) -> Tensor:
     """DBD's SimCLR augmentation (BackdoorBench ``get_transform_self``) on a float batch in [0, 1]:
-    :func:`~backdoorlab.defenses.dbr_dst.contrastive_views` (resized crop at scale 0.2-1, flip,
+    :func:`~backdoorlab.training.augment.contrastive_views` (resized crop at scale 0.2-1, flip,
     colour jitter 0.4/0.4/0.4/0.1 with probability 0.8, greyscale with probability 0.2), then a
     Gaussian blur of sigma uniform in [0.1, 2] with probability 0.5."""
     views = contrastive_views(x, generator, flip)
@@ -255,7 +255,7 @@ class NAB(TrainingDefense):
     schedule a CPU can run, where BackdoorBench trains 100 epochs; its learning rate is constant
     (BackdoorBench's cosine has ``T_max`` 1000 epochs, 0.4 to 0.39 over its 100); the views are
     cropped with bilinear sampling (theirs bicubic), a crop larger than the image is clipped
-    (:func:`~backdoorlab.defenses.dbr_dst.contrastive_views`) and blurred with a kernel of
+    (:func:`~backdoorlab.training.augment.contrastive_views`) and blurred with a kernel of
     ``2 ceil(2 sigma) + 1`` (PIL's box approximation there); the class centres are taken in eval
     mode (BackdoorBench's loop leaves the SimCLR model in train mode for them); LGA's schedule is
     constant (both references' cosine over ``epochs + 80`` ends at 0.91 of the rate). The defensive
