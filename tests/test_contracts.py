@@ -79,6 +79,7 @@ FAST_METHODS: dict[str, dict[str, dict[str, Any]]] = {
         "abl": {"isolation_epochs": 1, "unlearning_epochs": 1, "isolation_ratio": 0.05},
         "d_br": {"intra_epochs": 1, "removal_epochs": 1},
         "d_st": {"intra_epochs": 1, "extractor_epochs": 2, "classifier_epochs": 1},
+        "dbd": {"ssl_epochs": 1, "warmup_epochs": 1, "epochs": 1, "iterations": 1},
         "e2abl": {"warmup_epochs": 0, "head_passes": 1},
         "pt": {"isolation_epochs": 1},
     },

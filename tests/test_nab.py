@@ -16,9 +16,9 @@ from backdoorlab.defenses.nab import (
     DefensiveTriggerClassifier,
     StampedStep,
     nearest_centre_labels,
-    simclr_loss,
     stamp,
 )
+from backdoorlab.defenses.simclr import simclr_loss
 from backdoorlab.experiments import RunConfig, run
 from backdoorlab.experiments.presets import preset_for
 from backdoorlab.experiments.run import ModelSpec

@@ -1,7 +1,8 @@
 """Defenses, of five kinds (their interfaces: :mod:`backdoorlab.defenses.base`).
 
-- Training-time defenses (ABL, E2ABL, PT) get only the untrusted training set and a model factory,
-  and return a model plus the samples they isolated (``TrainingDefense``, ``TRAINING_DEFENSES``).
+- Training-time defenses (ABL, E2ABL, PT, D-BR, D-ST, NAB, DBD) get only the untrusted training
+  set and a model factory, and return a model plus the samples they isolated (``TrainingDefense``,
+  ``TRAINING_DEFENSES``).
 - Repair defenses (fine-tuning, Fine-Pruning, NAD, Neural Cleanse, Pivotal Tuning, FT-SAM, CLP, BNP,
   ANP, I-BAU, RNP,
   SAU, NPD, MCR) get a suspect
@@ -28,6 +29,7 @@ from backdoorlab.defenses import (  # noqa: F401  (registers the defenses)
     channel_pruning,
     cognitive_distillation,
     cti,
+    dbd,
     dbr_dst,
     e2abl,
     fine_pruning,

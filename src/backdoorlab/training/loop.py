@@ -454,11 +454,15 @@ def train(
     callbacks: Sequence[Callback] = (),
     description: str = "training",
     step: TrainStep | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place on ``data`` and return its history.
 
     ``step`` replaces each batch's forward-and-loss (a :class:`TrainStep`; E2ABL's trains extra
-    heads), in place of ``config.regularizer``. A non-finite batch loss raises
+    heads), in place of ``config.regularizer``. ``optimizer``, where given, is one the caller built
+    over ``model``'s parameters (DBD's Adam) and steps at its own rate, unscheduled; the config's
+    ``lr``, ``momentum``, ``weight_decay`` and ``schedule`` are then unused, and its state carries
+    over from call to call. A non-finite batch loss raises
     :class:`TrainingDivergedError` (on the CPU at once; on CUDA at its epoch's end, naming the first
     such step, so the loop keeps no per-step host synchronisation), as do non-finite final weights."""
     config = config or TrainConfig()
@@ -472,7 +476,10 @@ def train(
     steps_per_epoch = steps_in_epoch(len(data), config)
     seen = min(len(data), steps_per_epoch * config.batch_size)  # the samples an epoch trains on
     total_steps = steps_per_epoch * config.epochs
-    optimizer, scheduler = make_optimizer(model, config, total_steps)
+    if optimizer is None:
+        optimizer, scheduler = make_optimizer(model, config, total_steps)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     hooks = CallbackList([*recipe_callbacks(config, model), *callbacks])  # the recipe's run first
     guard = FiniteLossGuard(description, config, steps_per_epoch, device)
     history = TrainHistory()
