@@ -19,9 +19,12 @@ from backdoorlab.training.loop import resolve_device
 
 def fitted_trigger(attack: str, options: dict[str, Any], splits: Splits, seed: int = 0, device: str = "cpu") -> Trigger:
     """Build a trigger; an attack that adapts to a model (TrojanNN, label-consistent) is fitted on a
-    quick surrogate: the quick recipe's model, one epoch on at most 5000 training images."""
+    quick surrogate: the quick recipe's model, one epoch on at most 5000 training images. A
+    training-controlled attack (Input-aware) is fitted the same way: its generators train with a
+    quick victim, one epoch of the quick recipe on those images (after its own pre-training, such as
+    Input-aware's mask generator), so the picture shows a lightly trained generator, not a run's."""
     trigger = create_trigger(attack, splits.train.input_shape, **options)
-    if trigger.needs_surrogate:
+    if trigger.needs_surrogate or trigger.controls_training:
         from backdoorlab.experiments import RunConfig, fit_attack
 
         train = subsample(splits.train, min(5000, len(splits.train)), seed)

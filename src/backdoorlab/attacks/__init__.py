@@ -5,6 +5,7 @@ from backdoorlab.attacks import (  # noqa: F401  (registers the attacks)
     bpp,
     ctrl,
     ftrojan,
+    input_aware,
     low_frequency,
     optimized,
     refool,

@@ -108,6 +108,11 @@ class PoisonSpec:
 
 
 def _require_fitted(trigger: Trigger) -> None:
+    if not trigger.fitted and trigger.controls_training:
+        raise ValueError(
+            f"{type(trigger).__name__} is a training-controlled attack: its trigger is trained with the victim "
+            "first (backdoorlab.experiments.fit_attack trains both)"
+        )
     if not trigger.fitted:
         raise ValueError(
             f"{type(trigger).__name__} adapts to a model: call trigger.fit(surrogate) with a model "

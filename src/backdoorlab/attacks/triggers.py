@@ -70,6 +70,9 @@ class Trigger(Configurable, ABC):
     cross_ratio: float = 0.0
     #: The attack adapts to a model: :meth:`fit` it on a surrogate trained on clean data first.
     needs_surrogate: ClassVar[bool] = False
+    #: The attack also controls the victim's training (``attacks.controlled``): it is fitted while
+    #: the victim trains, by the toolkit's loop with a step the attack supplies.
+    controls_training: ClassVar[bool] = False
     #: ``"image"`` (uint8 ``(N, C, H, W)``) or ``"series"`` (float32 ``(N, C, L)``).
     modality: ClassVar[str] = "image"
     #: What the toolkit passes, not options (:class:`~backdoorlab.options.Configurable`).

@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from backdoorlab.attacks.triggers import ATTACKS
 from backdoorlab.experiments.config import RunConfig, set_path
 from backdoorlab.registry import UnknownNameError
 
@@ -135,9 +136,12 @@ def suspect_config(config: RunConfig) -> RunConfig:
 def suspect_key(config: RunConfig) -> str | None:
     """The key under which a sweep shares the trained victim of ``config`` (resolved) with every
     cell that differs from it only in the repair or detector; ``None`` for a cell whose model is
-    not a plain victim (a training-time defense trains its own)."""
+    not a plain victim (a training-time defense trains its own) and for a training-controlled attack
+    (its trigger is trained with the victim and not saved with it: each cell trains both)."""
     victim = suspect_config(config)
-    return None if victim.defense is not None else cell_key(victim)
+    if victim.defense is not None or ATTACKS.get(victim.attack).controls_training:
+        return None
+    return cell_key(victim)
 
 
 def _drop_defaults(values: dict[str, Any], defaults: dict[str, Any]) -> None:

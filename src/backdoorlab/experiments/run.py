@@ -28,8 +28,15 @@ from typing import Any
 import torch
 
 from backdoorlab import __version__
-from backdoorlab.attacks.poisoning import PoisonedDataset, TriggeredTestSet, poison_dataset, triggered_test_set
-from backdoorlab.attacks.triggers import Trigger, create_trigger
+from backdoorlab.attacks.controlled import AttackStep, TrainingControlledTrigger
+from backdoorlab.attacks.poisoning import (
+    PoisonedDataset,
+    PoisonSpec,
+    TriggeredTestSet,
+    poison_dataset,
+    triggered_test_set,
+)
+from backdoorlab.attacks.triggers import ATTACKS, Trigger, create_trigger
 from backdoorlab.data.dataset import (
     DataError,
     TensorDataset,
@@ -65,7 +72,15 @@ from backdoorlab.experiments.grid import PLACEMENT_FIELDS
 from backdoorlab.files import CorruptFileError, differences, write_json
 from backdoorlab.metrics import finite_json, isolation_metrics, scores_auroc
 from backdoorlab.models.registry import check_input_fits, create_model
-from backdoorlab.training.loop import NonFiniteError, TrainHistory, nonfinite_tensors, resolve_device, train
+from backdoorlab.training.callbacks import Callback
+from backdoorlab.training.loop import (
+    NonFiniteError,
+    TrainConfig,
+    TrainHistory,
+    nonfinite_tensors,
+    resolve_device,
+    train,
+)
 
 # Seed offsets keep the random streams of the steps independent of each other.
 _SPLIT, _POISON, _TEST_TRIGGER, _MODEL, _SURROGATE, _DEFENSE, _PERSISTENCE = 0, 1, 2, 3, 4, 5, 6
@@ -155,12 +170,79 @@ def build_model(config: RunConfig, data: TensorDataset) -> torch.nn.Module:
     return ModelSpec.for_data(config, data)()
 
 
-def fit_attack(trigger: Trigger, data: TensorDataset, config: RunConfig, device: torch.device) -> None:
+class AttackUpdates(Callback):
+    """A training-controlled attack's own updates (:class:`~backdoorlab.attacks.controlled.AttackStep`)
+    run as a loop callback: after each optimiser step of the victim and at each epoch's end."""
+
+    def __init__(self, step: AttackStep) -> None:
+        self.step = step
+
+    def on_step_end(self, step: int, steps: int, model: torch.nn.Module) -> None:
+        self.step.after_step()
+
+    def on_epoch_end(self, epoch: int, model: torch.nn.Module) -> None:
+        self.step.after_epoch(epoch)
+
+
+def train_with_attack(
+    model: torch.nn.Module,
+    trigger: TrainingControlledTrigger,
+    data: TensorDataset,
+    spec: PoisonSpec,
+    recipe: TrainConfig,
+    *,
+    device: torch.device,
+    seed: int,
+    attack_seed: int,
+    description: str = "training",
+) -> TrainHistory:
+    """Train ``model`` on ``data`` (clean) with the toolkit's loop and ``recipe`` while the
+    training-controlled ``trigger`` poisons each batch (``trigger.begin``: what it fits before,
+    from ``attack_seed``; its step and updates in the loop), then freeze it (``trigger.end``)."""
+    step = trigger.begin(data, spec, recipe.batch_size, device, torch.Generator().manual_seed(attack_seed))
+    history = train(
+        model,
+        data,
+        recipe,
+        device=device,
+        seed=seed,
+        step=step,
+        callbacks=[AttackUpdates(step)],
+        description=description,
+    )
+    trigger.end()
+    return history
+
+
+def fit_attack(
+    trigger: Trigger, data: TensorDataset, config: RunConfig, device: torch.device
+) -> tuple[torch.nn.Module, TrainHistory] | None:
     """Fit an attack that adapts to a model (``trigger.needs_surrogate``): train a surrogate of the
     run's model and recipe on ``data`` (the attacker's clean copy of the training set), then
-    ``trigger.fit(surrogate)``. A no-op for other attacks."""
+    ``trigger.fit(surrogate)``. A training-controlled attack (``trigger.controls_training``) is
+    fitted by training the victim itself, the run's model with the run's recipe, on ``data``
+    with the attack's step (:func:`train_with_attack`); that victim and its history are returned.
+    A no-op for other attacks."""
+    if trigger.controls_training:
+        assert isinstance(trigger, TrainingControlledTrigger)
+        config = config.resolved()
+        assert config.train is not None
+        torch.manual_seed(config.seed + _MODEL)
+        model = build_model(config, data)
+        history = train_with_attack(
+            model,
+            trigger,
+            data,
+            config.poison_spec(),
+            config.train,
+            device=device,
+            seed=config.seed,
+            attack_seed=config.seed + _SURROGATE,
+            description=f"{config.attack} on {config.dataset}",
+        )
+        return model, history
     if not trigger.needs_surrogate:
-        return
+        return None
     config = config.resolved()
     assert config.train is not None
     torch.manual_seed(config.seed + _SURROGATE)
@@ -177,13 +259,16 @@ def fit_attack(trigger: Trigger, data: TensorDataset, config: RunConfig, device:
     # universal perturbation on clean images, towards the target class)
     generator = torch.Generator().manual_seed(config.seed + _SURROGATE)
     trigger.fit(surrogate, generator, images=data.inputs, target=config.target)
+    return None
 
 
 @dataclass
 class Prepared:
     """Everything of a run before training: the splits, the trusted split, the fitted trigger, the
     poisoned training set and the triggered test set (the last two hold the truth that only the
-    evaluation may read)."""
+    evaluation may read). For a training-controlled attack the victim is trained here, while the
+    attack is fitted (``victim``), and the poisoned training set is the one its frozen trigger
+    makes afterwards (what a defense gets, as BackdoorBench saves it)."""
 
     config: RunConfig
     device: torch.device
@@ -194,6 +279,8 @@ class Prepared:
     poisoned: PoisonedDataset
     triggered: TriggeredTestSet
     timings: dict[str, float]
+    #: A training-controlled attack's victim, trained while fitting the attack, and its history.
+    victim: tuple[torch.nn.Module, TrainHistory] | None = None
 
 
 def check_before_training(
@@ -236,24 +323,40 @@ def prepare(config: RunConfig) -> Prepared:
     rest, trusted = split_trusted(train_set, config.trusted_size, config.split_seed + _SPLIT)
     trigger = create_trigger(config.attack, train_set.input_shape, data_root=config.data_root, **config.attack_options)
     check_before_training(config, train_set, test_set, trusted)
+    if isinstance(trigger, TrainingControlledTrigger):
+        trigger.check_spec(spec)
+        assert config.train is not None
+        if config.train.regularizer is not None:
+            raise ValueError(
+                f"'{config.attack}' is a training-controlled attack: it supplies the victim's training step, "
+                f"which a regularizer ('{config.train.regularizer}') would replace; run it without one"
+            )
     timings["load_data"] = time.perf_counter() - tick
 
-    if trigger.needs_surrogate:
+    victim = None
+    if trigger.needs_surrogate or trigger.controls_training:
         tick = time.perf_counter()
-        fit_attack(trigger, rest, config, device)
+        victim = fit_attack(trigger, rest, config, device)
         timings["fit_attack"] = time.perf_counter() - tick
+        if victim is not None:  # the victim's training apart from what the attack fitted before it
+            timings["train"] = victim[1].seconds
+            timings["fit_attack"] -= victim[1].seconds
 
     tick = time.perf_counter()
     poisoned = poison_dataset(rest, trigger, spec, config.seed + _POISON)
     triggered = triggered_test_set(test_set, trigger, spec, config.seed + _TEST_TRIGGER)
     timings["poison"] = time.perf_counter() - tick
-    return Prepared(config, device, train_set, test_set, trusted, trigger, poisoned, triggered, timings)
+    return Prepared(config, device, train_set, test_set, trusted, trigger, poisoned, triggered, timings, victim)
 
 
 def train_victim(
     prepared: Prepared, data: TensorDataset | None = None, description: str | None = None
 ) -> tuple[torch.nn.Module, TrainHistory]:
-    """Train the run's model on the poisoned training set (or on ``data``, a part of it), undefended."""
+    """Train the run's model on the poisoned training set (or on ``data``, a part of it), undefended.
+    A training-controlled attack's victim (``prepared.victim``) was trained in :func:`prepare`;
+    it is returned as it is (a part of the poisoned set, ``data``, still trains a fresh model)."""
+    if data is None and prepared.victim is not None:
+        return prepared.victim
     config = prepared.config
     assert config.train is not None
     torch.manual_seed(config.seed + _MODEL)
@@ -508,6 +611,11 @@ def _run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunRes
     started = time.perf_counter()
     if suspect is not None:
         check_suspect(suspect)
+        if ATTACKS.get(config.attack).controls_training:
+            raise ValueError(
+                f"'{config.attack}' is a training-controlled attack: its trigger is trained with the victim and is "
+                "not saved with a model, so a given model cannot be evaluated against it; run the config to train both"
+            )
     prepared = prepare(config)
     budget = config.step_budget()  # of the config as given: a resolved one has its epochs set
     reviewed = config.defense is not None and defense_kind(config.defense) in ("repair", "filter")
@@ -538,6 +646,8 @@ def _run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunRes
         timings["defense"] = time.perf_counter() - tick
     elif suspect is not None:
         model = suspect.to(device).eval()
+    elif prepared.victim is not None:  # trained with the attack in prepare (timings["train"])
+        model, history = prepared.victim
     else:
         model, history = train_victim(prepared)
         timings["train"] = time.perf_counter() - tick
