@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from backdoorlab.data.dataset import DataError, TensorDataset
 from backdoorlab.defenses import DefenseContext
 from backdoorlab.defenses.base import DETECTORS, INPUT_DETECTORS, REPAIRS, SAMPLE_FILTERS
-from backdoorlab.experiments import BackdoorBenchFileError, load_backdoorbench
+from backdoorlab.experiments import BackdoorBenchFileError, RunConfig, load_backdoorbench, run
 from backdoorlab.experiments.backdoorbench_import import NORMALIZATION, preact_resnet18_key, read_attack_result
 from backdoorlab.models import ModuleClassifier, as_classifier, create_model
 from backdoorlab.training.loop import TrainConfig
@@ -445,3 +445,34 @@ def test_backdoorbench_import_says_what_is_wrong(tmp_path):
     )
     with pytest.raises(BackdoorBenchFileError, match="do not fit preact_resnet18"):
         load_backdoorbench(tmp_path / "p.pt", data=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# timm by name
+
+
+def test_timm_architectures_by_name_are_wrapped_at_their_stages():
+    """A timm ResNet's head reads its last stage pooled: that map is the features and the earlier
+    stages are the body; a ConvNeXt's head norms the pooled map first, so its features are the
+    head's input."""
+    resnet = create_model("timm", 10, 1, arch="resnet18").eval()
+    x = torch.rand(3, 1, 32, 32)
+    assert isinstance(resnet, ModuleClassifier) and resnet.fc is resnet.module.fc
+    assert (resnet.features_name, resnet.block_names) == ("layer4", ("act1", "layer1", "layer2", "layer3"))
+    assert resnet.forward_features(x).shape == (3, 512, 1, 1)
+    assert torch.allclose(resnet(x), resnet.module(x), atol=1e-5)
+    convnext = create_model("timm", 10, 3, arch="convnext_atto").eval()
+    assert convnext.features_name is None and len(convnext.body) == 5
+    assert convnext.forward_features(torch.rand(2, 3, 32, 32)).shape == (2, 320)
+
+
+def test_an_unknown_timm_architecture_names_close_ones():
+    with pytest.raises(ValueError, match="no architecture 'resnet_18'; close names: .*resnet18"):
+        create_model("timm", 10, 3, arch="resnet_18")
+
+
+@pytest.mark.slow
+def test_a_backdoor_takes_on_a_timm_network_trained_by_the_run():
+    config = RunConfig(dataset="digits", model="timm", model_options={"arch": "resnet10t"}, attack="badnets", seed=0)
+    metrics = run(config).metrics
+    assert metrics["clean_accuracy"] > 0.9 and metrics["attack_success_rate"] > 0.9

@@ -1,7 +1,7 @@
 """Models by name, all sharing the :class:`Classifier` interface
 (``forward_features`` / ``forward_head``)."""
 
-from backdoorlab.models import airbench, preact_resnet, pretrained, series, small_cnn, torchvision_models  # noqa: F401
+from backdoorlab.models import airbench, preact_resnet, pretrained, series, small_cnn, timm_models, torchvision_models  # noqa: F401
 from backdoorlab.models.adapter import ModuleClassifier, as_classifier
 from backdoorlab.models.classifier import Classifier
 from backdoorlab.models.registry import MODELS, create_model, list_models
