@@ -214,13 +214,13 @@ def test_an_optimiser_passed_to_the_loop_keeps_its_state_across_calls():
 @pytest.mark.heavy  # kept out of CI's 30 minutes: pytest -m heavy
 def test_dbd_removes_badnets_on_digits():
     """BadNets at 10% on digits, the digits recipe (small CNN), seed 0, one thread; undefended CA
-    0.99, ASR 1.00. DBD on a CPU-sized schedule (SimCLR 40 epochs at batch 128: 440 steps; the
+    0.99, ASR 1.00. DBD on a CPU-sized schedule (SimCLR 40 epochs at batch 128: 480 steps; the
     head's warm-up 20 epochs: 240 steps; 4 MixMatch epochs of 44 steps) measured CA 0.875, ASR
     0.000, RA 0.543, every poisoned digit in the unlabelled half (isolation recall 1.00), 53 s.
     The warm-up's first epochs predict the largest class (the target's, clean and poisoned) for
     everything: the symmetric cross-entropy moves the head slowly, and too few steps leave the
     poisoned digits in the labelled half (SimCLR 60 epochs at batch 512, 5 warm-up epochs: 180 and
-    55 steps, recall 0.05, ASR 0.97). CA stays below the undefended model's: SimCLR's features of
+    60 steps, recall 0.05, ASR 0.97). CA stays below the undefended model's: SimCLR's features of
     8x8 digits are weak (MNIST: docs/defenses.md)."""
     result = run(
         RunConfig(

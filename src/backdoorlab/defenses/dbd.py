@@ -283,14 +283,13 @@ class DBD(TrainingDefense):
                 description="DBD: warm-up of the linear head (SCE)",
             )
         labelled = lowest(self.split_losses(model, data, ctx), o["epsilon"])
-        details = {"semi_epochs": o["epochs"], "labelled": [], "steps": 0}
+        steps = 0
         for epoch in range(o["epochs"]):
             if epoch:
                 labelled = lowest(self.split_losses(model, data, ctx), o["epsilon"])
-            details["steps"] += self.mixmatch_epoch(model, data, labelled, recipe, optimizer, epoch, ctx)
-            details["labelled"].append(int(labelled.sum()))
+            steps += self.mixmatch_epoch(model, data, labelled, recipe, optimizer, epoch, ctx)
         model.eval()
-        return DefenseOutcome(model, ~labelled, details)
+        return DefenseOutcome(model, ~labelled, {"labelled": int(labelled.sum()), "mixmatch_steps": steps})
 
     def stage_config(self, recipe: TrainConfig) -> TrainConfig:
         """The warm-up's and MixMatch's loop settings: the recipe's augmentation and devices on the
