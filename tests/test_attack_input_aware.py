@@ -237,3 +237,19 @@ def test_show_trigger_fits_the_generator_and_draws_it(tmp_path):
 
     path = trigger_grid("digits", "input_aware", {"mask_epochs": 2}, 4, tmp_path / "ia.png", difference=True)
     assert path.exists() and path.stat().st_size > 0
+
+
+def test_a_grid_takes_it_and_its_cells_train_their_own_victims():
+    """A grid validates the attack and its options like any other; the cells of a repair do not share
+    a victim (the generators are not saved with it): each trains attack and victim itself."""
+    from backdoorlab.experiments.grid import expand, suspect_key
+
+    cells = {
+        attack: expand(
+            {"dataset": "digits", "attack": attack, "attack_options": options, "defense": "fine_tuning"}
+        ).cells
+        for attack, options in (("badnets", {}), ("input_aware", {"mask_epochs": 2}))
+    }
+    assert suspect_key(cells["badnets"][0].config) is not None
+    assert suspect_key(cells["input_aware"][0].config) is None
+    assert cells["input_aware"][0].config.attack_options == {"mask_epochs": 2}
