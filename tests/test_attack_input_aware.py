@@ -221,7 +221,7 @@ def test_a_training_time_defense_trains_on_the_saved_poisoned_set(monkeypatch):
 
 @pytest.mark.slow
 def test_the_backdoor_takes_on_digits():
-    """Real training on sklearn's digits (1,409 images after the trusted split, the digits recipe's
+    """Real training on sklearn's digits (1,423 images after the trusted split, the digits recipe's
     small CNN, 20 epochs, 5 mask epochs; about 20 s): clean accuracy holds and the per-image triggers
     take where a clean model ignores them (ASR 0.602 measured; 0.000 for the same generators
     untrained, poison rate 0). On 8 px images a 3.2% mask is two pixels: the attack is partial here,

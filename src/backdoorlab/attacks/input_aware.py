@@ -328,23 +328,24 @@ class InputAware(TrainingControlledTrigger):
 
     def end(self) -> None:
         assert self.pattern_net is not None and self.mask_net is not None
-        for net in (self.pattern_net, self.mask_net):
-            net.cpu().eval().requires_grad_(False)
+        for net in (self.pattern_net, self.mask_net):  # they stay on the training device
+            net.eval().requires_grad_(False)
         super().end()
 
     # -- the frozen trigger ----------------------------------------------------------------------
 
     def _trigger(self, x: Tensor, sources: Tensor) -> Tensor:
-        """``x + (G(s) - x) * m(s)`` with the patterns and masks of ``sources`` (chunked, no grad)."""
+        """``x + (G(s) - x) * m(s)`` with the patterns and masks of ``sources``, computed in chunks
+        on the generators' device (where they trained: a GPU triggers a data set in seconds) and
+        returned on ``x``'s."""
         self._require_trained()
         assert self.pattern_net is not None and self.mask_net is not None
+        device = next(self.pattern_net.parameters()).device
         out = []
         with torch.no_grad():
-            self.pattern_net.to(x.device)
-            self.mask_net.to(x.device)
             for xs, ss in zip(x.split(CHUNK), sources.split(CHUNK), strict=True):
-                normalized = self.normalize(ss)
-                out.append(xs + (self.patterns(normalized) - xs) * self.masks(normalized))
+                xs, normalized = xs.to(device), self.normalize(ss.to(device))
+                out.append((xs + (self.patterns(normalized) - xs) * self.masks(normalized)).to(x.device))
         return torch.cat(out) if out else x.clone()
 
     def apply(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
