@@ -19,6 +19,7 @@ from backdoorlab.registry import UnknownNameError
 
 if TYPE_CHECKING:
     from backdoorlab.experiments import RunConfig
+    from backdoorlab.experiments.tracking import Tracker
 
 app = typer.Typer(
     add_completion=False,
@@ -151,6 +152,13 @@ SetOpt = Annotated[
         "--set", help="Override any config field by its path, repeatable: train.lr=0.1, attack_options.size=4."
     ),
 ]
+TrackOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Also log each finished run to mlflow (its default store), mlflow:URI or tensorboard:DIR "
+        "(pip install 'backdoorlab[tracking]')."
+    ),
+]
 EpochsOpt = Annotated[
     Optional[int], typer.Option(help="Default: the recipe's (fast: more for a --train-size subset, its step budget).")
 ]
@@ -178,6 +186,13 @@ def _config_from_cli(overrides: Optional[list[str]], **fields: Any) -> RunConfig
             fields[name] = parse_size(value)
     config = RunConfig(**fields)
     return config.with_overrides(overrides) if overrides else config
+
+
+def _tracker(spec: str | None) -> Tracker | None:
+    """The ``--track`` tracker, made before any work so that a missing package fails first."""
+    from backdoorlab.experiments.tracking import create_tracker
+
+    return create_tracker(spec) if spec else None
 
 
 @app.command("run")
@@ -253,6 +268,7 @@ def run_command(
     output: OutputOpt = None,
     save_model: SaveModelOpt = None,
     set_: SetOpt = None,
+    track: TrackOpt = None,
 ) -> None:
     """Poison a training set, train on it (with a defense where given), and report CA, ASR and RA."""
     from backdoorlab.data.dataset import DataError
@@ -302,10 +318,15 @@ def run_command(
         fallback = config.recipe_fallback()
         if fallback is not None:  # said before training too: the run may take long
             err_console.print(f"[bold yellow]warning:[/] {escape(fallback)}", soft_wrap=True)
+        tracker = _tracker(track)
         result = run(config)
-    except (UnknownNameError, DataError, ValueError, TypeError) as err:
+    except (UnknownNameError, DataError, ValueError, TypeError, ImportError) as err:
         _fail(err)
         return
+    if tracker is not None:
+        from backdoorlab.experiments.tracking import run_name
+
+        tracker.log_result(run_name(result.config), result.to_dict())
     _report(result, output, save_model)
 
 
@@ -585,6 +606,7 @@ def sweep_command(
     set_: SetOpt = None,
     dry_run: Annotated[bool, typer.Option(help="Validate the grid and list its cells; run nothing.")] = False,
     report: Annotated[bool, typer.Option(help="Write OUTPUT/report.html when the sweep ends.")] = True,
+    track: TrackOpt = None,
 ) -> None:
     """Run a grid of experiments into a results store; a rerun skips finished cells (resumes)."""
     from backdoorlab.experiments.executors import create_executor
@@ -616,6 +638,12 @@ def sweep_command(
         console.print(table)
         return
 
+    try:
+        tracker = _tracker(track)
+    except (ValueError, ImportError) as err:
+        _fail(err)
+        return
+
     def show(cell: Any, outcome: dict[str, Any]) -> None:
         if "error" in outcome:
             last = outcome["error"].strip().splitlines()[-1]
@@ -628,6 +656,8 @@ def sweep_command(
         )
         for warning in outcome["result"].get("warnings", []):
             err_console.print(f"  [bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+        if tracker is not None:
+            tracker.log_result(cell.label or grid.name, outcome["result"])
 
     try:
         pool = create_executor(
