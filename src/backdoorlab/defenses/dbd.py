@@ -213,8 +213,9 @@ class DBD(TrainingDefense):
        (counted from the warm-up's start, as the reference's epoch index).
 
     Stages 2 and 3 share one Adam optimiser at ``lr`` 0.002 (no weight decay, no schedule), as the
-    reference's. These counts are GPU work; on a CPU use a scaled schedule, stated (docs: MNIST
-    10,000 images with ``ssl_epochs`` 8, ``warmup_epochs`` 2, ``epochs`` 4, ``iterations`` 80).
+    reference's. These counts are GPU work; on a CPU use a scaled schedule, stated (docs/defenses.md:
+    MNIST 10,000 images with ``ssl_epochs`` 6, ``ssl_batch_size`` 256, ``warmup_epochs`` 4,
+    ``epochs`` 2, ``iterations`` 77, about 5-9 minutes on 2 shared cores).
 
     Reconstructed or stated differences: an epoch of MixMatch is the smallest number of passes over
     the labelled part (in batches of 64, a partial last one dropped) that makes at least
