@@ -219,10 +219,35 @@ def test_folder_path_errors_name_the_file_and_what_is_wrong(tmp_path: Path, case
 
 
 def test_unknown_prefixes_and_names_list_the_prefixed_forms(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="prefixed names are ucr:<Name>, sktime:<Name>, parquet:<PATH>, folder:<PATH>"):
+    with pytest.raises(
+        DataError, match="prefixed names are ucr:<Name>, sktime:<Name>, parquet:<PATH>, folder:<PATH>, hf:<NAME>"
+    ):
         load_dataset("parquets:x")
     with pytest.raises(DataError, match="unknown dataset 'folder:'; prefixed names are"):
         load_dataset("folder:")
+
+
+# --- hf:NAME ------------------------------------------------------------------------------------
+
+
+def test_hf_name_reads_what_the_datasets_library_loads_as_parquet_reads_it(tmp_path, monkeypatch):
+    """A local folder through ``datasets.load_dataset`` (offline, its cache in tmp_path) gives the
+    same tensors and class names as ``parquet:`` on the same files; its errors name the set."""
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    folder = tiny_parquet(tmp_path / "mine")
+    through_hf, direct = load_dataset(f"hf:{folder}"), load_dataset(f"parquet:{folder}")
+    assert through_hf.train.name == f"hf:{folder}" and dataset_modality(f"hf:{folder}") == "image"
+    assert through_hf.train.classes == direct.train.classes == ("cat", "dog", "eel")
+    for a, b in ((through_hf.train, direct.train), (through_hf.test, direct.test)):
+        assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels) and a.mean == b.mean
+    only_train = tmp_path / "only"
+    write_hf(only_train / "train.parquet", [png(10)] * 2, [0, 1], ["a", "b"])
+    with pytest.raises(DataError, match=f"hf:{only_train}: no test split .*it has train"):
+        load_dataset(f"hf:{only_train}")
+    with pytest.raises(DataError, match="hf:no/such-set-here: the datasets library could not load it"):
+        load_dataset("hf:no/such-set-here")
 
 
 # --- wherever a dataset name goes, and the fallback recipe ---------------------------------------

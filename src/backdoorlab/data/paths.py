@@ -1,4 +1,4 @@
-"""Datasets by path: ``parquet:PATH`` and ``folder:PATH``, and the parquet writer an export uses.
+"""Datasets by path: ``parquet:PATH``, ``hf:NAME`` and ``folder:PATH``, and the parquet writer an export uses.
 
 - ``parquet:PATH``: parquet files in the Hugging Face ``datasets`` layout. ``PATH`` is a folder
   holding ``train.parquet`` and ``test.parquet`` (or shards ``train-00000-of-00002.parquet``...,
@@ -8,6 +8,8 @@
   the struct ``{bytes, path}`` or binary column (``image``/``img`` where several); the label column
   the ``ClassLabel`` one, else an integer column named ``label``, ``labels``, ``fine_label``,
   ``target``, ``class`` or ``y``. Class names come from ``ClassLabel``, else ``"0".."K-1"``.
+- ``hf:NAME``: a dataset the Hugging Face ``datasets`` library loads (a hub name, or a local
+  folder of data files), where that library is installed; its splits are read as parquet files are.
 - ``folder:PATH``: an image-folder tree ``PATH/{train,test}/<class>/<image file>``; classes are the
   training split's folder names, sorted; any file Pillow reads by its extension is an image.
 
@@ -204,6 +206,12 @@ def read_parquet_split(path: str | Path) -> ParquetSplit:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{path}: not a readable parquet file ({err})") from err
+    return table_split(table, path, f"decoding {path.parent.name}/{path.name}")
+
+
+def table_split(table: pa.Table, path: Path, description: str) -> ParquetSplit:
+    """Decode an Arrow table in the Hugging Face layout (a parquet file's, or a ``datasets``
+    split's); ``path`` names it in errors, ``description`` on the progress bar."""
     features = _features(table.schema, path)
     image, label = image_column(table.schema, features, path), label_column(table.schema, features, path)
     if table.num_rows == 0:
@@ -214,7 +222,7 @@ def read_parquet_split(path: str | Path) -> ParquetSplit:
     if labels.null_count:
         raise DataError(f"{path}: column '{label}' has {labels.null_count} empty label(s)")
     names = [f"{path}: row {i}" for i in range(len(blobs))]
-    arrays = _Stacker().stack(blobs, names, f"decoding {path.parent.name}/{path.name}")
+    arrays = _Stacker().stack(blobs, names, description)
     classes = features.get(label, {}).get("names") if isinstance(features.get(label), dict) else None
     columns = {}
     for f in table.schema:
@@ -308,11 +316,18 @@ def read_parquet_dataset(path: Path) -> tuple[Arrays, Arrays, tuple[str, ...]]:
     both splits, labels checked against the class names."""
     files = parquet_split_files(path)
     splits = {name: _join([read_parquet_cached(f) for f in found]) for name, found in files.items()}
-    train, test = splits["train"], splits["test"]
-    first = files["train"][0]
+    return checked_dataset(splits["train"], splits["test"], files["train"][0], files["test"][0])
+
+
+def checked_dataset(
+    train: ParquetSplit, test: ParquetSplit, train_where: Path, test_where: Path
+) -> tuple[Arrays, Arrays, tuple[str, ...]]:
+    """Two decoded splits as ``(train, test, class names)``: one image size across both (an error
+    names ``test_where`` otherwise), grey made colour where the other split has colour, labels
+    checked against the class names (``ClassLabel``'s, else ``"0".."K-1"``)."""
     if train.images.shape[2:] != test.images.shape[2:]:
         raise DataError(
-            f"{files['test'][0]}: images are {tuple(test.images.shape[2:])} but {first}'s are "
+            f"{test_where}: images are {tuple(test.images.shape[2:])} but {train_where}'s are "
             f"{tuple(train.images.shape[2:])}: a dataset's images must share one size"
         )
     if train.images.shape[1] != test.images.shape[1]:  # grey in one split, colour in the other
@@ -320,13 +335,42 @@ def read_parquet_dataset(path: Path) -> tuple[Arrays, Arrays, tuple[str, ...]]:
     classes = train.classes or test.classes
     if classes is None:
         classes = tuple(str(i) for i in range(int(max(train.labels.max(), test.labels.max())) + 1))
-    for split, files_of in (("train", train), ("test", test)):
-        labels = files_of.labels
+    for where, split in ((train_where, train), (test_where, test)):
+        labels = split.labels
         if int(labels.min()) < 0 or int(labels.max()) >= len(classes):
-            raise DataError(
-                f"{files[split][0]}: labels {int(labels.min())}..{int(labels.max())} outside 0..{len(classes) - 1}"
-            )
+            raise DataError(f"{where}: labels {int(labels.min())}..{int(labels.max())} outside 0..{len(classes) - 1}")
     return (train.images, train.labels), (test.images, test.labels), classes
+
+
+def read_hf_dataset(name: str) -> tuple[Arrays, Arrays, tuple[str, ...]]:
+    """``hf:NAME``: ``datasets.load_dataset(NAME)`` (a hub name such as ``uoft-cs/cifar10``, which
+    downloads into the library's own cache, or a local folder of data files), its ``train`` split and
+    the first of ``test``, ``validation``... as the test split, decoded as ``parquet:`` files are
+    (the image and label columns found the same way). The decoded tensors are not cached here: the
+    library caches the files, and decoding runs again per load."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"hf:{name}: needs the Hugging Face datasets package: pip install datasets") from None
+    try:
+        loaded = datasets.load_dataset(name)
+    except Exception as err:  # the library's own errors: not found, offline, gated...
+        raise DataError(f"hf:{name}: the datasets library could not load it: {' '.join(str(err).split())}") from err
+    chosen: dict[str, str] = {}
+    for split, names in SPLITS.items():
+        found = next((n for n in names if n in loaded), None)
+        if found is None:
+            raise DataError(
+                f"hf:{name}: no {split} split (expected one of {', '.join(names)}; it has {', '.join(loaded)})"
+            )
+        chosen[split] = found
+    parts = {
+        split: table_split(loaded[found].data.table, Path(f"hf:{name}[{found}]"), f"decoding {name} {found}")
+        for split, found in chosen.items()
+    }
+    return checked_dataset(
+        parts["train"], parts["test"], Path(f"hf:{name}[train]"), Path(f"hf:{name}[{chosen['test']}]")
+    )
 
 
 def _colour(split: ParquetSplit) -> ParquetSplit:

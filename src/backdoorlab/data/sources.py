@@ -24,7 +24,7 @@ from torch import Tensor
 from backdoorlab.data.cache import cache_dir, cached
 from backdoorlab.data.dataset import DataError, Splits, TensorDataset
 from backdoorlab.data.parquet import read_image_parquet
-from backdoorlab.data.paths import read_image_folder, read_parquet_dataset, resolve_path
+from backdoorlab.data.paths import read_hf_dataset, read_image_folder, read_parquet_dataset, resolve_path
 from backdoorlab.data.series import SKTIME_BUNDLED, load_sktime, load_ucr
 from backdoorlab.registry import Registry, UnknownNameError
 
@@ -60,12 +60,18 @@ def _by_path(prefix: str, read: Callable[[Path], tuple[Any, Any, tuple[str, ...]
 
 
 #: Name prefixes for open-ended families of sets: time series ``ucr:<Name>``, ``sktime:<Name>``;
-#: images by path ``parquet:<PATH>`` (Hugging Face parquet files), ``folder:<PATH>`` (an image folder).
+#: images by path ``parquet:<PATH>`` (Hugging Face parquet files), ``folder:<PATH>`` (an image folder),
+#: ``hf:<NAME>`` (what the Hugging Face ``datasets`` library loads).
 PREFIXES = {
     "ucr": Prefix(lambda name: lambda root, download: load_ucr(root, name), "series", "ucr:<Name>"),
     "sktime": Prefix(lambda name: lambda root, download: load_sktime(name), "series", "sktime:<Name>"),
     "parquet": _by_path("parquet", read_parquet_dataset),
     "folder": _by_path("folder", read_image_folder),
+    "hf": Prefix(
+        lambda name: lambda root, download: _make_splits(f"hf:{name}", *read_hf_dataset(name), hflip=False),
+        "image",
+        "hf:<NAME>",
+    ),
 }
 
 
@@ -112,8 +118,8 @@ def load_dataset(name: str, root: str | Path | None = None, *, download: bool = 
     Args:
         name: a registered name (``backdoorlab list`` shows them), ``ucr:<Name>``,
             ``sktime:<Name>``, or images by path: ``parquet:<PATH>`` (Hugging Face parquet
-            files), ``folder:<PATH>`` (``PATH/{train,test}/<class>/<image>``); see
-            :mod:`backdoorlab.data.paths`.
+            files), ``folder:<PATH>`` (``PATH/{train,test}/<class>/<image>``), or ``hf:<NAME>``
+            (what the Hugging Face ``datasets`` library loads); see :mod:`backdoorlab.data.paths`.
         root: folder that holds ``<name>/{train,test}.parquet`` (and ``ucr/<Name>/``; a relative
             ``PATH`` of ``parquet:``/``folder:`` not found from the current folder); default
             ``$BACKDOORLAB_DATA``.
