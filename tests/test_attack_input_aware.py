@@ -96,7 +96,8 @@ def test_batch_count_follows_backdoorbench():
     assert batch_rate(PoisonSpec(rate=0.1), 1000) == 0.1 and batch_rate(PoisonSpec(rate=50), 1000) == 0.05
 
 
-def test_the_step_poisons_crosses_and_adds_the_diversity_loss_by_hand():
+@pytest.mark.parametrize("mode", ["all-to-one", "all-to-all"])
+def test_the_step_poisons_crosses_and_adds_the_diversity_loss_by_hand(mode):
     """The joint step against a hand computation of the reference's ``train_step`` on one batch:
     the first 10% triggered with their own pattern and the target label, as many next with the rolled
     batch's patterns and their labels, the loss the batch's cross-entropy plus lambda_div x diversity."""
@@ -104,7 +105,7 @@ def test_the_step_poisons_crosses_and_adds_the_diversity_loss_by_hand():
     trigger = create_trigger("input_aware", (1, 8, 8), lambda_div=2.0)
     trigger.build(data, torch.Generator().manual_seed(0))
     trigger.mask_net.eval()
-    spec = PoisonSpec(rate=0.1, target=3)
+    spec = PoisonSpec(rate=0.1, target=3, mode=mode)
     step = InputAwareStep(trigger, spec, 0.1, 4)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
@@ -119,7 +120,8 @@ def test_the_step_poisons_crosses_and_adds_the_diversity_loss_by_hand():
         p2 = torch.tanh(trigger.pattern_net(n2)) / (2 + EPSILON) + 0.5
         m1, m2 = threshold(trigger.mask_net(n1)), threshold(trigger.mask_net(n2))
         inputs = torch.cat([x[:2] + (p1 - x[:2]) * m1, x[2:4] + (p2 - x[2:4]) * m2, x[4:]])
-        targets = torch.cat([torch.tensor([3, 3]), y[2:]])
+        poisoned = torch.tensor([3, 3]) if mode == "all-to-one" else (y[:2] + 1) % 4
+        targets = torch.cat([poisoned, y[2:]])
         ce = F.cross_entropy(model(inputs), targets)
         d_img = ((n1 - n2) ** 2).mean(dim=(1, 2, 3)).sqrt()
         d_pat = ((((p1 - 0.4) / 0.3) - ((p2 - 0.4) / 0.3)) ** 2).mean(dim=(1, 2, 3)).sqrt()
