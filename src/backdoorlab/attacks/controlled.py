@@ -22,6 +22,7 @@ rate, schedule, augmentation); the attack only supplies what the loop already ta
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -30,6 +31,10 @@ from torch import Tensor, nn
 from backdoorlab.attacks.poisoning import PoisonSpec
 from backdoorlab.attacks.triggers import Trigger
 from backdoorlab.data.dataset import TensorDataset
+
+#: ``training.steps.PerSampleLoss`` (``loss_fn(logits, labels, indices, epoch) -> per-sample losses``),
+#: restated: this layer imports nothing from ``training``.
+PerSampleLoss = Callable[[Tensor, Tensor, Tensor, int], Tensor]
 
 
 class AttackStep(ABC):
@@ -43,7 +48,7 @@ class AttackStep(ABC):
         model: nn.Module,
         x: Tensor,
         y: Tensor,
-        loss_fn,  # training.steps.PerSampleLoss
+        loss_fn: PerSampleLoss,
         indices: Tensor,
         epoch: int,
         generator: torch.Generator,

@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backdoorlab.attacks.controlled import AttackStep, TrainingControlledTrigger, batch_count, batch_rate
+from backdoorlab.attacks.controlled import (
+    AttackStep,
+    PerSampleLoss,
+    TrainingControlledTrigger,
+    batch_count,
+    batch_rate,
+)
 from backdoorlab.attacks.poisoning import PoisonSpec
 from backdoorlab.attacks.triggers import ATTACKS
 from backdoorlab.data.dataset import TensorDataset
@@ -120,7 +126,7 @@ class InputAwareStep(AttackStep):
         model: nn.Module,
         x: Tensor,
         y: Tensor,
-        loss_fn,
+        loss_fn: PerSampleLoss,
         indices: Tensor,
         epoch: int,
         generator: torch.Generator,
