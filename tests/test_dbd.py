@@ -216,7 +216,7 @@ def test_dbd_removes_badnets_on_digits():
     """BadNets at 10% on digits, the digits recipe (small CNN), seed 0, one thread; undefended CA
     0.99, ASR 1.00. DBD on a CPU-sized schedule (SimCLR 40 epochs at batch 128: 480 steps; the
     head's warm-up 20 epochs: 240 steps; 4 MixMatch epochs of 44 steps) measured CA 0.875, ASR
-    0.000, RA 0.543, every poisoned digit in the unlabelled half (isolation recall 1.00), 53 s.
+    0.000, RA 0.543, every poisoned digit in the unlabelled half (isolation recall 1.00), 42-53 s.
     The warm-up's first epochs predict the largest class (the target's, clean and poisoned) for
     everything: the symmetric cross-entropy moves the head slowly, and too few steps leave the
     poisoned digits in the labelled half (SimCLR 60 epochs at batch 512, 5 warm-up epochs: 180 and
