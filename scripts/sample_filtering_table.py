@@ -4,7 +4,7 @@ Per attack and poison rate, the undefended victim and each sample filter: its pr
 AUROC against the poison mask, then CA / ASR of the model retrained on the samples it kept. The cells
 are stored in ``OUTPUT/results.sqlite`` and reused. Usage::
 
-    BACKDOORLAB_DATA=../shared/data python scripts/sample_filtering_table.py --output runs/sample-filtering
+    BACKDOORLAB_DATA=../shared/data python scripts/sample_filtering_table.py --output benchmarks/results/sample-filtering-mnist
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main() -> None:
     table_script(
         __doc__.split("\n")[0],
         "sample_filtering.yaml",
-        "runs/sample-filtering",
+        "benchmarks/results/sample-filtering-mnist",
         "defenses.md",
         "sample-filtering",
         table,
