@@ -2,6 +2,7 @@
 
 from backdoorlab.attacks import (  # noqa: F401  (registers the attacks)
     adaptive,
+    blind,
     bpp,
     ctrl,
     ftrojan,
