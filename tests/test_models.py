@@ -14,6 +14,7 @@ EXPECTED = {
     "resnet18",
     "resnet50",
     "small_cnn",
+    "timm",
     "vgg16_bn",
 }
 

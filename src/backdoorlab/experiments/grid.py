@@ -139,7 +139,7 @@ def suspect_key(config: RunConfig) -> str | None:
     not a plain victim (a training-time defense trains its own) and for a training-controlled attack
     (its trigger is trained with the victim and not saved with it: each cell trains both)."""
     victim = suspect_config(config)
-    if victim.defense is not None or ATTACKS.get(victim.attack).controls_training:
+    if victim.defense is not None or (victim.attack is not None and ATTACKS.get(victim.attack).controls_training):
         return None
     return cell_key(victim)
 

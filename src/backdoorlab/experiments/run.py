@@ -611,7 +611,7 @@ def _run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunRes
     started = time.perf_counter()
     if suspect is not None:
         check_suspect(suspect)
-        if ATTACKS.get(config.attack).controls_training:
+        if config.attack is not None and ATTACKS.get(config.attack).controls_training:
             raise ValueError(
                 f"'{config.attack}' is a training-controlled attack: its trigger is trained with the victim and is "
                 "not saved with a model, so a given model cannot be evaluated against it; run the config to train both"
