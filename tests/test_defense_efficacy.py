@@ -69,7 +69,7 @@ def repair(victim: RunResult, name: str, options: dict) -> RunResult:
     [
         pytest.param("fine_tuning", {}, 0.7, 0.03, id="fine_tuning"),
         pytest.param("fine_pruning", {}, 0.2, 0.04, id="fine_pruning"),
-        pytest.param("nad", {"scale_betas": True}, 0.2, 0.03, id="nad-scale_betas"),
+        pytest.param("nad", {"scale_betas": True}, 0.2, 0.04, id="nad-scale_betas"),
         pytest.param(
             "pivotal_tuning",
             {"steps": 300, "lr": 0.01, "parameter_weight": 0.0, "eval_every": 50, "held_out": 0.3},
@@ -88,7 +88,8 @@ def test_repair_lowers_asr_and_keeps_clean_accuracy(patch_victim, name, options,
       but does not remove the backdoor with 144 digits (with MNIST's 500 it does, test_repair.py).
     - fine_pruning (defaults; about 40 of 128 channels pruned): 0.046 / 0.972 and 0.049 / 0.967.
     - nad with ``scale_betas`` (the betas rescaled to the small CNN's 8x8, 4x4, 2x2 attention maps,
-      the option's purpose): 0.015 / 0.972 and 0.019 / 0.975. At the defaults (betas set for
+      the option's purpose): 0.015 / 0.972 and 0.019 / 0.975; on a 2-thread AMD EPYC (2026-12-07)
+      CA 0.953, a drop of 0.036, so its bound is 0.04. At the defaults (betas set for
       WRN's 32x32 maps) the attention term swamps the cross-entropy: CA 0.194.
     - pivotal_tuning at lr 0.01 without the weight anchor, 300 steps, 30% of the trusted split held
       out (43 digits): 0.454 / 0.969 and 0.451 / 0.958, ASR falling steadily over the steps (0.96,
