@@ -487,6 +487,39 @@ def test_every_post_training_method_takes_a_plain_module_or_says_what_it_needs(k
         assert "Classifier" in message or "batch" in message or "normalisation" in message, message
 
 
+def image_only_cases() -> list[Any]:
+    kinds = ("defenses", "repairs", "detectors", "input-detectors")
+    return [
+        (kind, name)
+        for kind in kinds
+        for name in REGISTRY_OF[kind].names()
+        if REGISTRY_OF[kind].metadata(name).get("modality") == "image"
+    ]
+
+
+@pytest.mark.parametrize(("kind", "name"), image_only_cases())
+def test_every_image_only_method_refuses_series_in_a_config_and_in_the_library(kind, name):
+    """A method registered for images is refused for a series dataset when the config is checked
+    (naming those that take series), and refuses series itself when called from the library, with
+    the one message ``require_images`` writes, before it trains anything."""
+    field = CONFIG_FIELD[kind]
+    with pytest.raises(ValueError, match=f"'{name}' does not take series data .*only image; .*for series data: "):
+        RunConfig(dataset="gunpoint", **{field: name}).resolved()
+    series = TensorDataset(torch.randn(8, 1, 16), torch.arange(8) % 2, ("a", "b"), (0.0,), (1.0,), "toy")
+    ctx = DefenseContext(TrainConfig(epochs=1, progress=False), torch.device("cpu"), seed=0)
+    model = create_model("fcn", num_classes=2, in_channels=1)
+    method = REGISTRY_OF[kind].create(name)
+    with pytest.raises(ValueError, match="takes images, not series data"):
+        if kind == "defenses":
+            method.train(series, lambda: create_model("fcn", num_classes=2, in_channels=1), ctx)
+        elif kind == "repairs":
+            method.repair(model, series, ctx)
+        elif kind == "detectors":
+            method.detect(model, series, ctx)
+        else:
+            method.fit(model, series, ctx)
+
+
 def check_regularizer(name: str, options: dict[str, Any] | None = None) -> None:
     """A regularised epoch on tiny digits has a finite loss and metrics, and the regulariser's
     config (also as the result stores it) round-trips through JSON."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses import DefenseContext, create_defense
+from backdoorlab.defenses import create_defense
 from backdoorlab.defenses.dbd import (
     LinearWarmupStep,
     MixMatchStep,
@@ -24,7 +24,6 @@ from backdoorlab.defenses.dbd import (
     symmetric_cross_entropy,
 )
 from backdoorlab.experiments import RunConfig, run
-from backdoorlab.experiments.run import ModelSpec
 from backdoorlab.models.registry import create_model
 from backdoorlab.options import OptionError
 from backdoorlab.training.loop import TrainConfig, train
@@ -180,14 +179,6 @@ def test_the_defaults_are_backdoorbenchs():
         "lambda_u": 15.0,
         "rampup": 190.0,
     }
-
-
-def test_series_are_refused():
-    series = TensorDataset(torch.randn(8, 1, 16), torch.arange(8) % 2, ("a", "b"), (0.0,), (1.0,), "toy")
-    ctx = DefenseContext(TrainConfig(epochs=1), torch.device("cpu"), seed=0)
-    spec = ModelSpec("fcn", (), 2, 1, (0.0,), (1.0,))
-    with pytest.raises(ValueError, match="images"):
-        create_defense("dbd").train(series, spec, ctx)
 
 
 def test_an_optimiser_passed_to_the_loop_keeps_its_state_across_calls():

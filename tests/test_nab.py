@@ -21,7 +21,6 @@ from backdoorlab.defenses.nab import (
 from backdoorlab.defenses.simclr import simclr_loss
 from backdoorlab.experiments import RunConfig, run
 from backdoorlab.experiments.presets import preset_for
-from backdoorlab.experiments.run import ModelSpec
 from backdoorlab.experiments.saved_model import load_model, save_model
 from backdoorlab.models.registry import create_model
 from backdoorlab.options import OptionError
@@ -123,14 +122,6 @@ def test_nearest_centre_labels_by_hand():
 def test_bad_options_are_refused_naming_the_option(options, named):
     with pytest.raises((OptionError, ValueError), match=named):
         create_defense("nab", **options)
-
-
-def test_series_are_refused():
-    series = TensorDataset(torch.randn(8, 1, 16), torch.arange(8) % 2, ("a", "b"), (0.0,), (1.0,), "toy")
-    ctx = DefenseContext(TrainConfig(epochs=1), torch.device("cpu"), seed=0)
-    spec = ModelSpec("fcn", (), 2, 1, (0.0,), (1.0,))
-    with pytest.raises(ValueError, match="images"):
-        create_defense("nab").train(series, spec, ctx)
 
 
 def test_the_backdoorbench_preset_is_its_cifar10_config():

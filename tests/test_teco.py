@@ -247,7 +247,7 @@ def test_teco_refuses_unknown_corruptions_series_and_scoring_before_fit():
     with pytest.raises(ValueError, match="input detector 'teco' does not take series data"):
         INPUT_DETECTORS.check_modality("teco", "series", "gunpoint")
     series = TensorDataset(torch.zeros(2, 1, 16), torch.zeros(2, dtype=torch.long), ("a", "b"), (0.0,), (1.0,), "wave")
-    with pytest.raises(ValueError, match="TeCo corrupts images; 'wave' holds series"):
+    with pytest.raises(ValueError, match="TeCo corrupts images: it takes images, not series data"):
         TeCo().fit(Brightness(), series, DefenseContext(TrainConfig(progress=False), CPU, seed=0))
 
 

@@ -290,5 +290,5 @@ def test_e2abl_removes_a_pattern_backdoor_from_a_500_series_set(data_root):
 
 def test_trigger_inversion_refuses_series():
     pytest.importorskip("sktime", reason="the timeseries extra (sktime) is not installed")
-    with pytest.raises(ValueError, match="Neural Cleanse .* takes images only"):
+    with pytest.raises(ValueError, match="detector 'neural_cleanse' does not take series data .*only image"):
         run(RunConfig(dataset="italypowerdemand", epochs=1, detector="neural_cleanse", device="cpu"))

@@ -187,9 +187,12 @@ class Registry(Generic[T]):
         return dict(self._metadata[name.lower()])
 
     def names(self, modality: str | None = None) -> list[str]:
-        """The registered names, sorted; with ``modality``, only those registered for it."""
+        """The registered names, sorted; with ``modality``, only those that take it (registered for it,
+        or for any modality: no ``modality`` in their metadata)."""
         ensure_plugins()
-        return sorted(k for k in self._items if modality is None or self._metadata[k].get("modality") == modality)
+        return sorted(
+            k for k in self._items if modality is None or self._metadata[k].get("modality", modality) == modality
+        )
 
     def check_modality(self, name: str, modality: str, data: str) -> None:
         """Refuse ``name`` for ``data`` (a dataset's name) of ``modality`` where it is registered

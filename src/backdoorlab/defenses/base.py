@@ -253,10 +253,8 @@ def lowest(scores: Tensor, ratio: float) -> Tensor:
     return mask
 
 
-def require_images(data: TensorDataset, method: str) -> None:
-    """Refuse series for a method that works in pixel space (trigger inversion)."""
+def require_images(data: TensorDataset, method: str, why: str = "inverts triggers in pixel space") -> None:
+    """Refuse series for a method that works in pixel space; ``why`` says what it does to images
+    (e.g. "rotates and translates images to split the data")."""
     if data.modality != "image":
-        raise ValueError(
-            f"{method} inverts triggers in pixel space and takes images only, not {data.modality} data "
-            "(fine_tuning, fine_pruning, nad, abl and e2abl take series)"
-        )
+        raise ValueError(f"{method} {why}: it takes images, not {data.modality} data")

@@ -16,6 +16,7 @@ from backdoorlab.defenses.base import (
     DefenseWarning,
     InputDetector,
     require_classifier,
+    require_images,
 )
 from backdoorlab.defenses.npd import polarizer_position
 from backdoorlab.defenses.post_training import frozen_copy
@@ -202,8 +203,7 @@ class Beatrix(InputDetector):
 
     def fit(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> None:
         """Keep a frozen copy of ``model``; fit each predicted class's bounds and threshold on ``trusted``."""
-        if trusted.modality != "image":
-            raise ValueError(f"BEATRIX is for images (N, C, H, W); the trusted split holds {trusted.modality} data")
+        require_images(trusted, "BEATRIX", "reads the Gram matrices of image feature maps")
         require_classifier(model, "BEATRIX", min_body=1)
         o = self._options
         self.device = resolve_device(ctx.device)

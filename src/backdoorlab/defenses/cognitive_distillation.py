@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses.base import INPUT_DETECTORS, DefenseContext, InputDetector
+from backdoorlab.defenses.base import INPUT_DETECTORS, DefenseContext, InputDetector, require_images
 from backdoorlab.defenses.post_training import frozen_copy
 from backdoorlab.options import NonNegativeFloat, PositiveFloat, PositiveInt
 from backdoorlab.training.loop import resolve_device, to_float
@@ -126,8 +126,7 @@ class CognitiveDistillation(InputDetector):
 
     def fit(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> None:
         """Keep a frozen copy of ``model``; the trusted inputs are not used (the threshold is the evaluation's)."""
-        if trusted.modality != "image":
-            raise ValueError(f"Cognitive Distillation masks images; '{trusted.name}' holds {trusted.modality} data")
+        require_images(trusted, "Cognitive Distillation", "masks images")
         channels = trusted.inputs.shape[1]
         if self._options["mask_channels"] not in (1, channels):
             raise ValueError(

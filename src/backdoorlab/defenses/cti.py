@@ -73,6 +73,7 @@ def trigger_success(model: nn.Module, data: TensorDataset, delta: Tensor, target
 @DETECTORS.register(
     "cti",
     "Calibrated Trigger Inversion (Lukas & Kerschbaum 2023): trigger success on the suspect minus on its Pivotal-Tuned repair",
+    modality="image",
     revision=1,  # 2026-12-06: its default calibration repair, Pivotal Tuning, changed its anchor
 )
 class CalibratedTriggerInversion(Detector):

@@ -36,6 +36,7 @@ from backdoorlab.defenses.base import (
     TrainingDefense,
     lowest,
     require_classifier,
+    require_images,
 )
 from backdoorlab.defenses.simclr import pretrain_simclr
 from backdoorlab.options import NonNegativeFloat, NonNegativeInt, OpenFraction, PositiveFloat, PositiveInt
@@ -192,6 +193,7 @@ class MixMatchStep:
 @TRAINING_DEFENSES.register(
     "dbd",
     "DBD (Huang et al. 2022): SimCLR backbone, linear head on SCE, MixMatch on the low-loss split",
+    modality="image",
 )
 class DBD(TrainingDefense):
     """DBD as BackdoorBench runs it (``defense/dbd.py``; module docstring), on one model built by
@@ -254,8 +256,7 @@ class DBD(TrainingDefense):
 
     def train(self, data: TensorDataset, build_model: ModelFactory, ctx: DefenseContext) -> DefenseOutcome:
         o = self._options
-        if data.modality != "image":
-            raise ValueError(f"DBD augments images for SimCLR and MixMatch: it takes images, not {data.modality}")
+        require_images(data, "DBD", "augments images for SimCLR and MixMatch")
         model = build_model()
         require_classifier(model, "DBD")
         pretrain_simclr(

@@ -32,6 +32,7 @@ from backdoorlab.defenses.base import (
     ModelFactory,
     TrainingDefense,
     require_classifier,
+    require_images,
 )
 from backdoorlab.options import NonNegativeFloat, NonNegativeInt, OpenFraction, PositiveFloat, PositiveInt
 from backdoorlab.training.augment import contrastive_views, sample_affine
@@ -165,10 +166,7 @@ def sgd(recipe: TrainConfig, *, fresh: bool = False, **settings: Any) -> TrainCo
 
 def require_image_classifier(model: nn.Module, data: TensorDataset, method: str) -> None:
     """Refuse series (the FCT rotates images) and models without pooled features."""
-    if data.modality != "image":
-        raise ValueError(
-            f"{method} rotates and translates images to split the data: it takes images, not {data.modality}"
-        )
+    require_images(data, method, "rotates and translates images to split the data")
     require_classifier(model, method)
 
 
@@ -223,7 +221,9 @@ class _SensitivityDefense(TrainingDefense):
 
 
 @TRAINING_DEFENSES.register(
-    "d_br", "D-BR (Chen et al. 2022): split by transformation sensitivity, unlearn the poisoned part, relearn the clean"
+    "d_br",
+    "D-BR (Chen et al. 2022): split by transformation sensitivity, unlearn the poisoned part, relearn the clean",
+    modality="image",
 )
 class DBR(_SensitivityDefense):
     """D-BR: SD (:meth:`distinguish`), then backdoor removal (BR) on a model trained normally.
@@ -388,7 +388,9 @@ class MixedCrossEntropyStep:
 
 
 @TRAINING_DEFENSES.register(
-    "d_st", "D-ST (Chen et al. 2022): split by transformation sensitivity, then secure two-stage training"
+    "d_st",
+    "D-ST (Chen et al. 2022): split by transformation sensitivity, then secure two-stage training",
+    modality="image",
 )
 class DST(_SensitivityDefense):
     """D-ST: SD (:meth:`distinguish`, options and defaults as D-BR's), then two-stage secure

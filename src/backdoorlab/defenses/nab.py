@@ -41,6 +41,7 @@ from backdoorlab.defenses.base import (
     ModelFactory,
     TrainingDefense,
     lowest,
+    require_images,
 )
 from backdoorlab.defenses.simclr import plain_sgd, pretrain_simclr
 from backdoorlab.models.classifier import Classifier
@@ -148,6 +149,7 @@ def build_classifier(build_model: ModelFactory) -> Classifier:
 @TRAINING_DEFENSES.register(
     "nab",
     "NAB (Liu et al. 2023): relabel LGA-suspected samples by SimCLR nearest centres, stamp a defensive trigger",
+    modality="image",
 )
 class NAB(TrainingDefense):
     """NAB as BackdoorBench runs it (``defense/nab.py``): SimCLR, LGA detection, nearest-centre
@@ -211,8 +213,7 @@ class NAB(TrainingDefense):
 
     def train(self, data: TensorDataset, build_model: ModelFactory, ctx: DefenseContext) -> DefenseOutcome:
         o = self._options
-        if data.modality != "image":
-            raise ValueError(f"NAB stamps a patch and augments images for SimCLR: it takes images, not {data.modality}")
+        require_images(data, "NAB", "stamps a patch and augments images for SimCLR")
         losses = self.detection_losses(data, build_model, ctx)
         isolated = lowest(losses, o["isolation_ratio"])
         embeddings = self.self_supervised_embeddings(data, build_model, ctx)

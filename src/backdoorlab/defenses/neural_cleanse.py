@@ -189,7 +189,9 @@ def cleanse_details(result: CleanseResult, threshold: float) -> dict[str, object
 
 
 @DETECTORS.register(
-    "neural_cleanse", "Neural Cleanse (Wang et al. 2019): anomaly index of the smallest reversed trigger"
+    "neural_cleanse",
+    "Neural Cleanse (Wang et al. 2019): anomaly index of the smallest reversed trigger",
+    modality="image",
 )
 class NeuralCleanseDetector(_NeuralCleanseOptions, Detector):
     """Reverse-engineer a trigger for every class; the score is the largest anomaly index among
@@ -234,7 +236,9 @@ def unlearning_set(data: TensorDataset, triggers: Sequence[ReversedTrigger], sha
 
 
 @REPAIRS.register(
-    "neural_cleanse", "Neural Cleanse (Wang et al. 2019): unlearn the reversed triggers of the flagged classes"
+    "neural_cleanse",
+    "Neural Cleanse (Wang et al. 2019): unlearn the reversed triggers of the flagged classes",
+    modality="image",
 )
 class NeuralCleanseRepair(_NeuralCleanseOptions, Repair):
     """Detect as :class:`NeuralCleanseDetector`; if classes are flagged, fine-tune on the trusted

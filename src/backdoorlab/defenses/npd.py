@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses.base import REPAIRS, DefenseContext, DefenseOutcome, Repair, require_classifier
+from backdoorlab.defenses.base import (
+    REPAIRS,
+    DefenseContext,
+    DefenseOutcome,
+    Repair,
+    require_classifier,
+    require_images,
+)
 from backdoorlab.defenses.post_training import shuffled_index_batches, suspect_copy
 from backdoorlab.options import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from backdoorlab.progress import progress_bar
@@ -134,7 +141,9 @@ def polarizer_loss(
 
 
 @REPAIRS.register(
-    "npd", "NPD (Zhu et al. 2023): a neural polarizer layer inserted into the frozen model, trained on clean data"
+    "npd",
+    "NPD (Zhu et al. 2023): a neural polarizer layer inserted into the frozen model, trained on clean data",
+    modality="image",
 )
 class NeuralPolarizerDefense(Repair):
     """A 1x1 convolution plus batch normalisation (:func:`neural_polarizer`), identity at the start,
@@ -221,10 +230,7 @@ class NeuralPolarizerDefense(Repair):
         return position
 
     def repair(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> DefenseOutcome:
-        if trusted.modality != "image":
-            raise ValueError(
-                f"NPD perturbs inputs within the [0, 1] image range and takes images, not {trusted.modality} data"
-            )
+        require_images(trusted, "NPD", "perturbs inputs within the [0, 1] image range")
         o = self._options
         model = suspect_copy(model).to(ctx.device).eval()
         trainable = [p for p in model.parameters() if p.requires_grad]

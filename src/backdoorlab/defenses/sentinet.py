@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backdoorlab.data.dataset import TensorDataset, seeded_permutation
-from backdoorlab.defenses.base import INPUT_DETECTORS, DefenseContext, InputDetector, require_classifier
+from backdoorlab.defenses.base import INPUT_DETECTORS, DefenseContext, InputDetector, require_classifier, require_images
 from backdoorlab.defenses.post_training import frozen_copy
 from backdoorlab.options import Fraction, PositiveInt
 from backdoorlab.training.loop import predict_logits, resolve_device, to_float
@@ -125,8 +125,7 @@ class SentiNet(InputDetector):
 
     def fit(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> None:
         """Keep a frozen copy of ``model``, draw the clean images, and fit the boundary on trusted inputs."""
-        if trusted.modality != "image":
-            raise ValueError(f"SentiNet is for images (N, C, H, W); the trusted split holds {trusted.modality} data")
+        require_images(trusted, "SentiNet", "pastes saliency regions of images")
         require_classifier(model, "SentiNet")
         self.device = resolve_device(ctx.device)
         self.model = frozen_copy(model).to(self.device)

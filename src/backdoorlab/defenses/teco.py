@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from backdoorlab.data.corruptions import COMMON_CORRUPTIONS, SEVERITIES, Corruption, corrupt
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses.base import INPUT_DETECTORS, DefenseContext, InputDetector
+from backdoorlab.defenses.base import INPUT_DETECTORS, DefenseContext, InputDetector, require_images
 from backdoorlab.defenses.post_training import frozen_copy
 from backdoorlab.options import PositiveInt, Range
 from backdoorlab.training.loop import predict
@@ -72,8 +72,7 @@ class TeCo(InputDetector):
 
     def fit(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> None:
         """Keep a frozen copy of ``model``; TeCo learns nothing from the trusted inputs."""
-        if trusted.modality != "image":
-            raise ValueError(f"TeCo corrupts images; '{trusted.name}' holds series: use strip")
+        require_images(trusted, "TeCo", "corrupts images")
         self.model, self.device = frozen_copy(model), ctx.device
         self.generator = torch.Generator().manual_seed(ctx.seed)
 

@@ -227,8 +227,10 @@ class RunConfig:
         MODELS.check_modality(model, modality, self.dataset)
         if self.defense is not None:
             registry_for(self.defense).create(self.defense, **defense_options)  # validates name and options
+            registry_for(self.defense).check_modality(self.defense, modality, self.dataset)
         if self.detector is not None:
             DETECTORS.create(self.detector, **detector_options)
+            DETECTORS.check_modality(self.detector, modality, self.dataset)
         if self.input_detector is not None:
             INPUT_DETECTORS.create(self.input_detector, **self.input_detector_options)
             INPUT_DETECTORS.check_modality(self.input_detector, modality, self.dataset)
