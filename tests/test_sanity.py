@@ -12,6 +12,7 @@ import importlib
 import json
 import math
 import sqlite3
+import warnings
 
 import pytest
 import torch
@@ -21,7 +22,14 @@ from backdoorlab.cli import _report, app
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses import create_detector
 from backdoorlab.defenses.post_training import Detection
-from backdoorlab.evaluation import COLLAPSE_SHARE, MAX_REPAIR_CA_DROP, health_warnings, repair_warnings
+from backdoorlab.evaluation import (
+    COLLAPSE_SHARE,
+    MAX_REPAIR_CA_DROP,
+    HealthWarning,
+    evaluate_backdoor,
+    health_warnings,
+    repair_warnings,
+)
 from backdoorlab.experiments import RunConfig, RunResult, run, save_model
 from backdoorlab.experiments.grid import expand
 from backdoorlab.experiments.store import ResultStore
@@ -170,6 +178,25 @@ def test_a_collapsed_model_is_flagged_in_the_result_and_the_table(suspect, tmp_p
     _report(result, None, None)
     out = " ".join(capsys.readouterr().out.split())
     assert "check" in out and "WARNING" in out and "warning: model: predicts class 3 for 100%" in out
+
+
+def test_evaluate_backdoor_warns_a_library_user_where_run_records_the_warnings(suspect):
+    """The library's evaluate_backdoor says what run() records: a collapsed, chance-level model,
+    and (given the suspect's metrics) a repair that lost more than the tolerated clean accuracy."""
+    model, config = suspect
+    prepared = run_module.prepare(config)
+    sets = (prepared.test_set, prepared.triggered)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a healthy model: no warning
+        healthy = evaluate_backdoor(model, *sets)
+    collapsed = copy.deepcopy(model)
+    with torch.no_grad():
+        collapsed.fc.bias[3] = 1e4  # every input goes to class 3
+    with pytest.warns(HealthWarning) as caught:
+        evaluate_backdoor(collapsed, *sets, suspect=healthy)
+    messages = [str(w.message) for w in caught]
+    assert messages[0].startswith("repaired model: predicts class 3 for 100% of the clean test set"), messages
+    assert "at chance level" in messages[1] and messages[2].startswith("repaired model: the repair lost"), messages
 
 
 def test_a_destructive_repair_is_flagged(suspect):

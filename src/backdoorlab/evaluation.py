@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,11 @@ CHANCE_MARGIN = 0.05
 MAX_REPAIR_CA_DROP = 0.10
 #: The false-positive rate an input detector's threshold is set to, on trusted clean inputs.
 INPUT_FPR = 0.05
+
+
+class HealthWarning(UserWarning):
+    """:func:`evaluate_backdoor`'s warning about a model whose numbers are no finding: collapsed,
+    at chance, or (given the suspect's metrics) a repair that destroyed more than it removed."""
 
 
 @dataclass
@@ -148,10 +154,24 @@ def evaluate_backdoor(
     device: str | torch.device | None = None,
     batch_size: int | None = None,
     tta: int = 0,
+    suspect: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """``{"clean_accuracy", "attack_success_rate", "robust_accuracy"}`` as fractions in [0, 1];
-    ``tta``: the recipe's test-time augmentation level (``training.loop.tta_logits``)."""
-    return assess_backdoor(model, test, triggered, device=device, batch_size=batch_size, tta=tta).metrics
+    ``tta``: the recipe's test-time augmentation level (``training.loop.tta_logits``).
+
+    Warns (:class:`HealthWarning`) where the numbers are no finding: a collapsed or chance-level
+    model (:func:`health_warnings`) and, given ``suspect`` (the suspect model's metrics, for a
+    repaired model), a repair that lost more than :data:`MAX_REPAIR_CA_DROP` of its clean
+    accuracy (:func:`repair_warnings`). :func:`backdoorlab.experiments.run` records the same
+    checks in its result's warnings instead."""
+    subject = "model" if suspect is None else "repaired model"
+    assessment = assess_backdoor(model, test, triggered, device=device, batch_size=batch_size, tta=tta, subject=subject)
+    found = list(assessment.warnings)
+    if suspect is not None:
+        found += repair_warnings(suspect["clean_accuracy"], assessment.metrics["clean_accuracy"])
+    for message in found:
+        warnings.warn(message, HealthWarning, stacklevel=2)
+    return assessment.metrics
 
 
 def assess_input_detector(

@@ -35,7 +35,11 @@ def distillation_blocks(model: nn.Module, count: int = 3) -> list[int]:
     require_classifier(model, "NAD", min_body=count)
     blocks = [i for i, m in enumerate(model.body) if any(True for _ in m.children())]
     if len(blocks) < count:
-        raise ValueError(f"NAD needs {count} blocks in the model body, found {len(blocks)}")
+        raise ValueError(
+            f"NAD needs {count} blocks in the model body, found {len(blocks)}: a block is a module with "
+            "submodules (a conv-BN-ReLU nn.Sequential, a residual group); build the body from blocks, or "
+            "wrap your network with as_classifier(..., blocks=[...])"
+        )
     return blocks[-count:]
 
 

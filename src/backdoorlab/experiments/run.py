@@ -63,7 +63,6 @@ from backdoorlab.evaluation import (
     Assessment,
     assess_backdoor,
     assess_input_detector,
-    evaluate_backdoor,
     fallback_warnings,
     repair_warnings,
 )
@@ -374,10 +373,7 @@ def train_victim(
 
 def evaluate(prepared: Prepared, model: torch.nn.Module) -> dict[str, float]:
     """CA, ASR and RA of ``model`` on the run's test sets (with the recipe's test-time augmentation)."""
-    assert prepared.config.train is not None
-    return evaluate_backdoor(
-        model, prepared.test_set, prepared.triggered, device=prepared.device, tta=prepared.config.train.tta
-    )
+    return assess(prepared, model).metrics
 
 
 def assess(prepared: Prepared, model: torch.nn.Module, subject: str = "model") -> Assessment:
@@ -455,9 +451,9 @@ def persistence_curve(
     for checkpoint, state in observed.snapshots:
         assert observed.template is not None
         observed.template.load_state_dict(state)
-        metrics = evaluate_backdoor(
+        metrics = assess_backdoor(  # an early checkpoint's health is no finding: no warnings
             observed.template, test, triggered, device=prepared.device, tta=prepared.config.train.tta
-        )
+        ).metrics
         curve.append({"checkpoint": checkpoint, **{k: round(v, 4) for k, v in metrics.items()}})
     return curve
 
