@@ -45,6 +45,7 @@ from backdoorlab.defenses import (  # noqa: F401  (registers the defenses)
     pivotal_tuning,
     rnp,
     sau,
+    scan,
     sentinet,
     spectral_signatures,
     spectre,

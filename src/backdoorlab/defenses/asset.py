@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.base import SAMPLE_FILTERS, DefenseContext, Filtering, SampleFilter, require_classifier
 from backdoorlab.defenses.post_training import frozen_copy, shuffled_index_batches
+from backdoorlab.defenses.sample_filtering import require_trusted
 from backdoorlab.models.classifier import model_device
 from backdoorlab.options import OpenFraction, PositiveFloat, PositiveInt
 from backdoorlab.progress import progress_bar
@@ -149,20 +150,6 @@ def separation(poisoned: Tensor, clean: Tensor, o: dict[str, Any], seed: int) ->
             optimizer.step()
     with torch.no_grad():
         return net(poisoned).flatten()
-
-
-def require_trusted(trusted: TensorDataset | None, method: str) -> TensorDataset:
-    """The trusted split, refused with what to do where it is missing or under two samples."""
-    if trusted is None:
-        raise ValueError(
-            f"{method} needs the trusted clean split: call filter(model, data, ctx, trusted=...) "
-            "(backdoorlab run passes it; raise --trusted-size for a larger one)"
-        )
-    if len(trusted) < 2:
-        raise ValueError(
-            f"{method} needs a trusted split of at least 2 samples, got {len(trusted)}: raise --trusted-size"
-        )
-    return trusted
 
 
 @SAMPLE_FILTERS.register(

@@ -32,3 +32,17 @@ def per_class(labels: Tensor, score_class: Callable[[Tensor, int], tuple[Tensor,
         index = (labels == label).nonzero().flatten()
         scores[index], flagged[index] = score_class(index, int(label))
     return scores, flagged
+
+
+def require_trusted(trusted: TensorDataset | None, method: str) -> TensorDataset:
+    """The trusted split, refused with what to do where it is missing or under two samples."""
+    if trusted is None:
+        raise ValueError(
+            f"{method} needs the trusted clean split: call filter(model, data, ctx, trusted=...) "
+            "(backdoorlab run passes it; raise --trusted-size for a larger one)"
+        )
+    if len(trusted) < 2:
+        raise ValueError(
+            f"{method} needs a trusted split of at least 2 samples, got {len(trusted)}: raise --trusted-size"
+        )
+    return trusted
