@@ -181,9 +181,8 @@ class SCAn(SampleFilter):
             "contaminated_classes": [int(k) for k in np.flatnonzero(contaminated)],
         }
         if len(clean) <= clean.shape[1]:
-            details["warnings"] = [
-                f"sample filter 'scan': its covariances are fitted on {len(clean)} trusted samples for "
-                f"{clean.shape[1]}-dimensional features, too few to estimate them (on digits 14 trusted samples "
-                "marked the wrong class, 287 the right one); raise --trusted-size (BackdoorBench uses 598)"
+            details["warnings"] = [  # the run names the filter
+                f"its covariances are fitted on {len(clean)} trusted samples for {clean.shape[1]}-dimensional "
+                "features, too few to estimate them; raise --trusted-size (BackdoorBench uses 598)"
             ]
         return Filtering(scores, flagged, details)
