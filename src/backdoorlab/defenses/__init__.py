@@ -36,6 +36,7 @@ from backdoorlab.defenses import (  # noqa: F401  (registers the defenses)
     fine_tuning,
     ft_sam,
     i_bau,
+    input_filter,
     mcr,
     nab,
     nad,
