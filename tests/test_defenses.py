@@ -60,8 +60,6 @@ def test_a_defense_gets_the_training_set_and_nothing_about_the_attack(monkeypatc
             train(model, data, ctx.recipe, device=ctx.device, seed=ctx.seed)
             return DefenseOutcome(model, isolated=torch.zeros(len(data), dtype=torch.bool))
 
-    monkeypatch.setitem(TRAINING_DEFENSES._items, "spy", Spy)
-    monkeypatch.setitem(TRAINING_DEFENSES._help, "spy", "test spy")
     run_module = importlib.import_module("backdoorlab.experiments.run")  # the package exports run()
 
     captured = {}
@@ -72,7 +70,8 @@ def test_a_defense_gets_the_training_set_and_nothing_about_the_attack(monkeypatc
         return captured["poisoned"]
 
     monkeypatch.setattr(run_module, "poison_dataset", keep)
-    result = run(RunConfig(dataset="digits", defense="spy", epochs=2, device="cpu"))
+    with TRAINING_DEFENSES.temporary("spy", Spy, "test spy"):
+        result = run(RunConfig(dataset="digits", defense="spy", epochs=2, device="cpu"))
     assert isinstance(seen["data"], TensorDataset)
     assert seen["data"] is captured["poisoned"].data, "exactly the poisoned training set, no mask"
     assert isinstance(seen["ctx"], DefenseContext) and seen["ctx"].recipe.epochs == 2

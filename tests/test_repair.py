@@ -142,9 +142,8 @@ def test_a_repair_gets_the_model_and_the_trusted_split_only(monkeypatch):
             seen["trusted"], seen["ctx"] = trusted, ctx
             return DefenseOutcome(model)
 
-    monkeypatch.setitem(REPAIRS._items, "spy", Spy)
-    monkeypatch.setitem(REPAIRS._help, "spy", "test spy")
-    result = run(RunConfig(dataset="digits", epochs=1, trusted_size=0.05, defense="spy"))
+    with REPAIRS.temporary("spy", Spy, "test spy"):
+        result = run(RunConfig(dataset="digits", epochs=1, trusted_size=0.05, defense="spy"))
     trusted = seen["trusted"]
     assert isinstance(trusted, TensorDataset) and len(trusted) == result.data["trusted"]
     assert not hasattr(trusted, "mask"), "the trusted split is plain clean data"

@@ -349,9 +349,8 @@ def test_a_training_defense_gets_a_model_spec_with_nothing_of_the_run(monkeypatc
             train(model, data, ctx.recipe, device=ctx.device, seed=ctx.seed)
             return DefenseOutcome(model)
 
-    monkeypatch.setitem(TRAINING_DEFENSES._items, "spy", Spy)
-    monkeypatch.setitem(TRAINING_DEFENSES._help, "spy", "test spy")
-    run(RunConfig(**SMALL, defense="spy"))
+    with TRAINING_DEFENSES.temporary("spy", Spy, "test spy"):
+        run(RunConfig(**SMALL, defense="spy"))
     factory = seen["factory"]
     assert isinstance(factory, ModelSpec) and not isinstance(factory, types.FunctionType)
     assert pickle.loads(pickle.dumps(factory)) == factory
@@ -389,11 +388,8 @@ def test_the_repair_observer_holds_no_measurement() -> None:
     prepared = prepare(RunConfig(**SMALL))
     model, _ = train_victim(prepared)
     suspect = evaluate(prepared, model)
-    REPAIRS._items["spy_repair"], REPAIRS._help["spy_repair"] = Spy, "test spy"
-    try:
+    with REPAIRS.temporary("spy_repair", Spy, "test spy"):
         _, metrics, details, _ = apply_repair(prepared, model, "spy_repair", {})
-    finally:
-        del REPAIRS._items["spy_repair"], REPAIRS._help["spy_repair"]
     assert seen["returns"] is None and seen["held"] == [] and seen["metrics"] == []
     curve = details["persistence"]
     assert [point["checkpoint"] for point in curve] == [0, 1] and details["persistence_unit"] == "epoch"
