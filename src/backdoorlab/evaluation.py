@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from backdoorlab.attacks.poisoning import TriggeredTestSet
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses.base import DefenseWarning, InputDetector
+from backdoorlab.defenses.base import INPUT_FPR, InputDetector
 from backdoorlab.metrics import attack_success_rate, clean_accuracy, robust_accuracy, scores_auroc
 from backdoorlab.training.loop import predict
 
@@ -31,8 +31,6 @@ COLLAPSE_SHARE = 0.9
 CHANCE_MARGIN = 0.05
 #: A repair that loses more clean accuracy than this against the suspect model is flagged.
 MAX_REPAIR_CA_DROP = 0.10
-#: The false-positive rate an input detector's threshold is set to, on trusted clean inputs.
-INPUT_FPR = 0.05
 
 
 class HealthWarning(UserWarning):
@@ -200,14 +198,7 @@ def assess_input_detector(
     (:attr:`Assessment.predictions`), else they are made here.
     A threshold set on fewer than ``2 / fpr`` clean inputs is warned about (``DefenseWarning``).
     """
-    if len(calibration) < 2 / fpr:
-        warnings.warn(
-            f"the input detector's threshold is set on {len(calibration)} trusted clean inputs: a {fpr:.0%} "
-            f"false-positive rate needs at least {math.ceil(2 / fpr)} to be more than a guess; raise --trusted-size",
-            DefenseWarning,
-            stacklevel=2,
-        )
-    threshold = float(torch.quantile(detector.score(calibration.inputs).double(), 1.0 - fpr))
+    threshold = detector.threshold(calibration, fpr)
     inputs = torch.cat([test.inputs, triggered.inputs])
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(0))  # shown mixed
     start = time.perf_counter()

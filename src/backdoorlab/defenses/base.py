@@ -31,6 +31,8 @@ exists while the repair runs.
 
 from __future__ import annotations
 
+import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +62,12 @@ ModelFactory = Callable[[], nn.Module]
 #: ``observer(model, checkpoint) -> None``: called by a repair at its checkpoints (0 = before
 #: repairing); it keeps a copy of the model's weights and nothing the repair could read back.
 Observer = Callable[[nn.Module, int], None]
+
+
+#: The false-positive rate an input detector's threshold is set to, on trusted clean inputs.
+INPUT_FPR = 0.05
+#: The share of the trusted split an input detector's threshold is set on (it fits on the rest).
+INPUT_CALIBRATION_SHARE = 0.5
 
 
 class DefenseWarning(UserWarning):
@@ -212,6 +220,19 @@ class InputDetector(_PostTraining):
     @abstractmethod
     def score(self, inputs: Tensor) -> Tensor:
         """One float score per input (on the CPU): higher means more likely triggered."""
+
+    def threshold(self, calibration: TensorDataset, fpr: float = INPUT_FPR) -> float:
+        """The score above which an input is flagged, set so that a share ``fpr`` of
+        ``calibration`` (trusted clean inputs it did not fit on) scores above it. A threshold set on
+        fewer than ``2 / fpr`` inputs is warned about (``DefenseWarning``)."""
+        if len(calibration) < 2 / fpr:
+            warnings.warn(
+                f"the input detector's threshold is set on {len(calibration)} trusted clean inputs: a {fpr:.0%} "
+                f"false-positive rate needs at least {math.ceil(2 / fpr)} to be more than a guess; raise --trusted-size",
+                DefenseWarning,
+                stacklevel=3,
+            )
+        return float(torch.quantile(self.score(calibration.inputs).double(), 1.0 - fpr))
 
 
 #: The name repairs had before the three kinds moved here.

@@ -3,11 +3,18 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses.base import INPUT_DETECTORS, SAMPLE_FILTERS, DefenseContext, Filtering, SampleFilter
+from backdoorlab.defenses.base import (
+    INPUT_CALIBRATION_SHARE,
+    INPUT_DETECTORS,
+    INPUT_FPR,
+    SAMPLE_FILTERS,
+    DefenseContext,
+    Filtering,
+    SampleFilter,
+)
 from backdoorlab.defenses.post_training import holdout_split
 from backdoorlab.defenses.sample_filtering import require_trusted
 from backdoorlab.options import OpenFraction
@@ -29,7 +36,8 @@ class InputDetectorFilter(SampleFilter):
     samples beyond the threshold flagged). Difference, stated: BackdoorBench draws its clean samples
     from the test set and fits and calibrates on the same ones; here they are the trusted split,
     fitted on and calibrated on disjoint halves (``calibration_share`` 0.5), as the run's input
-    detectors (``experiments.run.INPUT_CALIBRATION_SHARE``).
+    detectors (``defenses.base.INPUT_CALIBRATION_SHARE``); the threshold is
+    :meth:`InputDetector.threshold`, as the run's.
 
     Args:
         detector: the input detector's name.
@@ -41,7 +49,10 @@ class InputDetectorFilter(SampleFilter):
     uses_trusted = True
 
     def __init__(
-        self, detector: str = "strip", fpr: OpenFraction = 0.05, calibration_share: OpenFraction = 0.5
+        self,
+        detector: str = "strip",
+        fpr: OpenFraction = INPUT_FPR,
+        calibration_share: OpenFraction = INPUT_CALIBRATION_SHARE,
     ) -> None:
         super().__init__()
         INPUT_DETECTORS.get(detector)  # an unknown name is refused with the valid ones
@@ -54,7 +65,7 @@ class InputDetectorFilter(SampleFilter):
         fit_on, calibration = holdout_split(trusted, o["calibration_share"], ctx.seed)
         detector = INPUT_DETECTORS.create(o["detector"])
         detector.fit(model, fit_on, ctx)
-        threshold = float(torch.quantile(detector.score(calibration.inputs).double(), 1.0 - o["fpr"]))
+        threshold = detector.threshold(calibration, o["fpr"])
         scores = detector.score(data.inputs).float()
         details = {"threshold": threshold, "calibration_size": len(calibration)}
         return Filtering(scores, scores > threshold, details)

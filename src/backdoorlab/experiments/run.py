@@ -58,6 +58,7 @@ from backdoorlab.defenses import (
     defense_kind,
     registry_for,
 )
+from backdoorlab.defenses.base import INPUT_CALIBRATION_SHARE
 from backdoorlab.defenses.post_training import holdout_split
 from backdoorlab.evaluation import (
     Assessment,
@@ -540,10 +541,6 @@ def apply_filter(
     kept = poisoned.data.subset((~flagged).nonzero().flatten())
     retrained, _ = train_victim(prepared, kept, f"retraining on {len(kept)} unflagged samples")
     return retrained, metrics, {**verdict.details, "retrained": True}, seconds, time.perf_counter() - tick
-
-
-#: The share of the trusted split an input detector's threshold is set on (it fits on the rest).
-INPUT_CALIBRATION_SHARE = 0.5
 
 
 def apply_input_detector(
