@@ -9,6 +9,11 @@ Usage::
     BACKDOORLAB_DATA=../shared/data python scripts/defense_table.py --output runs/defense-table [--device cuda]
     BACKDOORLAB_DATA=../shared/data python scripts/defense_table.py --grid examples/defense_table_cpu.yaml \
         --output runs/defense-table-cpu --block defense-table-cpu
+    BACKDOORLAB_DATA=../shared/data python scripts/defense_table.py --grid examples/training_defenses_series.yaml \
+        --output benchmarks/results/training-defenses-series --doc time_series.md --block training-defenses-series
+
+A defense run with several option settings in one grid is labelled by the options that differ
+(``abl (unlearning_norm=eval)``).
 """
 
 from __future__ import annotations
@@ -41,25 +46,34 @@ def table(results: dict, datasets: list[str], attacks: list[str], methods: list[
     return lines
 
 
+def label(config: dict, cells: list[dict]) -> str:
+    """:func:`method_label`, with the defense options that differ between the grid's runs of it."""
+    name = method_label(config)
+    settings = [r["config"].get("defense_options") or {} for r in cells if method_label(r["config"]) == name]
+    options = config.get("defense_options") or {}
+    varying = [k for k in options if len({repr(s.get(k)) for s in settings}) > 1]
+    return f"{name} ({', '.join(f'{k}={options[k]}' for k in varying)})" if varying else name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     grid_arguments(parser, "defense_table.yaml", "runs/defense-table")
-    parser.add_argument("--block", default="defense-table", help="the docs/defenses.md block to fill")
+    parser.add_argument("--doc", default="defenses.md", help="the page under docs/ to fill (default: %(default)s)")
+    parser.add_argument("--block", default="defense-table", help="the block of that page to fill")
     args = parser.parse_args()
     results: dict = {}
     order: dict[str, list[str]] = {"dataset": [], "attack": [], "method": []}
-    for r in sweep_results(args):
+    cells = sweep_results(args)
+    for r in cells:
         c = r["config"]
-        key = (c["dataset"], c["attack"], method_label(c))
+        key = (c["dataset"], c["attack"], label(c, cells))
         for name, value in zip(order, key):
             if value not in order[name]:
                 order[name].append(value)
         results[key] = r
     if not args.no_docs:
-        replace_block(
-            DOCS / "defenses.md", args.block, table(results, order["dataset"], order["attack"], order["method"])
-        )
-        print(f"wrote the table into docs/defenses.md (block {args.block})")
+        replace_block(DOCS / args.doc, args.block, table(results, order["dataset"], order["attack"], order["method"]))
+        print(f"wrote the table into docs/{args.doc} (block {args.block})")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,15 @@ def test_lga_turns_descent_into_ascent_below_gamma():
     assert logits.grad[0, 0] < 0, "mean loss above gamma: ordinary descent"
 
 
+def test_unlearning_beside_retained_samples_ascends_only_the_isolated():
+    from backdoorlab.defenses.abl import ascent_below
+
+    logits, labels = torch.tensor([[2.0, 0.0], [2.0, 0.0], [2.0, 0.0]]), torch.tensor([0, 0, 0])
+    losses = ascent_below(2)(logits, labels, torch.tensor([0, 3, 1]), 0)
+    assert losses[0] < 0 and losses[2] < 0 and losses[1] > 0, "indices 0 and 1 are the isolated samples"
+    assert losses[0] == -losses[1]
+
+
 def test_a_defense_gets_the_training_set_and_nothing_about_the_attack(monkeypatch):
     seen = {}
 
@@ -253,6 +262,20 @@ def test_e2abl_auto_starts_over_as_own_when_the_head_dies(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.heavy
+def test_e2abl_misses_wanet_on_mnist_as_measured(mnist_badnets_default_recipe):
+    """E2ABL does not remove WaNet (issue 47 asks for ASR below 0.2, or this: the measured value, and
+    why). Its shallow head sees the first activated feature map, where a smooth warp of the whole
+    image is no local shortcut, so its flags are near the 10% base rate and the backdoor stays
+    (docs/defenses.md, the CPU table: CA 0.939, ASR 0.703, 1,242 flagged at precision 0.10,
+    recall 0.13; undefended 0.965 / 0.953)."""
+    base, _ = mnist_badnets_default_recipe
+    defended = run(RunConfig(**{**base, "attack": "wanet"}, defense="e2abl", threads=1))
+    assert defended.metrics["attack_success_rate"] > 0.5, "the warp backdoor stays"
+    assert defended.metrics["isolation_precision"] < 0.3, "flags near the 10% poisoned share"
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
 def test_e2abl_removes_badnets_from_a_fine_tuned_pretrained_model(data_root):
     """E2ABL at its defaults on the pretrained EfficientNet-Lite0 (about 100 s on 2 cores): its shallow
     head sits on the first activated feature map (the model's ``shallow_depth``, 4), lives in the
@@ -333,3 +356,51 @@ def test_pt_removes_badnets_on_mnist(mnist_badnets_default_recipe):
     assert defended.metrics["clean_accuracy"] > undefended["clean_accuracy"] - 0.05, "CA within 5 points"
     assert defended.metrics["isolation_precision"] > 0.8, "the 1% isolated set is mostly poisoned"
     assert defended.details["trained_modules"] == 3, "the first half of airbench's five body modules"
+
+
+def test_low_mode_threshold_splits_two_loss_modes_and_refuses_one():
+    from backdoorlab.defenses.loss_modes import low_mode_threshold
+
+    g = torch.Generator().manual_seed(0)
+    clean = torch.exp(torch.randn(900, generator=g) * 0.3 + torch.log(torch.tensor(0.5)))  # held near 0.5
+    sunk = torch.exp(torch.randn(100, generator=g) * 0.5 + torch.log(torch.tensor(1e-3)))  # a shortcut's samples
+    mode = low_mode_threshold(torch.cat([clean, sunk]))
+    assert mode.found and mode.share == pytest.approx(0.1, abs=0.005) and mode.separation > 2
+    assert float(sunk.max()) < mode.threshold < float(clean.min()), "the cut lies in the gap"
+    assert not low_mode_threshold(clean).found, "one mode: nothing is flagged"
+    assert not low_mode_threshold(torch.cat([clean[:100], sunk.repeat(9)])).found, "the low mode is the majority"
+    assert not low_mode_threshold(torch.zeros(50)).found
+
+
+@pytest.mark.parametrize("norm_statistics", ["train", "frozen", "eval"])
+def test_unlearning_keeps_or_reestimates_batch_norm_statistics(norm_statistics):
+    """ABL's unlearning in train mode (the official code's) re-estimates batch-norm statistics on the
+    isolated samples; ``frozen`` and ``eval`` keep the training data's, while the weights still move."""
+    from backdoorlab.defenses.abl import unlearn
+    from backdoorlab.models import create_model
+
+    model = create_model("small_cnn", num_classes=3, in_channels=1)
+    g = torch.Generator().manual_seed(0)
+    isolated = TensorDataset(
+        (torch.rand(12, 1, 8, 8, generator=g) * 255).to(torch.uint8),
+        torch.zeros(12, dtype=torch.int64),
+        ("a", "b", "c"),
+        (0.5,),
+        (0.25,),
+        "noise",
+    )
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in norms]
+    weights = [p.detach().clone() for p in model.parameters()]
+    unlearn(
+        model,
+        isolated,
+        TrainConfig(progress=False),
+        device=torch.device("cpu"),
+        seed=0,
+        norm_statistics=norm_statistics,
+    )
+    same = all(torch.equal(b, m.running_mean) for b, m in zip(before, norms))
+    assert same == (norm_statistics != "train")
+    assert any(not torch.equal(w, p) for w, p in zip(weights, model.parameters())), "the weights ascend either way"
+    assert all(m.momentum == 0.1 for m in norms), "the momentum is put back"

@@ -7,6 +7,7 @@ No official code exists and the paper body was not retrievable (METHODS.md 5.2):
 from __future__ import annotations
 
 import warnings
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from backdoorlab.defenses.base import (
     TrainingDefense,
     require_classifier,
 )
+from backdoorlab.defenses.loss_modes import low_mode_threshold
 from backdoorlab.options import NonNegativeInt, PositiveFloat, PositiveInt
 from backdoorlab.training.loop import PerSampleLoss, to_float, train
 from backdoorlab.training.steps import TrainStep
@@ -89,6 +91,10 @@ class ShallowHead(nn.Sequential):
             model.train(was_training)
         return cls(h.shape[1], h.dim() - 2, model.num_classes, width)
 
+
+#: How E2ABL's flag threshold is set (``E2ABL(flag_rule=...)``): ``flag_loss`` itself, or the low
+#: mode of the previous epoch's shallow-head losses (:mod:`backdoorlab.defenses.loss_modes`).
+FlagRule = Literal["fixed", "mixture"]
 
 #: Where the shallow head's weights are trained (``E2ABL(head_optimizer=...)``).
 HEAD_OPTIMIZERS = ("auto", "recipe", "own")
@@ -172,13 +178,19 @@ class E2ABLStep(TrainStep):
         depth: int,
         size: int,
         gamma: float,
-        flag_loss: float,
+        flag_loss: float | None,
         warmup_epochs: int,
         own: HeadOptimizer | None,
         stop_if_dead: bool = False,
     ) -> None:
         self.model, self.head, self.depth, self.own, self.stop_if_dead = model, head, depth, own, stop_if_dead
         self.flagged = torch.zeros(size, dtype=torch.bool)
+        # ``flag_loss=None`` (the ``mixture`` rule): each epoch's threshold is the low mode of the shallow
+        # head's losses over the second half of the epoch before (:func:`low_mode_threshold`)
+        self.fixed = flag_loss is not None
+        self.last_loss = torch.full((size,), float("nan"))
+        self.last_step = torch.zeros(size, dtype=torch.int64)
+        self.epoch, self.epoch_start, self.modes = -1, 0, []
         self.shallow_loss = local_gradient_ascent(gamma)
         self.flag_loss, self.warmup_epochs, self.gamma = flag_loss, warmup_epochs, gamma
         self.ready = False
@@ -188,6 +200,8 @@ class E2ABLStep(TrainStep):
     def __call__(self, model, x, y, loss_fn, indices, epoch, generator):  # noqa: ANN001, ANN204, ARG002
         main, h = split_at(self.model, x, self.depth)
         main, h = main.float(), h.detach()
+        if epoch != self.epoch:
+            self.start_epoch(epoch)
         self.steps += 1
         if self.own is None:
             pooled = self.head.pooled(h)  # one forward of the head for the death check and the loss
@@ -203,6 +217,7 @@ class E2ABLStep(TrainStep):
                 plain = F.cross_entropy(self.head(h), y, reduction="none")
             # its own optimiser trains the head within the first epoch: flag from its loss floor on
             self.ready = self.ready or epoch >= self.warmup_epochs or float(plain.median()) < self.gamma
+        self.last_loss[indices.cpu()], self.last_step[indices.cpu()] = plain.float().cpu(), self.steps
         flag = (plain < self.flag_loss) if self.ready else torch.zeros_like(y, dtype=torch.bool)
         self.flagged[indices.cpu()] = flag.cpu()
         # true class recovery: the main head's best class other than the given (suspect) label
@@ -215,6 +230,31 @@ class E2ABLStep(TrainStep):
             return main, main_losses + shallow_losses
         self.own.fit(h, y, self.shallow_loss, indices, epoch, generator)
         return main, main_losses
+
+    def start_epoch(self, epoch: int) -> None:
+        """Under the ``mixture`` rule, set this epoch's threshold from the losses of the last epoch's
+        second half (the head changes within an epoch of a short recipe; a sample's loss from the
+        epoch's first steps would describe an earlier head); 0, flagging nothing, where they have no
+        low mode and before ``warmup_epochs`` (at least one)."""
+        half = self.epoch_start + (self.steps - self.epoch_start) // 2
+        self.epoch, self.epoch_start = epoch, self.steps
+        if self.fixed:
+            return
+        self.flag_loss = 0.0
+        recent = self.last_loss[self.last_step > half]
+        if epoch < max(1, self.warmup_epochs) or len(recent) == 0:
+            return
+        mode = low_mode_threshold(recent, seed=epoch)
+        self.flag_loss = mode.threshold
+        self.modes.append(mode.threshold)
+
+
+def mixture_summary(thresholds: list[float]) -> dict[str, float | int]:
+    """The ``mixture`` rule's thresholds over a run: the last epoch's, and how many epochs had none."""
+    return {
+        "flag_threshold_last_epoch": thresholds[-1] if thresholds else 0.0,
+        "epochs_without_low_mode": sum(t == 0.0 for t in thresholds),
+    }
 
 
 @TRAINING_DEFENSES.register(
@@ -251,6 +291,15 @@ class E2ABL(TrainingDefense):
     loss on the training batch, no mask. It starts over rather than going on with a fresh head, so
     the first steps' poisoned samples do not teach the main network before any are flagged.
 
+    ``flag_rule="mixture"`` replaces the fixed ``flag_loss`` by a threshold read from the losses
+    themselves: at each epoch's start, the low mode of the shallow head's losses over the second
+    half of the epoch before (:func:`~backdoorlab.defenses.loss_modes.low_mode_threshold`: two
+    Gaussians on the log-losses, kept only when Ashman's D > 2 and the low one is the minority);
+    an epoch without such a mode flags nothing. Reconstructed for issue 47: on the binary
+    Strawberry the fixed threshold flags nothing while the poisoned series sit apart at 0.07-0.26
+    (clean 0.36-0.75); on MNIST's 2-epoch recipe the mixture finds no mode or a clean-heavy one, so
+    ``fixed`` stays the default (docs/notes/2026-12-07-training-defenses-adaptive-rules.md).
+
     Where each setting works and fails (the default recipe's MNIST kills the recipe's head; the
     recipe's head misses Blended on the small CNN; no setting works on 8x8 digits or the small
     time-series sets; SwedishLeaf's pattern trigger goes, a sinusoid stays): docs/defenses.md and
@@ -269,6 +318,7 @@ class E2ABL(TrainingDefense):
         depth: PositiveInt | None = None,
         gamma: PositiveFloat = 0.5,
         flag_loss: PositiveFloat = 0.01,
+        flag_rule: FlagRule = "fixed",
         warmup_epochs: NonNegativeInt = 1,
         head_width: PositiveInt = 64,
         head_optimizer: str = "auto",
@@ -282,7 +332,7 @@ class E2ABL(TrainingDefense):
             raise ValueError("need warmup_epochs >= 0, head_lr > 0 and head_width, head_batch_size, head_passes >= 1")
         if head_optimizer not in HEAD_OPTIMIZERS:
             raise ValueError(f"unknown head_optimizer '{head_optimizer}'; valid: {', '.join(HEAD_OPTIMIZERS)}")
-        self.head_optimizer = head_optimizer
+        self.head_optimizer, self.flag_rule = head_optimizer, flag_rule
         self.depth = None if depth is None else int(depth)
         self.gamma, self.flag_loss = float(gamma), float(flag_loss)
         self.warmup_epochs, self.head_width = int(warmup_epochs), int(head_width)
@@ -313,7 +363,8 @@ class E2ABL(TrainingDefense):
             step.flagged.clone(),
             {"flagged_last_epoch": int(step.flagged.sum()), "relabelled_steps": step.recovered}
             | ({} if step.own is None else {"head_restarts": step.own.restarts})
-            | ({} if self.head_optimizer != "auto" else {"head_switched_at": switched_at}),
+            | ({} if self.head_optimizer != "auto" else {"head_switched_at": switched_at})
+            | ({} if step.fixed else mixture_summary(step.modes)),
         )
 
     def _run(
@@ -332,7 +383,7 @@ class E2ABL(TrainingDefense):
             depth,
             len(data),
             self.gamma,
-            self.flag_loss,
+            self.flag_loss if self.flag_rule == "fixed" else None,
             self.warmup_epochs,
             own,
             stop_if_dead=head_optimizer == "auto",

@@ -11,7 +11,7 @@ import math
 from dataclasses import replace
 
 from backdoorlab.data.dataset import TensorDataset
-from backdoorlab.defenses.abl import train_on_rest_then_unlearn
+from backdoorlab.defenses.abl import NormStatistics, train_on_rest_then_unlearn
 from backdoorlab.defenses.base import (
     TRAINING_DEFENSES,
     DefenseContext,
@@ -21,7 +21,7 @@ from backdoorlab.defenses.base import (
     lowest,
     require_classifier,
 )
-from backdoorlab.options import OpenFraction, PositiveInt
+from backdoorlab.options import NonNegativeFloat, OpenFraction, PositiveInt
 from backdoorlab.training.loop import per_sample_loss, train
 
 
@@ -43,7 +43,7 @@ class PartialTrain(TrainingDefense):
     3. **fine-tuning a clean model**: unfreeze, and train the same model on the rest with the
        recipe; then, with ``unlearn`` (default on), ABL's gradient ascent on the isolated samples
        (5 epochs, lr 5e-4), since removal alone leaves the few poisoned samples it missed, which
-       suffice to implant a patch trigger.
+       suffice to implant a patch trigger (``unlearning_norm`` and ``unlearning_mix`` as ABL's).
 
     Reconstructed choices: which part is frozen (the deep part; until 2026-11-24 every body module
     but the last, whose 1% held 1-97% poisoned samples on MNIST BadNets, docs/notes/2026-11-24-pt-partial-model.md), the
@@ -59,6 +59,8 @@ class PartialTrain(TrainingDefense):
         isolation_ratio: OpenFraction = 0.01,
         isolation_epochs: PositiveInt | None = None,
         unlearn: bool = True,
+        unlearning_norm: NormStatistics = "train",
+        unlearning_mix: NonNegativeFloat = 0.0,
     ) -> None:
         if not 0.0 < isolation_ratio < 1.0:
             raise ValueError(f"isolation_ratio must be in (0, 1), got {isolation_ratio}")
@@ -66,6 +68,7 @@ class PartialTrain(TrainingDefense):
             raise ValueError("trained and isolation_epochs must be >= 1")
         self.trained, self.isolation_ratio = trained, float(isolation_ratio)
         self.isolation_epochs, self.unlearn = isolation_epochs, bool(unlearn)
+        self.unlearning_norm, self.unlearning_mix = unlearning_norm, float(unlearning_mix)
 
     def train(self, data: TensorDataset, build_model: ModelFactory, ctx: DefenseContext) -> DefenseOutcome:
         model = build_model()
@@ -85,6 +88,13 @@ class PartialTrain(TrainingDefense):
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
         train_on_rest_then_unlearn(  # batch 64: PT's documented figures used ABL's former unlearning batch
-            model, data, isolated, ctx, epochs=5 if self.unlearn else 0, batch_size=64
+            model,
+            data,
+            isolated,
+            ctx,
+            epochs=5 if self.unlearn else 0,
+            batch_size=64,
+            norm_statistics=self.unlearning_norm,
+            mix=self.unlearning_mix,
         )
         return DefenseOutcome(model, isolated, {"trained_modules": trained})

@@ -1,0 +1,66 @@
+"""A threshold read from the shape of per-sample losses, without the poison mask or the test set.
+
+ABL-style defenses hold clean samples' loss near a floor while samples a shortcut (a trigger)
+explains sink far below it, so the log-losses of a poisoned set form two modes. A fixed threshold
+(E2ABL's 0.01, set on one MNIST run) sits in the gap on one dataset and outside it on the next
+(on the binary Strawberry, the poisoned series' median is 0.1 and nothing falls below 0.01).
+
+:func:`low_mode_threshold` fits two Gaussians to the log-losses (the two-component mixture
+DivideMix fits to per-sample losses to split noisy labels, Li, Socher, Hoi, ICLR 2020) and
+returns the log-loss where the lower component stops claiming samples, but only when the two
+components are separated by Ashman's D > 2 (Ashman, Bird, Zepeda 1994, the usual criterion for
+a clean split of a two-Gaussian mixture) and the lower one holds the minority: otherwise the
+losses have one mode and nothing is flagged. **Reconstructed** for this toolkit: no source
+paper states a rule; the reasons are in docs/defenses.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: Ashman's D above which two Gaussian components count as separate modes.
+MIN_SEPARATION = 2.0
+#: Losses are clamped here before the logarithm (a sample at exactly zero loss).
+LOSS_FLOOR = 1e-12
+
+
+@dataclass(frozen=True)
+class LowMode:
+    """The fitted split: ``threshold`` (a loss; 0 where there is no low mode, so nothing falls
+    below it), Ashman's ``separation`` and the lower component's ``share`` of the samples."""
+
+    threshold: float
+    separation: float
+    share: float
+
+    @property
+    def found(self) -> bool:
+        return self.threshold > 0.0
+
+
+def low_mode_threshold(losses: Tensor, seed: int = 0) -> LowMode:
+    """The loss below which a sample belongs to the low mode of ``losses`` (see the module's
+    docstring); ``LowMode(0, D, share)`` when the two components are not separate (D <= 2) or the
+    lower one holds half the samples or more."""
+    from sklearn.mixture import GaussianMixture
+
+    x = torch.log(losses.detach().double().flatten().clamp_min(LOSS_FLOOR))
+    x = x[torch.isfinite(x)].numpy().reshape(-1, 1)
+    if len(x) < 4 or float(x.max() - x.min()) == 0.0:
+        return LowMode(0.0, 0.0, 0.0)
+    mixture = GaussianMixture(n_components=2, random_state=seed).fit(x)
+    means, variances = mixture.means_[:, 0], mixture.covariances_.reshape(2)
+    low, high = int(means.argmin()), int(means.argmax())
+    separation = math.sqrt(2.0) * float(means[high] - means[low]) / math.sqrt(float(variances.sum()))
+    share = float(mixture.weights_[low])
+    if separation <= MIN_SEPARATION or share >= 0.5:
+        return LowMode(0.0, separation, share)
+    # the log-loss between the two means where the lower component's posterior falls to one half
+    grid = torch.linspace(float(means[low]), float(means[high]), 1025, dtype=torch.float64).numpy().reshape(-1, 1)
+    claimed = mixture.predict_proba(grid)[:, low] > 0.5
+    cut = float(grid[claimed, 0].max()) if claimed.any() else float(means[low])
+    return LowMode(math.exp(cut), separation, share)
