@@ -190,6 +190,7 @@ class E2ABLStep(TrainStep):
         self.fixed = flag_loss is not None
         self.last_loss = torch.full((size,), float("nan"))
         self.last_step = torch.zeros(size, dtype=torch.int64)
+        self.labels = torch.zeros(size, dtype=torch.int64)
         self.epoch, self.epoch_start, self.modes = -1, 0, []
         self.shallow_loss = local_gradient_ascent(gamma)
         self.flag_loss, self.warmup_epochs, self.gamma = flag_loss, warmup_epochs, gamma
@@ -217,7 +218,8 @@ class E2ABLStep(TrainStep):
                 plain = F.cross_entropy(self.head(h), y, reduction="none")
             # its own optimiser trains the head within the first epoch: flag from its loss floor on
             self.ready = self.ready or epoch >= self.warmup_epochs or float(plain.median()) < self.gamma
-        self.last_loss[indices.cpu()], self.last_step[indices.cpu()] = plain.float().cpu(), self.steps
+        seen = indices.cpu()
+        self.last_loss[seen], self.last_step[seen], self.labels[seen] = plain.float().cpu(), self.steps, y.cpu()
         flag = (plain < self.flag_loss) if self.ready else torch.zeros_like(y, dtype=torch.bool)
         self.flagged[indices.cpu()] = flag.cpu()
         # true class recovery: the main head's best class other than the given (suspect) label
@@ -234,26 +236,29 @@ class E2ABLStep(TrainStep):
     def start_epoch(self, epoch: int) -> None:
         """Under the ``mixture`` rule, set this epoch's threshold from the losses of the last epoch's
         second half (the head changes within an epoch of a short recipe; a sample's loss from the
-        epoch's first steps would describe an earlier head); 0, flagging nothing, where they have no
-        low mode and before ``warmup_epochs`` (at least one)."""
+        epoch's first steps would describe an earlier head). Where they have no low mode, the last
+        threshold found stays (an epoch without flags lets the main head learn the trigger again);
+        before the first, and before ``warmup_epochs`` (at least one), nothing is flagged."""
         half = self.epoch_start + (self.steps - self.epoch_start) // 2
         self.epoch, self.epoch_start = epoch, self.steps
         if self.fixed:
             return
-        self.flag_loss = 0.0
-        recent = self.last_loss[self.last_step > half]
-        if epoch < max(1, self.warmup_epochs) or len(recent) == 0:
+        recent = self.last_step > half
+        if epoch < max(1, self.warmup_epochs) or not recent.any():
+            self.flag_loss = 0.0
             return
-        mode = low_mode_threshold(recent, seed=epoch)
-        self.flag_loss = mode.threshold
+        mode = low_mode_threshold(self.last_loss[recent], self.labels[recent], seed=epoch)
+        if mode.found:
+            self.flag_loss = mode.threshold
         self.modes.append(mode.threshold)
 
 
 def mixture_summary(thresholds: list[float]) -> dict[str, float | int]:
-    """The ``mixture`` rule's thresholds over a run: the last epoch's, and how many epochs had none."""
+    """The ``mixture`` rule over a run: the last threshold found, and how many epochs found none."""
+    found = [t for t in thresholds if t > 0.0]
     return {
-        "flag_threshold_last_epoch": thresholds[-1] if thresholds else 0.0,
-        "epochs_without_low_mode": sum(t == 0.0 for t in thresholds),
+        "flag_threshold_last": found[-1] if found else 0.0,
+        "epochs_without_low_mode": len(thresholds) - len(found),
     }
 
 
@@ -295,10 +300,12 @@ class E2ABL(TrainingDefense):
     themselves: at each epoch's start, the low mode of the shallow head's losses over the second
     half of the epoch before (:func:`~backdoorlab.defenses.loss_modes.low_mode_threshold`: two
     Gaussians on the log-losses, kept only when Ashman's D > 2 and the low one is the minority);
-    an epoch without such a mode flags nothing. Reconstructed for issue 47: on the binary
+    an epoch without such a mode keeps the last threshold found. Reconstructed for issue 47: on the binary
     Strawberry the fixed threshold flags nothing while the poisoned series sit apart at 0.07-0.26
-    (clean 0.36-0.75); on MNIST's 2-epoch recipe the mixture finds no mode or a clean-heavy one, so
-    ``fixed`` stays the default (docs/notes/2026-12-07-training-defenses-adaptive-rules.md).
+    (clean 0.36-0.75). A mode must also be mostly one label (a backdoor's target), which turns away
+    the modes of easy clean samples that a trigger the head cannot see leaves (all-to-all attacks
+    are refused with them). On MNIST's 2-epoch recipe the mixture finds no mode, so ``fixed`` stays
+    the default (docs/notes/2026-12-07-training-defenses-adaptive-rules.md).
 
     Where each setting works and fails (the default recipe's MNIST kills the recipe's head; the
     recipe's head misses Blended on the small CNN; no setting works on 8x8 digits or the small
