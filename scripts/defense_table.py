@@ -22,6 +22,7 @@ import argparse
 
 from doc_blocks import DOCS, grid_arguments, replace_block, sweep_results
 
+from backdoorlab.defenses import create_defense
 from backdoorlab.report.tables import method_label
 
 
@@ -31,6 +32,8 @@ def table(results: dict, datasets: list[str], attacks: list[str], methods: list[
     for dataset in datasets:
         for attack in attacks:
             for label in methods:
+                if (dataset, attack, label) not in results:  # not run yet (``--stored``)
+                    continue
                 r = results[dataset, attack, label]
                 m, t = r["metrics"], r["timings"]
                 seconds = t.get("defense", t.get("train", 0.0))
@@ -49,8 +52,11 @@ def table(results: dict, datasets: list[str], attacks: list[str], methods: list[
 def label(config: dict, cells: list[dict]) -> str:
     """:func:`method_label`, with the defense options that differ between the grid's runs of it."""
     name = method_label(config)
-    settings = [r["config"].get("defense_options") or {} for r in cells if method_label(r["config"]) == name]
-    options = config.get("defense_options") or {}
+    defaults = create_defense(config["defense"]).config() if config.get("defense") else {}
+    settings = [
+        {**defaults, **(r["config"].get("defense_options") or {})} for r in cells if method_label(r["config"]) == name
+    ]
+    options = {**defaults, **(config.get("defense_options") or {})}
     varying = [k for k in options if len({repr(s.get(k)) for s in settings}) > 1]
     return f"{name} ({', '.join(f'{k}={options[k]}' for k in varying)})" if varying else name
 

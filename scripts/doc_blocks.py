@@ -23,12 +23,15 @@ def grid_arguments(parser: argparse.ArgumentParser, grid: str, output: str) -> N
         "--only", nargs="+", action="extend", default=[], metavar="FIELD=VALUE", help="run only the matching cells"
     )
     parser.add_argument("--no-docs", action="store_true", help="run, but leave the docs alone")
+    parser.add_argument(
+        "--stored", action="store_true", help="run nothing: the table of the cells the store has finished"
+    )
 
 
 def sweep_results(args: argparse.Namespace, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Sweep ``args.grid`` (the cells matching ``args.only``) into ``args.output`` (finished cells are
     skipped, so a table resumes) and return their ``result.json`` documents, in grid order; stops if
-    a cell failed. ``overrides`` (``field=value``, as ``sweep --set``) replace fields of the grid."""
+    a cell failed. With ``args.stored``, run nothing and return the finished cells' documents. ``overrides`` (``field=value``, as ``sweep --set``) replace fields of the grid."""
     from backdoorlab.cli import parse_selection
     from backdoorlab.experiments.grid import load_grid, select
     from backdoorlab.experiments.store import ResultStore
@@ -37,6 +40,11 @@ def sweep_results(args: argparse.Namespace, overrides: Sequence[str] = ()) -> li
     grid = load_grid(args.grid, overrides=overrides)
     if args.only:
         grid = select(grid, parse_selection(args.only))
+
+    if getattr(args, "stored", False):
+        with ResultStore(args.output) as store:
+            done = {r.key: r for r in store.records() if r.status == "done"}
+        return [done[c.key].result for c in grid.cells if c.key in done]  # type: ignore[misc]
 
     def show(cell: Any, outcome: dict[str, Any]) -> None:
         text = outcome["error"].strip().splitlines()[-1] if "error" in outcome else outcome["result"]["metrics"]
