@@ -267,10 +267,12 @@ def test_e2abl_misses_wanet_on_mnist_as_measured(mnist_badnets_default_recipe):
     why). Its shallow head sees the first activated feature map, where a smooth warp of the whole
     image is no local shortcut, so its flags are near the 10% base rate and the backdoor stays
     (docs/defenses.md, the CPU table: CA 0.939, ASR 0.703, 1,242 flagged at precision 0.10,
-    recall 0.13; undefended 0.965 / 0.953)."""
+    recall 0.13; undefended 0.965 / 0.953; at one thread on 2026-12-07's machine CA 0.944, ASR 0.472, 1,154
+    flagged at precision 0.08, recall 0.09). The
+    bar asserted is the issue's: ASR stays above 0.2 (measured 0.47-0.70)."""
     base, _ = mnist_badnets_default_recipe
     defended = run(RunConfig(**{**base, "attack": "wanet"}, defense="e2abl", threads=1))
-    assert defended.metrics["attack_success_rate"] > 0.5, "the warp backdoor stays"
+    assert defended.metrics["attack_success_rate"] > 0.3, "the warp backdoor stays"
     assert defended.metrics["isolation_precision"] < 0.3, "flags near the 10% poisoned share"
 
 
@@ -370,6 +372,11 @@ def test_low_mode_threshold_splits_two_loss_modes_and_refuses_one():
     assert not low_mode_threshold(clean).found, "one mode: nothing is flagged"
     assert not low_mode_threshold(torch.cat([clean[:100], sunk.repeat(9)])).found, "the low mode is the majority"
     assert not low_mode_threshold(torch.zeros(50)).found
+    labels = torch.cat([torch.randint(0, 10, (900,), generator=g), torch.zeros(100, dtype=torch.int64)])
+    assert low_mode_threshold(torch.cat([clean, sunk]), labels).label_share == 1.0, "the low mode is one class"
+    spread = torch.randint(0, 10, (1000,), generator=g)
+    refused = low_mode_threshold(torch.cat([clean, sunk]), spread)
+    assert not refused.found and refused.label_share < 0.5, "a low mode of many classes is no backdoor's"
 
 
 @pytest.mark.parametrize("norm_statistics", ["train", "frozen", "eval"])
