@@ -277,11 +277,11 @@ def test_e2abl_removes_a_pattern_backdoor_from_a_500_series_set(data_root):
     """E2ABL with the ``mixture`` flag rule on UCR SwedishLeaf (500 training series, 15 classes),
     ``ts_pattern`` at 10%: each epoch's threshold is the low mode of the shallow head's losses, the
     poisoned series fall in it, and the backdoor goes (docs/time_series.md, "Training-time defenses
-    on the larger sets", one thread, 2026-12-07: undefended CA 0.950, ASR 0.955; mixture CA 0.947,
-    ASR 0.060, 37 flagged at precision 0.97, recall 0.72). The fixed threshold (0.01) sits at the edge of the poisoned losses here: it removed
+    on the larger sets", one thread, 2026-12-07: undefended CA 0.950, ASR 0.955; mixture CA 0.944,
+    ASR 0.003, 58 flagged at precision 0.83, recall 0.96). The fixed threshold (0.01) sits at the edge of the poisoned losses here: it removed
     the backdoor on 2026-11-24's machine (ASR 0.002) and flagged 3 series on this one (ASR 0.912),
     so the test checks the rule that does not depend on that edge. At two threads the same config
-    removed the backdoor too but kept CA 0.810 (before the rule's label check), so the thread count is pinned, as ABL's MNIST test
+    removed the backdoor too but kept CA 0.810 (before the rule's label and floor checks), so the thread count is pinned, as ABL's MNIST test
     does: the test checks the rule, not the float order. The undefended run is not
     repeated (it doubled the test's two minutes): the CA bar is its measured 0.950 less 5 points,
     and ``test_pattern_backdoor_takes_on_gunpoint_with_clean_accuracy_kept`` checks that the attack
@@ -291,7 +291,7 @@ def test_e2abl_removes_a_pattern_backdoor_from_a_500_series_set(data_root):
     assert defended.details["head_switched_at"] is None
     assert defended.metrics["attack_success_rate"] < 0.2
     assert defended.metrics["clean_accuracy"] > 0.950 - 0.05, "CA within 5 points of the undefended run's"
-    assert defended.metrics["isolation_precision"] > 0.8 and defended.metrics["isolation_recall"] > 0.5
+    assert defended.metrics["isolation_precision"] > 0.5 and defended.metrics["isolation_recall"] > 0.8
     assert defended.details["flag_threshold_last"] > 0, "a low mode was found"
 
 

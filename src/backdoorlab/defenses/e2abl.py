@@ -236,8 +236,10 @@ class E2ABLStep(TrainStep):
     def start_epoch(self, epoch: int) -> None:
         """Under the ``mixture`` rule, set this epoch's threshold from the losses of the last epoch's
         second half (the head changes within an epoch of a short recipe; a sample's loss from the
-        epoch's first steps would describe an earlier head). Where they have no low mode, the last
-        threshold found stays (an epoch without flags lets the main head learn the trigger again);
+        epoch's first steps would describe an earlier head). A mode counts only below the loss floor
+        ``gamma``: LGA holds clean samples near it, so a cut above it splits an unsettled head's
+        losses, not a trigger's (kept through the run, one at 2.1 flagged every sample of SwedishLeaf
+        once the head settled). Where they have no low mode, the last threshold found stays (an epoch without flags lets the main head learn the trigger again);
         before the first, and before ``warmup_epochs`` (at least one), nothing is flagged."""
         half = self.epoch_start + (self.steps - self.epoch_start) // 2
         self.epoch, self.epoch_start = epoch, self.steps
@@ -248,7 +250,7 @@ class E2ABLStep(TrainStep):
             self.flag_loss = 0.0
             return
         mode = low_mode_threshold(self.last_loss[recent], self.labels[recent], seed=epoch)
-        if mode.found:
+        if mode.found and mode.threshold < self.gamma:  # a trigger's samples sink below the loss floor
             self.flag_loss = mode.threshold
         self.modes.append(mode.threshold)
 
@@ -300,7 +302,8 @@ class E2ABL(TrainingDefense):
     themselves: at each epoch's start, the low mode of the shallow head's losses over the second
     half of the epoch before (:func:`~backdoorlab.defenses.loss_modes.low_mode_threshold`: two
     Gaussians on the log-losses, kept only when Ashman's D > 2 and the low one is the minority);
-    an epoch without such a mode keeps the last threshold found. Reconstructed for issue 47: on the binary
+    a mode counts only below the loss floor ``gamma``, and an epoch without one keeps the last
+    threshold found. Reconstructed for issue 47: on the binary
     Strawberry the fixed threshold flags nothing while the poisoned series sit apart at 0.07-0.26
     (clean 0.36-0.75). A mode must also be mostly one label (a backdoor's target), which turns away
     the modes of easy clean samples that a trigger the head cannot see leaves (all-to-all attacks
@@ -358,8 +361,9 @@ class E2ABL(TrainingDefense):
             model, step = self._run(data, build_model, ctx, "own")
         if not step.flagged.any():
             warnings.warn(
-                f"E2ABL flagged no training sample in its last epoch (no shallow-head loss below flag_loss="
-                f"{self.flag_loss}): its isolated set is empty and any backdoor is likely still in place "
+                f"E2ABL flagged no training sample in its last epoch (no shallow-head loss below "
+                f"{'flag_loss=' + str(self.flag_loss) if self.flag_rule == 'fixed' else 'a low mode of its losses'}): "
+                "its isolated set is empty and any backdoor is likely still in place "
                 f"(head_optimizer='{self.head_optimizer}'; the other settings, and where each was measured: "
                 "docs/notes/2026-11-24-e2abl-head-optimizer.md)",
                 DefenseWarning,
