@@ -250,13 +250,15 @@ class E2ABLStep(TrainStep):
             self.flag_loss = 0.0
             return
         mode = low_mode_threshold(self.last_loss[recent], self.labels[recent], seed=epoch)
-        if mode.found and mode.threshold < self.gamma:  # a trigger's samples sink below the loss floor
+        accepted = mode.found and mode.threshold < self.gamma  # a trigger's samples sink below the loss floor
+        if accepted:
             self.flag_loss = mode.threshold
-        self.modes.append(mode.threshold)
+        self.modes.append(mode.threshold if accepted else 0.0)
 
 
 def mixture_summary(thresholds: list[float]) -> dict[str, float | int]:
-    """The ``mixture`` rule over a run: the last threshold found, and how many epochs found none."""
+    """The ``mixture`` rule over a run: the last threshold it accepted, and in how many epochs it
+    accepted none."""
     found = [t for t in thresholds if t > 0.0]
     return {
         "flag_threshold_last": found[-1] if found else 0.0,
