@@ -31,7 +31,8 @@ def grid_arguments(parser: argparse.ArgumentParser, grid: str, output: str) -> N
 def sweep_results(args: argparse.Namespace, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Sweep ``args.grid`` (the cells matching ``args.only``) into ``args.output`` (finished cells are
     skipped, so a table resumes) and return their ``result.json`` documents, in grid order; stops if
-    a cell failed. With ``args.stored``, run nothing and return the finished cells' documents. ``overrides`` (``field=value``, as ``sweep --set``) replace fields of the grid."""
+    a cell failed. With ``args.stored``, run nothing and return the finished cells' documents.
+    ``overrides`` (``field=value``, as ``sweep --set``) replace fields of the grid."""
     from backdoorlab.cli import parse_selection
     from backdoorlab.experiments.grid import load_grid, select
     from backdoorlab.experiments.store import ResultStore

@@ -372,6 +372,8 @@ def test_low_mode_threshold_splits_two_loss_modes_and_refuses_one():
     assert not low_mode_threshold(clean).found, "one mode: nothing is flagged"
     assert not low_mode_threshold(torch.cat([clean[:100], sunk.repeat(9)])).found, "the low mode is the majority"
     assert not low_mode_threshold(torch.zeros(50)).found
+    assert low_mode_threshold(torch.cat([clean, sunk]), ceiling=0.5).found, "the cut lies below the floor"
+    assert not low_mode_threshold(torch.cat([clean, sunk]), ceiling=float(sunk.max())).found, "a cut above it"
     labels = torch.cat([torch.randint(0, 10, (900,), generator=g), torch.zeros(100, dtype=torch.int64)])
     assert low_mode_threshold(torch.cat([clean, sunk]), labels).label_share == 1.0, "the low mode is one class"
     spread = torch.randint(0, 10, (1000,), generator=g)

@@ -148,16 +148,25 @@ def train_on_rest_then_unlearn(
     options; ``epochs=0`` skips it). ``mix`` retained samples per isolated one (drawn from the rest)
     join the unlearning set, where they are learnt as usual (0: the official unlearning)."""
     recipe, device, seed = ctx.recipe, ctx.device, ctx.seed
-    rest = data.subset((~isolated).nonzero().squeeze(1))
+    suspects, kept = isolated.nonzero().squeeze(1), (~isolated).nonzero().squeeze(1)
     train(
-        model, rest, replace(recipe, data_init=False), device=device, seed=seed + 1, description="training on the rest"
+        model,
+        data.subset(kept),
+        replace(recipe, data_init=False),
+        device=device,
+        seed=seed + 1,
+        description="training on the rest",
     )
-    kept = (~isolated).nonzero().squeeze(1)
-    count = min(len(kept), round(mix * int(isolated.sum())))
+    count = min(len(kept), round(mix * len(suspects)))
     kept = kept[torch.randperm(len(kept), generator=torch.Generator().manual_seed(seed + 3))[:count]]
-    chosen = torch.cat([isolated.nonzero().squeeze(1), kept])
     unlearn(
-        model, data.subset(chosen), recipe, device=device, seed=seed + 2, ascended=int(isolated.sum()), **unlearning
+        model,
+        data.subset(torch.cat([suspects, kept])),
+        recipe,
+        device=device,
+        seed=seed + 2,
+        ascended=len(suspects),
+        **unlearning,
     )
 
 

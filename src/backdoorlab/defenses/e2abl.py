@@ -221,7 +221,7 @@ class E2ABLStep(TrainStep):
         seen = indices.cpu()
         self.last_loss[seen], self.last_step[seen], self.labels[seen] = plain.float().cpu(), self.steps, y.cpu()
         flag = (plain < self.flag_loss) if self.ready else torch.zeros_like(y, dtype=torch.bool)
-        self.flagged[indices.cpu()] = flag.cpu()
+        self.flagged[seen] = flag.cpu()
         # true class recovery: the main head's best class other than the given (suspect) label
         recovered = main.detach().scatter(1, y[:, None], float("-inf")).argmax(1)
         main_losses = torch.where(
@@ -239,8 +239,9 @@ class E2ABLStep(TrainStep):
         epoch's first steps would describe an earlier head). A mode counts only below the loss floor
         ``gamma``: LGA holds clean samples near it, so a cut above it splits an unsettled head's
         losses, not a trigger's (kept through the run, one at 2.1 flagged every sample of SwedishLeaf
-        once the head settled). Where they have no low mode, the last threshold found stays (an epoch without flags lets the main head learn the trigger again);
-        before the first, and before ``warmup_epochs`` (at least one), nothing is flagged."""
+        once the head settled). Where they have no low mode, the last threshold found stays (an
+        epoch without flags lets the main head learn the trigger again); before the first, and
+        before ``warmup_epochs`` (at least one), nothing is flagged."""
         half = self.epoch_start + (self.steps - self.epoch_start) // 2
         self.epoch, self.epoch_start = epoch, self.steps
         if self.fixed:
@@ -249,11 +250,11 @@ class E2ABLStep(TrainStep):
         if epoch < max(1, self.warmup_epochs) or not recent.any():
             self.flag_loss = 0.0
             return
-        mode = low_mode_threshold(self.last_loss[recent], self.labels[recent], seed=epoch)
-        accepted = mode.found and mode.threshold < self.gamma  # a trigger's samples sink below the loss floor
-        if accepted:
+        # a trigger's samples sink below the loss floor gamma
+        mode = low_mode_threshold(self.last_loss[recent], self.labels[recent], seed=epoch, ceiling=self.gamma)
+        if mode.found:
             self.flag_loss = mode.threshold
-        self.modes.append(mode.threshold if accepted else 0.0)
+        self.modes.append(mode.threshold)
 
 
 def mixture_summary(thresholds: list[float]) -> dict[str, float | int]:
@@ -362,9 +363,9 @@ class E2ABL(TrainingDefense):
             switched_at = died.at
             model, step = self._run(data, build_model, ctx, "own")
         if not step.flagged.any():
+            below = f"flag_loss={self.flag_loss}" if self.flag_rule == "fixed" else "a low mode of its losses"
             warnings.warn(
-                f"E2ABL flagged no training sample in its last epoch (no shallow-head loss below "
-                f"{'flag_loss=' + str(self.flag_loss) if self.flag_rule == 'fixed' else 'a low mode of its losses'}): "
+                f"E2ABL flagged no training sample in its last epoch (no shallow-head loss below {below}): "
                 "its isolated set is empty and any backdoor is likely still in place "
                 f"(head_optimizer='{self.head_optimizer}'; the other settings, and where each was measured: "
                 "docs/notes/2026-11-24-e2abl-head-optimizer.md)",

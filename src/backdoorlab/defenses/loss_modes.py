@@ -50,14 +50,17 @@ class LowMode:
         return self.threshold > 0.0
 
 
-def low_mode_threshold(losses: Tensor, labels: Tensor | None = None, seed: int = 0) -> LowMode:
+def low_mode_threshold(
+    losses: Tensor, labels: Tensor | None = None, seed: int = 0, ceiling: float = math.inf
+) -> LowMode:
     """The loss below which a sample belongs to the low mode of ``losses`` (see the module's
     docstring); ``LowMode(0, ...)`` when the two components are not separate (D <= 2), the lower
-    one holds half the samples or more, or (given ``labels``) no label holds over half of it."""
+    one holds half the samples or more, the cut is at or above ``ceiling`` (a loss floor the
+    trigger's samples sink below), or (given ``labels``) no label holds over half of it."""
     from sklearn.mixture import GaussianMixture
 
-    x = torch.log(losses.detach().double().flatten().clamp_min(LOSS_FLOOR))
-    x = x[torch.isfinite(x)].numpy().reshape(-1, 1)
+    logs = torch.log(losses.detach().double().flatten().clamp_min(LOSS_FLOOR))
+    x = logs[torch.isfinite(logs)].numpy().reshape(-1, 1)
     if len(x) < 4 or float(x.max() - x.min()) == 0.0:
         return LowMode(0.0, 0.0, 0.0)
     mixture = GaussianMixture(n_components=2, random_state=seed).fit(x)
@@ -71,8 +74,10 @@ def low_mode_threshold(losses: Tensor, labels: Tensor | None = None, seed: int =
     grid = torch.linspace(float(means[low]), float(means[high]), 1025, dtype=torch.float64).numpy().reshape(-1, 1)
     claimed = mixture.predict_proba(grid)[:, low] > 0.5
     cut = float(grid[claimed, 0].max()) if claimed.any() else float(means[low])
+    if math.exp(cut) >= ceiling:
+        return LowMode(0.0, separation, share)
     if labels is None:
         return LowMode(math.exp(cut), separation, share)
-    below = labels.flatten()[torch.log(losses.detach().double().flatten().clamp_min(LOSS_FLOOR)) <= cut]
+    below = labels.flatten()[logs <= cut]
     label_share = float(torch.bincount(below).max()) / len(below) if len(below) else 0.0
     return LowMode(math.exp(cut) if label_share > MIN_LABEL_SHARE else 0.0, separation, share, label_share)
