@@ -7,6 +7,7 @@ from backdoorlab.attacks import (  # noqa: F401  (registers the attacks)
     ctrl,
     ftrojan,
     input_aware,
+    lira,
     low_frequency,
     optimized,
     refool,

@@ -183,7 +183,13 @@ class Blind(TrainingControlledTrigger):
         self.step: BlindStep | None = None
 
     def begin(
-        self, data: TensorDataset, spec: PoisonSpec, batch_size: int, device: torch.device, generator: torch.Generator
+        self,
+        data: TensorDataset,
+        spec: PoisonSpec,
+        batch_size: int,
+        device: torch.device,
+        generator: torch.Generator,
+        epochs: int | None = None,
     ) -> BlindStep:
         self.check_spec(spec)
         self.step = BlindStep(self, spec, data.num_classes)

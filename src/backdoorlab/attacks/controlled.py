@@ -79,6 +79,14 @@ def batch_rate(spec: PoisonSpec, size: int) -> float:
     return float(spec.rate)
 
 
+def data_normalization(data: TensorDataset) -> tuple[Tensor, Tensor]:
+    """``data``'s per-channel mean and std shaped (C, 1, 1): the normalisation the reference attacks'
+    generators read their images in."""
+    c = data.inputs.shape[1]
+    mean = torch.tensor(data.mean, dtype=torch.float32).reshape(c, 1, 1)
+    return mean, torch.tensor(data.std, dtype=torch.float32).reshape(c, 1, 1)
+
+
 class TrainingControlledTrigger(Trigger):
     """Base of a training-controlled attack; see the module's docstring for the protocol. Unfitted
     until :meth:`end`; the run (``experiments.run.fit_attack``) calls :meth:`begin`, trains the
@@ -103,10 +111,17 @@ class TrainingControlledTrigger(Trigger):
 
     @abstractmethod
     def begin(
-        self, data: TensorDataset, spec: PoisonSpec, batch_size: int, device: torch.device, generator: torch.Generator
+        self,
+        data: TensorDataset,
+        spec: PoisonSpec,
+        batch_size: int,
+        device: torch.device,
+        generator: torch.Generator,
+        epochs: int | None = None,
     ) -> AttackStep:
         """Fit what is fitted before the victim's training on ``data`` (the attacker's clean copy)
-        and return the step the victim's training runs with."""
+        and return the step the victim's training runs with; ``epochs`` are the victim's (for an
+        attack whose stages divide them)."""
 
     def end(self) -> None:
         """Freeze the attack after the victim's training: it is now a fitted, pure trigger."""

@@ -24,6 +24,7 @@ from backdoorlab.attacks.controlled import (
     TrainingControlledTrigger,
     batch_count,
     batch_rate,
+    data_normalization,
 )
 from backdoorlab.attacks.poisoning import PoisonSpec
 from backdoorlab.attacks.triggers import ATTACKS
@@ -282,8 +283,7 @@ class InputAware(TrainingControlledTrigger):
     def build(self, data: TensorDataset, generator: torch.Generator) -> None:
         """Fresh generators for ``data``'s channels and normalisation, initialised from ``generator``."""
         c = self.input_shape[0]
-        self.mean = torch.tensor(data.mean, dtype=torch.float32).reshape(c, 1, 1)
-        self.std = torch.tensor(data.std, dtype=torch.float32).reshape(c, 1, 1)
+        self.mean, self.std = data_normalization(data)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=generator)))
             self.pattern_net = EncoderDecoder(c, c, self.channels, self.depth)
@@ -323,7 +323,13 @@ class InputAware(TrainingControlledTrigger):
     # -- the training-controlled protocol --------------------------------------------------------
 
     def begin(
-        self, data: TensorDataset, spec: PoisonSpec, batch_size: int, device: torch.device, generator: torch.Generator
+        self,
+        data: TensorDataset,
+        spec: PoisonSpec,
+        batch_size: int,
+        device: torch.device,
+        generator: torch.Generator,
+        epochs: int | None = None,
     ) -> InputAwareStep:
         self.check_spec(spec)
         self.build(data, generator)

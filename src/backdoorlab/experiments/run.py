@@ -199,7 +199,9 @@ def train_with_attack(
     """Train ``model`` on ``data`` (clean) with the toolkit's loop and ``recipe`` while the
     training-controlled ``trigger`` poisons each batch (``trigger.begin``: what it fits before,
     from ``attack_seed``; its step and updates in the loop), then freeze it (``trigger.end``)."""
-    step = trigger.begin(data, spec, recipe.batch_size, device, torch.Generator().manual_seed(attack_seed))
+    step = trigger.begin(
+        data, spec, recipe.batch_size, device, torch.Generator().manual_seed(attack_seed), epochs=recipe.epochs
+    )
     history = train(
         model,
         data,
