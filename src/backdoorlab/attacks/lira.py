@@ -161,7 +161,9 @@ class Lira(TrainingControlledTrigger):
     differs only in ``epochs`` (300), a recipe's field here. The victim's optimiser, schedule and
     augmentation are the run's recipe's, as every victim's here (BackdoorBench: SGD at the run's
     ``lr`` with momentum 0.9 in stage one, then a fresh SGD 0.01, momentum 0.9, weight decay 5e-4,
-    milestones 50-200 in stage two; random crop 5, rotation 10 and flip on each batch).
+    milestones 50-200 in stage two; random crop 5, rotation 10 and flip on each batch). The victim
+    is one network through both stages: ``avoid_clsmodel_reinitialization`` is a ``store_true``
+    flag with ``default=True`` that no yaml sets, so BackdoorBench never re-creates it.
 
     Every sample of a batch is learnt clean and triggered (the reference's loss): the run's poison
     rate does not enter training (BackdoorBench's note: "the concepts of poisoning rate and
