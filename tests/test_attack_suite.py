@@ -14,11 +14,14 @@ from .test_contracts import built_trigger
 
 SHAPES = [(1, 28, 28), (3, 32, 32), (1, 8, 8)]
 PER_IMAGE = ["badnet_stripes", "badnet_rand", "blended_stripes", "blended_rand"]
-#: Options for attacks whose defaults read a file of the data folder that fits one image size
+#: Options for attacks whose defaults read a file of the data folder that fits one image size, or
+#: train for long
 DATA_FREE = {
     "low_frequency": {"pattern": "generate"},
     "refool": {"reflections": "noise"},
     "adaptive_blend": {"pattern": "noise"},
+    # and for SSBA, whose encoder trains first: two steps of it (1,500 by default)
+    "ssba": {"steps": 2, "batch_size": 4, "bits": 8},
 }
 
 

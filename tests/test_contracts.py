@@ -14,9 +14,12 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -78,6 +81,8 @@ FAST_ATTACKS: dict[str, dict[str, Any]] = {
     "input_aware": {"mask_epochs": 50},
     # an untrained generator's output at eps 0.01 (at most 0.64 of an 8-bit level here) rounds away
     "lira": {"eps": 0.5},
+    # two steps of the encoder on the 8 images (1,500 of 64 by default)
+    "ssba": {"steps": 2, "batch_size": 4, "bits": 8},
 }
 FAST_METHODS: dict[str, dict[str, dict[str, Any]]] = {
     "defenses": {
@@ -193,6 +198,9 @@ def built_trigger(name: str, shape: tuple[int, ...], options: dict[str, Any]) ->
     if trigger.needs_surrogate:
         images = sample_inputs(trigger.modality, shape, 8)  # the attacker's clean images
         trigger.fit(surrogate_for(trigger.modality, shape), generator(0), images=images, target=0)
+    elif trigger.needs_images:  # fitted on the attacker's clean images alone, cached in a folder of its own
+        with tempfile.TemporaryDirectory() as folder, mock.patch.dict(os.environ, {"BACKDOORLAB_CACHE": folder}):
+            trigger.fit(None, generator(0), images=sample_inputs(trigger.modality, shape, 8), target=0)
     if trigger.controls_training:  # trained with a tiny victim: one epoch of the loop on 8 images
         images = sample_inputs(trigger.modality, shape, 8)
         channels = shape[0]

@@ -24,7 +24,7 @@ def fitted_trigger(attack: str, options: dict[str, Any], splits: Splits, seed: i
     quick victim, one epoch of the quick recipe on those images (after its own pre-training, such as
     Input-aware's mask generator), so the picture shows a lightly trained generator, not a run's."""
     trigger = create_trigger(attack, splits.train.input_shape, **options)
-    if trigger.needs_surrogate or trigger.controls_training:
+    if trigger.needs_surrogate or trigger.needs_images or trigger.controls_training:
         from backdoorlab.experiments import RunConfig, fit_attack
 
         train = subsample(splits.train, min(5000, len(splits.train)), seed)

@@ -13,6 +13,7 @@ from backdoorlab.attacks import (  # noqa: F401  (registers the attacks)
     refool,
     series,
     sig,
+    ssba,
     structured,
     wanet,
 )

@@ -113,6 +113,11 @@ def _require_fitted(trigger: Trigger) -> None:
             f"{type(trigger).__name__} is a training-controlled attack: its trigger is trained with the victim "
             "first (backdoorlab.experiments.fit_attack trains both)"
         )
+    if not trigger.fitted and trigger.needs_images:
+        raise ValueError(
+            f"{type(trigger).__name__} fits on the attacker's clean images first: call "
+            "trigger.fit(None, images=...) (backdoorlab.experiments.fit_attack does it)"
+        )
     if not trigger.fitted:
         raise ValueError(
             f"{type(trigger).__name__} adapts to a model: call trigger.fit(surrogate) with a model "

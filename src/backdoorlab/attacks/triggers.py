@@ -70,6 +70,9 @@ class Trigger(Configurable, ABC):
     cross_ratio: float = 0.0
     #: The attack adapts to a model: :meth:`fit` it on a surrogate trained on clean data first.
     needs_surrogate: ClassVar[bool] = False
+    #: The attack fits on the attacker's clean training images alone, no model (SSBA's encoder):
+    #: :meth:`fit` gets ``surrogate=None`` and the ``images``, on the device to fit on.
+    needs_images: ClassVar[bool] = False
     #: The attack also controls the victim's training (``attacks.controlled``): it is fitted while
     #: the victim trains, by the toolkit's loop with a step the attack supplies.
     controls_training: ClassVar[bool] = False
@@ -88,11 +91,11 @@ class Trigger(Configurable, ABC):
                 f"got {tuple(input_shape)}; attacks for {other} data: {', '.join(attacks_for(other))}"
             )
         self.input_shape = tuple(int(s) for s in input_shape)
-        self.fitted = not self.needs_surrogate
+        self.fitted = not (self.needs_surrogate or self.needs_images)
 
     def fit(
         self,
-        surrogate: nn.Module,
+        surrogate: nn.Module | None,
         generator: torch.Generator | None = None,
         *,
         images: Tensor | None = None,
@@ -100,8 +103,9 @@ class Trigger(Configurable, ABC):
     ) -> None:
         """Adapt the attack to ``surrogate``, a model the attacker trained on clean data (on the
         model's device), where it needs to: with the attacker's clean training ``images`` (uint8)
-        and the ``target`` class, for attacks that read them (Low Frequency). Only attacks with
-        ``needs_surrogate`` override this."""
+        and the ``target`` class, for attacks that read them (Low Frequency). An attack with
+        ``needs_images`` fits on the ``images`` alone (``surrogate`` is None). Only attacks with
+        ``needs_surrogate`` or ``needs_images`` override this."""
         self.fitted = True
 
     def poison(self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:

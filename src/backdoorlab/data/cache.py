@@ -3,7 +3,8 @@
 The cache lives in ``$BACKDOORLAB_CACHE`` (default ``~/.cache/backdoorlab``). An entry's key is the
 source file's absolute path, size and modification time, plus a format version; a changed file gets
 a new entry. Entries are written atomically (temporary file, then rename), so an interrupted
-decode never leaves a broken entry behind.
+decode never leaves a broken entry behind. :func:`cached_by_key` keeps anything else that is costly
+to build under a key of the caller's (a fitted attack's networks, keyed by their data and options).
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ def cache_dir() -> Path:
 def cached(source: Path, tag: str, build: Callable[[], dict[str, object]]) -> dict[str, object]:
     """Return ``build()``'s dict of tensors and strings, cached on disk against ``source``."""
     stat = source.stat()
-    key = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{FORMAT_VERSION}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cached_by_key(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}", tag, build)
+
+
+def cached_by_key(key: str, tag: str, build: Callable[[], dict[str, object]]) -> dict[str, object]:
+    """Return ``build()``'s dict of tensors and strings, cached on disk under ``key`` (any string
+    that names everything the value depends on; it is hashed with the format version)."""
+    digest = hashlib.sha256(f"{key}|{FORMAT_VERSION}".encode()).hexdigest()[:16]
     entry = cache_dir() / f"{tag}-{digest}.pt"
     if entry.exists():
         try:

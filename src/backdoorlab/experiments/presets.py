@@ -92,6 +92,13 @@ BACKDOORBENCH_ATTACKS: dict[str, dict[str, Any]] = {
     # here: clean_label=False, poison_rate=0.1 (drawn from the non-target classes; BackdoorBench
     # draws from every class, utils/backdoor_generate_poison_index.py).
     "refool": {"reflections": "voc", "alpha_t": 0.4, "ghost_rate": 0.49},
+    # ssba: config/attack/ssba/default.yaml (all2one, target 0, pratio 0.1: a run's fields) reads
+    # images encoded by resource/ssba/: train.py as its readme runs it (fingerprint_length 100,
+    # num_epochs 20 at batch_size 64 on the whole training set: 15,640 steps on CIFAR-10's 50,000
+    # images; lr 1e-4; L2 weight 10 after l2_loss_await 1000 and l2_loss_ramp 3000 steps counted
+    # from the first batch whose bits are read at > 0.9). Hours on a CPU; the trainer's bits often
+    # stay unread (module docstring of attacks.ssba). Not expressible: its BCH-coded text secret.
+    "ssba": {"steps": 15_640, "images": 50_000, "l2_await": 1000, "l2_ramp": 3000, "l2_start": "bits"},
 }
 #: BackdoorBench's defense options, by defense (each with the reference file it follows): the
 #: values its code runs on CIFAR-10, ``config/defense/<name>/cifar10.yaml`` as ``defense/<name>.py``

@@ -221,10 +221,12 @@ def fit_attack(
 ) -> tuple[torch.nn.Module, TrainHistory] | None:
     """Fit an attack that adapts to a model (``trigger.needs_surrogate``): train a surrogate of the
     run's model and recipe on ``data`` (the attacker's clean copy of the training set), then
-    ``trigger.fit(surrogate)``. A training-controlled attack (``trigger.controls_training``) is
-    fitted by training the victim itself, the run's model with the run's recipe, on ``data``
-    with the attack's step (:func:`train_with_attack`); that victim and its history are returned.
-    A no-op for other attacks."""
+    ``trigger.fit(surrogate)``. An attack that fits on clean images alone (``trigger.needs_images``,
+    SSBA's encoder) is fitted on ``data``'s images, on ``device``, with no surrogate. A
+    training-controlled attack (``trigger.controls_training``) is fitted by training the victim
+    itself, the run's model with the run's recipe, on ``data`` with the attack's step
+    (:func:`train_with_attack`); that victim and its history are returned. A no-op for other
+    attacks."""
     if trigger.controls_training:
         assert isinstance(trigger, TrainingControlledTrigger)
         config = config.resolved()
@@ -243,6 +245,10 @@ def fit_attack(
             description=f"{config.attack} on {config.dataset}",
         )
         return model, history
+    if trigger.needs_images and not trigger.needs_surrogate:  # fitted on the clean images alone (SSBA)
+        generator = torch.Generator().manual_seed(config.seed + _SURROGATE)
+        trigger.fit(None, generator, images=data.inputs.to(device), target=config.target)
+        return None
     if not trigger.needs_surrogate:
         return None
     config = config.resolved()
@@ -336,7 +342,7 @@ def prepare(config: RunConfig) -> Prepared:
     timings["load_data"] = time.perf_counter() - tick
 
     victim = None
-    if trigger.needs_surrogate or trigger.controls_training:
+    if trigger.needs_surrogate or trigger.needs_images or trigger.controls_training:
         tick = time.perf_counter()
         victim = fit_attack(trigger, rest, config, device)
         timings["fit_attack"] = time.perf_counter() - tick
