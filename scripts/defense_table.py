@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-from doc_blocks import DOCS, grid_arguments, replace_block, sweep_results
+from doc_blocks import DOCS, flagged, footnotes, grid_arguments, replace_block, sweep_results
 
 from backdoorlab.defenses import create_defense
 from backdoorlab.report.tables import method_label
@@ -29,6 +29,7 @@ from backdoorlab.report.tables import method_label
 def table(results: dict, datasets: list[str], attacks: list[str], methods: list[str]) -> list[str]:
     head = "| dataset | attack | method | CA | ASR | isolated | precision | recall | time |"
     lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    notes: list[str] = []
     for dataset in datasets:
         for attack in attacks:
             for label in methods:
@@ -42,11 +43,11 @@ def table(results: dict, datasets: list[str], attacks: list[str], methods: list[
                     if "isolated" in m
                     else "- | - | -"
                 )
+                ca = flagged(f"{m['clean_accuracy']:.3f}", r, notes, f"{dataset}, {attack}, {label}")
                 lines.append(
-                    f"| {dataset} | {attack} | {label} | {m['clean_accuracy']:.3f} | "
-                    f"{m['attack_success_rate']:.3f} | {iso} | {seconds:.1f} s |"
+                    f"| {dataset} | {attack} | {label} | {ca} | {m['attack_success_rate']:.3f} | {iso} | {seconds:.1f} s |"
                 )
-    return lines
+    return lines + footnotes(notes)
 
 
 def label(config: dict, cells: list[dict]) -> str:

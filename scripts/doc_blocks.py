@@ -64,6 +64,22 @@ def sweep_results(args: argparse.Namespace, overrides: Sequence[str] = ()) -> li
     return [by_key[c.key].result for c in grid.cells]  # type: ignore[misc]
 
 
+def flagged(text: str, result: dict[str, Any], notes: list[str], where: str) -> str:
+    """``text`` (a table cell) with a footnote mark ``[n]`` when ``result`` carries health warnings
+    (a collapsed or chance-level model, ...), whose text joins ``notes`` as ``where: warnings``; a
+    flagged number never reads as a plain result. :func:`footnotes` writes the notes."""
+    warnings = result.get("warnings") or []
+    if not warnings:
+        return text
+    notes.append(f"{where}: " + "; ".join(warnings))
+    return f"{text} [{len(notes)}]"
+
+
+def footnotes(notes: list[str]) -> list[str]:
+    """The lines under a table for :func:`flagged`'s notes (none without notes)."""
+    return ["", *(f"[{i}] The run's health check warned ({note})." for i, note in enumerate(notes, 1))] if notes else []
+
+
 def replace_block(doc: Path, name: str, lines: list[str]) -> None:
     """Put ``lines`` between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in ``doc``."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
