@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from doc_blocks import DOCS, grid_arguments, replace_block, sweep_results
+from doc_blocks import DOCS, flagged, footnotes, grid_arguments, replace_block, sweep_results
 
 CLEAN = "clean"
 
@@ -27,17 +27,19 @@ def table(results: dict[str, dict[str, dict]], attacks: list[str]) -> list[str]:
         "| attack | label | poisoned | " + " | ".join(f"{d} CA | {d} ASR" for d in results) + " |",
         "| --- | --- | --- | " + " | ".join("--- | ---" for _ in results) + " |",
     ]
+    notes: list[str] = []
     for attack in attacks:
         cells = []
         first = next(iter(results.values()))[attack]
         label = "-" if attack == CLEAN else ("clean" if first["config"]["clean_label"] else "dirty")
         poisoned = f"{100 * first['data']['poisoned'] / first['data']['train']:.0f}%"
-        for per_dataset in results.values():
+        for dataset, per_dataset in results.items():
             r = per_dataset[attack]["metrics"]
-            cells.append(f"{r['clean_accuracy']:.3f} | {r['attack_success_rate']:.3f}")
+            ca = flagged(f"{r['clean_accuracy']:.3f}", per_dataset[attack], notes, f"{dataset}, {attack}")
+            cells.append(f"{ca} | {r['attack_success_rate']:.3f}")
         name = "clean model (BadNets trigger at test)" if attack == CLEAN else f"`{attack}`"
         lines.append(f"| {name} | {label} | {poisoned} | " + " | ".join(cells) + " |")
-    return lines
+    return lines + footnotes(notes)
 
 
 def main() -> None:

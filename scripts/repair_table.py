@@ -31,7 +31,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from doc_blocks import DOCS, grid_arguments, replace_block, sweep_results
+from doc_blocks import DOCS, flagged, footnotes, grid_arguments, replace_block, sweep_results
 
 from backdoorlab.defenses import REPAIRS
 from backdoorlab.registry import UnknownNameError
@@ -63,14 +63,15 @@ def overrides(args: argparse.Namespace) -> list[str]:
 def table(results: dict[Key, dict], keys: list[Key]) -> list[str]:
     """One row per cell of ``keys`` (dataset, attack, repair or ``none``), in that order."""
     lines = ["| dataset | attack | repair | CA | ASR | RA | time |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    notes: list[str] = []
     for key in keys:
         m, t = results[key]["metrics"], results[key]["timings"]
         seconds = t.get("defense", t.get("train", 0.0))
+        ca = flagged(f"{m['clean_accuracy']:.3f}", results[key], notes, ", ".join(key))
         lines.append(
-            f"| {' | '.join(key)} | {m['clean_accuracy']:.3f} | {m['attack_success_rate']:.3f} | "
-            f"{m['robust_accuracy']:.3f} | {seconds:.0f} s |"
+            f"| {' | '.join(key)} | {ca} | {m['attack_success_rate']:.3f} | {m['robust_accuracy']:.3f} | {seconds:.0f} s |"
         )
-    return lines
+    return lines + footnotes(notes)
 
 
 def persistence_plot(results: dict[Key, dict], pairs: list[tuple[str, str]], path: Path) -> None:
