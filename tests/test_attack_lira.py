@@ -95,11 +95,40 @@ def test_the_step_loss_is_the_references_by_hand(learns):
         own = F.cross_entropy(model(trigger.perturb(trigger.generator, x)), targets, reduction="none")
     expected = 0.3 * clean + 0.7 * frozen + (own if learns else 0)
     assert torch.allclose(losses, expected, atol=1e-5) and torch.allclose(logits, model(x))
-    if learns:  # the loop's one backward fills G's gradients; else the step has filled them
-        losses.mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trigger.generator.parameters())
+    assert step.generator_grads is not None and all(g.abs().sum() > 0 for g in step.generator_grads)
     _, later = step(model, x, y, cross_entropy(), torch.arange(6), 1 + step.joint_epochs, torch.Generator())
     assert torch.allclose(later, 0.3 * clean + 0.7 * frozen, atol=1e-5)
+
+
+@pytest.mark.parametrize("learns", [True, False])
+def test_the_generator_learns_from_its_own_loss_alone_through_a_batch_norm_victim(learns):
+    """In one forward pass the victim's batch norm couples the clean, frozen-triggered and
+    G-triggered samples, so the loop's one backward gives G the other terms' gradients too; G's
+    step uses its own loss's gradient alone, as the reference's separate backward."""
+    torch.manual_seed(0)
+    data = tiny_data()
+    trigger = create_trigger("lira", (1, 8, 8), eps=0.5, victim_learns_generator_loss=learns)
+    step = step_for(trigger, data)
+    assert trigger.generator is not None
+    trigger.generator.eval()  # a fixed G output, so the hand computation below sees the same batch
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(256, 4))
+    x, y = data.inputs[:6].float() / 255, data.labels[:6]
+    parameters = list(trigger.generator.parameters())
+    with torch.no_grad():
+        frozen = trigger.perturb(trigger.frozen, x)
+    own = trigger.perturb(trigger.generator, x)
+    logits = model(torch.cat([x, frozen, own]))[12:]
+    expected = torch.autograd.grad(F.cross_entropy(logits, torch.ones_like(y)), parameters)
+    _, losses = step(model, x, y, cross_entropy(), torch.arange(6), 0, torch.Generator())
+    losses.mean().backward()  # the loop's backward
+    assert step.generator_grads is not None
+    assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(step.generator_grads, expected, strict=True))
+    polluted = [p.grad for p in parameters]
+    assert any(g is not None and not torch.allclose(g, e, atol=1e-6) for g, e in zip(polluted, expected, strict=True))
+    before = [p.detach().clone() for p in parameters]
+    step.after_step()
+    assert step.generator_grads is None and all(p.grad is None for p in parameters)
+    assert any(not torch.equal(b, p) for b, p in zip(before, parameters, strict=True))
 
 
 def test_the_generator_steps_in_stage_one_and_its_frozen_copy_follows_each_epoch():

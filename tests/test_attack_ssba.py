@@ -72,7 +72,7 @@ def test_the_loss_and_the_l2_ramp_are_the_reference_formulas_by_hand():
     assert psnr(torch.full((1, 4), 0.1), torch.zeros(1, 4)) == pytest.approx(20.0)
 
 
-def test_the_fitted_trigger_is_a_pure_seeded_function_of_the_images_and_options():
+def test_the_fitted_trigger_is_a_pure_seeded_function_of_the_images_and_options(tmp_path, monkeypatch):
     x = images()
     trigger = create_trigger("ssba", (1, 8, 8), **TINY)
     assert trigger.needs_images and not trigger.fitted
@@ -84,8 +84,10 @@ def test_the_fitted_trigger_is_a_pure_seeded_function_of_the_images_and_options(
     out = trigger(x)
     assert out.dtype == torch.uint8 and out.shape == x.shape and not torch.equal(out, x)
     assert torch.equal(trigger(x), out) and torch.equal(trigger(x[:3]), out[:3]), "per image, no batch effects"
+    monkeypatch.setenv("BACKDOORLAB_CACHE", str(tmp_path / "another cache"))  # trained again, not loaded
     again = create_trigger("ssba", (1, 8, 8), **TINY)
     again.fit(None, images=x)
+    assert again.fit_report["trained"] == 1.0
     assert torch.equal(again(x), out) and torch.equal(again.secret, trigger.secret)
     other = create_trigger("ssba", (1, 8, 8), **TINY, seed=1)
     other.fit(None, images=x)
@@ -104,7 +106,7 @@ def test_the_encoder_is_cached_by_images_and_options_and_reused(monkeypatch):
     second.fit(None, images=x)
     assert not calls and second.fit_report["trained"] == 0.0
     assert torch.equal(second(x), first(x)), "the cached encoder is the trained one"
-    for changed in ({"images": x.flip(0)}, {"options": {"steps": 5}}):
+    for changed in ({"images": 255 - x}, {"options": {"steps": 5}}):
         trigger = create_trigger("ssba", (1, 8, 8), **{**TINY, **changed.get("options", {})})
         trigger.fit(None, images=changed.get("images", x))
         assert trigger.fit_report["trained"] == 1.0

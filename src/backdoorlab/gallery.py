@@ -22,7 +22,8 @@ def fitted_trigger(attack: str, options: dict[str, Any], splits: Splits, seed: i
     quick surrogate: the quick recipe's model, one epoch on at most 5000 training images. A
     training-controlled attack (Input-aware) is fitted the same way: its generators train with a
     quick victim, one epoch of the quick recipe on those images (after its own pre-training, such as
-    Input-aware's mask generator), so the picture shows a lightly trained generator, not a run's."""
+    Input-aware's mask generator), so the picture shows a lightly trained generator, not a run's.
+    An attack that fits on clean images alone (SSBA's encoder) is fitted on those images."""
     trigger = create_trigger(attack, splits.train.input_shape, **options)
     if trigger.needs_surrogate or trigger.needs_images or trigger.controls_training:
         from backdoorlab.experiments import RunConfig, fit_attack

@@ -73,7 +73,7 @@ class LiraStep(AttackStep):
     its ``final_test`` training after). Per batch, in the reference's order of forward passes:
 
     - stage one only: ``G``'s loss CE(victim(T_G(x)), target); ``G`` steps (Adam) after the
-      victim's step. Its backward also reaches the victim, whose gradients BackdoorBench does not
+      victim's step, on the gradient of this loss alone. Its backward also reaches the victim, whose gradients BackdoorBench does not
       clear before the victim's own step (``tgtoptimizer.zero_grad()`` clears ``G``'s only), so
       the victim learns this term too (``victim_learns_generator_loss``, on by default);
     - ``alpha`` x CE(victim(x), y) + (1 - alpha) x CE(victim(T_frozen(x)), target), with the frozen
@@ -91,6 +91,7 @@ class LiraStep(AttackStep):
         self.attack, self.spec, self.num_classes, self.joint_epochs = attack, spec, num_classes, joint_epochs
         assert attack.generator is not None
         self.optimizer = torch.optim.Adam(attack.generator.parameters(), attack.generator_lr)
+        self.generator_grads: tuple[Tensor, ...] | None = None
 
     def joint(self, epoch: int) -> bool:
         """Whether ``epoch`` (0-based) is in stage one, where ``G`` trains."""
@@ -124,19 +125,26 @@ class LiraStep(AttackStep):
         losses = attack.alpha * loss_fn(logits, y, indices, epoch)
         losses = losses + (1 - attack.alpha) * loss_fn(all_logits[1], targets, indices, epoch)
         if train_generator:
+            assert attack.generator is not None
             generator_losses = loss_fn(all_logits[2], targets, indices, epoch)
+            # G's gradient is its own loss's alone, as the reference's (its own backward): the loop's
+            # one backward would add the other terms' through the victim's batch norm, which couples
+            # the samples of one pass
+            self.generator_grads = torch.autograd.grad(
+                generator_losses.mean(), list(attack.generator.parameters()), retain_graph=True
+            )
             if attack.victim_learns_generator_loss:
                 losses = losses + generator_losses
-            else:
-                assert attack.generator is not None
-                parameters = list(attack.generator.parameters())
-                grads = torch.autograd.grad(generator_losses.mean(), parameters, retain_graph=True)
-                for parameter, grad in zip(parameters, grads, strict=True):
-                    parameter.grad = grad
         return logits, losses
 
     def after_step(self) -> None:
-        self.optimizer.step()
+        """``G``'s Adam step on the gradient of its own loss (stage one only)."""
+        grads, self.generator_grads = self.generator_grads, None
+        if grads is not None:
+            assert self.attack.generator is not None
+            for parameter, grad in zip(self.attack.generator.parameters(), grads, strict=True):
+                parameter.grad = grad
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def after_epoch(self, epoch: int) -> None:
@@ -185,7 +193,12 @@ class Lira(TrainingControlledTrigger):
     8 bits as every trigger here (BackdoorBench's ``ToPILImage`` truncates: ``mul(255).byte()``).
     At ``eps`` 0.01 the trigger is at most 0.01 x std of the data in [0, 1] pixels, 0.64 of an
     8-bit level on CIFAR-10: after rounding a pixel moves by one level where the generator's output
-    is past half its range, or not at all.
+    is past 0.78 of its range, or not at all (the victim trains on the unrounded images, tests on the
+    rounded ones, as the reference's). The std is each dataset's own here, so the amplitude differs
+    from BackdoorBench's where its normalisation differs: MNIST 0.79 of a level (BackdoorBench's
+    0.5 / 0.5: 1.28), GTSRB about 0.69 (BackdoorBench does not normalise GTSRB: 2.55); CIFAR-10's
+    are the same. Measured on the CPU only: under CUDA's bf16 autocast (the recipe's ``amp``) the
+    victim's input keeps about eight bits, the trigger's own size; turn ``amp`` off to be sure.
 
     Args:
         eps: the trigger's amplitude in normalised units (``eps``, ``test_eps``).

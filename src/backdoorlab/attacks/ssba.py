@@ -251,7 +251,9 @@ class SSBA(Trigger):
     def _cache_key(self, images: Tensor) -> str:
         digest = hashlib.sha256(images.cpu().contiguous().numpy().tobytes()).hexdigest()
         shape = "x".join(map(str, images.shape))
-        return f"ssba|{CACHE_VERSION}|{json.dumps(self.config(), sort_keys=True)}|{shape}|{digest}"
+        # the device and torch version too: a CUDA-trained encoder is not bit-identical to a CPU one
+        where = f"{images.device.type}|{torch.__version__}"
+        return f"ssba|{CACHE_VERSION}|{json.dumps(self.config(), sort_keys=True)}|{shape}|{digest}|{where}"
 
     def fit(
         self,
