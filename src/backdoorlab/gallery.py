@@ -25,7 +25,7 @@ def fitted_trigger(attack: str, options: dict[str, Any], splits: Splits, seed: i
     Input-aware's mask generator), so the picture shows a lightly trained generator, not a run's.
     An attack that fits on clean images alone (SSBA's encoder) is fitted on those images."""
     trigger = create_trigger(attack, splits.train.input_shape, **options)
-    if trigger.needs_surrogate or trigger.needs_images or trigger.controls_training:
+    if trigger.fits_first:
         from backdoorlab.experiments import RunConfig, fit_attack
 
         train = subsample(splits.train, min(5000, len(splits.train)), seed)

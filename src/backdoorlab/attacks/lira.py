@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backdoorlab.attacks.controlled import (
@@ -26,6 +25,7 @@ from backdoorlab.attacks.controlled import (
     TrainingControlledTrigger,
     data_normalization,
 )
+from backdoorlab.attacks.padding import crop, pad_to_multiple
 from backdoorlab.attacks.poisoning import PoisonSpec
 from backdoorlab.attacks.triggers import ATTACKS
 from backdoorlab.data.dataset import TensorDataset
@@ -61,11 +61,8 @@ class Autoencoder(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
-        pad_h, pad_w = -h % STRIDE, -w % STRIDE
-        top, left = pad_h // 2, pad_w // 2
-        padded = F.pad(x, (left, pad_w - left, top, pad_h - top))
-        return self.decoder(self.encoder(padded))[..., top : top + h, left : left + w]
+        padded, box = pad_to_multiple(x, STRIDE)
+        return crop(self.decoder(self.encoder(padded)), box)
 
 
 class LiraStep(AttackStep):
@@ -73,9 +70,10 @@ class LiraStep(AttackStep):
     its ``final_test`` training after). Per batch, in the reference's order of forward passes:
 
     - stage one only: ``G``'s loss CE(victim(T_G(x)), target); ``G`` steps (Adam) after the
-      victim's step, on the gradient of this loss alone. Its backward also reaches the victim, whose gradients BackdoorBench does not
-      clear before the victim's own step (``tgtoptimizer.zero_grad()`` clears ``G``'s only), so
-      the victim learns this term too (``victim_learns_generator_loss``, on by default);
+      victim's step, on the gradient of this loss alone. Its backward also reaches the victim,
+      whose gradients BackdoorBench does not clear before the victim's own step
+      (``tgtoptimizer.zero_grad()`` clears ``G``'s only), so the victim learns this term too
+      (``victim_learns_generator_loss``, on by default);
     - ``alpha`` x CE(victim(x), y) + (1 - alpha) x CE(victim(T_frozen(x)), target), with the frozen
       copy (eval mode, no gradient).
 
@@ -246,15 +244,18 @@ class Lira(TrainingControlledTrigger):
         epochs: int | None = None,
     ) -> LiraStep:
         self.check_spec(spec)
+        if self.joint_epochs is not None:
+            joint = self.joint_epochs
+        elif epochs is not None:
+            joint = max(1, epochs // 2)
+        else:
+            raise ValueError("lira's stage one lasts half the victim's epochs: begin needs epochs, or set joint_epochs")
         self.mean, self.std = data_normalization(data)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=generator)))
             self.generator = Autoencoder(self.input_shape[0]).to(device).train()
         # the reference's atkmodel starts as tgtmodel's copy (tgtmodel.load_state_dict(atkmodel...))
         self.frozen = copy.deepcopy(self.generator).eval().requires_grad_(False)
-        if self.joint_epochs is None and epochs is None:
-            raise ValueError("lira's stage one lasts half the victim's epochs: begin needs epochs, or set joint_epochs")
-        joint = self.joint_epochs if self.joint_epochs is not None else max(1, int(epochs or 0) // 2)
         return LiraStep(self, spec, data.num_classes, joint)
 
     def end(self) -> None:

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from backdoorlab.attacks.padding import crop, pad_to_multiple
 from backdoorlab.attacks.triggers import ATTACKS, Trigger
 from backdoorlab.data.cache import cached_by_key
 from backdoorlab.options import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
@@ -73,20 +74,6 @@ CHUNK = 512
 L2_START_ACCURACY = 0.9
 #: Bumped when the networks or the trainer change, so cached encoders of an older version are not reused.
 CACHE_VERSION = 1
-
-
-def pad_to_stride(x: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:
-    """``x`` ``(N, C, H, W)`` zero-padded (centred) to sides divisible by :data:`STRIDE`, and the
-    ``(top, left, H, W)`` box that crops the original back."""
-    h, w = x.shape[-2:]
-    pad_h, pad_w = -h % STRIDE, -w % STRIDE
-    top, left = pad_h // 2, pad_w // 2
-    return F.pad(x, (left, pad_w - left, top, pad_h - top)), (top, left, h, w)
-
-
-def _crop(x: Tensor, box: tuple[int, int, int, int]) -> Tensor:
-    top, left, h, w = box
-    return x[..., top : top + h, left : left + w]
 
 
 class _UpStep(nn.Module):
@@ -123,7 +110,7 @@ class StegaStampEncoder(nn.Module):
         self.residual = nn.Conv2d(32, channels, 1)
 
     def forward(self, secret: Tensor, image: Tensor) -> Tensor:
-        padded, box = pad_to_stride(image)
+        padded, box = pad_to_multiple(image, STRIDE)
         side = padded.shape[-2:]
         code = F.relu(self.secret_dense(secret)).view(-1, self.channels, STRIDE, STRIDE)
         code = F.interpolate(code, size=side, mode="nearest")  # the reference's x(side/16) upsampling
@@ -138,7 +125,7 @@ class StegaStampEncoder(nn.Module):
         conv8 = F.relu(self.conv8(torch.cat([conv2, self.up8(conv7)], dim=1)))
         conv9 = F.relu(self.conv9(torch.cat([conv1, self.up9(conv8), inputs], dim=1)))
         conv10 = F.relu(self.conv10(conv9))
-        return _crop(torch.sigmoid(self.residual(conv10)), box)
+        return crop(torch.sigmoid(self.residual(conv10)), box)
 
 
 class StegaStampDecoder(nn.Module):
@@ -160,7 +147,7 @@ class StegaStampDecoder(nn.Module):
         self.dense = nn.Sequential(nn.Linear(flat, 512), nn.ReLU(), nn.Linear(512, bits))
 
     def forward(self, image: Tensor) -> Tensor:
-        return self.dense(self.decoder(pad_to_stride(image)[0]).flatten(1))
+        return self.dense(self.decoder(pad_to_multiple(image, STRIDE)[0]).flatten(1))
 
 
 def l2_weight(steps_active: int, weight: float, wait: int, ramp: int) -> float:

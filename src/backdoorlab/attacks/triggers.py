@@ -93,6 +93,12 @@ class Trigger(Configurable, ABC):
         self.input_shape = tuple(int(s) for s in input_shape)
         self.fitted = not (self.needs_surrogate or self.needs_images)
 
+    @property
+    def fits_first(self) -> bool:
+        """Whether a run fits the attack before it poisons (``experiments.fit_attack``): on a
+        surrogate, on the clean images, or while the victim trains."""
+        return self.needs_surrogate or self.needs_images or self.controls_training
+
     def fit(
         self,
         surrogate: nn.Module | None,

@@ -342,7 +342,7 @@ def prepare(config: RunConfig) -> Prepared:
     timings["load_data"] = time.perf_counter() - tick
 
     victim = None
-    if trigger.needs_surrogate or trigger.needs_images or trigger.controls_training:
+    if trigger.fits_first:
         tick = time.perf_counter()
         victim = fit_attack(trigger, rest, config, device)
         timings["fit_attack"] = time.perf_counter() - tick
