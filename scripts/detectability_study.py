@@ -3,9 +3,9 @@ your Poison"): for each poison rate, ASR before and after Pivotal Tuning, and th
 Neural Cleanse scores against clean models trained with other seeds on the same training subset
 and trusted split (``--own-splits``: each model on its own seed's).
 
-Each model is stored as ``OUTPUT/rate-<r>/seed-<s>/result.json`` (with its suspect and repaired
-weights) and reused when present; a detector added later scores the stored models. Users run the
-same study with ``backdoorlab detectability``; this script also fills the docs' blocks (``--doc``: by
+The study's cells go into the results store ``OUTPUT/results.sqlite`` and resume like a sweep's;
+a detector added later scores the stored suspect models (``OUTPUT/suspects/``). Users run the same
+study with ``backdoorlab detectability``; this script also fills the docs' blocks (``--doc``: by
 default the study's note, docs/notes/2026-11-23-detectability-study.md).
 
 Usage::
@@ -23,9 +23,10 @@ from pathlib import Path
 from doc_blocks import DOCS, replace_block
 
 from backdoorlab.experiments import RunConfig
-from backdoorlab.experiments.detectability import detectability_study, study_table, summarize
+from backdoorlab.experiments.detectability import detectability_study
 from backdoorlab.experiments.recipes import DEFAULT_RECIPE
 from backdoorlab.report.plots import detectability_plot
+from backdoorlab.report.tables import detectability, detectability_table
 
 #: Where the study's measurements and their generated blocks live.
 STUDY_NOTE = DOCS / "notes" / "2026-11-23-detectability-study.md"
@@ -72,6 +73,7 @@ def main() -> None:
     )
     parser.add_argument("--block", default="detectability-table", help="the --doc block to fill")
     parser.add_argument("--plot", default="detectability.png", help="the plot's file name in docs/gallery; '' for none")
+    parser.add_argument("--workers", type=int, default=1, help="cells at once")
     args = parser.parse_args()
     base = RunConfig(
         dataset=args.dataset,
@@ -84,20 +86,23 @@ def main() -> None:
         device=args.device,
         data_root=args.data_root,
     )
-    results = detectability_study(
+    summary, records = detectability_study(
         base,
         args.rates,
         args.seeds,
         args.clean_seeds,
         args.output,
+        workers=args.workers,
         data_seed=None if args.own_splits else args.data_seed,
         repair=args.repair,
         repair_options=args.repair_options,
         detectors=args.detectors,
         detector_options=args.detector_options,
     )
-    rows = summarize(results)
-    table = study_table(rows)
+    if summary.failed or summary.interrupted:
+        raise SystemExit(f"{summary.failed} cell(s) failed or the study was interrupted: the table would be partial")
+    rows = detectability(records)
+    table = detectability_table(rows)
     print(table)
     if not args.no_docs:
         replace_block(args.doc, args.block, table.splitlines())

@@ -11,7 +11,7 @@ persistence curve), then ask which checkpoint each rule would have returned and 
 The rules read the held-out curve only; the test CA and ASR beside them are the evaluation's,
 which the repair never sees. Each repair is stored as ``OUTPUT/<name>.json`` and reused. Usage::
 
-    BACKDOORLAB_DATA=../shared/data python scripts/pivotal_checkpoints.py runs/study/rate-*/seed-*/suspect.safetensors
+    BACKDOORLAB_DATA=../shared/data python scripts/pivotal_checkpoints.py runs/study/suspects/*.safetensors
 """
 
 from __future__ import annotations

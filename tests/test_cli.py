@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from backdoorlab.cli import app, parse_size
 from backdoorlab.defenses import TRAINING_DEFENSES
+from backdoorlab.experiments.store import ResultStore
 
 runner = CliRunner()
 
@@ -127,18 +128,22 @@ def test_detectability_study_runs_from_the_command_line_and_resumes(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     (row,) = json.loads((out / "detectability.json").read_text())
-    assert row["poison_rate"] == 0.1 and row["models"] == 1 and row["asr_before"] > 0.8
+    assert row["poison_rate"] == 0.1 and row["n"] == 1 and row["asr"] > 0.8 and row["detector"] == "cti"
     # One backdoored model against two clean ones: the AUROC is the share of clean scores below its
     # score (ties count half) and the exact one-sided p-value is (clean scores at or above it + 1) / 3.
-    clean = [json.loads((out / "rate-0" / f"seed-{s}" / "result.json").read_text())["scores"]["cti"] for s in (1, 2)]
-    suspect = json.loads((out / "rate-0.1" / "seed-0" / "result.json").read_text())["scores"]["cti"]
-    assert row["auroc_cti"] == pytest.approx(sum((c < suspect) + 0.5 * (c == suspect) for c in clean) / 2)
-    assert row["p_cti"] == pytest.approx((sum(c >= suspect for c in clean) + 1) / 3)
+    with ResultStore(out) as store:
+        records = store.records()
+    assert len(records) == 3 and all(r.status == "done" for r in records), "one repaired-and-scored cell per model"
+    clean = [r.metrics["detection_score"] for r in records if r.config["poison_rate"] == 0]
+    [backdoored] = [r for r in records if r.config["poison_rate"] == 0.1]
+    suspect = backdoored.metrics["detection_score"]
+    assert row["auroc"] == pytest.approx(sum((c < suspect) + 0.5 * (c == suspect) for c in clean) / 2)
+    assert row["p"] == pytest.approx((sum(c >= suspect for c in clean) + 1) / 3)
     assert "| 10% | 1 |" in result.output and (out / "detectability.md").read_text().startswith("| poison rate |")
-    stored = json.loads((out / "rate-0.1" / "seed-0" / "result.json").read_text())
-    assert stored["detector_options"]["cti"] == {"steps": 10} and stored["config"]["data_seed"] == 0
-    details = stored["repair_details"]  # the repair's own: Pivotal Tuning's held-out curve and the step it kept
+    assert backdoored.config["detector_options"]["steps"] == 10 and backdoored.config["data_seed"] == 0
+    details = backdoored.result["details"]  # the repair's own: Pivotal Tuning's held-out curve and the step it kept
     assert details["held_out_size"] > 0 and details["chosen_step"] in [p["step"] for p in details["held_out_curve"]]
+    assert details["detection"]["calibrated_with_the_runs_repair"], "CTI did not repair the suspect again"
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and json.loads((out / "detectability.json").read_text()) == [row], (
         "stored models reused"

@@ -1,80 +1,175 @@
-"""The robustness-detectability study: its summary and plot from stored per-model results, and
-one small real study on digits."""
+"""The robustness-detectability study as a grid: its cells, its rows and table from the results
+store, a detector that scores the suspect in a run that repairs it (CTI calibrated with that very
+repair), and one small real study on digits."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from backdoorlab.experiments import RunConfig, detectability
-from backdoorlab.experiments.detectability import detectability_study, summarize
-from backdoorlab.report.plots import detectability_plot
+from backdoorlab.defenses.fine_tuning import FineTuning
+from backdoorlab.experiments import RunConfig, run
+from backdoorlab.experiments.detectability import detectability_grid, detectability_study
+from backdoorlab.experiments.grid import Cell, cell_key, suspect_key
+from backdoorlab.experiments.store import ResultStore
+from backdoorlab.report.tables import detectability, detectability_table
+
+BASE = RunConfig(dataset="digits", epochs=8, trusted_size=0.1)
+FT = {"repair": "fine_tuning", "repair_options": {"epochs": 3}}
 
 
-def stored(asr_before: float, asr_after: float, cti: float) -> dict:
-    return {
-        "metrics": {
-            "suspect_attack_success_rate": asr_before,
-            "repaired_attack_success_rate": asr_after,
-            "repaired_clean_accuracy": 0.9,
-        },
-        "scores": {"cti": cti},
-    }
+def test_the_grid_has_a_repair_cell_with_cti_and_a_cell_per_other_detector():
+    grid = detectability_grid(BASE, [0.05, 0.1], seeds=[0, 1], clean_seeds=[7], **FT)
+    assert len(grid.cells) == (2 * 2 + 1) * 2, "a repaired-and-CTI cell and a Neural Cleanse cell per model"
+    repaired = [c.config for c in grid.cells if c.config.defense == "fine_tuning"]
+    assert {c.detector for c in repaired} == {"cti"}
+    cti = repaired[0].detector_options
+    assert (cti["repair"], cti["repair_options"]) == ("fine_tuning", {"epochs": 3}), "CTI calibrates with the repair"
+    scored = [c.config for c in grid.cells if c.config.defense is None]
+    assert {c.detector for c in scored} == {"neural_cleanse"}
+    assert {c.config.data_seed for c in grid.cells} == {0}, "every model on one training subset and trusted split"
+    assert sorted({(c.config.poison_rate, c.config.seed) for c in grid.cells}) == [
+        (0.0, 7),
+        (0.05, 0),
+        (0.05, 1),
+        (0.1, 0),
+        (0.1, 1),
+    ]
+    # each model's two cells share one suspect: the sweep trains it once
+    pairs = {}
+    for cell in grid.cells:
+        pairs.setdefault((cell.config.poison_rate, cell.config.seed), set()).add(suspect_key(cell.config))
+    assert all(len(keys) == 1 for keys in pairs.values())
+    only_nc = detectability_grid(BASE, [0.1], [0], [7], detectors=["neural_cleanse"], **FT)
+    assert [(c.config.defense, c.config.detector) for c in only_nc.cells] == [
+        ("fine_tuning", None),
+        (None, "neural_cleanse"),
+    ] * 2
 
 
-def test_summary_gives_mean_asr_and_auroc_per_rate(tmp_path):
-    results = {
-        0.0: [stored(0.01, 0.01, 0.1), stored(0.02, 0.01, 0.3)],
-        0.01: [stored(0.5, 0.1, 0.2), stored(0.7, 0.3, 0.25)],  # scores between the clean ones: AUROC 0.5
-        0.1: [stored(1.0, 0.9, 0.8), stored(1.0, 0.7, 0.9)],  # above every clean one: AUROC 1
-    }
-    rows = summarize(results)
-    assert [r["poison_rate"] for r in rows] == [0.01, 0.1]
-    assert rows[0]["asr_before"] == pytest.approx(0.6) and rows[1]["asr_after"] == pytest.approx(0.8)
-    assert rows[0]["auroc_cti"] == pytest.approx(0.5) and rows[1]["auroc_cti"] == 1.0
-    # two against two, perfectly separated: 1 of the C(4, 2) = 6 equally likely orderings
-    assert rows[1]["p_cti"] == pytest.approx(1 / 6) and rows[0]["p_cti"] > 0.5
-    path = detectability_plot(rows, tmp_path / "study.png")
-    assert path.stat().st_size > 1000
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"detectors": ["strip"]}, "valid detectors"),
+        ({"detectors": ["cti"], "detector_options": {"cti": {"batchsize": 32}}}, "unknown option.*batchsize"),
+        ({"detectors": ["cti"], "detector_options": {"cti": {"repair": "nad"}}}, "its own repair"),
+        ({"detectors": ["cti"], "detector_options": {"neural_cleanse": {"steps": 5}}}, "options for neural_cleanse"),
+        ({"repair": "abl"}, "'abl' is a training defense, not a repair"),
+        ({"rates": []}, "at least one poison rate"),
+    ],
+)
+def test_a_bad_study_is_refused_before_any_cell(options, message):
+    rates = options.pop("rates", [0.1])
+    with pytest.raises(Exception, match=message):
+        detectability_grid(BASE, rates, [0], [1], **options)
+
+
+def _store_with(tmp_path: Path, cells: list[tuple[RunConfig, dict]]) -> list:
+    with ResultStore(tmp_path) as store:
+        made = [
+            Cell(config.resolved(), cell_key(config.resolved()), f"cell {i}") for i, (config, _) in enumerate(cells)
+        ]
+        store.add("study", made)
+        for cell, (_, metrics) in zip(made, cells, strict=True):
+            store.finish(cell.key, {"metrics": metrics, "timings": {"total": 1.0}})
+        return store.records()
+
+
+def test_rows_and_table_count_each_suspect_once_and_take_scores_from_repair_cells(tmp_path):
+    """CTI's score sits in the repair cell (it scores the suspect there), Neural Cleanse's in its
+    own; the ASR before comes from both cells of a model and counts once."""
+    cells = []
+    for rate, seed, asr, after, cti, nc in [
+        (0.0, 100, 0.01, 0.01, 0.1, 1.0),
+        (0.0, 101, 0.02, 0.01, 0.3, 2.0),
+        (0.1, 0, 1.0, 0.9, 0.8, 1.5),
+        (0.1, 1, 0.8, 0.7, 0.9, 3.0),
+    ]:
+        model = replace(BASE, poison_rate=rate, seed=seed)
+        repaired = {"suspect_attack_success_rate": asr, "attack_success_rate": after, "clean_accuracy": 0.9}
+        cells.append((replace(model, defense="fine_tuning", detector="cti"), {**repaired, "detection_score": cti}))
+        cells.append((replace(model, detector="neural_cleanse"), {"attack_success_rate": asr, "detection_score": nc}))
+    rows = detectability(_store_with(tmp_path, cells))
+    by = {r["detector"]: r for r in rows}
+    assert set(by) == {"cti", "neural_cleanse"}
+    assert by["cti"]["auroc"] == 1.0 and by["cti"]["p"] == pytest.approx(1 / 6), "2 above 2: 1 of C(4, 2) orders"
+    assert by["neural_cleanse"]["auroc"] == pytest.approx(0.75)  # 1.5 beats one clean score of two
+    for row in rows:
+        assert row["asr"] == pytest.approx(0.9) and row["asr_repaired"] == pytest.approx(0.8)
+        assert row["ca_repaired"] == pytest.approx(0.9) and (row["n"], row["n_clean"]) == (2, 2)
+    table = detectability_table(rows).splitlines()
+    assert table[0] == (
+        "| poison rate | models | ASR before | ASR after | CA after | AUROC cti (p) | AUROC neural_cleanse (p) | warnings |"
+    )
+    assert table[2] == "| 10% | 2 | 0.900 | 0.800 | 0.900 | 1.00 (0.17) | 0.75 (0.33) |  |"
+    pytest.importorskip("matplotlib")
+    from backdoorlab.report.plots import detectability_plot
+
+    assert detectability_plot(rows, tmp_path / "study.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
-def test_a_small_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
-    base = RunConfig(dataset="digits", epochs=8, trusted_size=0.1)
-    options = {"repair": "fine_tuning", "repair_options": {"epochs": 3}, "detectors": ("cti",)}
-    results = detectability_study(base, [0.1], seeds=[0], clean_seeds=[1], output=tmp_path, **options)
-    backdoored, clean = results[0.1][0], results[0.0][0]
-    assert backdoored["metrics"]["suspect_attack_success_rate"] > 0.8 > clean["metrics"]["suspect_attack_success_rate"]
-    assert set(backdoored["scores"]) == {"cti"} and backdoored["config"]["poison_rate"] == 0.1
-    class_scores = backdoored["detector_details"]["cti"]["class_scores"]
-    assert len(class_scores) == 10 and max(class_scores) == pytest.approx(backdoored["scores"]["cti"], abs=1e-4)
-    again = detectability_study(base, [0.1], seeds=[0], clean_seeds=[1], output=tmp_path, **options)
-    assert again == results, "stored results are reused"
-    # a detector asked for later scores the stored models: nothing is trained again
-    monkeypatch.setattr(detectability, "train_victim", lambda prepared: pytest.fail("trained again"))
-    nc = {"neural_cleanse": {"steps": 20}}
-    more = detectability_study(
-        base, [0.1], [0], [1], tmp_path, **{**options, "detectors": ("cti", "neural_cleanse"), "detector_options": nc}
+def test_a_detector_in_a_repair_run_scores_the_suspect_and_cti_reuses_the_repair(monkeypatch):
+    """Neural Cleanse in a run that fine-tunes gives the score it gives the suspect alone; CTI
+    calibrated with the run's own repair does not repair a second time."""
+    config = RunConfig(dataset="digits", epochs=4, trusted_size=0.1)
+    nc = {"steps": 10}
+    alone = run(replace(config, detector="neural_cleanse", detector_options=nc))
+    repaired = run(
+        replace(
+            config, defense="fine_tuning", detector="neural_cleanse", detector_options=nc, defense_options={"epochs": 2}
+        )
     )
-    assert more[0.1][0]["scores"]["cti"] == backdoored["scores"]["cti"] and "neural_cleanse" in more[0.1][0]["scores"]
-    assert set(more[0.1][0]["detector_details"]) == {"cti", "neural_cleanse"}
-    assert set(summarize(more)[0]) >= {"auroc_cti", "auroc_neural_cleanse"}
-    with pytest.raises(ValueError, match="another config"):
-        detectability_study(replace(base, epochs=9), [0.1], [0], [1], tmp_path, **options)
-    with pytest.raises(ValueError, match="repaired with fine_tuning"):
-        detectability_study(base, [0.1], [0], [1], tmp_path, **{**options, "repair_options": {"epochs": 4}})
-    with pytest.raises(Exception, match="valid detectors"):
-        detectability_study(base, [0.1], [0], [1], tmp_path / "x", detectors=("strip",))
-    with pytest.raises(ValueError, match="unknown option.*batchsize.*valid: steps"):
-        detectability_study(
-            base, [0.1], [0], [1], tmp_path / "y", detectors=("cti",), detector_options={"cti": {"batchsize": 32}}
-        )
-    assert not (tmp_path / "y").exists(), "bad options fail before any training"
-    with pytest.raises(ValueError, match="its own repair"):
-        detectability_study(
-            base, [0.1], [0], [1], tmp_path / "z", detectors=("cti",), detector_options={"cti": {"repair": "nad"}}
-        )
+    assert repaired.metrics["detection_score"] == pytest.approx(alone.metrics["detection_score"])
+    assert repaired.metrics["suspect_attack_success_rate"] == pytest.approx(alone.metrics["attack_success_rate"])
+    calls = []
+    original = FineTuning.repair
+    monkeypatch.setattr(FineTuning, "repair", lambda self, *a: calls.append(1) or original(self, *a))
+    cti = {"steps": 5, "repair": "fine_tuning", "repair_options": {"epochs": 2}}
+    result = run(
+        replace(config, defense="fine_tuning", defense_options={"epochs": 2}, detector="cti", detector_options=cti)
+    )
+    assert len(calls) == 1 and result.details["detection"]["calibrated_with_the_runs_repair"]
+    other = run(
+        replace(config, defense="fine_tuning", defense_options={"epochs": 1}, detector="cti", detector_options=cti)
+    )
+    assert len(calls) == 3 and "calibrated_with_the_runs_repair" not in other.details["detection"], (
+        "another repair's output is not CTI's calibration"
+    )
+
+
+@pytest.mark.slow
+def test_a_small_study_runs_into_a_store_and_resumes(tmp_path):
+    options = {**FT, "detectors": ("cti",), "detector_options": {"cti": {"steps": 10}}}
+    summary, records = detectability_study(BASE, [0.1], [0], [1], tmp_path, executor="inline", **options)
+    assert (summary.done, summary.failed) == (2, 0)
+    [row] = detectability(records)
+    assert row["asr"] > 0.8 and row["repair"] == "fine_tuning" and (row["n"], row["n_clean"]) == (1, 1)
+    backdoored = next(r for r in records if r.config["poison_rate"] == 0.1)
+    assert backdoored.result["details"]["detection"]["calibrated_with_the_runs_repair"]
+    class_scores = backdoored.result["details"]["detection"]["class_scores"]
+    assert len(class_scores) == 10 and max(class_scores) == pytest.approx(
+        backdoored.metrics["detection_score"], abs=1e-4
+    )
+    again, _ = detectability_study(BASE, [0.1], [0], [1], tmp_path, executor="inline", **options)
+    assert (again.done, again.skipped) == (0, 2), "finished cells are kept"
+    # a detector added later scores the stored suspects: nothing is trained again
+    nc = {
+        **options,
+        "detectors": ("cti", "neural_cleanse"),
+        "detector_options": {"cti": {"steps": 10}, "neural_cleanse": {"steps": 10}},
+    }
+    more, records = detectability_study(BASE, [0.1], [0], [1], tmp_path, executor="inline", **nc)
+    assert (more.done, more.skipped) == (2, 2)
+    added = [r for r in records if r.config["detector"] == "neural_cleanse"]
+    assert all(r.result["details"]["suspect"]["reused"] for r in added), "the suspects were read from the store"
+    assert {r["detector"] for r in detectability(records)} == {"cti", "neural_cleanse"}
+    other = detectability_grid(replace(BASE, epochs=9), [0.1], [0], [1], **options)
+    assert {c.key for c in other.cells}.isdisjoint(r.key for r in records), (
+        "another config is other cells, never a reuse"
+    )
 
 
 @pytest.mark.slow
@@ -90,17 +185,18 @@ def test_cti_separates_backdoored_from_clean_models_on_mnist(data_root, tmp_path
     base = RunConfig(
         dataset="mnist", recipe="quick", train_size=6_000, test_size=2_000, trusted_size=0.05, data_root=str(data_root)
     )
-    results = detectability_study(
+    _, records = detectability_study(
         base,
         [0.1],
         seeds=range(3),
         clean_seeds=range(100, 103),
         output=tmp_path,
+        executor="inline",
         repair="fine_tuning",
         detectors=("cti",),
         detector_options={"cti": {"batch_size": 32}},
     )
-    (row,) = summarize(results)
-    scores = {rate: [round(m["scores"]["cti"], 3) for m in models] for rate, models in results.items()}
-    assert row["asr_before"] >= 0.9, f"the backdoor must take: {row}"
-    assert row["auroc_cti"] >= 0.9, f"CTI scores by poison rate: {scores}"
+    (row,) = detectability(records)
+    scores = [(r.config["poison_rate"], round(r.metrics["detection_score"], 3)) for r in records]
+    assert row["asr"] >= 0.9, f"the backdoor must take: {row}"
+    assert row["auroc"] >= 0.9, f"CTI scores by poison rate: {scores}"

@@ -28,19 +28,17 @@ from backdoorlab.attacks.triggers import Trigger
 from backdoorlab.data import TensorDataset
 from backdoorlab.defenses import REPAIRS, TRAINING_DEFENSES, DefenseOutcome, Repair, TrainingDefense
 from backdoorlab.experiments import ModelFileError, RunConfig, load_model, run, save_model
-from backdoorlab.experiments.detectability import study_model
 from backdoorlab.experiments.grid import Cell
 from backdoorlab.experiments.run import (
     ModelSpec,
     Prepared,
     apply_repair,
-    config_differences,
     evaluate,
     prepare,
     train_victim,
 )
 from backdoorlab.experiments.store import ResultStore, StoreError
-from backdoorlab.files import CorruptFileError, ResumeMismatchError, write_json
+from backdoorlab.files import CorruptFileError, write_json
 from backdoorlab.models import create_model
 from backdoorlab.training.loop import train
 
@@ -154,42 +152,20 @@ class _RunsCode:
         return (Path.write_text, (Path(self.path), "ran"))
 
 
-def test_config_differences_names_what_differs_from_a_stored_result() -> None:
-    """Issue case 3 (a resume returned the stored BadNets target 0 when asked for Blended target 5):
-    what a resume compares names each field that differs, compares attack options in full (a
-    default spelt out is the same config) and leaves out placement and the runtime settings the run
-    stored where the config left them open."""
-    stored = run(RunConfig(**SMALL)).to_dict()["config"]
-    assert config_differences(stored, RunConfig(**SMALL)) == []
-    assert config_differences(stored, RunConfig(**SMALL, attack="blended", target=5)) == [
-        "attack 'badnets' -> 'blended'",
-        "target 0 -> 5",
-    ]
-    assert config_differences(stored, RunConfig(**SMALL, attack_options={"size": 4})) == ["attack_options.size 2 -> 4"]
-    assert config_differences(stored, RunConfig(**SMALL, attack_options={"size": 2})) == [], "the default, spelt out"
-    assert config_differences(stored, RunConfig(**SMALL, device="cpu")) == [], "placement is not compared"
+def test_detectability_refuses_a_folder_of_the_earlier_layout(tmp_path: Path) -> None:
+    """A study folder written before the study used the results store (``rate-*/seed-*/result.json``)
+    is refused with the reason, not mixed with a new store."""
+    from typer.testing import CliRunner
 
+    from backdoorlab.cli import app
 
-def test_detectability_refuses_a_stored_model_of_another_config(tmp_path: Path) -> None:
-    """The study's per-model ``result.json`` is reused for its own config only (no training here: the
-    check comes first, and a matching stored result with every score is returned as is)."""
-    config = RunConfig(**SMALL, poison_rate=0.05)
-    stored = {
-        "config": config.resolved().to_dict(),
-        "repair": "fine_tuning",
-        "repair_options": {},
-        "metrics": {},
-        "detector_options": {"neural_cleanse": {}},
-        "scores": {"neural_cleanse": 1.5},
-        "timings": {},
-    }
-    write_json(tmp_path / "result.json", stored)
-    options = {"repair": "fine_tuning", "detectors": ("neural_cleanse",)}
-    assert study_model(config, tmp_path, **options)["scores"] == {"neural_cleanse": 1.5}
-    with pytest.raises(ResumeMismatchError) as err:
-        study_model(RunConfig(**{**SMALL, "poison_rate": 0.1, "target": 3}), tmp_path, **options)
-    message = one_line_naming(err.value, tmp_path / "result.json")
-    assert "poison_rate 0.05 -> 0.1" in message and "target 0 -> 3" in message
+    write_json(tmp_path / "rate-0.1" / "seed-0" / "result.json", {"config": {}, "scores": {}})
+    result = CliRunner().invoke(app, ["detectability", "--output", str(tmp_path)])
+    assert result.exit_code == 2
+    assert (
+        "written by an earlier version" in " ".join(result.output.split())
+        and not (tmp_path / "results.sqlite").exists()
+    )
 
 
 # -- atomic writes -----------------------------------------------------------------------------
@@ -228,15 +204,6 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_partial_one(tmp_path: P
 
 
 # -- corrupt inputs name their file --------------------------------------------------------------
-
-
-def test_a_truncated_result_json_is_named_when_resumed(tmp_path: Path) -> None:
-    document = {"config": RunConfig(**SMALL).resolved().to_dict(), "metrics": {"clean_accuracy": 0.9}}
-    text = json.dumps(document)
-    (tmp_path / "result.json").write_text(text[: len(text) // 2])
-    with pytest.raises(CorruptFileError) as err:
-        study_model(RunConfig(**SMALL), tmp_path, repair="fine_tuning", detectors=("neural_cleanse",))
-    assert "not valid JSON" in one_line_naming(err.value, tmp_path / "result.json")
 
 
 def _model_file(tmp_path: Path) -> Path:

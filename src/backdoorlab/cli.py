@@ -739,9 +739,9 @@ def _per_detector(pairs: list[str] | None) -> dict[str, dict[str, Any]]:
 
 @app.command("detectability")
 def detectability_command(
-    output: Annotated[Path, typer.Option(help="Folder of the per-model results (resumes) and the summary.")] = Path(
-        "runs/detectability"
-    ),
+    output: Annotated[
+        Path, typer.Option(help="Folder of the study's results store (results.sqlite; resumes) and its summary.")
+    ] = Path("runs/detectability"),
     dataset: DatasetOpt = "digits",
     recipe: RecipeOpt = "fast",
     model: ModelOpt = None,
@@ -769,19 +769,30 @@ def detectability_command(
     train_size: TrainSizeOpt = None,
     test_size: TestSizeOpt = None,
     trusted_size: Annotated[str, typer.Option(help="Trusted clean split given to the repair and detectors.")] = "0.05",
+    workers: Annotated[int, typer.Option(help="Cells at once (local processes).")] = 1,
+    retry_failed: Annotated[bool, typer.Option(help="Run failed cells again.")] = False,
     device: DeviceOpt = "auto",
     data_root: DataRootOpt = None,
 ) -> None:
     """The robustness-detectability study of "Pick your Poison": backdoored models over poison rates
     and seeds against clean models, each repaired (ASR before and after) and scored by detectors
-    (ROC AUC against the clean models, with its p-value)."""
+    (ROC AUC against the clean models, with its p-value). The cells go into a results store, like a
+    sweep's (``backdoorlab report OUTPUT`` reports it); a rerun resumes."""
     from backdoorlab.data.dataset import DataError
     from backdoorlab.experiments import RunConfig
-    from backdoorlab.experiments.detectability import detectability_study, study_table, summarize
+    from backdoorlab.experiments.detectability import detectability_study
+    from backdoorlab.experiments.store import StoreError
+    from backdoorlab.experiments.sweep import SweepError
     from backdoorlab.report.plots import detectability_plot
+    from backdoorlab.report.tables import detectability, detectability_table
 
     try:
         check_output_dir(output, "--output")
+        if any(output.glob("rate-*/seed-*/result.json")) and not (output / "results.sqlite").exists():
+            raise ValueError(
+                f"{output} holds a study written by an earlier version (rate-*/seed-*/result.json, read as JSON); "
+                "the study now writes a results store: choose another --output"
+            )
         names = tuple(comma_list(detectors))
         detector_options = _per_detector(detector_option)
         if set(detector_options) - set(names):
@@ -800,33 +811,48 @@ def detectability_command(
             device=device,
             data_root=data_root,
         )
-        results = detectability_study(
+        summary, records = detectability_study(
             base,
             comma_list(rates, float, "rates"),
             comma_list(seeds, int, "seeds"),
             comma_list(clean_seeds, int, "clean-seeds"),
             output,
+            workers=workers,
+            retry_failed=retry_failed,
             data_seed=None if own_splits else data_seed,
             repair=repair,
             repair_options=parse_options(repair_option),
             detectors=names,
             detector_options=detector_options,
         )
-    except (UnknownNameError, DataError, ValueError, TypeError) as err:
+    except (UnknownNameError, DataError, SweepError, StoreError, ValueError, TypeError) as err:
         _fail(err)
         return
-    rows = summarize(results)
-    table = study_table(rows)
-    write_text(output / "detectability.md", table + "\n")
-    write_json(output / "detectability.json", rows)
-    written = ["detectability.md", "detectability.json"]
-    try:
-        detectability_plot(rows, output / "detectability.png", f"{base.resolved().attack} on {dataset}, {repair}")
-        written.append("detectability.png")
-    except RuntimeError as err:  # no matplotlib
-        err_console.print(f"no plot: {err}")
-    console.print(table)
-    console.print(f"wrote {', '.join(str(output / name) for name in written)}", soft_wrap=True)
+    if summary.interrupted:
+        err_console.print("interrupted: finished cells are stored; run the same command again to resume")
+        raise typer.Exit(code=130)
+    rows = detectability(records)
+    if rows:
+        table = detectability_table(rows)
+        write_text(output / "detectability.md", table + "\n")
+        write_json(output / "detectability.json", rows)
+        written = ["detectability.md", "detectability.json"]
+        try:
+            title = f"{records[0].config['attack']} on {dataset}, {repair}"
+            detectability_plot(rows, output / "detectability.png", title)
+            written.append("detectability.png")
+        except RuntimeError as err:  # no matplotlib
+            err_console.print(f"no plot: {err}")
+        console.print(table)
+        console.print(f"wrote {', '.join(str(output / name) for name in written)}", soft_wrap=True)
+    failed = [r for r in records if r.status == "failed"]
+    for record in failed:
+        last = (record.error or "").strip().splitlines()[-1:] or ["(no error text)"]
+        err_console.print(f"[red]failed[/] {record.label}: {escape(last[0])}", soft_wrap=True)
+    if failed or not rows:
+        reason = f"{len(failed)} cell(s) failed" if failed else "no backdoored and clean model was scored"
+        err_console.print(f"{reason}: no complete table; rerun to resume (with --retry-failed for failed cells)")
+        raise typer.Exit(code=1)
 
 
 clip_app = typer.Typer(

@@ -208,6 +208,14 @@ class Detector(_PostTraining):
     def detect(self, model: nn.Module, trusted: TensorDataset, ctx: DefenseContext) -> Detection:
         """Score ``model`` (left unchanged)."""
 
+    def detect_repaired(
+        self, model: nn.Module, repair: Repair, outcome: DefenseOutcome, trusted: TensorDataset, ctx: DefenseContext
+    ) -> Detection:
+        """Score the suspect ``model`` in a run that also repaired it (``repair`` gave ``outcome``
+        from the same trusted split and context): a detector that calibrates with a repair (CTI)
+        uses this one where it is the repair it would run itself; the others ignore it."""
+        return self.detect(model, trusted, ctx)
+
 
 class InputDetector(_PostTraining):
     """Base class of input detectors: :meth:`fit` once on the suspect model and trusted clean data,

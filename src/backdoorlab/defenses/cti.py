@@ -12,8 +12,10 @@ from backdoorlab.data.dataset import TensorDataset
 from backdoorlab.defenses.base import (
     DETECTORS,
     DefenseContext,
+    DefenseOutcome,
     Detection,
     Detector,
+    Repair,
     create_repair,
     require_classifier,
     require_images,
@@ -124,6 +126,20 @@ class CalibratedTriggerInversion(Detector):
         outcome = self.repair.repair(model, trusted, ctx)
         detection = self.calibrated_score(model, outcome.model, trusted, ctx)
         detection.details["repair_fallback"] = outcome.details.get("fallback")
+        return detection
+
+    def detect_repaired(
+        self, model: nn.Module, repair: Repair, outcome: DefenseOutcome, trusted: TensorDataset, ctx: DefenseContext
+    ) -> Detection:
+        """Calibrate with the run's repair where it is this detector's own (the same method and
+        options), instead of repairing the suspect a second time; else :meth:`detect`."""
+        if type(repair) is not type(self.repair) or repair.config() != self.repair.config():
+            return self.detect(model, trusted, ctx)
+        require_images(trusted, "Calibrated Trigger Inversion")
+        require_classifier(model, "Calibrated Trigger Inversion")
+        detection = self.calibrated_score(model, outcome.model, trusted, ctx)
+        detection.details["repair_fallback"] = outcome.details.get("fallback")
+        detection.details["calibrated_with_the_runs_repair"] = True
         return detection
 
     def calibrated_score(

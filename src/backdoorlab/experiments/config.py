@@ -84,8 +84,10 @@ class RunConfig:
             factory and the recipe), a repair defense (``fine_tuning``, ``pivotal_tuning``...: gets the
             trained model and the trusted split), or ``None``.
         defense_options: keyword options for the defense.
-        detector, detector_options: a detector (``neural_cleanse``, ``cti``) that scores the final
-            model from the trusted split, and its options.
+        detector, detector_options: a detector (``neural_cleanse``, ``cti``) that scores, from the
+            trusted split, the model under suspicion: the trained model, or in a run with a repair
+            or a sample filter the suspect model it was given (CTI calibrates with the run's repair
+            where it is the repair CTI would run itself), and its options.
         input_detector, input_detector_options: an input detector (``strip``) fitted on the final
             model and half the trusted split, its threshold set on the other half, then shown the
             clean and triggered test sets (``input_auroc``, ``input_tpr``, ``filtered_*`` metrics).

@@ -92,6 +92,10 @@ def cell_key(config: RunConfig) -> str:
     # fields added later are left out at their defaults, so keys stay those of earlier versions
     _drop_defaults(values, ADDED_FIELDS)
     _drop_defaults(values.get("train") or {}, ADDED_TRAIN_FIELDS)
+    if config.detector is not None and suspect_config(config).defense != config.defense:
+        # a detector in a run with a repair or filter scores the suspect model (since 2026-12-07;
+        # before, the repaired one): such cells of earlier stores measured another model
+        values["detector_scores"] = "suspect"
     revisions = method_revisions(config)
     if revisions:  # a method whose computation changed at the same options: results of before differ
         values["revisions"] = revisions

@@ -45,11 +45,13 @@ from backdoorlab.data.dataset import (
     split_trusted,
     subsample,
 )
-from backdoorlab.data.sources import dataset_facts, load_dataset
+from backdoorlab.data.sources import load_dataset
 from backdoorlab.defenses import (
     DefenseContext,
+    DefenseOutcome,
     Detection,
     Observer,
+    Repair,
     create_defense,
     create_detector,
     create_input_detector,
@@ -68,8 +70,7 @@ from backdoorlab.evaluation import (
     repair_warnings,
 )
 from backdoorlab.experiments.config import RunConfig
-from backdoorlab.experiments.grid import PLACEMENT_FIELDS
-from backdoorlab.files import CorruptFileError, differences, write_json
+from backdoorlab.files import write_json
 from backdoorlab.metrics import finite_json, isolation_metrics, scores_auroc
 from backdoorlab.models.registry import check_input_fits, create_model
 from backdoorlab.training.callbacks import Callback
@@ -502,12 +503,23 @@ def apply_repair(
 
 
 def apply_detector(
-    prepared: Prepared, model: torch.nn.Module, name: str, options: dict[str, Any]
+    prepared: Prepared,
+    model: torch.nn.Module,
+    name: str,
+    options: dict[str, Any],
+    *,
+    repaired: tuple[Repair, DefenseOutcome] | None = None,
 ) -> tuple[Detection, float]:
-    """Score ``model`` with a detector that gets the trusted split only."""
+    """Score ``model`` with a detector that gets the trusted split only. ``repaired``: the repair
+    the run applied to ``model`` and its outcome, which a detector that calibrates with that same
+    repair (CTI) uses instead of repairing again (:meth:`Detector.detect_repaired`)."""
     detector = create_detector(name, **options)
     tick = time.perf_counter()
-    detection = detector.detect(model, prepared.trusted, post_training_context(prepared))
+    ctx = post_training_context(prepared)
+    if repaired is None:
+        detection = detector.detect(model, prepared.trusted, ctx)
+    else:
+        detection = detector.detect_repaired(model, *repaired, prepared.trusted, ctx)
     if not math.isfinite(detection.score):
         raise NonFiniteError(
             f"detector '{name}' gave a non-finite score ({detection.score}): it is no evidence either way, "
@@ -656,6 +668,7 @@ def _run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunRes
         before = assess(prepared, model, "suspect model")
         metrics.update({f"suspect_{k}": v for k, v in before.metrics.items()})
         warnings += before.warnings
+    suspect_model = model  # a repair or filter leaves it unchanged; a detector scores it
     if kind == "repair":
         model, after, details, timings["defense"] = apply_repair(
             prepared, model, config.defense, config.defense_options
@@ -667,7 +680,13 @@ def _run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunRes
         metrics.update(filtering)
         warnings += [f"sample filter '{config.defense}': {w}" for w in details.pop("warnings", [])]
     if config.detector is not None:
-        detection, timings["detect"] = apply_detector(prepared, model, config.detector, config.detector_options)
+        repaired = None
+        if kind == "repair":
+            repair = create_repair(config.defense, **config.defense_options)
+            repaired = (repair, DefenseOutcome(model, details=details))
+        detection, timings["detect"] = apply_detector(
+            prepared, suspect_model, config.detector, config.detector_options, repaired=repaired
+        )
         metrics["detection_score"] = detection.score
         details["detection"] = {"flagged": detection.flagged, **detection.details}
         warnings += fallback_warnings(
@@ -734,45 +753,3 @@ def _run(config: RunConfig, *, suspect: torch.nn.Module | None = None) -> RunRes
         model=model,
         warnings=warnings,
     )
-
-
-#: Config fields a result stores as the run had them where the config left them open (``None``).
-_RUNTIME_FIELDS = ("threads", "deterministic")
-
-
-def config_differences(stored: dict[str, Any], config: RunConfig, path: str | Path = "result.json") -> list[str]:
-    """Where a stored result's ``config`` differs from ``config`` (resolved), as ``"field stored ->
-    asked"`` lines; empty when the stored result is a result of ``config``. Placement (device, data
-    root) is left out, as in a sweep's cell key, and so are the runtime settings ``config`` leaves
-    open; attack and defense options are compared in full (a result stores every option, defaults
-    included), and so are detector options. ``path`` names the stored file in the error for a config this version cannot read."""
-    wanted = config.resolved()
-    try:
-        have = RunConfig.from_dict(stored).to_dict()  # fields added since take their defaults
-    except (TypeError, ValueError) as err:
-        raise CorruptFileError(f"{path}: its config cannot be read by this version ({err})") from None
-    asked = wanted.to_dict()
-    ignored = [*PLACEMENT_FIELDS, *(name for name in _RUNTIME_FIELDS if asked.get(name) is None)]
-    # another method's options differ as a matter of course: its name says it all
-    ignored += [f"{m}_options" for m in ("attack", "defense", "detector", "regularizer") if have.get(m) != asked.get(m)]
-    for name in ignored:
-        have.pop(name, None)
-        asked.pop(name, None)
-    if "attack_options" in asked and differences(have["attack_options"], asked["attack_options"]):
-        shape = (
-            dataset_facts(wanted.dataset).get("shape")
-            or load_dataset(wanted.dataset, wanted.data_root).train.input_shape
-        )
-        for values in (have, asked):
-            trigger = create_trigger(
-                values["attack"], tuple(shape), data_root=wanted.data_root, **values["attack_options"]
-            )
-            values["attack_options"] = trigger.config()
-    if "defense_options" in asked and asked["defense"] is not None:
-        for values in (have, asked):
-            method = registry_for(values["defense"]).create(values["defense"], **values["defense_options"])
-            values["defense_options"] = method.config()
-    if "detector_options" in asked and asked["detector"] is not None:
-        for values in (have, asked):
-            values["detector_options"] = create_detector(values["detector"], **values["detector_options"]).config()
-    return differences(have, asked)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from backdoorlab.experiments.executors import Executor, create_executor, run_cell
-from backdoorlab.experiments.grid import Cell, Grid, suspect_key
+from backdoorlab.experiments.grid import Cell, Grid, suspect_config, suspect_key
 from backdoorlab.experiments.store import ResultStore
 from backdoorlab.progress import make_progress
 
@@ -112,6 +112,7 @@ def sweep(
     """Run ``grid`` into ``output`` (its ``results.sqlite``, and ``models/<key>.safetensors`` with
     ``save_models``). Cells that differ only in the repair or detector share one trained victim
     (``suspects/<suspect key>.safetensors``): the first trains it, the others wait for it and reuse it.
+    A repair or detector cell keeps its victim there even alone, for one added to the grid later.
     ``device`` and ``data_root`` say where cells run without changing their keys.
     ``on_cell(cell, outcome)`` is called as each cell ends (``outcome`` as :func:`run_cell`'s).
     Returns a summary; ``summary.interrupted`` after Ctrl-C or SIGTERM."""
@@ -137,7 +138,13 @@ def sweep(
         queue = list(reversed(todo))
         training: dict[str, Future] = {}  # suspect key -> the running cell that trains it
         keys = [suspect_key(cell.config) for cell in grid.cells]
-        shared = {key for key in keys if key is not None and keys.count(key) > 1}
+        # a victim is kept where cells share it, or where its cell repairs or scores it: a repair or
+        # detector added to the grid later reuses it instead of training it again
+        shared = {
+            key
+            for cell, key in zip(grid.cells, keys)
+            if key is not None and (keys.count(key) > 1 or suspect_config(cell.config) != cell.config)
+        }
         if shared:
             (output / SUSPECTS_DIR).mkdir(exist_ok=True)
 

@@ -130,25 +130,11 @@ def robustness_detectability(rows: list[dict[str, Any]], title: str = "") -> byt
     return _png(fig)
 
 
-def detectability_plot(rows: list[dict[str, float]], path: str | Path, title: str = "") -> Path:
-    """The detectability study's figure (:func:`backdoorlab.experiments.detectability.summarize`'s
-    rows): detectability (ROC AUC) against robustness (ASR after repair), one point per rate and one
-    line per detector (:func:`robustness_detectability`), written to ``path``; a ``RuntimeError``
-    where matplotlib is missing, a ``ValueError`` for no rows."""
-    points = [
-        {
-            "attack": "",
-            "detector": key.removeprefix("auroc_"),
-            "poison_rate": r["poison_rate"],
-            "auroc": r[key],
-            "asr": r["asr_before"],
-            "asr_repaired": r["asr_after"],
-        }
-        for r in rows
-        for key in r
-        if key.startswith("auroc_")
-    ]
-    png = robustness_detectability(points, title)
+def detectability_plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """The detectability study's figure (:func:`backdoorlab.report.tables.detectability`'s rows):
+    :func:`robustness_detectability`, written to ``path``; a ``RuntimeError`` where matplotlib is
+    missing, a ``ValueError`` for no rows."""
+    png = robustness_detectability(rows, title)
     if png is None:
         raise ValueError("the study has no rows to plot")
     return write_bytes(path, png)

@@ -203,35 +203,38 @@ def format_metric(value: tuple[float, float] | None, n: int) -> str:
 def detectability(records: list[Record]) -> list[dict[str, Any]]:
     """The robustness–detectability rows of one grid, where it has the cells for them.
 
-    Detectability: the ROC AUC of a detector's scores on backdoored models (cells with a detector,
-    no defense, poison rate > 0) against its scores on clean models (poison rate 0) of the same
-    dataset and model. Robustness: the ASR of the same attack and rate before and after a repair
-    (cells with a repair defense), where the grid has them. ``warned``: how many of the row's cells
-    (scored, or repaired) carry health warnings.
+    Detectability: the ROC AUC of a detector's scores on backdoored models (cells with a detector and
+    poison rate > 0; a detector scores the suspect model, also in a cell that repairs it) against its
+    scores on clean models (poison rate 0) of the same dataset and model, with the one-sided
+    Mann-Whitney p-value (``p``; :func:`backdoorlab.metrics.detection_auroc`). Robustness: the ASR of
+    the same attack and rate before and after a repair (cells with a repair defense; ``ca_repaired``
+    the CA after it), where the grid has them; each suspect model (seed) counts once. ``warned``: how
+    many of the row's cells (scored, or repaired) carry health warnings.
     """
     from backdoorlab.metrics import detection_auroc
 
     done = [r for r in records if r.status == "done" and r.metrics]
     scores: dict[tuple, list[float]] = defaultdict(list)
-    detected_asr: dict[tuple, list[float]] = defaultdict(list)  # suspect ASR from detection cells
-    repair_asr: dict[tuple, list[float]] = defaultdict(list)  # suspect ASR from repair cells
-    repaired: dict[tuple, list[float]] = defaultdict(list)
+    scored: dict[tuple, set[str]] = defaultdict(set)  # as ``scores``: the cells behind them
+    suspect_asr: dict[tuple, dict[int, float]] = defaultdict(dict)  # by seed: one value per suspect model
+    repaired: dict[tuple, list[tuple[float, float]]] = defaultdict(list)  # (ASR, CA) after the repair
+    repaired_cells: dict[tuple, set[str]] = defaultdict(set)
     repairs: dict[tuple, str] = {}
-    flagged_scores: dict[tuple, int] = defaultdict(int)  # as ``scores``: cells with health warnings
-    flagged_repairs: dict[tuple, int] = defaultdict(int)  # as ``repaired``
+    warned = {r.key for r in done if r.warnings}
     for r in done:
         c, m = r.config, r.metrics or {}
         rate = float(c["poison_rate"])
         key = (c["dataset"], c["model"], c["attack"], rate)
-        if m.get("detection_score") is not None and not c.get("defense"):
+        suspect = "suspect_attack_success_rate" in m  # a repair or filter: its suspect metrics
+        if m.get("detection_score") is not None and (suspect or not c.get("defense")):
             score_key = (c["dataset"], c["model"], c["detector"], c["attack"] if rate else None, rate)
             scores[score_key].append(m["detection_score"])
-            flagged_scores[score_key] += bool(r.warnings)
-            detected_asr[key].append(m["attack_success_rate"])
-        if "suspect_attack_success_rate" in m:
-            flagged_repairs[key] += bool(r.warnings)
-            repair_asr[key].append(m["suspect_attack_success_rate"])
-            repaired[key].append(m["attack_success_rate"])
+            scored[score_key].add(r.key)
+        if suspect or (m.get("detection_score") is not None and not c.get("defense")):
+            suspect_asr[key][r.seed] = m["suspect_attack_success_rate" if suspect else "attack_success_rate"]
+        if suspect:
+            repaired[key].append((m["attack_success_rate"], m["clean_accuracy"]))
+            repaired_cells[key].add(r.key)
             repairs[key] = c["defense"]
     rows = []
     for (dataset, model, detector, attack, rate), values in sorted(scores.items(), key=lambda kv: str(kv[0])):
@@ -239,8 +242,10 @@ def detectability(records: list[Record]) -> list[dict[str, Any]]:
         clean = [s for k in clean_keys for s in scores[k]]
         if not rate or not clean:
             continue
-        auroc = detection_auroc(clean, values)[0]
+        auroc, p = detection_auroc(clean, values)
         key = (dataset, model, attack, rate)
+        after = repaired.get(key, [])
+        cells = scored[dataset, model, detector, attack, rate].union(*(scored[k] for k in clean_keys))
         rows.append(
             {
                 "dataset": dataset,
@@ -249,16 +254,43 @@ def detectability(records: list[Record]) -> list[dict[str, Any]]:
                 "poison_rate": rate,
                 "detector": detector,
                 "auroc": auroc,
+                "p": p,
                 "n": len(values),
                 "n_clean": len(clean),
-                "asr": mean_std(detected_asr.get(key) or repair_asr[key])[0]
-                if key in detected_asr or key in repair_asr
-                else None,
+                "asr": mean_std(list(suspect_asr[key].values()))[0] if suspect_asr.get(key) else None,
                 "repair": repairs.get(key),
-                "asr_repaired": mean_std(repaired[key])[0] if repaired.get(key) else None,
-                "warned": flagged_scores[dataset, model, detector, attack, rate]
-                + sum(flagged_scores[k] for k in clean_keys)
-                + flagged_repairs.get(key, 0),
+                "asr_repaired": mean_std([a for a, _ in after])[0] if after else None,
+                "ca_repaired": mean_std([ca for _, ca in after])[0] if after else None,
+                "warned": len((cells | repaired_cells.get(key, set())) & warned),
             }
         )
     return rows
+
+
+def detectability_table(rows: list[dict[str, Any]]) -> str:
+    """:func:`detectability`'s rows as Markdown: one line per attack and poison rate, the ASR before
+    and after the repair, the CA after it, and each detector's AUROC with its p-value in brackets;
+    a rate whose cells carry health warnings is marked with the count."""
+    detectors = sorted({r["detector"] for r in rows})
+    lines_by: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        lines_by[r["dataset"], r["model"], r["attack"], r["poison_rate"]][r["detector"]] = r
+    several = len({k[:3] for k in lines_by}) > 1
+    head = [*(["dataset", "model", "attack"] if several else []), "poison rate", "models", "ASR before"]
+    head += ["ASR after", "CA after", *(f"AUROC {d} (p)" for d in detectors), "warnings"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * len(head)) + " |"]
+
+    def number(value: float | None) -> str:
+        return "—" if value is None else f"{value:.3f}"
+
+    for (dataset, model, attack, rate), by_detector in sorted(lines_by.items(), key=lambda kv: str(kv[0])):
+        first = next(iter(by_detector.values()))
+        cells = [*([dataset, model, attack] if several else []), f"{100 * rate:g}%", str(first["n"])]
+        cells += [number(first["asr"]), number(first["asr_repaired"]), number(first["ca_repaired"])]
+        for d in detectors:
+            r = by_detector.get(d)
+            cells.append("—" if r is None else f"{r['auroc']:.2f} ({r['p']:.2g})")
+        flagged = max(r["warned"] for r in by_detector.values())
+        cells.append(f"{flagged} flagged" if flagged else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
