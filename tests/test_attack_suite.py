@@ -22,6 +22,8 @@ DATA_FREE = {
     "adaptive_blend": {"pattern": "noise"},
     # and for SSBA, whose encoder trains first: two steps of it (1,500 by default)
     "ssba": {"steps": 2, "batch_size": 4, "bits": 8},
+    # and Poison Ink's hiding and reveal networks: two steps at width 4 (600 at 16 and 32 by default)
+    "poison_ink": {"steps": 2, "batch_size": 4, "hiding_width": 4, "reveal_width": 4},
 }
 
 

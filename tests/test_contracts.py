@@ -83,6 +83,8 @@ FAST_ATTACKS: dict[str, dict[str, Any]] = {
     "lira": {"eps": 0.5},
     # two steps of the encoder on the 8 images (1,500 of 64 by default)
     "ssba": {"steps": 2, "batch_size": 4, "bits": 8},
+    # two steps of Poison Ink's hiding and reveal networks at width 4 (600 at 16 and 32 by default)
+    "poison_ink": {"steps": 2, "batch_size": 4, "hiding_width": 4, "reveal_width": 4},
 }
 FAST_METHODS: dict[str, dict[str, dict[str, Any]]] = {
     "defenses": {

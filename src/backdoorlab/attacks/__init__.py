@@ -10,6 +10,7 @@ from backdoorlab.attacks import (  # noqa: F401  (registers the attacks)
     lira,
     low_frequency,
     optimized,
+    poison_ink,
     refool,
     series,
     sig,

@@ -51,8 +51,6 @@ the attacker's images and the options only.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from typing import Literal
 
@@ -62,7 +60,7 @@ from torch import Tensor, nn
 
 from backdoorlab.attacks.padding import crop, pad_to_multiple
 from backdoorlab.attacks.triggers import ATTACKS, Trigger
-from backdoorlab.data.cache import cached_by_key
+from backdoorlab.data.cache import fitted_on_images
 from backdoorlab.options import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from backdoorlab.progress import log, make_progress
 
@@ -235,13 +233,6 @@ class SSBA(Trigger):
             torch.manual_seed(self.seed)
             return StegaStampEncoder(c, self.bits), StegaStampDecoder(c, h, w, self.bits)
 
-    def _cache_key(self, images: Tensor) -> str:
-        digest = hashlib.sha256(images.cpu().contiguous().numpy().tobytes()).hexdigest()
-        shape = "x".join(map(str, images.shape))
-        # the device and torch version too: a CUDA-trained encoder is not bit-identical to a CPU one
-        where = f"{images.device.type}|{torch.__version__}"
-        return f"ssba|{CACHE_VERSION}|{json.dumps(self.config(), sort_keys=True)}|{shape}|{digest}|{where}"
-
     def fit(
         self,
         surrogate: nn.Module | None = None,
@@ -254,27 +245,28 @@ class SSBA(Trigger):
         on the device to train on; at most ``images`` of them, chosen by ``seed``), or load them
         from the cache. ``surrogate``, ``generator`` and ``target`` are not used: the encoder is a
         function of the images and the options."""
-        if images is None or len(images) == 0:
-            raise ValueError("ssba trains its encoder on the attacker's clean images: fit(None, images=...)")
-        if tuple(images.shape[1:]) != self.input_shape:
-            raise ValueError(f"ssba was built for {self.input_shape} images, got {tuple(images.shape[1:])}")
-        chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))[: self.images]
-        chosen = images[chosen.to(images.device)]
-        trained = False
 
-        def build() -> dict[str, object]:
-            nonlocal trained
-            trained = True
+        def train(chosen: Tensor) -> dict[str, object]:
             encoder, decoder = self._train(chosen)
             return {"encoder": encoder.state_dict(), "decoder": decoder.state_dict()}
 
-        state = cached_by_key(self._cache_key(chosen), "ssba", build)
+        chosen, state, trained = fitted_on_images(
+            "ssba",
+            CACHE_VERSION,
+            self.config(),
+            images,
+            self.images,
+            self.seed,
+            train,
+            input_shape=self.input_shape,
+            what="its encoder",
+        )
         encoder, decoder = self.networks()
         encoder.load_state_dict(state["encoder"])  # type: ignore[arg-type]
         decoder.load_state_dict(state["decoder"])  # type: ignore[arg-type]
         self.encoder, self.decoder = encoder.eval().requires_grad_(False), decoder.eval().requires_grad_(False)
         self.fitted = True
-        x = chosen[:CHUNK].float().to(images.device) / 255.0
+        x = chosen[:CHUNK].float() / 255.0  # on the images' device
         with torch.no_grad():
             encoded = self._encode(x)
             logits = self.decoder.to(x.device)(encoded)

@@ -10,6 +10,7 @@ to build under a key of the caller's (a fitted attack's networks, keyed by their
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -47,3 +48,47 @@ def cached_by_key(key: str, tag: str, build: Callable[[], dict[str, object]]) ->
     torch.save(value, tmp)
     os.replace(tmp, entry)
     return value
+
+
+def images_key(tag: str, version: int, config: dict[str, object], images: torch.Tensor) -> str:
+    """A :func:`cached_by_key` key for something fitted on ``images`` with the options ``config``
+    (a fitted attack's networks): the tag, a version the caller bumps when its networks or trainer
+    change, the options, the images' shape and bytes, and the device and torch version (a network
+    trained on CUDA is not bit-identical to one trained on a CPU)."""
+    digest = hashlib.sha256(images.cpu().contiguous().numpy().tobytes()).hexdigest()
+    shape = "x".join(map(str, images.shape))
+    where = f"{images.device.type}|{torch.__version__}"
+    return f"{tag}|{version}|{json.dumps(config, sort_keys=True)}|{shape}|{digest}|{where}"
+
+
+def fitted_on_images(
+    tag: str,
+    version: int,
+    config: dict[str, object],
+    images: torch.Tensor | None,
+    count: int,
+    seed: int,
+    train: Callable[[torch.Tensor], dict[str, object]],
+    *,
+    input_shape: tuple[int, ...],
+    what: str,
+) -> tuple[torch.Tensor, dict[str, object], bool]:
+    """What an attack fits on the attacker's clean images (SSBA's encoder, Poison Ink's networks):
+    at most ``count`` of ``images`` chosen by ``seed``, and ``train(chosen)``'s dict (the networks'
+    state dicts), cached under :func:`images_key`; and whether it was trained now (else loaded).
+    No images, or images of another shape than ``input_shape``, are refused, naming ``what`` the
+    attack ``tag`` trains."""
+    if images is None or len(images) == 0:
+        raise ValueError(f"{tag} trains {what} on the attacker's clean images: fit(None, images=...)")
+    if tuple(images.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"{tag} was built for {tuple(input_shape)} images, got {tuple(images.shape[1:])}")
+    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
+    chosen = images[chosen.to(images.device)]
+    trained = False
+
+    def build() -> dict[str, object]:
+        nonlocal trained
+        trained = True
+        return train(chosen)
+
+    return chosen, cached_by_key(images_key(tag, version, config, chosen), tag, build), trained

@@ -99,6 +99,12 @@ BACKDOORBENCH_ATTACKS: dict[str, dict[str, Any]] = {
     # from the first batch whose bits are read at > 0.9). Hours on a CPU; the trainer's bits often
     # stay unread (module docstring of attacks.ssba). Not expressible: its BCH-coded text secret.
     "ssba": {"steps": 15_640, "images": 50_000, "l2_await": 1000, "l2_ramp": 3000, "l2_start": "bits"},
+    # poison_ink: config/attack/poison_ink/default.yaml (all2one, target 0, pratio 0.1: a run's
+    # fields) reads images hidden by resource/poison_ink/: train.py as its readme runs it, three
+    # stages (rot, crop, flip; no adv) of 200 epochs at batchSize 32 on the whole training set
+    # (937,800 steps on CIFAR-10's 50,000 images), lr 2e-4, its H (up_UNet, 64 channels) and R
+    # (HidingRes, 128), then trigger_generation.py (Sobel > 28, ink (80, 160, 80)). Days on a CPU.
+    "poison_ink": {"steps": 3 * 200 * 1563, "images": 50_000, "hiding_width": 64, "reveal_width": 128},
 }
 #: BackdoorBench's defense options, by defense (each with the reference file it follows): the
 #: values its code runs on CIFAR-10, ``config/defense/<name>/cifar10.yaml`` as ``defense/<name>.py``
