@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -573,6 +574,29 @@ def detect_inputs_command(
     _rerun_saved(model_file, data_root, device, output, input_detector=(input_detector, input_detector_option))
 
 
+def _cell_printer(name: str, tracker: Any = None) -> Callable[[Any, dict[str, Any]], None]:
+    """A sweep's ``on_cell``: one line per finished cell (CA, ASR, time, its warnings) or its
+    error's last line, and the result to ``tracker`` where there is one."""
+
+    def show(cell: Any, outcome: dict[str, Any]) -> None:
+        if "error" in outcome:
+            last = outcome["error"].strip().splitlines()[-1]
+            err_console.print(f"[red]failed[/] {cell.label}: {escape(last)}", soft_wrap=True)
+            return
+        m, t = outcome["result"]["metrics"], outcome["result"]["timings"]
+        score = f" score {m['detection_score']:.3f}" if m.get("detection_score") is not None else ""
+        err_console.print(
+            f"[green]done[/] {cell.label or name}: CA {m['clean_accuracy']:.3f} ASR {m['attack_success_rate']:.3f}"
+            f"{score} ({t['total']:.0f} s)" + (" [bold yellow]WARNING[/]" if outcome["result"].get("warnings") else "")
+        )
+        for warning in outcome["result"].get("warnings", []):
+            err_console.print(f"  [bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+        if tracker is not None:
+            tracker.log_result(cell.label or name, outcome["result"])
+
+    return show
+
+
 @app.command("sweep")
 def sweep_command(
     grid_file: Annotated[Path, typer.Argument(help="A grid (or one experiment) as YAML; see docs/experiments.md.")],
@@ -644,20 +668,7 @@ def sweep_command(
         _fail(err)
         return
 
-    def show(cell: Any, outcome: dict[str, Any]) -> None:
-        if "error" in outcome:
-            last = outcome["error"].strip().splitlines()[-1]
-            err_console.print(f"[red]failed[/] {cell.label}: {last}")
-            return
-        m, t = outcome["result"]["metrics"], outcome["result"]["timings"]
-        err_console.print(
-            f"[green]done[/] {cell.label or grid.name}: CA {m['clean_accuracy']:.3f} ASR {m['attack_success_rate']:.3f} "
-            f"({t['total']:.0f} s)" + (" [bold yellow]WARNING[/]" if outcome["result"].get("warnings") else "")
-        )
-        for warning in outcome["result"].get("warnings", []):
-            err_console.print(f"  [bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
-        if tracker is not None:
-            tracker.log_result(cell.label or grid.name, outcome["result"])
+    show = _cell_printer(grid.name, tracker)
 
     try:
         pool = create_executor(
@@ -819,6 +830,7 @@ def detectability_command(
             output,
             workers=workers,
             retry_failed=retry_failed,
+            on_cell=_cell_printer("detectability"),
             data_seed=None if own_splits else data_seed,
             repair=repair,
             repair_options=parse_options(repair_option),

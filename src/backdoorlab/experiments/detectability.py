@@ -21,7 +21,7 @@ command line; ``examples/detectability.yaml`` is the same study as a grid file.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -110,17 +110,26 @@ def detectability_study(
     executor: str = "local",
     workers: int | None = 1,
     retry_failed: bool = False,
+    on_cell: Callable[[Cell, dict[str, Any]], None] | None = None,
     device: str | None = None,
     data_root: str | None = None,
     **options: Any,
 ) -> tuple[SweepSummary, list[Record]]:
     """Sweep :func:`detectability_grid`'s cells (``options`` go to it) into the results store at
-    ``output``; return the sweep's summary and the study's stored records (finished, failed and
-    left), for :func:`backdoorlab.report.tables.detectability`. A rerun resumes: finished cells are
-    kept, and a detector added later only scores the stored suspect models."""
+    ``output`` (``on_cell`` as :func:`~backdoorlab.experiments.sweep.sweep`'s); return the sweep's
+    summary and the study's stored records (finished, failed and left), for
+    :func:`backdoorlab.report.tables.detectability`. A rerun resumes: finished cells are kept, and
+    a detector added later only scores the stored suspect models."""
     grid = detectability_grid(base, rates, seeds, clean_seeds, **options)
     summary = sweep(
-        grid, output, executor=executor, workers=workers, retry_failed=retry_failed, device=device, data_root=data_root
+        grid,
+        output,
+        executor=executor,
+        workers=workers,
+        retry_failed=retry_failed,
+        device=device,
+        data_root=data_root,
+        on_cell=on_cell,
     )
     keys = {cell.key for cell in grid.cells}
     with ResultStore(output) as store:
