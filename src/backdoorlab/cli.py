@@ -124,7 +124,12 @@ DefenseOpt = Annotated[
 DefenseOptionOpt = Annotated[
     Optional[list[str]], typer.Option("--defense-option", "-d", help="Defense option KEY=VALUE, repeatable.")
 ]
-DetectorOpt = Annotated[Optional[str], typer.Option(help="Detector scoring the final model (neural_cleanse, cti).")]
+DetectorOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Detector scoring the suspect model (with a repair: the model it was given; neural_cleanse, cti)."
+    ),
+]
 DetectorOptionOpt = Annotated[
     Optional[list[str]], typer.Option("--detector-option", "-x", help="Detector option KEY=VALUE, repeatable.")
 ]
