@@ -24,6 +24,7 @@ from typing import Any
 
 from backdoorlab.attacks import ATTACKS
 from backdoorlab.attacks.triggers import TRIGGER_PARAMETERS
+from backdoorlab.clip.cleanings import CLIP_CLEANINGS
 from backdoorlab.data import DATASETS
 from backdoorlab.defenses import DETECTORS, INPUT_DETECTORS, REPAIRS, SAMPLE_FILTERS, TRAINING_DEFENSES
 from backdoorlab.models import MODELS
@@ -107,6 +108,13 @@ KINDS = [
         "Regularisers",
         REGULARIZERS,
         f"Terms added to the training loss: {RUN} --regularizer NAME -g KEY=VALUE`.",
+    ),
+    Kind(
+        "clip-cleanings",
+        "CLIP cleanings",
+        CLIP_CLEANINGS,
+        "Cleaning a poisoned CLIP-style model on trusted clean pairs, each with its recipe and objective: "
+        "`backdoorlab clip study --cleanings NAME,...` ([clip.md](../clip.md)).",
     ),
     Kind(
         "datasets",

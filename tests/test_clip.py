@@ -279,7 +279,10 @@ def test_clip_cli_errors_name_the_valid_choices(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["clip", "study", "--output", str(tmp_path), "--attacks", "nope"])
     assert result.exit_code == 2 and "unknown attack 'nope'" in result.output and "badnet_stripes" in result.output
     result = CliRunner().invoke(app, ["clip", "study", "--output", str(tmp_path), "--cleanings", "magic"])
-    assert result.exit_code == 2 and "unknown cleaning 'magic'; valid: fine_tuning, cleanclip, par" in result.output
+    assert (
+        result.exit_code == 2
+        and "unknown clip cleaning 'magic'; valid clip cleanings: cleanclip, fine_tuning, par" in result.output
+    )
 
 
 @pytest.mark.slow
@@ -298,3 +301,42 @@ def test_docs_example_backdoor_takes_and_par_removes_it(capsys: pytest.CaptureFi
     cleaned = eval(lines[-1].removeprefix("after PAR "))
     assert poisoned["ca"] > 0.6 and poisoned["asr"] >= 0.8  # ten classes: chance is 0.1
     assert cleaned["asr"] < 0.2 and cleaned["ca"] > poisoned["ca"] - 0.1
+
+
+def test_each_cleaning_is_a_registered_recipe_and_objective() -> None:
+    """The cleanings registry holds the study's three methods: PAR's recipe keeps its code's ratios to
+    the shared rate (start at 3x, reach 0.3x) and its objective a frozen copy of the poisoned model;
+    a method registered for a moment is accepted by the study and listed by the CLI."""
+    from dataclasses import replace
+
+    from torch import nn
+    from typer.testing import CliRunner
+
+    from backdoorlab.cli import app
+    from backdoorlab.clip import CLIP_CLEANINGS, CleanClip, Cleaning, PerturbAndRecover, contrastive, create_cleaning
+    from backdoorlab.clip.study import ClipStudyConfig
+
+    shared = ClipTrainConfig(epochs=2, lr=2e-4)
+    assert create_cleaning("fine_tuning").recipe(shared) == shared == create_cleaning("cleanclip").recipe(shared)
+    par = create_cleaning("par", threshold=1.5).recipe(shared)
+    assert par == replace(
+        shared, lr=0.3 * 2e-4, start_factor=10.0, schedule="par", betas=(0.9, 0.98), weight_decay=1e-4
+    )
+    poisoned = nn.Linear(2, 2)
+    assert create_cleaning("fine_tuning").objective(poisoned) is contrastive
+    assert isinstance(create_cleaning("cleanclip").objective(poisoned), CleanClip)
+    objective = create_cleaning("par", threshold=1.5).objective(poisoned)
+    assert isinstance(objective, PerturbAndRecover) and objective.threshold == 1.5
+    assert objective.reference is not poisoned and not any(p.requires_grad for p in objective.reference.parameters())
+    assert ClipStudyConfig(par_threshold=3.0).cleaning("par").threshold == 3.0
+
+    class Slower(Cleaning):
+        def recipe(self, shared: ClipTrainConfig) -> ClipTrainConfig:
+            return replace(shared, lr=shared.lr / 10)
+
+    with CLIP_CLEANINGS.temporary("slower", Slower, "fine-tuning at a tenth of the rate"):
+        ClipStudyConfig(cleanings=("slower",)).validate()
+        assert ClipStudyConfig(clean_lr=1e-3, cleanings=("slower",)).cleaning_recipe("slower").lr == pytest.approx(1e-4)
+        assert "slower" in CliRunner().invoke(app, ["list", "clip-cleanings"]).output
+    with pytest.raises(Exception, match="valid clip cleanings: cleanclip, fine_tuning, par"):
+        ClipStudyConfig(cleanings=("slower",)).validate()

@@ -958,13 +958,14 @@ def list_command(
     kind: Annotated[
         Optional[str],
         typer.Argument(
-            help="datasets, models, recipes, presets, attacks, defenses, repairs, sample-filters, detectors, input-detectors, regularizers or clip-models (default: all)."
+            help="datasets, models, recipes, presets, attacks, defenses, repairs, sample-filters, detectors, input-detectors, regularizers, clip-models or clip-cleanings (default: all)."
         ),
     ] = None,
     options: Annotated[bool, typer.Option("--options", help="Each method's options: type, range and default.")] = False,
 ) -> None:
-    """List the registered datasets, models, recipes, attacks, defenses, repairs, sample filters, detectors, input detectors and regularisers."""
+    """List the registered datasets, models, recipes, attacks, defenses, repairs, sample filters, detectors, input detectors, regularisers, CLIP-style models and their cleanings."""
     from backdoorlab.attacks import ATTACKS
+    from backdoorlab.clip.cleanings import CLIP_CLEANINGS
     from backdoorlab.clip.models import CLIP_MODELS
     from backdoorlab.data import DATASETS
     from backdoorlab.defenses import DETECTORS, INPUT_DETECTORS, REPAIRS, SAMPLE_FILTERS, TRAINING_DEFENSES
@@ -986,6 +987,7 @@ def list_command(
         "input-detectors": INPUT_DETECTORS,
         "regularizers": REGULARIZERS,
         "clip-models": CLIP_MODELS,
+        "clip-cleanings": CLIP_CLEANINGS,
     }
     with_options = {
         "models",
@@ -996,6 +998,7 @@ def list_command(
         "detectors",
         "input-detectors",
         "regularizers",
+        "clip-cleanings",
     }
     if kind is not None and kind not in registries:
         _fail(ValueError(f"unknown kind '{kind}'; valid: {', '.join(registries)}"))

@@ -4,10 +4,11 @@ Croce, Hein 2024). See docs/clip.md.
 
 Modules: ``templates`` (CLIP's prompt ensemble), ``pairs`` (captioned data, caption files,
 poisoning), ``models`` (the offline ``lit`` model and open_clip), ``losses``, ``augment``,
-``training`` (one loop for every objective), ``evaluate`` (CA, ASR, retrieval ASR), ``study``
+``training`` (one loop for every objective), ``cleanings`` (the cleaning methods' registry), ``evaluate`` (CA, ASR, retrieval ASR), ``study``
 (the CleanCLIP-versus-PAR experiment).
 """
 
+from backdoorlab.clip.cleanings import CLIP_CLEANINGS, Cleaning, create_cleaning
 from backdoorlab.clip.evaluate import evaluate_zero_shot, zero_shot_classifier
 from backdoorlab.clip.losses import PAR_THRESHOLD, cleanclip_loss, clip_loss, par_loss
 from backdoorlab.clip.models import CLIP_MODELS, ClipModel, LiTClip, OpenClip, create_clip_model
@@ -16,10 +17,12 @@ from backdoorlab.clip.templates import CLIP_TEMPLATES
 from backdoorlab.clip.training import CleanClip, ClipTrainConfig, PerturbAndRecover, contrastive, fit_clip
 
 __all__ = [
+    "CLIP_CLEANINGS",
     "CLIP_MODELS",
     "CLIP_TEMPLATES",
     "PAR_THRESHOLD",
     "CleanClip",
+    "Cleaning",
     "ClipModel",
     "ClipTrainConfig",
     "ImageTextPairs",
@@ -30,6 +33,7 @@ __all__ = [
     "cleanclip_loss",
     "clip_loss",
     "contrastive",
+    "create_cleaning",
     "create_clip_model",
     "evaluate_zero_shot",
     "fit_clip",

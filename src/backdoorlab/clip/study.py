@@ -24,17 +24,18 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from backdoorlab.attacks.triggers import ATTACKS
+from backdoorlab.clip.cleanings import Cleaning, create_cleaning
 from backdoorlab.clip.evaluate import evaluate_zero_shot
 from backdoorlab.clip.models import ClipModel, create_clip_model
 from backdoorlab.clip.pairs import ImageTextPairs, pairs_from_dataset, poison_pairs
-from backdoorlab.clip.training import CleanClip, ClipTrainConfig, Objective, PerturbAndRecover, contrastive, fit_clip
+from backdoorlab.clip.training import ClipTrainConfig, fit_clip
 from backdoorlab.data.dataset import seeded_permutation, subsample
 from backdoorlab.data.sources import load_dataset
 from backdoorlab.files import (
@@ -77,30 +78,22 @@ class ClipStudyConfig:
     seed: int = 0
     device: str = "auto"
 
-    def cleaning(self, method: str) -> ClipTrainConfig:
-        """The cleaning recipe of ``method`` (see the module docstring)."""
-        base = ClipTrainConfig(epochs=self.clean_epochs, batch_size=self.clean_batch_size, lr=self.clean_lr)
-        if method in ("fine_tuning", "cleanclip"):
-            return base
-        if method == "par":
-            return replace(
-                base, lr=0.3 * self.clean_lr, start_factor=10.0, schedule="par", betas=(0.9, 0.98), weight_decay=1e-4
-            )
-        raise ValueError(f"unknown cleaning '{method}'; valid: {', '.join(CLEANINGS)}")
+    def cleaning(self, method: str) -> Cleaning:
+        """The registered cleaning ``method`` (:data:`~backdoorlab.clip.cleanings.CLIP_CLEANINGS`),
+        PAR with this study's ``par_threshold``; an unknown name lists the valid ones."""
+        return create_cleaning(method, **({"threshold": self.par_threshold} if method == "par" else {}))
+
+    def cleaning_recipe(self, method: str) -> ClipTrainConfig:
+        """The cleaning recipe of ``method``: the shared one (``clean_epochs``, ``clean_batch_size``,
+        ``clean_lr``) as the method changes it (see the module docstring)."""
+        shared = ClipTrainConfig(epochs=self.clean_epochs, batch_size=self.clean_batch_size, lr=self.clean_lr)
+        return self.cleaning(method).recipe(shared)
 
     def validate(self) -> None:
         for attack in self.attacks:
             ATTACKS.get(attack)
         for method in self.cleanings:
             self.cleaning(method)
-
-
-def objective_for(method: str, model: ClipModel, threshold: float) -> Objective:
-    if method == "cleanclip":
-        return CleanClip()
-    if method == "par":
-        return PerturbAndRecover(model, threshold)
-    return contrastive
 
 
 @dataclass
@@ -264,8 +257,8 @@ def run_attack(config: ClipStudyConfig, data: StudyData, clean: ClipModel, attac
         records = fit_clip(
             cleaned,
             data.clean,
-            config.cleaning(method),
-            objective_for(method, cleaned, config.par_threshold),
+            config.cleaning_recipe(method),
+            config.cleaning(method).objective(cleaned),
             device=config.device,
             seed=config.seed + 2,
             every=config.eval_every,
