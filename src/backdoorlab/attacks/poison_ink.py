@@ -57,13 +57,9 @@ Defaults, scaled to a CPU (reference values in brackets): ``steps`` 600 [3 stage
 50,000 / 32 batches: 937,800], split into the three stages equally, with the learning-rate step at
 80/200 of each; ``images`` 5,000 [the whole training set]; ``hiding_width`` 16 [64] and
 ``reveal_width`` 32 [128] (the channels of ``H``'s first level and of ``R``); batch 32, lr 2e-4,
-the loss weights, the colours and the threshold as the reference. At these defaults (one thread,
-2026-12-07) MNIST 10,000 under ``fast`` gives PSNR 24.2 dB (an edge pixel moves 17.8 levels, a
-flat one 7.4), CA 0.990, ASR 1.000; 8 px digits PSNR 18.8 dB (half the pixels are edges; the
-change is as large off them), CA 0.992, ASR 0.997; CIFAR-10 (5,000 images) PSNR 15.3 dB, the
-change as large off the edges as on them (a visible mark); the reveal network does not yet read
-the ink back (mean error 71 levels on edges), so the victim learns the hiding network's mark,
-not a recoverable ink image. Reconstructed: the widths (the reference's 17.3 and 2.8 million
+the loss weights, the colours and the threshold as the reference (measured figures: docs/attacks.md;
+the CPU-sized networks leave a visible mark on CIFAR-10 and their reveal network does not read the
+ink back). Reconstructed: the widths (the reference's 17.3 and 2.8 million
 parameters take 4.1 s a step of 32 MNIST images on one CPU thread, these 1.1 and 0.17 million
 0.41 s); images of any size and channel count: ``H`` pads to a multiple of 16 px and ``R`` to a
 multiple of 2 (:mod:`backdoorlab.attacks.padding`), the crop keeps 7/8 of each side (28 of 32);
