@@ -42,6 +42,12 @@ def test_the_grid_has_a_repair_cell_with_cti_and_a_cell_per_other_detector():
     for cell in grid.cells:
         pairs.setdefault((cell.config.poison_rate, cell.config.seed), set()).add(suspect_key(cell.config))
     assert all(len(keys) == 1 for keys in pairs.values())
+    # under a preset, CTI's calibration is the cell's repair with the preset's options, so it is reused
+    [preset_cell] = detectability_grid(
+        replace(BASE, preset="backdoorbench"), [0.1], [0], [1], detectors=["cti"], **FT
+    ).cells[:1]
+    assert preset_cell.config.detector_options["repair_options"] == preset_cell.config.defense_options
+    assert preset_cell.config.defense_options["weight_decay"] == 5e-4, "BackdoorBench's fine-tuning options"
     only_nc = detectability_grid(BASE, [0.1], [0], [7], detectors=["neural_cleanse"], **FT)
     assert [(c.config.defense, c.config.detector) for c in only_nc.cells] == [
         ("fine_tuning", None),
