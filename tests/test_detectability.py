@@ -23,6 +23,8 @@ FT = {"repair": "fine_tuning", "repair_options": {"epochs": 3}}
 def test_the_grid_has_a_repair_cell_with_cti_and_a_cell_per_other_detector():
     grid = detectability_grid(BASE, [0.05, 0.1], seeds=[0, 1], clean_seeds=[7], **FT)
     assert len(grid.cells) == (2 * 2 + 1) * 2, "a repaired-and-CTI cell and a Neural Cleanse cell per model"
+    assert grid.name == "detectability (fine_tuning: epochs=3)", "studies of other repairs report apart"
+    assert detectability_grid(BASE, [0.1], [0], [1]).name == "detectability"
     repaired = [c.config for c in grid.cells if c.config.defense == "fine_tuning"]
     assert {c.detector for c in repaired} == {"cti"}
     cti = repaired[0].detector_options

@@ -32,8 +32,18 @@ from backdoorlab.experiments.grid import Cell, Grid, cell_key
 from backdoorlab.experiments.store import Record, ResultStore
 from backdoorlab.experiments.sweep import SweepSummary, sweep
 
-#: The study's grid name in its store.
+#: The study's grid name in its store (:func:`study_name`).
 STUDY_GRID = "detectability"
+
+
+def study_name(repair: str, repair_options: dict[str, Any] | None = None) -> str:
+    """The study's grid name in its store: ``detectability``, then the repair where it is not
+    Pivotal Tuning at its defaults (``detectability (pivotal_tuning: steps=600)``), so that studies
+    of other repairs written into one store report and summarise apart."""
+    if repair == "pivotal_tuning" and not repair_options:
+        return STUDY_GRID
+    options = ", ".join(f"{k}={v}" for k, v in (repair_options or {}).items())
+    return f"{STUDY_GRID} ({repair}{': ' + options if options else ''})"
 
 
 def detectability_grid(
@@ -47,12 +57,13 @@ def detectability_grid(
     repair_options: dict[str, Any] | None = None,
     detectors: Sequence[str] = ("cti", "neural_cleanse"),
     detector_options: dict[str, dict[str, Any]] | None = None,
-    name: str = STUDY_GRID,
+    name: str | None = None,
 ) -> Grid:
     """The study's cells: for every rate x seed, and for ``clean_seeds`` at rate 0, a cell that
     repairs the model with ``repair`` and, where ``detectors`` has CTI, scores the suspect with CTI
     calibrated by that repair; then one cell per other detector. ``detector_options``: options by
-    detector name (``{"cti": {"batch_size": 32}}``). Every cell is resolved (names, options,
+    detector name (``{"cti": {"batch_size": 32}}``); ``name``: the grid's (default
+    :func:`study_name`). Every cell is resolved (names, options,
     sizes checked) before anything trains.
 
     ``data_seed`` (it replaces ``base.data_seed``) draws one training subset and trusted split for
@@ -98,7 +109,7 @@ def detectability_grid(
                 resolved = config.resolved()
                 label = f"poison_rate={rate:g}, seed={seed}, defense={resolved.defense}, detector={resolved.detector}"
                 cells.append(Cell(resolved, cell_key(resolved), label))
-    return Grid(name=name, cells=tuple(cells))
+    return Grid(name=name or study_name(repair, repair_options), cells=tuple(cells))
 
 
 def detectability_study(
