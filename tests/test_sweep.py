@@ -210,6 +210,22 @@ def test_store_records_a_cells_life(tmp_path: Path) -> None:
             store.records(status="finished")
 
 
+def test_a_store_file_copied_while_its_sweep_runs_holds_every_finished_cell(tmp_path: Path) -> None:
+    """The store's file alone (what git commits, without its -wal file) has each finished cell while
+    the store is still open: a leaderboard store committed mid-sweep once lacked its last cells."""
+    import shutil
+
+    grid = expand(TINY)
+    with ResultStore(tmp_path) as store:
+        store.add("tiny", grid.cells)
+        store.start(grid.cells[0].key)
+        store.finish(grid.cells[0].key, {"metrics": {"clean_accuracy": 0.9}, "timings": {"total": 1.0}})
+        (tmp_path / "copy").mkdir()
+        shutil.copy(tmp_path / "results.sqlite", tmp_path / "copy" / "results.sqlite")  # the -wal stays behind
+        with ResultStore(tmp_path / "copy") as copied:
+            assert [r.key for r in copied.records(status="done")] == [grid.cells[0].key]
+
+
 def test_store_refuses_a_file_that_is_not_one(tmp_path: Path) -> None:
     (tmp_path / "results.sqlite").write_text("not a database, just text " * 100)
     with pytest.raises(StoreError, match="is not a backdoorlab results store"):

@@ -131,6 +131,9 @@ class ResultStore:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+        # Copy the write-ahead log into the file now, not when the sweep ends: a store committed to
+        # git (or copied) while a sweep runs holds every finished cell without its -wal file
+        self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def close(self) -> None:
         self._db.close()
