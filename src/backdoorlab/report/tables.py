@@ -283,7 +283,9 @@ def detectability_table(rows: list[dict[str, Any]]) -> str:
     def number(value: float | None) -> str:
         return "—" if value is None else f"{value:.3f}"
 
-    for (dataset, model, attack, rate), by_detector in sorted(lines_by.items(), key=lambda kv: str(kv[0])):
+    for (dataset, model, attack, rate), by_detector in sorted(
+        lines_by.items(), key=lambda kv: (str(kv[0][:3]), kv[0][3])
+    ):
         first = next(iter(by_detector.values()))
         cells = [*([dataset, model, attack] if several else []), f"{100 * rate:g}%", str(first["n"])]
         cells += [number(first["asr"]), number(first["asr_repaired"]), number(first["ca_repaired"])]
