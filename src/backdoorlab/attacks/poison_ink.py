@@ -379,25 +379,19 @@ class PoisonInk(Trigger):
         device to train on; at most ``images`` of them, chosen by ``seed``), or load them from the
         cache. ``surrogate``, ``generator`` and ``target`` are not used."""
 
-        def train(chosen: Tensor) -> dict[str, object]:
-            hiding, reveal = self._train(chosen)
-            return {"hiding": hiding.state_dict(), "reveal": reveal.state_dict()}
-
-        chosen, state, trained = fitted_on_images(
+        chosen, (self.hiding, self.reveal), trained = fitted_on_images(
             "poison_ink",
             CACHE_VERSION,
             self.config(),
             images,
             self.images,
             self.seed,
-            train,
+            self._train,
+            self.networks,
+            ("hiding", "reveal"),
             input_shape=self.input_shape,
             what="its networks",
         )
-        hiding, reveal = self.networks()
-        hiding.load_state_dict(state["hiding"])  # type: ignore[arg-type]
-        reveal.load_state_dict(state["reveal"])  # type: ignore[arg-type]
-        self.hiding, self.reveal = hiding.eval().requires_grad_(False), reveal.eval().requires_grad_(False)
         self.fitted = True
         x = chosen[:CHUNK].float() / 255.0
         hidden = (self._hide(x).clamp(0, 1) * 255).round() / 255

@@ -246,25 +246,19 @@ class SSBA(Trigger):
         from the cache. ``surrogate``, ``generator`` and ``target`` are not used: the encoder is a
         function of the images and the options."""
 
-        def train(chosen: Tensor) -> dict[str, object]:
-            encoder, decoder = self._train(chosen)
-            return {"encoder": encoder.state_dict(), "decoder": decoder.state_dict()}
-
-        chosen, state, trained = fitted_on_images(
+        chosen, (self.encoder, self.decoder), trained = fitted_on_images(
             "ssba",
             CACHE_VERSION,
             self.config(),
             images,
             self.images,
             self.seed,
-            train,
+            self._train,
+            self.networks,
+            ("encoder", "decoder"),
             input_shape=self.input_shape,
             what="its encoder",
         )
-        encoder, decoder = self.networks()
-        encoder.load_state_dict(state["encoder"])  # type: ignore[arg-type]
-        decoder.load_state_dict(state["decoder"])  # type: ignore[arg-type]
-        self.encoder, self.decoder = encoder.eval().requires_grad_(False), decoder.eval().requires_grad_(False)
         self.fitted = True
         x = chosen[:CHUNK].float() / 255.0  # on the images' device
         with torch.no_grad():

@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 
 FORMAT_VERSION = 1
 
@@ -68,16 +69,19 @@ def fitted_on_images(
     images: torch.Tensor | None,
     count: int,
     seed: int,
-    train: Callable[[torch.Tensor], dict[str, object]],
+    train: Callable[[torch.Tensor], Sequence[nn.Module]],
+    networks: Callable[[], Sequence[nn.Module]],
+    parts: Sequence[str],
     *,
     input_shape: tuple[int, ...],
     what: str,
-) -> tuple[torch.Tensor, dict[str, object], bool]:
-    """What an attack fits on the attacker's clean images (SSBA's encoder, Poison Ink's networks):
-    at most ``count`` of ``images`` chosen by ``seed``, and ``train(chosen)``'s dict (the networks'
-    state dicts), cached under :func:`images_key`; and whether it was trained now (else loaded).
-    No images, or images of another shape than ``input_shape``, are refused, naming ``what`` the
-    attack ``tag`` trains."""
+) -> tuple[torch.Tensor, tuple[nn.Module, ...], bool]:
+    """The networks an attack fits on the attacker's clean images (SSBA's encoder and decoder,
+    Poison Ink's hiding and reveal networks): ``train(chosen)`` on at most ``count`` of ``images``
+    chosen by ``seed``, their weights cached under :func:`images_key` by ``parts`` (their names, in
+    order). Returns the chosen images, fresh ``networks()`` holding those weights, in eval mode and
+    frozen, and whether they were trained now (else loaded). No images, or images of another shape
+    than ``input_shape``, are refused, naming ``what`` the attack ``tag`` trains."""
     if images is None or len(images) == 0:
         raise ValueError(f"{tag} trains {what} on the attacker's clean images: fit(None, images=...)")
     if tuple(images.shape[1:]) != tuple(input_shape):
@@ -89,6 +93,11 @@ def fitted_on_images(
     def build() -> dict[str, object]:
         nonlocal trained
         trained = True
-        return train(chosen)
+        return {part: net.state_dict() for part, net in zip(parts, train(chosen), strict=True)}
 
-    return chosen, cached_by_key(images_key(tag, version, config, chosen), tag, build), trained
+    state = cached_by_key(images_key(tag, version, config, chosen), tag, build)
+    fresh = tuple(networks())
+    for part, net in zip(parts, fresh, strict=True):
+        net.load_state_dict(state[part])  # type: ignore[arg-type]
+        net.eval().requires_grad_(False)
+    return chosen, fresh, trained
