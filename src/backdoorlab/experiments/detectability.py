@@ -91,15 +91,17 @@ def detectability_grid(
     if defense_kind(repair) != "repair":
         raise ValueError(f"'{repair}' is a {defense_kind(repair)} defense, not a repair")
     repair_options = dict(repair_options or {})
+    # CTI calibrates with the repair cells' repair as they resolve it (a preset's options included,
+    # the same for every rate and seed), so that it takes the cell's repair instead of repeating it
+    repaired_options = replace(base, defense=repair, defense_options=repair_options).resolved().defense_options
+    cti = {**options.get("cti", {}), "repair": repair, "repair_options": repaired_options}
     cells: list[Cell] = []
     for rate, rate_seeds in [(0.0, clean_seeds), *[(float(r), seeds) for r in rates]]:
         for seed in rate_seeds:
             model = replace(base, poison_rate=rate, seed=seed, data_seed=data_seed, detector=None, detector_options={})
             repaired = replace(model, defense=repair, defense_options=repair_options)
             if "cti" in detectors:
-                # CTI calibrates with the cell's repair as resolved (a preset's options included)
-                calibration = {"repair": repair, "repair_options": repaired.resolved().defense_options}
-                repaired = replace(repaired, detector="cti", detector_options={**options["cti"], **calibration})
+                repaired = replace(repaired, detector="cti", detector_options=cti)
             scored = [
                 replace(model, defense=None, defense_options={}, detector=d, detector_options=options[d])
                 for d in detectors
