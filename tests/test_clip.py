@@ -4,7 +4,6 @@ pairs, caption files, and training (tiny open_clip, the offline ``lit`` model on
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 
@@ -208,12 +207,15 @@ def test_tiny_open_clip_learns_zero_shot_colours() -> None:
 
 @pytest.mark.slow
 def test_clip_study_command_writes_and_resumes(tmp_path: Path) -> None:
-    """``backdoorlab clip study`` on digits at toy sizes: every row and curve is written, the table and
-    the plot too, and a rerun reuses the finished attack and the clean model."""
+    """``backdoorlab clip study`` on digits at toy sizes: its cells go into the results store (every
+    stage, each cleaning's curve from the poisoned model), the table and the plot are written, the
+    clean reference and the poisoned model are trained once for their cells, and a rerun runs no
+    cell and retrains nothing."""
     pytest.importorskip("efficientnet_lite_pytorch")
     from typer.testing import CliRunner
 
     from backdoorlab.cli import app
+    from backdoorlab.experiments.store import ResultStore
 
     args = [
         "clip",
@@ -243,32 +245,43 @@ def test_clip_study_command_writes_and_resumes(tmp_path: Path) -> None:
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    study = json.loads((tmp_path / "clip_study.json").read_text())
-    stages = [(r["attack"], r["stage"]) for r in study["rows"]]
-    assert stages == [
-        (None, "clean"),
-        *[("badnet_rand", s) for s in ("clean", "poisoned", "fine_tuning", "cleanclip", "par")],
+    with ResultStore(tmp_path) as store:
+        records = store.records()
+    assert [r.status for r in records] == ["done"] * 5
+    stages = {r.label: r for r in records}
+    assert list(stages) == [
+        f"attack=badnet_rand, stage={s}" for s in ("clean", "poisoned", "fine_tuning", "cleanclip", "par")
     ]
-    poisoned = study["rows"][2]
-    assert poisoned["poisoned_pairs"] == round(0.1 * 256)
+    poisoned = stages["attack=badnet_rand, stage=poisoned"]
+    assert poisoned.result["details"]["poisoned_pairs"] == round(0.1 * 256)
+    clean = stages["attack=badnet_rand, stage=clean"].result["details"]
+    assert "poisoned_pairs" not in clean and not clean["suspect"]["reused"]
     for method in ("fine_tuning", "cleanclip", "par"):
-        curve = study["curves"]["badnet_rand"][method]
+        cell = stages[f"attack=badnet_rand, stage={method}"]
+        assert cell.result["details"]["suspect"] == {
+            "file": poisoned.result["details"]["suspect"]["file"],
+            "reused": True,
+        }, "every cleaning starts from the one poisoned model"
+        curve = cell.result["details"]["curve"]
         assert [r["step"] for r in curve] == [0, 1, 2]
-        assert curve[0]["asr"] == poisoned["asr"] and curve[0]["ca"] == poisoned["ca"]  # starts from the poisoned model
-    assert (
-        "s_image" in study["curves"]["badnet_rand"]["par"][-1]
-        and "inmodal" in study["curves"]["badnet_rand"]["cleanclip"][-1]
-    )
+        assert curve[0]["asr"] == poisoned.metrics["attack_success_rate"]  # starts from the poisoned model
+        assert curve[0]["ca"] == poisoned.metrics["clean_accuracy"]
+        assert cell.metrics["attack_success_rate"] == curve[-1]["asr"]
+    assert "s_image" in stages["attack=badnet_rand, stage=par"].result["details"]["curve"][-1]
+    assert "inmodal" in stages["attack=badnet_rand, stage=cleanclip"].result["details"]["curve"][-1]
     assert "| badnet_rand |" in (tmp_path / "clip_study.md").read_text()
     assert (tmp_path / "clip_study.png").read_bytes()[:4] == b"\x89PNG"
-    stamp = (tmp_path / "attacks" / "badnet_rand.json").stat().st_mtime_ns, (tmp_path / "clean.pt").stat().st_mtime_ns
+    suspects = sorted((tmp_path / "suspects").iterdir())
+    assert len(suspects) == 2, "the clean reference and the poisoned model, each written once"
+    stamps = [f.stat().st_mtime_ns for f in suspects]
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
-    assert (
-        (tmp_path / "attacks" / "badnet_rand.json").stat().st_mtime_ns,
-        (tmp_path / "clean.pt").stat().st_mtime_ns,
-    ) == stamp
-    assert json.loads((tmp_path / "clip_study.json").read_text())["rows"] == study["rows"]
+    assert [f.stat().st_mtime_ns for f in sorted((tmp_path / "suspects").iterdir())] == stamps
+    with ResultStore(tmp_path) as store:
+        assert [r.finished for r in store.records()] == [r.finished for r in records], "no cell ran again"
+    report = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert report.exit_code == 0, report.output
+    assert "retrieval ASR" in (tmp_path / "report.html").read_text()
 
 
 def test_clip_cli_errors_name_the_valid_choices(tmp_path: Path) -> None:
@@ -314,7 +327,7 @@ def test_each_cleaning_is_a_registered_recipe_and_objective() -> None:
 
     from backdoorlab.cli import app
     from backdoorlab.clip import CLIP_CLEANINGS, CleanClip, Cleaning, PerturbAndRecover, contrastive, create_cleaning
-    from backdoorlab.clip.study import ClipStudyConfig
+    from backdoorlab.experiments.clip_study import ClipStudyConfig
 
     shared = ClipTrainConfig(epochs=2, lr=2e-4)
     assert create_cleaning("fine_tuning").recipe(shared) == shared == create_cleaning("cleanclip").recipe(shared)
@@ -328,7 +341,7 @@ def test_each_cleaning_is_a_registered_recipe_and_objective() -> None:
     objective = create_cleaning("par", threshold=1.5).objective(poisoned)
     assert isinstance(objective, PerturbAndRecover) and objective.threshold == 1.5
     assert objective.reference is not poisoned and not any(p.requires_grad for p in objective.reference.parameters())
-    assert ClipStudyConfig(par_threshold=3.0).cleaning("par").threshold == 3.0
+    assert ClipStudyConfig(par_threshold=3.0).cleaning("par").create().threshold == 3.0
 
     class Slower(Cleaning):
         def recipe(self, shared: ClipTrainConfig) -> ClipTrainConfig:

@@ -38,7 +38,7 @@ from backdoorlab.experiments.run import (
     train_victim,
 )
 from backdoorlab.experiments.store import ResultStore, StoreError
-from backdoorlab.files import CorruptFileError, write_json
+from backdoorlab.files import write_json
 from backdoorlab.models import create_model
 from backdoorlab.training.loop import train
 
@@ -75,13 +75,15 @@ def one_line_naming(err: BaseException, path: Path) -> str:
 # -- resume only what matches ------------------------------------------------------------------
 
 
-def test_clip_study_rerun_with_another_config_is_refused_not_reused(tmp_path: Path) -> None:
+def test_clip_study_rerun_with_another_config_keeps_both_apart(tmp_path: Path) -> None:
     """Issue case 2: the rerun with ``--poison-rate 0.5 --seed 7 --target 3`` reused the old model
-    and attack results under the new labels; now it stops before any training, naming the fields."""
+    and attack results under the new labels. Now each cell's key is its config: the rerun trains its
+    own models beside the first study's, and its table shows its own cells only."""
     pytest.importorskip("efficientnet_lite_pytorch")
     from typer.testing import CliRunner
 
     from backdoorlab.cli import app
+    from backdoorlab.experiments.store import ResultStore
 
     args = [
         "clip",
@@ -111,34 +113,50 @@ def test_clip_study_rerun_with_another_config_is_refused_not_reused(tmp_path: Pa
     ]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
-    files = [tmp_path / "clean.pt", tmp_path / "clean.json", tmp_path / "attacks" / "badnet_rand.json"]
-    stamps = [f.stat().st_mtime_ns for f in files]
-    assert json.loads(files[2].read_text())["config"]["poison_rate"] == 0.1, "each file stores the config that made it"
+    suspects = sorted((tmp_path / "suspects").iterdir())
+    stamps = [f.stat().st_mtime_ns for f in suspects]
+    first_table = (tmp_path / "clip_study.md").read_text()
 
     again = CliRunner().invoke(app, [*args, "--poison-rate", "0.5", "--seed", "7", "--target", "3"])
-    assert again.exit_code == 2
-    message = " ".join(again.output.split())
-    assert "badnet_rand.json holds the badnet_rand results of another config" in message
-    assert all(name in message for name in ("poison_rate 0.1 -> 0.5", "seed 0 -> 7", "target 0 -> 3")), message
-    assert [f.stat().st_mtime_ns for f in files] == stamps, "nothing reused, nothing overwritten"
-    study = json.loads((tmp_path / "clip_study.json").read_text())
-    assert (study["config"]["seed"], study["config"]["target"]) == (0, 0), "no summary labelled with the new config"
+    assert again.exit_code == 0, again.output
+    with ResultStore(tmp_path) as store:
+        records = store.records()
+    assert len(records) == 6 and all(r.status == "done" for r in records)
+    assert {(r.config["seed"], r.config["target"], r.config["poison_rate"]) for r in records} == {
+        (0, 0, 0),
+        (0, 0, 0.1),
+        (7, 3, 0),
+        (7, 3, 0.5),
+    }
+    assert [f.stat().st_mtime_ns for f in suspects] == stamps, "the first study's models are not overwritten"
+    assert len(list((tmp_path / "suspects").iterdir())) == 4, "the rerun trained its own two"
+    second = [r for r in records if r.config["seed"] == 7]
+    table = (tmp_path / "clip_study.md").read_text()
+    asr = second[1].metrics  # the poisoned model's row, from the rerun's cells only
+    assert f"{asr['clean_accuracy']:.3f} / {asr['attack_success_rate']:.3f}" in table and table != first_table
 
 
-def test_clip_study_loads_weights_only_and_names_a_corrupt_model(tmp_path: Path) -> None:
-    """Issue case 11: ``clean.pt`` is read with ``weights_only=True``: a pickle that would run code
-    is refused (naming the file), and its code never runs."""
+def test_clip_study_names_a_corrupt_shared_model_and_runs_no_pickle(tmp_path: Path) -> None:
+    """Issue case 11: a shared model file is read as safetensors, never unpickled: a pickle that would
+    run code there fails its cells with an error naming the file, and its code never runs."""
     pytest.importorskip("efficientnet_lite_pytorch")
-    from backdoorlab.clip.study import ClipStudyConfig, clean_key, run_clip_study
+    from backdoorlab.experiments.clip_study import ClipStudyConfig, clip_study, clip_study_grid
+    from backdoorlab.experiments.grid import suspect_key
 
-    config = ClipStudyConfig(dataset="digits", attacks=("badnet_rand",), train_size=64, clean_size=32, test_size=20)
+    config = ClipStudyConfig(
+        dataset="digits", attacks=("badnet_rand",), cleanings=(), train_size=64, clean_size=32, test_size=20
+    )
     config.model_options = {"image_size": 32}
+    clean_cell = clip_study_grid(config).cells[0].config
     marker = tmp_path / "ran"
-    torch.save({"weight": _RunsCode(str(marker))}, tmp_path / "clean.pt")
-    write_json(tmp_path / "clean.json", {"seconds": 1.0, "config": clean_key(config)})
-    with pytest.raises(CorruptFileError) as err:
-        run_clip_study(config, tmp_path)
-    assert "not a readable model state" in one_line_naming(err.value, tmp_path / "clean.pt")
+    path = tmp_path / "suspects" / f"{suspect_key(clean_cell)}.safetensors"
+    path.parent.mkdir()
+    torch.save({"weight": _RunsCode(str(marker))}, path)
+    summary, records = clip_study(config, tmp_path)
+    assert (summary.failed, summary.done) == (1, 1), "the clean cell fails; the poisoned one trains its own model"
+    failed = next(r for r in records if r.status == "failed")
+    last = failed.error.strip().splitlines()[-1]
+    assert str(path) in last and "not a readable model state" in last, last
     assert not marker.exists(), "the pickled code ran"
 
 

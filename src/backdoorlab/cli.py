@@ -862,12 +862,18 @@ def detectability_command(
             err_console.print(f"no plot: {err}")
         console.print(table)
         console.print(f"wrote {', '.join(str(output / name) for name in written)}", soft_wrap=True)
+    _end_study(records, None if rows else "no backdoored and clean model was scored")
+
+
+def _end_study(records: list[Any], missing: str | None = None) -> None:
+    """The end of a study command: each failed cell named with its error's last line, and exit 1
+    where a cell failed or ``missing`` says why there is no table."""
     failed = [r for r in records if r.status == "failed"]
     for record in failed:
         last = (record.error or "").strip().splitlines()[-1:] or ["(no error text)"]
         err_console.print(f"[red]failed[/] {record.label}: {escape(last[0])}", soft_wrap=True)
-    if failed or not rows:
-        reason = f"{len(failed)} cell(s) failed" if failed else "no backdoored and clean model was scored"
+    if failed or missing:
+        reason = f"{len(failed)} cell(s) failed" if failed else missing
         err_console.print(f"{reason}: no complete table; rerun to resume (with --retry-failed for failed cells)")
         raise typer.Exit(code=1)
 
@@ -881,7 +887,7 @@ app.add_typer(clip_app, name="clip")
 @clip_app.command("study")
 def clip_study_command(
     output: Annotated[
-        Path, typer.Option(help="Folder for clean.pt, attacks/*.json, clip_study.json/.md/.png (resumes).")
+        Path, typer.Option(help="Folder for the results store (results.sqlite, resumes) and clip_study.md/.png.")
     ],
     dataset: DatasetOpt = "cifar10",
     attacks: Annotated[str, typer.Option(help="Comma-separated attacks.")] = ",".join(
@@ -907,13 +913,21 @@ def clip_study_command(
     eval_every: Annotated[int, typer.Option(help="Record CA/ASR every N cleaning steps.")] = 10,
     par_threshold: Annotated[float, typer.Option(help="PAR's tau.")] = 2.15,
     seed: Annotated[int, typer.Option(help="Seeds splits, poisoning and training.")] = 0,
+    workers: Annotated[int, typer.Option(help="Cells at once (local processes).")] = 1,
+    retry_failed: Annotated[bool, typer.Option(help="Run failed cells again.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda...")] = "auto",
     data_root: DataRootOpt = None,
 ) -> None:
-    """Poison an image-text model with each attack and clean it with fine-tuning, CleanCLIP and PAR."""
-    from backdoorlab.clip.study import ClipStudyConfig, run_clip_study, study_table
+    """Poison an image-text model with each attack and clean it with fine-tuning, CleanCLIP and PAR.
+    The cells go into a results store, like a sweep's (``backdoorlab report OUTPUT`` reports it); a
+    rerun resumes."""
     from backdoorlab.data import DataError
+    from backdoorlab.experiments.clip_study import ClipStudyConfig, clip_study
+    from backdoorlab.experiments.store import StoreError
+    from backdoorlab.experiments.sweep import SweepError
     from backdoorlab.report.plots import clip_tradeoff
+    from backdoorlab.report.tables import clip_study as clip_study_rows
+    from backdoorlab.report.tables import clip_study_table
 
     config = ClipStudyConfig(
         dataset=dataset,
@@ -937,20 +951,36 @@ def clip_study_command(
     config.train.epochs = epochs
     try:
         check_output_dir(output, "--output")
-        result = run_clip_study(config, output)
-    except (UnknownNameError, DataError, ValueError, ImportError) as err:
+        if (output / "clean.json").exists() and not (output / "results.sqlite").exists():
+            raise ValueError(
+                f"{output} holds a study written by an earlier version (clean.pt, attacks/*.json, clip_study.json); "
+                "the study now writes a results store: choose another --output"
+            )
+        summary, records = clip_study(
+            config, output, workers=workers, retry_failed=retry_failed, on_cell=_cell_printer("clip-study")
+        )
+    except (UnknownNameError, DataError, SweepError, StoreError, ValueError, ImportError) as err:
         _fail(err)
         return
-    table = study_table(result)
-    write_text(output / "clip_study.md", table + "\n")
-    try:
-        image = clip_tradeoff(result)
-    except RuntimeError:  # no matplotlib
-        image = None
-    if image:
-        write_bytes(output / "clip_study.png", image)
-    console.print(table)
-    console.print(f"wrote {output / 'clip_study.json'}, clip_study.md" + (", clip_study.png" if image else ""))
+    if summary.interrupted:
+        err_console.print("interrupted: finished cells are stored; run the same command again to resume")
+        raise typer.Exit(code=130)
+    rows = clip_study_rows(records)
+    written = []
+    if rows:
+        table = clip_study_table(rows)
+        write_text(output / "clip_study.md", table + "\n")
+        written.append("clip_study.md")
+        try:
+            image = clip_tradeoff(rows)
+        except RuntimeError:  # no matplotlib
+            image = None
+        if image:
+            write_bytes(output / "clip_study.png", image)
+            written.append("clip_study.png")
+        console.print(table)
+        console.print(f"wrote {', '.join(str(output / name) for name in written)}", soft_wrap=True)
+    _end_study(records, None if rows else "no cell finished")
 
 
 @app.command("list")

@@ -4,8 +4,9 @@ Croce, Hein 2024). See docs/clip.md.
 
 Modules: ``templates`` (CLIP's prompt ensemble), ``pairs`` (captioned data, caption files,
 poisoning), ``models`` (the offline ``lit`` model and open_clip), ``losses``, ``augment``,
-``training`` (one loop for every objective), ``cleanings`` (the cleaning methods' registry), ``evaluate`` (CA, ASR, retrieval ASR), ``study``
-(the CleanCLIP-versus-PAR experiment).
+``training`` (one loop for every objective), ``cleanings`` (the cleaning methods' registry),
+``evaluate`` (CA, ASR, retrieval ASR). The CleanCLIP-versus-PAR study is a grid of
+``backdoorlab.experiments.clip_study``.
 """
 
 from backdoorlab.clip.cleanings import CLIP_CLEANINGS, Cleaning, create_cleaning

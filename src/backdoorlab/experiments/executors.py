@@ -21,7 +21,8 @@ EXECUTORS = ("local", "inline", "ray")
 def run_cell(
     config: dict[str, Any], model_file: str | None = None, threads: int | None = None, suspect_file: str | None = None
 ) -> dict[str, Any]:
-    """Run one cell from its config (``RunConfig.to_dict()``); save its model to ``model_file``
+    """Run one cell from its config (``RunConfig.to_dict()``, or a CLIP study cell's, ``kind: clip``:
+    :func:`~backdoorlab.experiments.clip_cells.run_clip_cell`); save its model to ``model_file``
     where given. With ``suspect_file`` (``grid.suspect_key``), the cell's trained victim is shared
     with the cells that differ from it only in the repair or detector: read from that file where it
     exists, else trained (as the same config without repair and detector) and written there first.
@@ -36,6 +37,11 @@ def run_cell(
 
         if threads:
             torch.set_num_threads(threads)
+        if config.get("kind") == "clip":
+            from backdoorlab.experiments.clip_cells import ClipCellConfig, run_clip_cell
+
+            result = run_clip_cell(ClipCellConfig.from_dict(config), suspect_file, model_file)
+            return {"result": result, "model_path": model_file}
         config_object = RunConfig.from_dict(config)
         if suspect_file is None:
             result = run(config_object)

@@ -68,7 +68,10 @@ class GridError(ValueError):
 
 @dataclass(frozen=True)
 class Cell:
-    """One experiment of a grid: its resolved config, its key and the axis values that made it."""
+    """One experiment of a grid: its resolved config, its key and the axis values that made it.
+    ``config`` is a :class:`RunConfig`, or another study's cell config with ``seed``, ``device``,
+    ``data_root``, ``to_dict()`` (stored with its ``kind``), ``victim()`` and ``key()`` (a CLIP
+    study's :class:`~backdoorlab.experiments.clip_cells.ClipCellConfig`)."""
 
     config: RunConfig
     key: str
@@ -119,11 +122,15 @@ def method_revisions(config: RunConfig) -> dict[str, int]:
     return {name: revision for name, revision in found.items() if revision}
 
 
-def suspect_config(config: RunConfig) -> RunConfig:
+def suspect_config(config: Any) -> Any:
     """The config of the victim a cell repairs or scores: ``config`` without its repair, its
     detectors and how a repair's curve is measured (a training-time defense is part of how the
-    victim trains, so it stays)."""
+    victim trains, so it stays). A cell of another kind (a CLIP study's) says its own
+    (``config.victim()``)."""
     from backdoorlab.defenses import defense_kind
+
+    if not isinstance(config, RunConfig):
+        return config.victim()
 
     shared = config.defense is not None and defense_kind(config.defense) in ("repair", "filter")
     return replace(
@@ -137,12 +144,14 @@ def suspect_config(config: RunConfig) -> RunConfig:
     )
 
 
-def suspect_key(config: RunConfig) -> str | None:
+def suspect_key(config: Any) -> str | None:
     """The key under which a sweep shares the trained victim of ``config`` (resolved) with every
     cell that differs from it only in the repair or detector; ``None`` for a cell whose model is
     not a plain victim (a training-time defense trains its own) and for a training-controlled attack
     (its trigger is trained with the victim and not saved with it: each cell trains both)."""
     victim = suspect_config(config)
+    if not isinstance(config, RunConfig):
+        return victim.key()
     if victim.defense is not None or (victim.attack is not None and ATTACKS.get(victim.attack).controls_training):
         return None
     return cell_key(victim)

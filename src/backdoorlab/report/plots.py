@@ -149,10 +149,14 @@ def trigger_gallery(dataset: str, attack: str, options: dict[str, Any], data_roo
         return path.read_bytes()
 
 
-def clip_tradeoff(result: dict[str, Any]) -> bytes | None:
-    """The CLIP study's cleaning curves: CA against ASR along each cleaning run, one panel per
-    attack, one colour per method (starting from the poisoned model, the black star)."""
-    curves = result.get("curves") or {}
+def clip_tradeoff(rows: list[dict[str, Any]]) -> bytes | None:
+    """The CLIP study's cleaning curves (:func:`backdoorlab.report.tables.clip_study`'s rows): CA
+    against ASR along each cleaning run, one panel per attack, one colour per method (starting from
+    the poisoned model, the black star); ``None`` where no row has a curve."""
+    curves: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for row in rows:
+        if row.get("curve"):
+            curves.setdefault(row["attack"], {})[row["stage"]] = row["curve"]
     if not curves:
         return None
     plt = pyplot()

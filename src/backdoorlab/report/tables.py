@@ -41,6 +41,7 @@ METRIC_COLUMNS = (
     ("clean_accuracy", "CA"),
     ("attack_success_rate", "ASR"),
     ("robust_accuracy", "RA"),
+    ("retrieval_attack_success_rate", "retrieval ASR"),
     ("isolation_precision", "isolation precision"),
     ("isolation_recall", "isolation recall"),
     ("isolation_auroc", "isolation AUROC"),
@@ -68,9 +69,11 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def method_label(config: dict[str, Any]) -> str:
-    """What defended the model: the defense, ``reg:<regulariser>``, or ``none``."""
+    """What defended the model: the defense, ``reg:<regulariser>``, a CLIP cleaning, or ``none``."""
     if config.get("defense"):
         return str(config["defense"])
+    if config.get("cleaning"):
+        return str(config["cleaning"]["method"])
     if config.get("regularizer"):
         return f"reg:{config['regularizer']}"
     return "none"
@@ -295,4 +298,55 @@ def detectability_table(rows: list[dict[str, Any]]) -> str:
         flagged = max(r["warned"] for r in by_detector.values())
         cells.append(f"{flagged} flagged" if flagged else "")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+#: The CLIP study's stages, in table order, before its cleanings.
+CLIP_STAGES = ("clean", "poisoned")
+
+
+def clip_study(records: list[Record]) -> list[dict[str, Any]]:
+    """The CLIP study's rows (``experiments.clip_study``'s cells; others are left out): one per
+    attack and stage (``clean``, ``poisoned``, then each cleaning), with the mean CA, ASR and
+    retrieval ASR over its cells (``n``: how many; one per seed), the first cell's cleaning curve
+    (``curve``: CA and ASR every few steps), and ``warned``: how many carry health warnings."""
+    groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
+    for r in records:
+        if r.status == "done" and r.metrics and r.config.get("kind") == "clip":
+            cleaning = r.config.get("cleaning")
+            stage = cleaning["method"] if cleaning else "clean" if not float(r.config["poison_rate"]) else "poisoned"
+            groups[(r.config["attack"], stage)].append(r)
+    rows = []
+    for (attack, stage), members in groups.items():
+        row: dict[str, Any] = {"attack": attack, "stage": stage, "n": len(members)}
+        for name, key in (
+            ("ca", "clean_accuracy"),
+            ("asr", "attack_success_rate"),
+            ("retrieval_asr", "retrieval_attack_success_rate"),
+        ):
+            values = [float(m.metrics[key]) for m in members if m.metrics and m.metrics.get(key) is not None]
+            row[name] = sum(values) / len(values) if values else None
+        row["curve"] = ((members[0].result or {}).get("details") or {}).get("curve") or []
+        row["warned"] = sum(bool(m.warnings) for m in members)
+        rows.append(row)
+    return rows
+
+
+def clip_study_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table: per attack, CA / ASR / retrieval ASR of the clean reference, the poisoned
+    model and each cleaning (``—`` for a cell not done; ``*`` marks a cell with health warnings)."""
+    stages = [*CLIP_STAGES, *dict.fromkeys(r["stage"] for r in rows if r["stage"] not in CLIP_STAGES)]
+    header = "| attack | " + " | ".join(f"{s} CA / ASR / r-ASR" for s in stages) + " |"
+    lines = [header, "|" + " --- |" * (len(stages) + 1)]
+    found = {(r["attack"], r["stage"]): r for r in rows}
+    for attack in dict.fromkeys(r["attack"] for r in rows):
+        cells = []
+        for stage in stages:
+            r = found.get((attack, stage))
+            if r is None:
+                cells.append("—")
+                continue
+            text = " / ".join("—" if r[k] is None else f"{r[k]:.3f}" for k in ("ca", "asr", "retrieval_asr"))
+            cells.append(text + (" *" if r["warned"] else ""))
+        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
