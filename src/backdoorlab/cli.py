@@ -180,9 +180,13 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
 _SIZE_FIELDS = ("poison_rate", "train_size", "test_size", "trusted_size")
 
 
-def _config_from_cli(overrides: Optional[list[str]], **fields: Any) -> RunConfig:
+def _config_from_cli(
+    overrides: Optional[list[str]], config_file: Path | None = None, given: set[str] | None = None, **fields: Any
+) -> RunConfig:
     """The RunConfig a command line describes: ``*_options`` lists parsed as KEY=VALUE, sizes as a
-    fraction or a count, then the ``--set`` overrides applied."""
+    fraction or a count, then the ``--set`` overrides applied. With ``config_file`` (``--config``),
+    the file's fields are the base and only the flags in ``given`` (those typed on the command line)
+    replace them."""
     from backdoorlab.experiments import RunConfig
 
     for name, value in fields.items():
@@ -190,8 +194,44 @@ def _config_from_cli(overrides: Optional[list[str]], **fields: Any) -> RunConfig
             fields[name] = parse_options(value)
         elif name in _SIZE_FIELDS:
             fields[name] = parse_size(value)
-    config = RunConfig(**fields)
+    if config_file is not None:
+        fields = {**_read_config_file(config_file), **{k: v for k, v in fields.items() if k in (given or set())}}
+    config = RunConfig.from_dict(fields)
     return config.with_overrides(overrides) if overrides else config
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """A config file's flat fields: YAML, the tree form (``backdoorlab run --show-config`` writes
+    one) or the flat one; errors name the file."""
+    import yaml
+
+    from backdoorlab.experiments.config_tree import from_tree, is_tree
+
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"--config {path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"--config {path}: a config file is a mapping of sections or fields, got {type(values).__name__}"
+        )
+    return from_tree(values, str(path)) if is_tree(values) else values
+
+
+def _typed(ctx: typer.Context, fields: list[str]) -> set[str]:
+    """The config fields whose flags were typed on the command line (a field's flag is its name, or
+    for ``*_options`` the singular ``*_option``)."""
+
+    def param(name: str) -> str:
+        return name[:-1] if name.endswith("_options") else name
+
+    def typed(name: str) -> bool:  # by the source's name: typer may carry its own copy of click's enum
+        source = ctx.get_parameter_source(param(name))
+        return source is not None and source.name == "COMMANDLINE"
+
+    return {f for f in fields if typed(f)}
 
 
 def _tracker(spec: str | None) -> Tracker | None:
@@ -203,6 +243,7 @@ def _tracker(spec: str | None) -> Tracker | None:
 
 @app.command("run")
 def run_command(
+    ctx: typer.Context,
     dataset: DatasetOpt = "digits",
     recipe: RecipeOpt = "fast",
     model: ModelOpt = None,
@@ -274,6 +315,17 @@ def run_command(
     output: OutputOpt = None,
     save_model: SaveModelOpt = None,
     set_: SetOpt = None,
+    config_file: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--config",
+            help="A config file (YAML: the tree of sections that --show-config prints, or flat fields); "
+            "flags typed on the command line and --set override it.",
+        ),
+    ] = None,
+    show_config: Annotated[
+        bool, typer.Option(help="Print the resolved config as a config file (the tree) and exit without running.")
+    ] = False,
     track: TrackOpt = None,
 ) -> None:
     """Poison a training set, train on it (with a defense where given), and report CA, ASR and RA."""
@@ -281,8 +333,7 @@ def run_command(
     from backdoorlab.experiments import run
 
     try:
-        config = _config_from_cli(
-            set_,
+        fields = dict(
             dataset=dataset,
             recipe=recipe,
             model=model,
@@ -316,6 +367,12 @@ def run_command(
             preset=preset,
             data_root=data_root,
         )
+        config = _config_from_cli(set_, config_file, _typed(ctx, list(fields)), **fields)
+        if show_config:
+            import yaml
+
+            console.print(yaml.safe_dump(config.resolved().to_tree(), sort_keys=False), end="", markup=False)
+            return
         check_output_dir(output, "--output")
         check_output_file(save_model, "--save-model")
         budget = config.step_budget()

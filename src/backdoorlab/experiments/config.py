@@ -17,6 +17,7 @@ from backdoorlab.attacks.poisoning import PoisonSpec
 from backdoorlab.attacks.triggers import ATTACKS, create_trigger
 from backdoorlab.data.sources import dataset_facts, dataset_loader, dataset_modality
 from backdoorlab.defenses import DETECTORS, INPUT_DETECTORS, defense_kind, registry_for
+from backdoorlab.experiments.config_tree import flat_assignment, from_tree, is_tree, to_tree
 from backdoorlab.experiments.presets import Preset, preset_for
 from backdoorlab.experiments.recipes import (
     DEFAULT_RECIPE,
@@ -280,15 +281,23 @@ class RunConfig:
         return resolved
 
     def to_dict(self) -> dict[str, Any]:
+        """The flat form (config schema 1): what results store and cell keys hash."""
         out = asdict(self)
         out["train"] = self.train.to_dict() if self.train else None
         return out
+
+    def to_tree(self) -> dict[str, Any]:
+        """The tree form (config schema 2, :mod:`~backdoorlab.experiments.config_tree`): sections
+        ``data``, ``poison``, ``model``, ``recipe``, ``defense``, ``detector``, ``runtime``..., with
+        the fields at their defaults left out. ``from_dict`` reads it back."""
+        return to_tree(self.to_dict(), RunConfig().to_dict())
 
     def with_overrides(self, assignments: Sequence[str]) -> RunConfig:
         """This config with ``path.to.field=value`` overrides applied (:func:`set_path`), as
         ``backdoorlab run --set`` gives them. ``train.*`` refines the schedule the run would train
         with (the recipe's, with ``epochs`` / ``batch_size`` / ``lr`` and the step budget applied)."""
         values = self.to_dict()
+        assignments = [flat_assignment(a) for a in assignments]
         if values["train"] is None and any(a.partition("=")[0].startswith("train.") for a in assignments):
             values["train"] = self.resolved().train.to_dict()  # type: ignore[union-attr]
         for assignment in assignments:
@@ -297,7 +306,10 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        """Rebuild from :meth:`to_dict`'s output (a stored result's ``config``)."""
+        """Rebuild from :meth:`to_dict`'s output (a stored result's ``config``) or :meth:`to_tree`'s
+        (a config file)."""
+        if is_tree(values):
+            values = from_tree(values)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -315,9 +327,11 @@ class RunConfig:
 def set_path(values: dict[str, Any], assignment: str) -> None:
     """Apply one ``path.to.field=value`` override to a config mapping (:meth:`RunConfig.to_dict`'s
     shape, or a grid document) in place; the value is read as YAML (``0.1``, ``true``, ``null``,
-    ``[2, 4]``, ``text``). The first name must be a :class:`RunConfig` field; deeper names go into
-    its mapping (``train.lr``, ``attack_options.size``), which is created where absent."""
-    path, sep, raw = assignment.partition("=")
+    ``[2, 4]``, ``text``). The path is a tree path (``poison.rate``, ``recipe.train.lr``:
+    :func:`~backdoorlab.experiments.config_tree.flat_path`) or a flat one, whose first name is a
+    :class:`RunConfig` field; deeper names go into its mapping (``train.lr``,
+    ``attack_options.size``), which is created where absent."""
+    path, sep, raw = flat_assignment(assignment).partition("=")
     keys = path.split(".")
     if not sep or not all(keys):
         raise OptionError(f"--set '{assignment}' is not PATH=VALUE (for example train.lr=0.1, attack_options.size=4)")
@@ -337,6 +351,13 @@ def set_path(values: dict[str, Any], assignment: str) -> None:
             raise OptionError(f"--set {path}: '{'.'.join(keys[: depth + 1])}' is {child!r}, not a mapping")
         target = child
     target[keys[-1]] = value
+    if (
+        len(keys) == 2
+        and keys[0] == "train"
+        and keys[1] in ("epochs", "batch_size", "lr")
+        and values.get(keys[1]) is not None
+    ):
+        values[keys[1]] = value  # the shortcut would override the schedule it was set in: the later word wins
 
 
 def check_size(size: float | int | None, what: str, *, zero: bool = False) -> None:

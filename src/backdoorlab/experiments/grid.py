@@ -36,6 +36,7 @@ import yaml
 
 from backdoorlab.attacks.triggers import ATTACKS
 from backdoorlab.experiments.config import RunConfig, set_path
+from backdoorlab.experiments.config_tree import flat_assignment, from_tree, is_tree
 from backdoorlab.registry import UnknownNameError
 
 META_KEYS = ("name", "description")
@@ -214,6 +215,13 @@ def expand(
 
     if not isinstance(values, dict):
         raise GridError(f"{source}: a grid file is a mapping of config fields, got {type(values).__name__}")
+    if is_tree(values):  # the tree form (config_tree): its leaves are the flat fields, lists their axes
+        meta = {k: v for k, v in values.items() if k in META_KEYS}
+        try:
+            values = {**meta, **from_tree({k: v for k, v in values.items() if k not in META_KEYS}, source)}
+        except ValueError as err:
+            raise GridError(str(err)) from None
+        lines = {}
     unknown = [k for k in values if k not in CONFIG_FIELDS and k not in META_KEYS]
     if unknown:
         key = unknown[0]
@@ -280,7 +288,7 @@ def select(grid: Grid, only: dict[str, Any]) -> Grid:
 
 
 def _override(values: dict[str, Any], overrides: Sequence[str], path: Path) -> None:
-    for assignment in overrides:
+    for assignment in map(flat_assignment, overrides):
         if assignment.startswith("train.") and not isinstance(values.get("train"), dict):
             raise GridError(
                 f"{path}: --set {assignment.partition('=')[0]} needs a train: mapping in the grid (a grid's train: "

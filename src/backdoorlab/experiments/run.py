@@ -70,6 +70,7 @@ from backdoorlab.evaluation import (
     repair_warnings,
 )
 from backdoorlab.experiments.config import RunConfig
+from backdoorlab.experiments.config_tree import FLAT_SCHEMA
 from backdoorlab.files import write_json
 from backdoorlab.metrics import finite_json, isolation_metrics, scores_auroc
 from backdoorlab.models.registry import check_input_fits, create_model
@@ -89,7 +90,8 @@ _SPLIT, _POISON, _TEST_TRIGGER, _MODEL, _SURROGATE, _DEFENSE, _PERSISTENCE = 0, 
 
 @dataclass
 class RunResult:
-    """What one run produced; :meth:`to_dict` is the ``result.json`` schema. ``warnings``: what the
+    """What one run produced; :meth:`to_dict` is the ``result.json`` schema, whose ``config`` is the
+    flat form (``config_schema`` 1; a document without it is that form too). ``warnings``: what the
     health checks found (:mod:`backdoorlab.evaluation`), each a sentence naming the model it is
     about (``model:``, ``suspect model:``, ``repaired model:``); empty for a healthy run."""
 
@@ -110,6 +112,7 @@ class RunResult:
         return finite_json(
             {
                 "config": self.config,
+                "config_schema": FLAT_SCHEMA,
                 "seed": self.seed,
                 "version": self.version,
                 "timings": self.timings,

@@ -1,0 +1,171 @@
+"""The config as a tree of sections (config schema 2): config files, ``--set`` tree paths, grids in
+tree form, and the flat form that stored results keep (schema 1) still read."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from backdoorlab.cli import app
+from backdoorlab.experiments import RunConfig
+from backdoorlab.experiments.config_tree import TREE, flat_path, from_tree, tree_fields
+from backdoorlab.experiments.grid import expand
+from backdoorlab.options import OptionError
+from backdoorlab.training.loop import TrainConfig
+
+
+def test_the_tree_places_every_config_field_once() -> None:
+    """A field added to RunConfig fails here until it is given a place in the tree."""
+    placed = tree_fields()
+    assert sorted(placed) == sorted(f.name for f in fields(RunConfig)) and len(placed) == len(set(placed))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        RunConfig(),
+        RunConfig(
+            attack="blended",
+            attack_options={"alpha": 0.3},
+            poison_rate=50,
+            defense="fine_tuning",
+            defense_options={"epochs": 2},
+            regularizer="logit_squeezing",
+            regularizer_options={"weight": 0.1},
+            epochs=3,
+            threads=1,
+            data_seed=4,
+        ),
+        RunConfig(train=TrainConfig(epochs=2)),
+        RunConfig(train=TrainConfig(epochs=2), epochs=5),
+    ],
+)
+def test_a_config_round_trips_through_its_tree_resolved_or_not(config: RunConfig) -> None:
+    for value in (config, config.resolved()):
+        tree = value.to_tree()
+        assert tree["schema"] == 2
+        assert RunConfig.from_dict(json.loads(json.dumps(tree))) == value
+        assert RunConfig.from_dict(value.to_dict()) == value, "the flat form (stored results) still reads"
+
+
+def test_a_resolved_tree_states_the_schedule_once() -> None:
+    """The flat form repeats epochs, batch size and lr beside ``train`` (and the regulariser inside
+    it); the tree says each once."""
+    resolved = RunConfig(regularizer="logit_squeezing").resolved()
+    flat, tree = resolved.to_dict(), resolved.to_tree()
+    assert flat["epochs"] == flat["train"]["epochs"] and flat["train"]["regularizer"] == "logit_squeezing"
+    assert "epochs" not in tree["recipe"] and "lr" not in tree["recipe"]
+    assert "regularizer" not in tree["recipe"]["train"] and tree["regularizer"] == {"name": "logit_squeezing"}
+    assert tree["data"] == {"trusted_size": 0.01} and "runtime" not in tree, "defaults are left out"
+
+
+@pytest.mark.parametrize(
+    ("tree_path", "flat"),
+    [
+        ("poison.rate", "poison_rate"),
+        ("poison.attack", "attack"),
+        ("poison.attack.name", "attack"),
+        ("poison.attack.options.size", "attack_options.size"),
+        ("recipe.train.lr", "train.lr"),
+        ("recipe.epochs", "epochs"),
+        ("model.options.width", "model_options.width"),
+        ("data.seed", "data_seed"),
+        ("runtime.threads", "threads"),
+        ("defense.options.gamma", "defense_options.gamma"),
+        ("seed", "seed"),
+        ("model", "model"),
+        ("train.lr", "train.lr"),
+        ("attack_options.size", "attack_options.size"),
+    ],
+)
+def test_set_takes_tree_paths_and_flat_ones(tree_path: str, flat: str) -> None:
+    assert flat_path(tree_path) == flat
+
+
+def test_set_with_tree_paths_gives_the_flat_overrides_config() -> None:
+    tree = RunConfig().with_overrides(
+        ["poison.rate=0.05", "recipe.train.lr=0.02", "poison.attack=blended", "poison.attack.options.alpha=0.3"]
+    )
+    flat = RunConfig().with_overrides(
+        ["poison_rate=0.05", "train.lr=0.02", "attack=blended", "attack_options.alpha=0.3"]
+    )
+    assert tree == flat and tree.resolved().train.lr == 0.02 and tree.attack_options == {"alpha": 0.3}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"poison": {"rat": 0.1}}, r"unknown key 'rat' in 'poison'; valid: attack, rate, rate_of"),
+        ({"datas": {}}, r"unknown key 'datas' in the top level; valid: data, poison"),
+        ({"schema": 3}, r"config schema 3; this version reads 2"),
+        ({"poison": 0.1}, r"'poison' is 0.1, not a mapping of attack, rate"),
+    ],
+)
+def test_a_bad_tree_is_refused_naming_the_key_and_the_valid_ones(values: dict, message: str) -> None:
+    with pytest.raises(OptionError, match=message):
+        from_tree(values, "my.yaml")
+
+
+def test_set_refuses_a_section_without_a_name() -> None:
+    with pytest.raises(OptionError, match=r"--set poison: a section of the config; set one of its keys: attack, rate"):
+        RunConfig().with_overrides(["poison=0.1"])
+
+
+def test_a_grid_in_tree_form_expands_to_the_flat_grids_cells() -> None:
+    flat = expand(
+        {"name": "g", "dataset": "digits", "attack": ["badnets", "blended"], "poison_rate": 0.05, "epochs": 1}
+    )
+    tree = expand(
+        {
+            "name": "g",
+            "schema": 2,
+            "data": {"dataset": "digits"},
+            "poison": {"attack": {"name": ["badnets", "blended"]}, "rate": 0.05},
+            "recipe": {"epochs": 1},
+        }
+    )
+    assert [c.key for c in tree.cells] == [c.key for c in flat.cells] and len(tree.cells) == 2
+    assert TREE["poison"]["attack"]["name"] == "attack"
+
+
+def test_run_show_config_writes_a_file_that_run_config_reads(tmp_path) -> None:
+    """``--show-config`` prints the resolved tree; ``--config`` runs it, with the flags typed on the
+    command line (not the flags' defaults) and ``--set`` over it."""
+    shown = CliRunner().invoke(
+        app, ["run", "--dataset", "digits", "--attack", "blended", "--poison-rate", "0.05", "--show-config"]
+    )
+    assert shown.exit_code == 0, shown.output
+    tree = yaml.safe_load(shown.output)
+    assert tree["poison"]["attack"]["name"] == "blended" and tree["poison"]["rate"] == 0.05
+    assert tree["recipe"]["train"]["epochs"] > 1
+    file = tmp_path / "config.yaml"
+    file.write_text(shown.output)
+    out = tmp_path / "run"
+    args = ["run", "--config", str(file), "--target", "3", "--set", "recipe.train.epochs=1", "--output", str(out)]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    stored = json.loads((out / "result.json").read_text())
+    config = stored["config"]
+    assert stored["config_schema"] == 1, "a stored result says which form its config is"
+    assert (config["attack"], config["poison_rate"], config["target"]) == ("blended", 0.05, 3)
+    assert config["train"]["epochs"] == 1
+
+
+def test_run_config_names_a_bad_file(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("poison: {rat: 0.1}\n")
+    result = CliRunner().invoke(app, ["run", "--config", str(bad)])
+    assert result.exit_code == 2 and "unknown key 'rat' in 'poison'" in result.output and "bad.yaml" in result.output
+    result = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2 and "no such file" in result.output
+
+
+def test_a_schedule_override_wins_over_the_shortcut_it_was_set_beside() -> None:
+    """A config read from a tree carries ``epochs`` beside ``train.epochs``; ``--set
+    recipe.train.epochs=1`` means 1, not the shortcut's earlier value."""
+    assert RunConfig(epochs=5).with_overrides(["recipe.train.epochs=1"]).resolved().train.epochs == 1
+    assert RunConfig(epochs=5).with_overrides(["train.lr=0.02"]).resolved().train.epochs == 5
