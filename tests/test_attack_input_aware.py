@@ -55,8 +55,16 @@ def test_the_encoder_decoder_has_the_reference_channels():
     # MNIST (16, 2): 1 -> 16 -> 32, middle 32, up 32 -> 16 -> out; CIFAR-10 (32, 3): 3 -> ... -> 128 -> ... -> 3
     convs = [m for m in EncoderDecoder(1, 1, 16, 2).modules() if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels) for c in convs] == [
-        (1, 16), (16, 16), (16, 32), (32, 32), (32, 32), (32, 32), (32, 16), (16, 16), (16, 1)
-    ]  # fmt: skip
+        (1, 16),
+        (16, 16),
+        (16, 32),
+        (32, 32),
+        (32, 32),
+        (32, 32),
+        (32, 16),
+        (16, 16),
+        (16, 1),
+    ]
     convs = [m for m in EncoderDecoder(3, 3, 32, 3).modules() if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128, 128, 128, 128, 64, 64, 32, 32, 3]
     last = EncoderDecoder(3, 3, 32, 3).up[-1][-1]

@@ -57,7 +57,7 @@ def test_rotation_and_shift_are_torchvision_s_affine_with_nearest_sampling():
                 scale=1.0,
                 shear=[0.0],
                 interpolation=InterpolationMode.NEAREST,
-            )  # fmt: skip
+            )
             for img, a, s in zip(images, angles, shifts)
         ]
     )
