@@ -353,3 +353,26 @@ def test_each_cleaning_is_a_registered_recipe_and_objective() -> None:
         assert "slower" in CliRunner().invoke(app, ["list", "clip-cleanings"]).output
     with pytest.raises(Exception, match="valid clip cleanings: cleanclip, fine_tuning, par"):
         ClipStudyConfig(cleanings=("slower",)).validate()
+
+
+def test_a_clip_cell_gives_the_same_numbers_whether_it_trains_its_model_or_loads_it(tmp_path: Path) -> None:
+    """A cleaning cell's numbers depend on its config alone: the cell that trained the poisoned model
+    and the one that loaded it from the sweep's shared file clean it to the same CA and ASR (fit_clip
+    seeds the global generator, so the earlier training does not shift the cleaning's dropout)."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from backdoorlab.experiments.clip_cells import run_clip_cell
+    from backdoorlab.experiments.clip_study import ClipStudyConfig, clip_study_grid
+
+    config = ClipStudyConfig(
+        dataset="digits", attacks=("badnet_rand",), cleanings=("par",), train_size=64, clean_size=32, test_size=40
+    )
+    config.model_options, config.train.epochs, config.clean_epochs = {"image_size": 32}, 1.0, 1.0
+    config.clean_batch_size = config.train.batch_size = 32
+    cell = clip_study_grid(config).cells[-1].config
+    assert cell.stage == "par"
+    shared = tmp_path / "victim.safetensors"
+    trained = run_clip_cell(cell, str(shared))
+    loaded = run_clip_cell(cell, str(shared))
+    assert (trained["details"]["suspect"]["reused"], loaded["details"]["suspect"]["reused"]) == (False, True)
+    assert trained["metrics"] == loaded["metrics"]
+    assert [r["asr"] for r in trained["details"]["curve"]] == [r["asr"] for r in loaded["details"]["curve"]]

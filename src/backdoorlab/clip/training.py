@@ -162,9 +162,12 @@ def fit_clip(
     description: str = "training",
 ) -> list[dict[str, float]]:
     """Train ``model`` in place on ``pairs``; returns the observer's records (step 0, every
-    ``every`` steps and the last step) with the loss terms of the latest step."""
+    ``every`` steps and the last step) with the loss terms of the latest step. ``seed`` seeds the
+    batch order, the augmentations and the global generator (the image tower's dropout), so a run
+    depends on its model, data and seed alone, not on what ran before it in the process."""
     device = resolve_device(device)
     model.to(device).train()
+    torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(
         parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps
