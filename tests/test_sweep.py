@@ -663,3 +663,39 @@ def test_a_persistence_subsample_measures_the_curve_on_it_and_shares_the_victim(
     on_subsample = evaluate_backdoor(model, test, triggered, device=prepared.device)
     assert details["persistence"][0] == {"checkpoint": 0, **{k: round(v, 4) for k, v in on_subsample.items()}}
     assert metrics == evaluate(prepared, repaired), "the final metrics on the whole test sets"
+
+
+def test_every_committed_stores_cells_keep_their_keys() -> None:
+    """The stores under benchmarks/results resume: each stored cell's config gives its stored key
+    today. A config field added without care (one that enters keys at its default) fails here."""
+    from backdoorlab.experiments.clip_cells import CELL_KIND, ClipCellConfig
+
+    from .conftest import REPO
+
+    stores = sorted((REPO / "benchmarks" / "results").glob("*/results.sqlite"))
+    assert stores, "no committed store found"
+    checked = 0
+    for path in stores:
+        with ResultStore(path) as store:
+            for record in store.records():
+                if record.config.get("kind") == CELL_KIND:
+                    key = ClipCellConfig.from_dict(record.config).key()
+                else:
+                    key = cell_key(RunConfig.from_dict(record.config))
+                assert key == record.key, f"{path}: cell {record.label} has key {record.key}, its config gives {key}"
+                checked += 1
+    assert checked > 50
+
+
+def test_a_field_added_to_a_config_is_left_out_of_keys_at_its_default() -> None:
+    """No list to keep by hand: a field the keys were not first defined with is dropped at its
+    default (:func:`~backdoorlab.experiments.grid.added_fields`)."""
+    from dataclasses import dataclass
+
+    from backdoorlab.experiments.grid import KEYED_FIELDS, added_fields
+
+    @dataclass
+    class Extended(RunConfig):
+        brand_new: int = 7
+
+    assert added_fields(Extended, KEYED_FIELDS) == {**added_fields(RunConfig, KEYED_FIELDS), "brand_new": 7}

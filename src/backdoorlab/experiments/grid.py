@@ -28,7 +28,7 @@ import hashlib
 import itertools
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from backdoorlab.attacks.triggers import ATTACKS
 from backdoorlab.experiments.config import RunConfig, set_path
 from backdoorlab.experiments.config_tree import flat_assignment, from_tree, is_tree
 from backdoorlab.registry import UnknownNameError
+from backdoorlab.training.loop import TrainConfig
 
 META_KEYS = ("name", "description")
 #: Fields whose value is a mapping: a list of mappings under them is an axis of values.
@@ -47,20 +48,41 @@ MAPPING_FIELDS = frozenset(
 #: Fields that say where and how a cell runs, not what it computes: left out of a cell's key.
 PLACEMENT_FIELDS = ("device", "data_root")
 CONFIG_FIELDS = tuple(f.name for f in fields(RunConfig))
-#: Training-recipe fields added after results were first stored, with their defaults: left out of a
-#: key at that default, so a store written before them still finds its cells.
-ADDED_TRAIN_FIELDS: dict[str, Any] = {"milestones": [], "min_last_batch": 0.0}
-#: Config fields added after results were first stored, with their defaults: the same.
-ADDED_FIELDS: dict[str, Any] = {
-    "data_seed": None,
-    "threads": None,
-    "deterministic": None,
-    "preset": None,
-    "poison_rate_of": "train",
-    "input_detector": None,
-    "input_detector_options": {},
-    "persistence_size": None,
-}
+#: The config fields cell keys were first defined with. Every field added since (``data_seed``,
+#: ``threads``, ``preset``, ``input_detector``...) is left out of a key at its default, so a store
+#: written before it keeps its keys; a field added later needs no entry anywhere (:func:`added_fields`).
+KEYED_FIELDS = tuple(
+    (
+        "dataset recipe model model_options attack attack_options poison_rate target mode clean_label source "
+        "defense defense_options detector detector_options regularizer regularizer_options epochs batch_size "
+        "lr train seed device train_size test_size trusted_size data_root"
+    ).split()
+)
+#: The training-recipe fields cell keys were first defined with (the same rule for ``train``).
+KEYED_TRAIN_FIELDS = tuple(
+    (
+        "epochs batch_size lr momentum nesterov weight_decay schedule warmup norm_lr_scale lookahead_epoch "
+        "whiten_bias_epochs label_smoothing crop_padding crop_mode flip alternating_flip jitter scaling amp "
+        "channels_last data_init progress tta regularizer regularizer_options"
+    ).split()
+)
+
+
+def added_fields(cls: type, keyed: Sequence[str]) -> dict[str, Any]:
+    """The fields of dataclass ``cls`` that ``keyed`` lacks (added after keys were first defined),
+    with their defaults as they serialise (a default factory's value)."""
+    out = {}
+    for f in fields(cls):
+        if f.name not in keyed:
+            out[f.name] = f.default_factory() if f.default_factory is not MISSING else f.default
+    return out
+
+
+#: Config fields added after results were first stored, with their defaults: left out of a key at
+#: that default.
+ADDED_FIELDS: dict[str, Any] = added_fields(RunConfig, KEYED_FIELDS)
+#: Training-recipe fields added after results were first stored, with their defaults: the same.
+ADDED_TRAIN_FIELDS: dict[str, Any] = added_fields(TrainConfig, KEYED_TRAIN_FIELDS)
 
 
 class GridError(ValueError):
