@@ -4,7 +4,7 @@ tree form, and the flat form that stored results keep (schema 1) still read."""
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import pytest
 import yaml
@@ -12,16 +12,18 @@ from typer.testing import CliRunner
 
 from backdoorlab.cli import app
 from backdoorlab.experiments import RunConfig
-from backdoorlab.experiments.config_tree import TREE, flat_path, from_tree, tree_fields
-from backdoorlab.experiments.grid import expand
+from backdoorlab.experiments.config_tree import SCHEDULE_AS_FIELDS, TREE, flat_path, from_tree, tree_fields
+from backdoorlab.experiments.grid import GridError, expand
 from backdoorlab.options import OptionError
 from backdoorlab.training.loop import TrainConfig
 
 
 def test_the_tree_places_every_config_field_once() -> None:
-    """A field added to RunConfig fails here until it is given a place in the tree."""
+    """A field added to RunConfig or to the schedule fails here until it is given a place in the tree."""
     placed = tree_fields()
-    assert sorted(placed) == sorted(f.name for f in fields(RunConfig)) and len(placed) == len(set(placed))
+    expected = [f.name for f in fields(RunConfig) if f.name != "train"]
+    expected += [f"train.{f.name}" for f in fields(TrainConfig) if f.name not in SCHEDULE_AS_FIELDS]
+    assert sorted(placed) == sorted(expected) and len(placed) == len(set(placed))
 
 
 @pytest.mark.parametrize(
@@ -45,22 +47,36 @@ def test_the_tree_places_every_config_field_once() -> None:
     ],
 )
 def test_a_config_round_trips_through_its_tree_resolved_or_not(config: RunConfig) -> None:
-    for value in (config, config.resolved()):
-        tree = value.to_tree()
+    resolved = config.resolved()
+    for value in (config, resolved):
+        tree = json.loads(json.dumps(value.to_tree()))
         assert tree["schema"] == 2
-        assert RunConfig.from_dict(json.loads(json.dumps(tree))) == value
+        assert RunConfig.from_dict(tree).resolved() == resolved
         assert RunConfig.from_dict(value.to_dict()) == value, "the flat form (stored results) still reads"
+    assert RunConfig.from_dict(resolved.to_tree()) == resolved, "a resolved config comes back exactly"
+    if config.train is None:
+        assert RunConfig.from_dict(config.to_tree()) == config
 
 
 def test_a_resolved_tree_states_the_schedule_once() -> None:
     """The flat form repeats epochs, batch size and lr beside ``train`` (and the regulariser inside
-    it); the tree says each once."""
+    it); the tree says each once, in sections."""
     resolved = RunConfig(regularizer="logit_squeezing").resolved()
     flat, tree = resolved.to_dict(), resolved.to_tree()
     assert flat["epochs"] == flat["train"]["epochs"] and flat["train"]["regularizer"] == "logit_squeezing"
-    assert "epochs" not in tree["recipe"] and "lr" not in tree["recipe"]
-    assert "regularizer" not in tree["recipe"]["train"] and tree["regularizer"] == {"name": "logit_squeezing"}
-    assert tree["data"] == {"trusted_size": 0.01} and "runtime" not in tree, "defaults are left out"
+    assert tree["recipe"]["schedule"]["epochs"] == flat["epochs"] and tree["recipe"]["optimiser"]["lr"] == flat["lr"]
+    assert "train" not in tree["recipe"] and tree["regularizer"] == {"name": "logit_squeezing"}
+    assert tree["runtime"] == {"amp": True, "channels_last": True, "progress": True}
+    assert tree["data"] == {"trusted_size": 0.01}, "defaults are left out"
+
+
+def test_schedule_fields_without_the_rest_change_the_recipes_schedule() -> None:
+    """``runtime: {amp: false}`` in a file means the recipe's schedule with amp off, as ``--set
+    train.amp=false`` does, not a default schedule."""
+    recipe = RunConfig().resolved().train
+    config = RunConfig.from_dict({"runtime": {"amp": False}, "recipe": {"optimiser": {"momentum": 0.8}}})
+    assert config.resolved().train == replace(recipe, amp=False, momentum=0.8)
+    assert config == RunConfig().with_overrides(["train.amp=false", "train.momentum=0.8"])
 
 
 @pytest.mark.parametrize(
@@ -70,8 +86,10 @@ def test_a_resolved_tree_states_the_schedule_once() -> None:
         ("poison.attack", "attack"),
         ("poison.attack.name", "attack"),
         ("poison.attack.options.size", "attack_options.size"),
-        ("recipe.train.lr", "train.lr"),
-        ("recipe.epochs", "epochs"),
+        ("recipe.optimiser.momentum", "train.momentum"),
+        ("recipe.optimiser.lr", "lr"),
+        ("recipe.schedule.epochs", "epochs"),
+        ("runtime.amp", "train.amp"),
         ("model.options.width", "model_options.width"),
         ("data.seed", "data_seed"),
         ("runtime.threads", "threads"),
@@ -88,12 +106,17 @@ def test_set_takes_tree_paths_and_flat_ones(tree_path: str, flat: str) -> None:
 
 def test_set_with_tree_paths_gives_the_flat_overrides_config() -> None:
     tree = RunConfig().with_overrides(
-        ["poison.rate=0.05", "recipe.train.lr=0.02", "poison.attack=blended", "poison.attack.options.alpha=0.3"]
+        [
+            "poison.rate=0.05",
+            "recipe.optimiser.momentum=0.8",
+            "poison.attack=blended",
+            "poison.attack.options.alpha=0.3",
+        ]
     )
     flat = RunConfig().with_overrides(
-        ["poison_rate=0.05", "train.lr=0.02", "attack=blended", "attack_options.alpha=0.3"]
+        ["poison_rate=0.05", "train.momentum=0.8", "attack=blended", "attack_options.alpha=0.3"]
     )
-    assert tree == flat and tree.resolved().train.lr == 0.02 and tree.attack_options == {"alpha": 0.3}
+    assert tree == flat and tree.resolved().train.momentum == 0.8 and tree.attack_options == {"alpha": 0.3}
 
 
 @pytest.mark.parametrize(
@@ -125,11 +148,16 @@ def test_a_grid_in_tree_form_expands_to_the_flat_grids_cells() -> None:
             "schema": 2,
             "data": {"dataset": "digits"},
             "poison": {"attack": {"name": ["badnets", "blended"]}, "rate": 0.05},
-            "recipe": {"epochs": 1},
+            "recipe": {"schedule": {"epochs": 1}},
         }
     )
     assert [c.key for c in tree.cells] == [c.key for c in flat.cells] and len(tree.cells) == 2
     assert TREE["poison"]["attack"]["name"] == "attack"
+    partial = expand({"data": {"dataset": "digits"}, "seed": [0, 1], "recipe": {"optimiser": {"momentum": 0.8}}})
+    recipe = RunConfig(dataset="digits").resolved().train
+    assert [c.config.train for c in partial.cells] == [replace(recipe, momentum=0.8)] * 2, "the recipe's, changed"
+    with pytest.raises(GridError, match=r"<grid>: train field 'momentum' must be a number, got 'fast'"):
+        expand({"data": {"dataset": "digits"}, "recipe": {"optimiser": {"momentum": "fast"}}})
 
 
 def test_run_show_config_writes_a_file_that_run_config_reads(tmp_path) -> None:
@@ -141,11 +169,11 @@ def test_run_show_config_writes_a_file_that_run_config_reads(tmp_path) -> None:
     assert shown.exit_code == 0, shown.output
     tree = yaml.safe_load(shown.output)
     assert tree["poison"]["attack"]["name"] == "blended" and tree["poison"]["rate"] == 0.05
-    assert tree["recipe"]["train"]["epochs"] > 1
+    assert tree["recipe"]["schedule"]["epochs"] > 1
     file = tmp_path / "config.yaml"
     file.write_text(shown.output)
     out = tmp_path / "run"
-    args = ["run", "--config", str(file), "--target", "3", "--set", "recipe.train.epochs=1", "--output", str(out)]
+    args = ["run", "--config", str(file), "--target", "3", "--set", "recipe.schedule.epochs=1", "--output", str(out)]
     result = CliRunner().invoke(app, [*args, "--device", "cpu"])
     assert result.exit_code == 0, result.output
     stored = json.loads((out / "result.json").read_text())
@@ -165,7 +193,7 @@ def test_run_config_names_a_bad_file(tmp_path) -> None:
 
 
 def test_a_schedule_override_wins_over_the_shortcut_it_was_set_beside() -> None:
-    """A config read from a tree carries ``epochs`` beside ``train.epochs``; ``--set
-    recipe.train.epochs=1`` means 1, not the shortcut's earlier value."""
-    assert RunConfig(epochs=5).with_overrides(["recipe.train.epochs=1"]).resolved().train.epochs == 1
+    """A config read from a whole schedule carries ``epochs`` beside ``train.epochs``; ``--set
+    train.epochs=1`` means 1, not the shortcut's earlier value."""
+    assert RunConfig(epochs=5).with_overrides(["train.epochs=1"]).resolved().train.epochs == 1
     assert RunConfig(epochs=5).with_overrides(["train.lr=0.02"]).resolved().train.epochs == 5

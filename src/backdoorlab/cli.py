@@ -6,6 +6,7 @@ import json
 import tempfile
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -195,14 +196,16 @@ def _config_from_cli(
         elif name in _SIZE_FIELDS:
             fields[name] = parse_size(value)
     if config_file is not None:
-        fields = {**_read_config_file(config_file), **{k: v for k, v in fields.items() if k in (given or set())}}
-    config = RunConfig.from_dict(fields)
+        typed = {k: v for k, v in fields.items() if k in (given or set())}
+        config = replace(RunConfig.from_dict(_read_config_file(config_file)), **typed)
+    else:
+        config = RunConfig(**fields)
     return config.with_overrides(overrides) if overrides else config
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
-    """A config file's flat fields: YAML, the tree form (``backdoorlab run --show-config`` writes
-    one) or the flat one; errors name the file."""
+    """A config file's mapping: YAML, the tree form (``backdoorlab run --show-config`` writes one) or
+    the flat one, for ``RunConfig.from_dict``; errors name the file."""
     import yaml
 
     from backdoorlab.experiments.config_tree import from_tree, is_tree
@@ -217,7 +220,9 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         raise ValueError(
             f"--config {path}: a config file is a mapping of sections or fields, got {type(values).__name__}"
         )
-    return from_tree(values, str(path)) if is_tree(values) else values
+    if is_tree(values):
+        from_tree(values, str(path))  # unknown keys refused here, naming the file
+    return values
 
 
 def _typed(ctx: typer.Context, fields: list[str]) -> set[str]:
@@ -483,8 +488,6 @@ def _rerun_saved(
 ) -> None:
     """Run a saved model's config again on the model, with the methods given as ``field=(name,
     KEY=VALUE options)`` (those of :data:`RERUN_METHODS` not given are off)."""
-    from dataclasses import replace
-
     from backdoorlab.data.dataset import DataError
     from backdoorlab.experiments import ModelFileError, load_model, run
 

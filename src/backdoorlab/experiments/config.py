@@ -7,6 +7,7 @@ can be rerun from it. Fields left ``None`` take the named recipe's choice for th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -306,10 +307,13 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        """Rebuild from :meth:`to_dict`'s output (a stored result's ``config``) or :meth:`to_tree`'s
-        (a config file)."""
+        """Rebuild from :meth:`to_dict`'s output (a stored result's ``config``) or a tree (a config
+        file, :meth:`to_tree`'s output; its schedule fields without the rest change the recipe's
+        schedule as :meth:`with_overrides` does)."""
         if is_tree(values):
-            values = from_tree(values)
+            flat, schedule = from_tree(values)
+            config = cls.from_dict(flat)
+            return config.with_overrides([f"train.{k}={json.dumps(v)}" for k, v in schedule.items()])
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -9,17 +9,22 @@ schema: 2
 data: {dataset: cifar10, train_size: 5000, trusted_size: 0.05}
 poison: {attack: {name: blended, options: {alpha: 0.2}}, rate: 0.1, target: 0}
 model: {name: preact_resnet18}
-recipe: {name: fast, epochs: 20}
+recipe: {name: fast, schedule: {epochs: 20}, optimiser: {weight_decay: 0.001}}
 defense: {name: fine_tuning, options: {epochs: 5}}
-runtime: {device: cpu, threads: 2}
+runtime: {device: cuda, amp: false}
 seed: 0
 ```
 
-:data:`TREE` says where each flat field sits; :func:`to_tree` and :func:`from_tree` convert (a key
-left out takes the field's default, so a tree states only what it changes), and :func:`flat_path`
-turns a tree path (``poison.rate``, ``recipe.train.lr``, ``poison.attack.options.size``) into the
-flat one (``poison_rate``, ``train.lr``, ``attack_options.size``) for ``--set``. A stored config
-without ``schema`` is the flat form (schema 1), which every reader still takes.
+:data:`TREE` says where each flat field sits, and the training schedule's fields
+(:class:`~backdoorlab.training.loop.TrainConfig`) are spread over ``recipe.schedule``,
+``recipe.optimiser``, ``recipe.augmentation``, ``recipe.evaluation`` and ``runtime`` (precision,
+memory layout, progress). A key left out takes its default; schedule fields given without the
+rest change the recipe's schedule field by field (as ``--set train.X`` does), and all of them
+together are a whole schedule (what ``run --show-config`` writes). :func:`to_tree` and
+:func:`from_tree` convert, and :func:`flat_path` turns a tree path (``poison.rate``,
+``recipe.optimiser.momentum``, ``poison.attack.options.size``) into the flat one (``poison_rate``,
+``train.momentum``, ``attack_options.size``) for ``--set``. A stored config without ``schema`` is
+the flat form (schema 1), which every reader still takes.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ TREE_SCHEMA = 2
 #: The flat form's schema number, written beside every stored result's ``config``.
 FLAT_SCHEMA = 1
 
-#: Each tree key and the flat field it holds; a mapping is a section.
+#: Each tree key and the flat field it holds (``train.X``: field X of the training schedule,
+#: :class:`~backdoorlab.training.loop.TrainConfig`); a mapping is a section.
 TREE: dict[str, Any] = {
     "data": {
         "dataset": "dataset",
@@ -53,43 +59,90 @@ TREE: dict[str, Any] = {
         "source": "source",
     },
     "model": {"name": "model", "options": "model_options"},
-    "recipe": {"name": "recipe", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "train": "train"},
+    "recipe": {
+        "name": "recipe",
+        "schedule": {
+            "epochs": "epochs",
+            "batch_size": "batch_size",
+            "min_last_batch": "train.min_last_batch",
+            "schedule": "train.schedule",
+            "milestones": "train.milestones",
+            "warmup": "train.warmup",
+            "whiten_bias_epochs": "train.whiten_bias_epochs",
+        },
+        "optimiser": {
+            "lr": "lr",
+            "momentum": "train.momentum",
+            "nesterov": "train.nesterov",
+            "weight_decay": "train.weight_decay",
+            "norm_lr_scale": "train.norm_lr_scale",
+            "lookahead_epoch": "train.lookahead_epoch",
+            "label_smoothing": "train.label_smoothing",
+            "data_init": "train.data_init",
+        },
+        "augmentation": {
+            "crop_padding": "train.crop_padding",
+            "crop_mode": "train.crop_mode",
+            "flip": "train.flip",
+            "alternating_flip": "train.alternating_flip",
+            "jitter": "train.jitter",
+            "scaling": "train.scaling",
+        },
+        "evaluation": {"tta": "train.tta"},
+    },
     "preset": "preset",
     "defense": {"name": "defense", "options": "defense_options", "persistence_size": "persistence_size"},
     "detector": {"name": "detector", "options": "detector_options"},
     "input_detector": {"name": "input_detector", "options": "input_detector_options"},
     "regularizer": {"name": "regularizer", "options": "regularizer_options"},
-    "runtime": {"device": "device", "threads": "threads", "deterministic": "deterministic"},
+    "runtime": {
+        "device": "device",
+        "threads": "threads",
+        "deterministic": "deterministic",
+        "amp": "train.amp",
+        "channels_last": "train.channels_last",
+        "progress": "train.progress",
+    },
     "seed": "seed",
 }
 
-#: The recipe's shortcuts for its schedule: a tree leaves them out where they equal ``train``'s.
-_SHORTCUTS = ("epochs", "batch_size", "lr")
-#: Fields of the schedule (``train``) that repeat a section's: left out of it where equal.
-_REPEATED = {"regularizer": "regularizer", "regularizer_options": "regularizer_options"}
+#: Schedule fields the tree holds as the config's own fields (its shortcuts, and the regulariser).
+SCHEDULE_AS_FIELDS = ("epochs", "batch_size", "lr", "regularizer", "regularizer_options")
+#: Sections whose flat field of the same name is a string (a method's or recipe's name).
+_NAMED = ("model", "recipe", "defense", "detector", "input_detector", "regularizer")
 
 
 def tree_fields(node: dict[str, Any] = TREE) -> list[str]:
-    """Every flat field the tree places, in tree order."""
+    """Every flat field (and ``train.X`` schedule field) the tree places, in tree order."""
     out: list[str] = []
     for value in node.values():
         out += tree_fields(value) if isinstance(value, dict) else [value]
     return out
 
 
+def schedule_fields() -> list[str]:
+    """The schedule fields the tree's sections hold (``X`` of each ``train.X``)."""
+    return [f.removeprefix("train.") for f in tree_fields() if f.startswith("train.")]
+
+
 def to_tree(flat: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """The tree of a flat config mapping (``RunConfig.to_dict()``), without the fields at their
-    ``defaults`` and without sections left empty; ``schema: 2`` first. The recipe's ``epochs``,
-    ``batch_size`` and ``lr`` are left out where ``train`` is given and they equal its own."""
+    ``defaults`` and without empty sections; ``schema: 2`` first. Where the config gives a whole
+    schedule (``train``), every schedule field is written (the file then pins the schedule), each
+    once: ``epochs``, ``batch_size`` and ``lr`` as the values the run trains with, the regulariser
+    in its own section."""
     train = flat.get("train")
-    if isinstance(train, dict):  # the regulariser is its own section; the schedule repeats it
-        train = {k: v for k, v in train.items() if k not in _REPEATED or v != flat[_REPEATED[k]]}
-        flat = {**flat, "train": train}
+    values = dict(flat)
+    if isinstance(train, dict):
+        for name in ("epochs", "batch_size", "lr"):
+            if values[name] is None:
+                values[name] = train[name]
+        values.update({f"train.{k}": v for k, v in train.items()})
 
     def kept(field: str) -> bool:
-        if field in _SHORTCUTS and isinstance(train, dict):
-            return flat[field] != train.get(field)
-        return flat[field] != defaults[field]
+        if field.startswith("train.") or (isinstance(train, dict) and field in ("epochs", "batch_size", "lr")):
+            return isinstance(train, dict)
+        return values[field] != defaults[field]
 
     def build(node: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -99,16 +152,19 @@ def to_tree(flat: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
                 if section:
                     out[key] = section
             elif kept(value):
-                out[key] = flat[value]
+                out[key] = values[value]
         return out
 
     return {"schema": TREE_SCHEMA, **build(TREE)}
 
 
-def from_tree(tree: dict[str, Any], where: str = "config") -> dict[str, Any]:
-    """The flat fields a tree sets (for ``RunConfig(**fields)``); an unknown key is refused with the
-    valid ones at its place, and a ``schema`` other than 2 with the schemas this version reads. The
-    recipe's shortcuts left out take ``train``'s values where ``train`` is given."""
+def from_tree(tree: dict[str, Any], where: str = "config") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The flat fields a tree sets, and the schedule fields it changes. Where the tree gives every
+    schedule field, they are the flat ``train`` (a whole schedule, as ``to_tree`` writes it) and
+    the second mapping is empty; otherwise the second mapping holds them, to change the recipe's
+    schedule field by field (:meth:`RunConfig.from_dict` applies them as ``--set train.X``). An
+    unknown key is refused with the valid ones at its place, and a ``schema`` other than 2 with the
+    forms this version reads."""
     schema = tree.get("schema", TREE_SCHEMA)
     if schema != TREE_SCHEMA:
         raise OptionError(
@@ -131,26 +187,34 @@ def from_tree(tree: dict[str, Any], where: str = "config") -> dict[str, Any]:
                 flat[node[key]] = value
 
     walk(TREE, tree, "")
-    train = flat.get("train")
-    if isinstance(train, dict):
-        for name in _SHORTCUTS:
-            if name not in flat and name in train:
-                flat[name] = train[name]
-        defaults = {"regularizer": None, "regularizer_options": {}}
-        flat["train"] = {**{k: flat.get(f, defaults[f]) for k, f in _REPEATED.items()}, **train}
-    return flat
+    schedule = {k.removeprefix("train."): flat.pop(k) for k in list(flat) if k.startswith("train.")}
+    if schedule and set(schedule) == set(schedule_fields()):
+        whole = {name: flat.get(name) for name in ("epochs", "batch_size", "lr")}
+        missing = [name for name, value in whole.items() if value is None]
+        if missing:
+            raise OptionError(f"{where}: a whole schedule needs {', '.join(missing)} too")
+        regularizer = {
+            "regularizer": flat.get("regularizer"),
+            "regularizer_options": flat.get("regularizer_options", {}),
+        }
+        flat["train"] = {**schedule, **whole, **regularizer}
+        return flat, {}
+    return flat, schedule
 
 
 def is_tree(values: dict[str, Any]) -> bool:
-    """Whether a config mapping is the tree form: it says ``schema: 2``, or has a section the flat
-    form lacks (``data``, ``poison``, ``runtime``)."""
-    return "schema" in values or any(key in values for key in ("data", "poison", "runtime"))
+    """Whether a config mapping is the tree form: it says ``schema: 2``, has a section the flat form
+    lacks (``data``, ``poison``, ``runtime``), or a mapping where the flat form names a method
+    (``model: {name: ...}``)."""
+    if "schema" in values or any(key in values for key in ("data", "poison", "runtime")):
+        return True
+    return any(isinstance(values.get(key), dict) for key in _NAMED)
 
 
 def flat_path(path: str) -> str:
-    """The flat path of a ``--set`` path: a tree path (``poison.rate``, ``recipe.train.lr``,
+    """The flat path of a ``--set`` path: a tree path (``poison.rate``, ``recipe.optimiser.momentum``,
     ``model.options.width``, ``poison.attack.options.size``) becomes the field it holds
-    (``poison_rate``, ``train.lr``, ``model_options.width``, ``attack_options.size``); a method's
+    (``poison_rate``, ``train.momentum``, ``model_options.width``, ``attack_options.size``); a method's
     section named alone is its name (``poison.attack`` is ``attack``); a flat path (``train.lr``,
     ``attack_options.size``, ``model``) is returned as it is. A section without a name named as a
     whole (``poison``) is refused: set one of its keys."""

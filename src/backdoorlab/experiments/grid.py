@@ -237,13 +237,16 @@ def expand(
 
     if not isinstance(values, dict):
         raise GridError(f"{source}: a grid file is a mapping of config fields, got {type(values).__name__}")
+    schedule_overrides: list[str] = []
     if is_tree(values):  # the tree form (config_tree): its leaves are the flat fields, lists their axes
         meta = {k: v for k, v in values.items() if k in META_KEYS}
         try:
-            values = {**meta, **from_tree({k: v for k, v in values.items() if k not in META_KEYS}, source)}
+            flat, schedule = from_tree({k: v for k, v in values.items() if k not in META_KEYS}, source)
         except ValueError as err:
             raise GridError(str(err)) from None
-        lines = {}
+        # schedule fields without the rest change each cell's recipe schedule, as --set train.X does
+        schedule_overrides = [f"train.{k}={json.dumps(v)}" for k, v in schedule.items()]
+        values, lines = {**meta, **flat}, {}
     unknown = [k for k in values if k not in CONFIG_FIELDS and k not in META_KEYS]
     if unknown:
         key = unknown[0]
@@ -276,7 +279,7 @@ def expand(
         place = f"; line{'s' if len(places) > 1 else ''} {', '.join(map(str, places))}" if places else ""
         where = f"{source}: cell {len(cells)} ({label}{place})" if axes else source
         try:
-            config = RunConfig.from_dict({**base, **chosen}).resolved()
+            config = RunConfig.from_dict({**base, **chosen}).with_overrides(schedule_overrides).resolved()
         except (UnknownNameError, ValueError, TypeError) as err:
             raise GridError(f"{where}: {err}") from None
         key = cell_key(config)
