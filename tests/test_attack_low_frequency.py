@@ -115,6 +115,14 @@ def test_the_backdoorbench_preset_reads_its_cifar10_victims_pattern(data_root):
     config = RunConfig(dataset="cifar10", attack="low_frequency", preset="backdoorbench", data_root=str(data_root))
     options = config.resolved().attack_options
     assert options["pattern"] == "cifar10_preactresnet18"
+    gtsrb = RunConfig(dataset="gtsrb", attack="low_frequency", preset="backdoorbench", data_root=str(data_root))
+    assert gtsrb.resolved().attack_options["pattern"] == "gtsrb_preactresnet18"
+
+
+def test_the_backdoorbench_preset_generates_a_pattern_where_it_stores_none():
+    """BackdoorBench stores no pattern for MNIST (its lf.py would find no file): the preset fits one."""
+    config = RunConfig(dataset="mnist", attack="low_frequency", preset="backdoorbench")
+    assert config.resolved().attack_options["pattern"] == "generate"
 
 
 # ---------------------------------------------------------------------------------------------
