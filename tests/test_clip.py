@@ -254,6 +254,10 @@ def test_clip_study_command_writes_and_resumes(tmp_path: Path) -> None:
     ]
     poisoned = stages["attack=badnet_rand, stage=poisoned"]
     assert poisoned.result["details"]["poisoned_pairs"] == round(0.1 * 256)
+    assert all(
+        stages[f"attack=badnet_rand, stage={m}"].result["details"]["poisoned_pairs"] == round(0.1 * 256)
+        for m in ("par",)
+    )
     clean = stages["attack=badnet_rand, stage=clean"].result["details"]
     assert "poisoned_pairs" not in clean and not clean["suspect"]["reused"]
     for method in ("fine_tuning", "cleanclip", "par"):

@@ -165,19 +165,19 @@ def run_clip_cell(
     victim = config.victim()
     timings: dict[str, float] = {}
     details: dict[str, Any] = {}
+    pairs = data.train
+    if victim.poison_rate:  # cheap: said by every cell of the model, whichever trained it
+        poisoned = poison_pairs(
+            data.train, _trigger(victim, data), rate=victim.poison_rate, target=victim.target, seed=victim.seed
+        )
+        pairs = poisoned.pairs
+        details["poisoned_pairs"] = int(poisoned.mask.sum())
     torch.manual_seed(config.seed)  # the projections' initialisation
     model = create_clip_model(config.model, **config.model_options)
     if suspect_file is not None and Path(suspect_file).exists():
         load_state(model, suspect_file)
         details["suspect"] = {"file": Path(suspect_file).name, "reused": True}
     else:
-        pairs = data.train
-        if victim.poison_rate:
-            poisoned = poison_pairs(
-                data.train, _trigger(victim, data), rate=victim.poison_rate, target=victim.target, seed=victim.seed
-            )
-            pairs = poisoned.pairs
-            details["poisoned_pairs"] = int(poisoned.mask.sum())
         began = time.perf_counter()
         what = "clean reference" if not victim.poison_rate else f"poisoned training ({victim.attack})"
         fit_clip(model, pairs, victim.train, device=config.device, seed=config.seed + 1, description=what)
