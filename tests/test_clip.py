@@ -380,3 +380,34 @@ def test_a_clip_cell_gives_the_same_numbers_whether_it_trains_its_model_or_loads
     assert (trained["details"]["suspect"]["reused"], loaded["details"]["suspect"]["reused"]) == (False, True)
     assert trained["metrics"] == loaded["metrics"]
     assert [r["asr"] for r in trained["details"]["curve"]] == [r["asr"] for r in loaded["details"]["curve"]]
+
+
+def test_a_clip_study_refuses_settings_that_cannot_run_before_anything_trains() -> None:
+    from backdoorlab.experiments.clip_study import ClipStudyConfig
+
+    for bad, message in [
+        ({"poison_rate": 0}, "poison_rate must be a fraction"),
+        ({"poison_rate": 1.5}, "poison_rate 1.5 is neither"),
+        ({"target": 99}, "target 99 is not a class of cifar10"),
+        ({"train_size": 0}, "train_size must be at least 1"),
+        ({"eval_every": -1}, "eval_every must be >= 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ClipStudyConfig(**bad).validate()
+
+
+def test_a_clip_cells_shared_model_is_keyed_by_what_trains_it() -> None:
+    """Another clean or test size, or another cleaning, shares the poisoned model; another attack
+    shares the clean reference; a field added later leaves keys alone."""
+    from dataclasses import replace
+
+    from backdoorlab.experiments.clip_cells import KEYED_CELL_FIELDS, ClipCellConfig
+    from backdoorlab.experiments.clip_study import ClipStudyConfig, clip_study_grid
+    from backdoorlab.experiments.grid import added_fields, suspect_key
+
+    cells = [c.config for c in clip_study_grid(ClipStudyConfig(attacks=("badnet_rand", "blended_rand"))).cells]
+    clean, poisoned, par = cells[0], cells[1], cells[4]
+    assert suspect_key(par) == suspect_key(poisoned) == suspect_key(replace(poisoned, test_size=10, clean_size=7))
+    assert suspect_key(clean) == suspect_key(cells[5]) != suspect_key(poisoned), "one clean reference for every attack"
+    assert len({c.key() for c in cells}) == len(cells)
+    assert added_fields(ClipCellConfig, KEYED_CELL_FIELDS) == {}

@@ -197,3 +197,50 @@ def test_a_schedule_override_wins_over_the_shortcut_it_was_set_beside() -> None:
     train.epochs=1`` means 1, not the shortcut's earlier value."""
     assert RunConfig(epochs=5).with_overrides(["train.epochs=1"]).resolved().train.epochs == 1
     assert RunConfig(epochs=5).with_overrides(["train.lr=0.02"]).resolved().train.epochs == 5
+
+
+def test_a_files_partial_schedule_changes_the_schedule_of_the_typed_dataset(tmp_path) -> None:
+    """``--config`` with ``recipe.optimiser.momentum`` and a typed ``--dataset``: the schedule is the
+    typed dataset's recipe schedule with the file's change, not the file's dataset's."""
+    file = tmp_path / "c.yaml"
+    file.write_text("data: {dataset: digits}\nrecipe: {optimiser: {momentum: 0.8}}\nruntime: {amp: false}\n")
+    shown = CliRunner().invoke(app, ["run", "--config", str(file), "--dataset", "mnist", "--show-config"])
+    assert shown.exit_code == 0, shown.output
+    tree = yaml.safe_load(shown.output)
+    mnist = RunConfig(dataset="mnist").resolved().train
+    assert tree["data"]["dataset"] == "mnist" and tree["recipe"]["schedule"]["epochs"] == mnist.epochs
+    assert (tree["recipe"]["optimiser"]["momentum"], tree["runtime"]["amp"]) == (0.8, False)
+    assert tree["recipe"]["optimiser"]["lr"] == mnist.lr
+
+
+def test_sweep_set_and_data_root_reach_a_tree_grid(tmp_path) -> None:
+    from backdoorlab.experiments.grid import load_grid
+
+    grid = tmp_path / "tree.yaml"
+    grid.write_text("schema: 2\ndata: {dataset: digits}\npoison: {attack: {name: [badnets, blended]}}\n")
+    cells = load_grid(
+        grid, data_root=str(tmp_path), overrides=["poison.rate=0.05", "recipe.optimiser.momentum=0.8", "seed=2"]
+    ).cells
+    assert [(c.config.attack, c.config.poison_rate, c.config.seed) for c in cells] == [
+        ("badnets", 0.05, 2),
+        ("blended", 0.05, 2),
+    ]
+    assert all(c.config.train.momentum == 0.8 and c.config.data_root == str(tmp_path) for c in cells)
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("data: {dataset: digits}\nrecipe: {optimiser: {momentum: [0.8, 0.9]}}\n")
+    with pytest.raises(GridError, match=r"schedule fields given without the rest take no axes \(momentum\)"):
+        load_grid(listed)
+
+
+def test_a_regulariser_set_in_the_schedule_alone_survives_the_tree() -> None:
+    config = RunConfig(train=TrainConfig(regularizer="logit_squeezing", regularizer_options={"weight": 0.1}))
+    tree = config.to_tree()
+    assert tree["regularizer"] == {"name": "logit_squeezing", "options": {"weight": 0.1}}
+    assert RunConfig.from_dict(tree).resolved().train == config.resolved().train, "it trains the same"
+
+
+def test_tree_errors_point_to_the_tree_paths() -> None:
+    with pytest.raises(OptionError, match=r"'dataset' of the flat form is 'data.dataset' in the tree"):
+        from_tree({"schema": 2, "dataset": "digits"})
+    with pytest.raises(OptionError, match=r"schema 1 is the flat form, which has no sections"):
+        from_tree({"schema": 1, "data": {}})

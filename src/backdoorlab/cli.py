@@ -195,17 +195,26 @@ def _config_from_cli(
             fields[name] = parse_options(value)
         elif name in _SIZE_FIELDS:
             fields[name] = parse_size(value)
+    schedule: list[str] = []
     if config_file is not None:
+        values, schedule = _read_config_file(config_file)
         typed = {k: v for k, v in fields.items() if k in (given or set())}
-        config = replace(RunConfig.from_dict(_read_config_file(config_file)), **typed)
+        try:
+            config = replace(RunConfig.from_dict(values), **typed)
+        except ValueError as err:
+            raise ValueError(f"--config {config_file}: {err}") from None
     else:
         config = RunConfig(**fields)
+    # the file's schedule fields given without the rest change the schedule of the config as the
+    # command line makes it (its dataset, recipe, sizes), then --set
+    overrides = [*schedule, *(overrides or [])]
     return config.with_overrides(overrides) if overrides else config
 
 
-def _read_config_file(path: Path) -> dict[str, Any]:
-    """A config file's mapping: YAML, the tree form (``backdoorlab run --show-config`` writes one) or
-    the flat one, for ``RunConfig.from_dict``; errors name the file."""
+def _read_config_file(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """A config file's flat fields and its schedule changes (``train.X=VALUE``, from a tree's schedule
+    fields given without the rest): YAML, the tree form (``backdoorlab run --show-config`` writes
+    one) or the flat one; errors name the file."""
     import yaml
 
     from backdoorlab.experiments.config_tree import from_tree, is_tree
@@ -220,9 +229,10 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         raise ValueError(
             f"--config {path}: a config file is a mapping of sections or fields, got {type(values).__name__}"
         )
-    if is_tree(values):
-        from_tree(values, str(path))  # unknown keys refused here, naming the file
-    return values
+    if not is_tree(values):
+        return values, []
+    flat, schedule = from_tree(values, str(path))
+    return flat, [f"train.{k}={json.dumps(v)}" for k, v in schedule.items()]
 
 
 def _typed(ctx: typer.Context, fields: list[str]) -> set[str]:

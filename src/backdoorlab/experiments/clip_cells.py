@@ -30,9 +30,22 @@ from backdoorlab.data.dataset import seeded_permutation, subsample
 from backdoorlab.data.sources import load_dataset
 from backdoorlab.evaluation import health_warnings, repair_warnings
 from backdoorlab.files import CorruptFileError, atomic_path
+from backdoorlab.training.loop import resolve_device
 
 #: ``kind`` of a CLIP study cell's stored config (a classifier run's config has none).
 CELL_KIND = "clip"
+#: The fields cell keys were first defined with (2026-12-07), of the cell, its training recipe and
+#: its cleaning; a field added since is left out of a key at its default.
+KEYED_CELL_FIELDS = tuple(
+    (
+        "dataset model model_options attack attack_options target poison_rate train_size clean_size test_size "
+        "train cleaning seed device data_root"
+    ).split()
+)
+KEYED_CLIP_TRAIN_FIELDS = tuple(
+    "epochs batch_size lr weight_decay betas eps warmup_steps schedule start_factor final_lr amp".split()
+)
+KEYED_CLEANING_FIELDS = ("method", "options", "epochs", "lr", "batch_size", "eval_every")
 
 
 @dataclass
@@ -111,18 +124,27 @@ class ClipCellConfig:
         )
 
     def victim(self) -> ClipCellConfig:
-        """The model this cell measures or cleans: without the cleaning, and at rate 0 without the
-        attack (the clean reference trains on unpoisoned pairs, the same for every trigger)."""
-        victim = replace(self, cleaning=None)
+        """The model this cell measures or cleans: without the cleaning and the clean and test sizes,
+        and at rate 0 without the attack (the clean reference trains on unpoisoned pairs, the same
+        for every trigger)."""
+        victim = replace(self, cleaning=None, clean_size=0, test_size=0)  # neither trains it
         if self.poison_rate == 0:
             victim = replace(victim, attack="none", attack_options={}, target=0)
         return victim
 
     def key(self) -> str:
-        """A stable hash of what the cell computes (placement aside)."""
+        """A stable hash of what the cell computes (placement aside). A field added to the cell, its
+        cleaning or its training recipe after keys were first defined is left out at its default, so
+        a store keeps its keys (:func:`~backdoorlab.experiments.grid.added_fields`)."""
+        from backdoorlab.experiments.grid import added_fields, drop_defaults
+
         values = self.to_dict()
         for name in ("device", "data_root"):
             values.pop(name)
+        drop_defaults(values, added_fields(ClipCellConfig, KEYED_CELL_FIELDS))
+        drop_defaults(values["train"], added_fields(ClipTrainConfig, KEYED_CLIP_TRAIN_FIELDS))
+        if values.get("cleaning") is not None:
+            drop_defaults(values["cleaning"], added_fields(CleaningSpec, KEYED_CLEANING_FIELDS))
         text = json.dumps(values, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -176,6 +198,7 @@ def run_clip_cell(
     model = create_clip_model(config.model, **config.model_options)
     if suspect_file is not None and Path(suspect_file).exists():
         load_state(model, suspect_file)
+        model.to(resolve_device(config.device))  # where a trained one would be
         details["suspect"] = {"file": Path(suspect_file).name, "reused": True}
     else:
         began = time.perf_counter()

@@ -39,8 +39,9 @@ from typing import Any
 from backdoorlab.attacks.triggers import ATTACKS
 from backdoorlab.clip.models import CLIP_MODELS
 from backdoorlab.clip.training import ClipTrainConfig
-from backdoorlab.data.sources import dataset_modality, load_dataset
+from backdoorlab.data.sources import dataset_facts, dataset_modality, load_dataset
 from backdoorlab.experiments.clip_cells import CleaningSpec, ClipCellConfig
+from backdoorlab.experiments.config import check_size
 from backdoorlab.experiments.grid import Cell, Grid
 from backdoorlab.experiments.store import Record, ResultStore
 from backdoorlab.experiments.sweep import SweepSummary, sweep
@@ -101,6 +102,18 @@ class ClipStudyConfig:
             raise ValueError("a CLIP study needs at least one attack")
         if dataset_modality(self.dataset) != "image":
             raise ValueError(f"{self.dataset} is a time-series dataset; a CLIP study needs images")
+        check_size(self.poison_rate, "poison_rate")  # > 0: the clean reference is the study's own cell
+        classes = dataset_facts(self.dataset).get("classes")
+        if classes is not None and not 0 <= self.target < classes:
+            raise ValueError(f"target {self.target} is not a class of {self.dataset} (0 to {classes - 1})")
+        for name in ("train_size", "clean_size", "test_size", "clean_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.eval_every < 0 or self.clean_epochs <= 0 or self.train.epochs <= 0:
+            raise ValueError(
+                f"eval_every must be >= 0 and the epochs > 0, got eval_every {self.eval_every}, "
+                f"clean_epochs {self.clean_epochs}, epochs {self.train.epochs}"
+            )
 
 
 def clip_study_grid(config: ClipStudyConfig, name: str = STUDY_GRID) -> Grid:

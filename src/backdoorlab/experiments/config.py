@@ -308,8 +308,10 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
         """Rebuild from :meth:`to_dict`'s output (a stored result's ``config``) or a tree (a config
-        file, :meth:`to_tree`'s output; its schedule fields without the rest change the recipe's
-        schedule as :meth:`with_overrides` does)."""
+        file, :meth:`to_tree`'s output). A tree's schedule fields given without the rest change the
+        schedule of the config the tree describes, as :meth:`with_overrides` does; to change other
+        fields first, take the parts of :func:`~backdoorlab.experiments.config_tree.from_tree` (as
+        ``backdoorlab run --config`` does, so that typed flags come before them)."""
         if is_tree(values):
             flat, schedule = from_tree(values)
             config = cls.from_dict(flat)

@@ -106,6 +106,17 @@ TREE: dict[str, Any] = {
     "seed": "seed",
 }
 
+
+def _paths(node: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        out.update(_paths(value, path + ".") if isinstance(value, dict) else {value: path})
+    return out
+
+
+#: Each flat field's (and ``train.X``'s) path in the tree.
+TREE_PATHS = _paths(TREE)
 #: Schedule fields the tree holds as the config's own fields (its shortcuts, and the regulariser).
 SCHEDULE_AS_FIELDS = ("epochs", "batch_size", "lr", "regularizer", "regularizer_options")
 #: Sections whose flat field of the same name is a string (a method's or recipe's name).
@@ -137,6 +148,9 @@ def to_tree(flat: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
         for name in ("epochs", "batch_size", "lr"):
             if values[name] is None:
                 values[name] = train[name]
+        if values["regularizer"] is None and train.get("regularizer") is not None:  # set in the schedule alone
+            values["regularizer"] = train["regularizer"]
+            values["regularizer_options"] = train.get("regularizer_options", {})
         values.update({f"train.{k}": v for k, v in train.items()})
 
     def kept(field: str) -> bool:
@@ -166,6 +180,11 @@ def from_tree(tree: dict[str, Any], where: str = "config") -> tuple[dict[str, An
     unknown key is refused with the valid ones at its place, and a ``schema`` other than 2 with the
     forms this version reads."""
     schema = tree.get("schema", TREE_SCHEMA)
+    if schema == FLAT_SCHEMA:
+        raise OptionError(
+            f"{where}: schema 1 is the flat form, which has no sections: write its fields without `schema`, "
+            f"or the tree with `schema: {TREE_SCHEMA}`"
+        )
     if schema != TREE_SCHEMA:
         raise OptionError(
             f"{where}: config schema {schema!r}; this version reads {TREE_SCHEMA} (the tree) and the flat form"
@@ -180,7 +199,8 @@ def from_tree(tree: dict[str, Any], where: str = "config") -> tuple[dict[str, An
                 continue
             if key not in node:
                 place = f"'{path}'" if path else "the top level"
-                raise OptionError(f"{where}: unknown key '{key}' in {place}; valid: {', '.join(node)}")
+                hint = f" ('{key}' of the flat form is '{TREE_PATHS[key]}' in the tree)" if key in TREE_PATHS else ""
+                raise OptionError(f"{where}: unknown key '{key}' in {place}{hint}; valid: {', '.join(node)}")
             if isinstance(node[key], dict):
                 walk(node[key], value, f"{path}.{key}" if path else key)
             else:

@@ -74,7 +74,8 @@ def added_fields(cls: type, keyed: Sequence[str]) -> dict[str, Any]:
     out = {}
     for f in fields(cls):
         if f.name not in keyed:
-            out[f.name] = f.default_factory() if f.default_factory is not MISSING else f.default
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            out[f.name] = json.loads(json.dumps(default))  # as stored: a tuple default is a list there
     return out
 
 
@@ -116,8 +117,8 @@ def cell_key(config: RunConfig) -> str:
     for name in PLACEMENT_FIELDS:
         values.pop(name, None)
     # fields added later are left out at their defaults, so keys stay those of earlier versions
-    _drop_defaults(values, ADDED_FIELDS)
-    _drop_defaults(values.get("train") or {}, ADDED_TRAIN_FIELDS)
+    drop_defaults(values, ADDED_FIELDS)
+    drop_defaults(values.get("train") or {}, ADDED_TRAIN_FIELDS)
     if config.detector is not None and suspect_config(config).defense != config.defense:
         # a detector in a run with a repair or filter scores the suspect model (since 2026-12-07;
         # before, the repaired one): such cells of earlier stores measured another model
@@ -180,7 +181,7 @@ def suspect_key(config: Any) -> str | None:
     return cell_key(victim)
 
 
-def _drop_defaults(values: dict[str, Any], defaults: dict[str, Any]) -> None:
+def drop_defaults(values: dict[str, Any], defaults: dict[str, Any]) -> None:
     """Remove from ``values`` each key of ``defaults`` whose value is its default."""
     for name, default in defaults.items():
         if name in values and values[name] == default:
@@ -220,11 +221,33 @@ def _describe(values: dict[str, Any]) -> str:
     return ", ".join(f"{k}={show(v)}" for k, v in values.items())
 
 
+def untree(values: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
+    """A grid document in the tree form (``config_tree``) as flat fields (its lists stay axes) and
+    the ``train.X=VALUE`` overrides of its schedule fields given without the rest, which change each
+    cell's recipe schedule as ``--set train.X`` does and take no axes."""
+    meta = {k: v for k, v in values.items() if k in META_KEYS}
+    try:
+        flat, schedule = from_tree({k: v for k, v in values.items() if k not in META_KEYS}, source)
+    except ValueError as err:
+        raise GridError(str(err)) from None
+    listed = sorted(k for k, v in schedule.items() if isinstance(v, list) and k != "milestones")
+    if listed:
+        raise GridError(
+            f"{source}: schedule fields given without the rest take no axes ({', '.join(listed)}); "
+            "give a list of whole schedules as the flat form's train:, or one grid document per value"
+        )
+    return {**meta, **flat}, [f"train.{k}={json.dumps(v)}" for k, v in schedule.items()]
+
+
 def expand(
-    values: dict[str, Any], source: str = "<grid>", lines: dict[str, tuple[int, list[int]]] | None = None
+    values: dict[str, Any],
+    source: str = "<grid>",
+    lines: dict[str, tuple[int, list[int]]] | None = None,
+    schedule: Sequence[str] = (),
 ) -> Grid:
-    """Expand and validate a grid given as a mapping (a parsed grid file); ``source`` and ``lines``
-    place error messages."""
+    """Expand and validate a grid given as a mapping (a parsed grid file, flat or a tree: :func:`untree`);
+    ``source`` and ``lines`` place error messages; ``schedule`` (``train.X=VALUE``) changes each
+    cell's recipe schedule field by field."""
     lines = lines or {}
 
     def line_of(key: str, element: int | None = None) -> int | None:
@@ -237,16 +260,10 @@ def expand(
 
     if not isinstance(values, dict):
         raise GridError(f"{source}: a grid file is a mapping of config fields, got {type(values).__name__}")
-    schedule_overrides: list[str] = []
+    schedule_overrides = list(schedule)
     if is_tree(values):  # the tree form (config_tree): its leaves are the flat fields, lists their axes
-        meta = {k: v for k, v in values.items() if k in META_KEYS}
-        try:
-            flat, schedule = from_tree({k: v for k, v in values.items() if k not in META_KEYS}, source)
-        except ValueError as err:
-            raise GridError(str(err)) from None
-        # schedule fields without the rest change each cell's recipe schedule, as --set train.X does
-        schedule_overrides = [f"train.{k}={json.dumps(v)}" for k, v in schedule.items()]
-        values, lines = {**meta, **flat}, {}
+        values, tree_schedule = untree(values, source)
+        schedule_overrides, lines = tree_schedule + schedule_overrides, {}
     unknown = [k for k in values if k not in CONFIG_FIELDS and k not in META_KEYS]
     if unknown:
         key = unknown[0]
@@ -312,8 +329,14 @@ def select(grid: Grid, only: dict[str, Any]) -> Grid:
     return Grid(grid.name, cells, grid.description)
 
 
-def _override(values: dict[str, Any], overrides: Sequence[str], path: Path) -> None:
+def _override(values: dict[str, Any], overrides: Sequence[str], path: Path, schedule: list[str] | None = None) -> None:
+    """Apply ``--set`` overrides to a flat grid document; a ``train.X`` one goes to ``schedule`` (a
+    tree document's field-by-field schedule changes) where given, else needs the document's whole
+    ``train:``."""
     for assignment in map(flat_assignment, overrides):
+        if assignment.startswith("train.") and schedule is not None and not isinstance(values.get("train"), dict):
+            schedule.append(assignment)
+            continue
         if assignment.startswith("train.") and not isinstance(values.get("train"), dict):
             raise GridError(
                 f"{path}: --set {assignment.partition('=')[0]} needs a train: mapping in the grid (a grid's train: "
@@ -345,12 +368,18 @@ def load_grid(path: str | Path, *, data_root: str | None = None, overrides: Sequ
     # where the data is (a placement field, out of every key) is known to validation: a file an
     # attack reads from the data root (Blended's Hello Kitty) is checked against it
     placed = {"data_root": data_root} if data_root is not None else {}
-    for values in documents:
-        if isinstance(values, dict):
-            _override(values, overrides, path)
+    schedules: list[list[str] | None] = []
+    for i, values in enumerate(documents):
+        schedule = None
+        if isinstance(values, dict) and is_tree(values):  # flat first, so --set and the placement apply
+            documents[i], schedule = untree(values, str(path))
+            nodes[i] = yaml.compose("{}")  # its lines are those of the tree, not of flat keys
+        if isinstance(documents[i], dict):
+            _override(documents[i], overrides, path, schedule)
+        schedules.append(schedule)
     grids = [
-        expand({**values, **placed} if isinstance(values, dict) else values, str(path), _lines(node))
-        for values, node in zip(documents, nodes)
+        expand({**values, **placed} if isinstance(values, dict) else values, str(path), _lines(node), schedule or ())
+        for values, node, schedule in zip(documents, nodes, schedules)
         if values is not None
     ]
     cells: list[Cell] = []

@@ -313,6 +313,7 @@ def clip_study(records: list[Record]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
     for r in records:
         if r.status == "done" and r.metrics and r.config.get("kind") == "clip":
+            # ClipCellConfig.stage, read from the stored config (the report imports no training code)
             cleaning = r.config.get("cleaning")
             stage = cleaning["method"] if cleaning else "clean" if not float(r.config["poison_rate"]) else "poisoned"
             groups[(r.config["attack"], stage)].append(r)
