@@ -217,7 +217,7 @@ def _read_config_file(path: Path) -> tuple[dict[str, Any], list[str]]:
     one) or the flat one; errors name the file."""
     import yaml
 
-    from backdoorlab.experiments.config_tree import from_tree, is_tree
+    from backdoorlab.experiments.config_tree import from_tree, is_tree, schedule_assignments
 
     if not path.is_file():
         raise ValueError(f"--config {path}: no such file")
@@ -232,7 +232,7 @@ def _read_config_file(path: Path) -> tuple[dict[str, Any], list[str]]:
     if not is_tree(values):
         return values, []
     flat, schedule = from_tree(values, str(path))
-    return flat, [f"train.{k}={json.dumps(v)}" for k, v in schedule.items()]
+    return flat, schedule_assignments(schedule)
 
 
 def _typed(ctx: typer.Context, fields: list[str]) -> set[str]:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from backdoorlab import __version__
-from backdoorlab.attacks.triggers import ATTACKS, Trigger
+from backdoorlab.attacks.triggers import ATTACKS
 from backdoorlab.clip.cleanings import Cleaning, create_cleaning
 from backdoorlab.clip.evaluate import evaluate_zero_shot, zero_shot_classifier, zero_shot_predict
 from backdoorlab.clip.models import ClipModel, create_clip_model
@@ -187,11 +187,11 @@ def run_clip_cell(
     victim = config.victim()
     timings: dict[str, float] = {}
     details: dict[str, Any] = {}
+    # the cell's trigger, which a poisoned model's victim shares (only a clean reference drops it)
+    trigger = ATTACKS.create(config.attack, tuple(data.train.images.shape[1:]), **config.attack_options)
     pairs = data.train
     if victim.poison_rate:  # cheap: said by every cell of the model, whichever trained it
-        poisoned = poison_pairs(
-            data.train, _trigger(victim, data), rate=victim.poison_rate, target=victim.target, seed=victim.seed
-        )
+        poisoned = poison_pairs(data.train, trigger, rate=victim.poison_rate, target=victim.target, seed=victim.seed)
         pairs = poisoned.pairs
         details["poisoned_pairs"] = int(poisoned.mask.sum())
     torch.manual_seed(config.seed)  # the projections' initialisation
@@ -208,7 +208,6 @@ def run_clip_cell(
         if suspect_file is not None:
             save_state(model, suspect_file)
             details["suspect"] = {"file": Path(suspect_file).name, "reused": False}
-    trigger = _trigger(config, data)
 
     def evaluate(m: ClipModel) -> dict[str, float]:
         return evaluate_zero_shot(m, data.test, trigger, config.target, retrieval=True, seed=config.seed)
@@ -253,10 +252,6 @@ def run_clip_cell(
         "warnings": warnings,
         "version": __version__,
     }
-
-
-def _trigger(config: ClipCellConfig, data: StudyData) -> Trigger:
-    return ATTACKS.create(config.attack, tuple(data.train.images.shape[1:]), **config.attack_options)
 
 
 def save_state(model: torch.nn.Module, path: str | Path) -> None:

@@ -7,7 +7,6 @@ can be rerun from it. Fields left ``None`` take the named recipe's choice for th
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -18,7 +17,7 @@ from backdoorlab.attacks.poisoning import PoisonSpec
 from backdoorlab.attacks.triggers import ATTACKS, create_trigger
 from backdoorlab.data.sources import dataset_facts, dataset_loader, dataset_modality
 from backdoorlab.defenses import DETECTORS, INPUT_DETECTORS, defense_kind, registry_for
-from backdoorlab.experiments.config_tree import flat_assignment, from_tree, is_tree, to_tree
+from backdoorlab.experiments.config_tree import flat_assignment, from_tree, is_tree, schedule_assignments, to_tree
 from backdoorlab.experiments.presets import Preset, preset_for
 from backdoorlab.experiments.recipes import (
     DEFAULT_RECIPE,
@@ -315,7 +314,7 @@ class RunConfig:
         if is_tree(values):
             flat, schedule = from_tree(values)
             config = cls.from_dict(flat)
-            return config.with_overrides([f"train.{k}={json.dumps(v)}" for k, v in schedule.items()])
+            return config.with_overrides(schedule_assignments(schedule))
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -29,6 +29,7 @@ the flat form (schema 1), which every reader still takes.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from backdoorlab.options import OptionError
@@ -254,6 +255,12 @@ def flat_path(path: str) -> str:
             return node["name"]
         raise OptionError(f"--set {path}: a section of the config; set one of its keys: {', '.join(node)}")
     return path
+
+
+def schedule_assignments(schedule: dict[str, Any]) -> list[str]:
+    """:func:`from_tree`'s schedule changes as ``train.X=VALUE`` overrides (``--set``'s form, the
+    value as JSON, which ``set_path`` reads back as YAML)."""
+    return [f"train.{k}={json.dumps(v)}" for k, v in schedule.items()]
 
 
 def flat_assignment(assignment: str) -> str:

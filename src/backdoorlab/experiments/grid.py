@@ -36,7 +36,7 @@ import yaml
 
 from backdoorlab.attacks.triggers import ATTACKS
 from backdoorlab.experiments.config import RunConfig, set_path
-from backdoorlab.experiments.config_tree import flat_assignment, from_tree, is_tree
+from backdoorlab.experiments.config_tree import flat_assignment, from_tree, is_tree, schedule_assignments
 from backdoorlab.registry import UnknownNameError
 from backdoorlab.training.loop import TrainConfig
 
@@ -236,7 +236,7 @@ def untree(values: dict[str, Any], source: str) -> tuple[dict[str, Any], list[st
             f"{source}: schedule fields given without the rest take no axes ({', '.join(listed)}); "
             "give a list of whole schedules as the flat form's train:, or one grid document per value"
         )
-    return {**meta, **flat}, [f"train.{k}={json.dumps(v)}" for k, v in schedule.items()]
+    return {**meta, **flat}, schedule_assignments(schedule)
 
 
 def expand(
