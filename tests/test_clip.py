@@ -359,6 +359,7 @@ def test_each_cleaning_is_a_registered_recipe_and_objective() -> None:
         ClipStudyConfig(cleanings=("slower",)).validate()
 
 
+@pytest.mark.slow
 def test_a_clip_cell_gives_the_same_numbers_whether_it_trains_its_model_or_loads_it(tmp_path: Path) -> None:
     """A cleaning cell's numbers depend on its config alone: the cell that trained the poisoned model
     and the one that loaded it from the sweep's shared file clean it to the same CA and ASR (fit_clip

@@ -230,6 +230,7 @@ def test_unknown_prefixes_and_names_list_the_prefixed_forms(tmp_path: Path) -> N
 # --- hf:NAME ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_hf_name_reads_what_the_datasets_library_loads_as_parquet_reads_it(tmp_path, monkeypatch):
     """A local folder through ``datasets.load_dataset`` (offline, its cache in tmp_path) gives the
     same tensors and class names as ``parquet:`` on the same files; its errors name the set."""

@@ -75,6 +75,7 @@ def one_line_naming(err: BaseException, path: Path) -> str:
 # -- resume only what matches ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_clip_study_rerun_with_another_config_keeps_both_apart(tmp_path: Path) -> None:
     """Issue case 2: the rerun with ``--poison-rate 0.5 --seed 7 --target 3`` reused the old model
     and attack results under the new labels. Now each cell's key is its config: the rerun trains its
@@ -136,6 +137,7 @@ def test_clip_study_rerun_with_another_config_keeps_both_apart(tmp_path: Path) -
     assert f"{asr['clean_accuracy']:.3f} / {asr['attack_success_rate']:.3f}" in table and table != first_table
 
 
+@pytest.mark.slow
 def test_clip_study_names_a_corrupt_shared_model_and_runs_no_pickle(tmp_path: Path) -> None:
     """Issue case 11: a shared model file is read as safetensors, never unpickled: a pickle that would
     run code there fails its cells with an error naming the file, and its code never runs."""
