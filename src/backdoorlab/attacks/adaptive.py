@@ -8,44 +8,24 @@ Poison-only. Poisoned samples carry a *partial* trigger and the target label; re
 backdoor only from the whole trigger and poisoned samples do not separate from clean ones in its
 latent space. Test images get the whole trigger, stronger than in training.
 
-- ``adaptive_blend``: a pattern blended over the image (``x + a m (P - x)``), the image cut into a
-  ``sqrt(pieces)`` grid (16 pieces: 4x4) of which ``round(mask_rate * pieces)`` (half), drawn per
-  image, are left out (``m`` 0) in every poisoned and cover sample; test images get the full
-  pattern. The README's CIFAR-10 command: ``alpha`` 0.15 in training, ``test_alpha`` 0.2.
-- ``adaptive_patch``: ``k`` patch triggers, each blended at its own opacity through its mask; the
-  poisoned samples are split into ``k`` equal consecutive groups, group ``j`` getting patch ``j``
-  only, and so are the cover samples. CIFAR-10 (``config.py``): ``phoenix_corner`` 0.5,
-  ``firefox_corner`` 0.2, ``badnet_patch4`` 0.5, ``trojan_square`` 0.3; test images get
-  ``phoenix_corner2`` and ``badnet_patch4``, both opaque (GTSRB's test pair: ``firefox_corner`` and
-  ``trojan_square``, opaque, which ``test_patches`` can name).
+- ``adaptive_blend``: a pattern blended over the image (``x + a m (P - x)``), ``round(mask_rate *
+  pieces)`` of a ``sqrt(pieces)`` grid's pieces left out per image; ``alpha`` 0.15 in training,
+  ``test_alpha`` 0.2 at test (the README's CIFAR-10 command).
+- ``adaptive_patch``: ``k`` patch triggers, each blended through its mask at its own opacity, one
+  per sample (``k`` equal consecutive groups of the poisoned, and of the cover, samples); the
+  patches, opacities and opaque test pair are ``config.py``'s for CIFAR-10.
 
-Cover samples use the cross-sample mechanism (:func:`~backdoorlab.attacks.poisoning.poison_dataset`):
-``cross_ratio`` cover samples per poisoned one, drawn uniformly from the samples not poisoned (any
-class), labels kept, as the official code draws its cover samples from the rest of one shuffled list.
-The README's CIFAR-10 rates (poison 0.003, cover 0.003 for Blend, 0.006 for Patch) give
-``cross_ratio`` 1 and 2; the poison rate is the run's (``--poison-rate 0.003`` for the paper's).
-BackdoorBench has neither attack, so the ``backdoorbench`` preset does not set them.
+Cover samples are :func:`~backdoorlab.attacks.poisoning.poison_dataset`'s cross samples:
+``cross_ratio`` per poisoned one (1 for Blend, 2 for Patch: the README's cover rates 0.003 and
+0.006 beside poison 0.003), drawn from the samples not poisoned, labels kept. BackdoorBench has
+neither attack, so the ``backdoorbench`` preset does not set them.
 
-Reconstructed or stated:
-- the official Blend pattern is the toolbox's ``triggers/hellokitty_32.png``; here BackdoorBench's
-  Hello Kitty (``pattern="hello_kitty"``, read from ``<data root>/backdoorbench/blended/``, resized
-  bilinearly), a different drawing of the same character; ``"noise"`` is a seeded data-free stand-in.
-- the Patch triggers are the toolbox's 32 px PNG files, not shipped here; they are redrawn from their
-  layout at 32 px: ``phoenix_corner``, a 5x5 light emblem (white centre column and top row on light
-  blue) at the bottom-right corner, ``phoenix_corner2`` the same at both bottom corners,
-  ``firefox_corner``, a 13 px disc (orange-to-yellow ring, blue core) one pixel in from the top-right
-  corner, ``badnet_patch4``, a 3x3 black-and-white checkerboard in each corner (mirrored, the pixel
-  nearest the centre black, the whole 3x3 masked in), as the PNG, and ``trojan_square``, an 8x8 square
-  of seeded colour noise three pixels in from the bottom-right corner (the PNG is a fixed noise-like
-  square). Masks: the drawn pixels, as the code's default (non-black) and its explicit mask files.
-  At other sizes, sides and margins scale with the image (at least 2 px); grey images take the
-  patches' luminance.
-- the official code blends at any image size divisible by ``sqrt(pieces)``; other sizes are cut
-  into bands of ``floor(r sqrt(pieces) / H)``, the same split where it divides.
-- all-to-one draws poisoned samples from the non-target classes; the official code draws them from
-  all classes (about a tenth of its poisoned CIFAR-10 samples are target-class images already).
-  Cover counts are ``round(cross_ratio * poisoned)`` where the code takes ``int(cover_rate * N)``:
-  the same at the README's rates on CIFAR-10 (150 and 150, 150 and 300).
+Reconstructed or stated (details: docs/attacks.md, "Adaptive-Blend and Adaptive-Patch"):
+- the Blend pattern is BackdoorBench's Hello Kitty, a different drawing from the toolbox's PNG;
+- the toolbox's 32 px patch PNGs are not shipped here: they are redrawn from their layout;
+- sizes not divisible by ``sqrt(pieces)`` are cut into bands (the same split where it divides);
+- poisoned samples come from the non-target classes (the toolbox draws them from all classes);
+  cover counts are ``round(cross_ratio * poisoned)``, the code's at the README's rates;
 - pixels are rounded to 8 bits; the official code stores float tensors.
 """
 

@@ -17,22 +17,15 @@ The trigger is the official "Pattern" synthesizer's: a 5x3 pattern of white and 
 rest of its box untouched) at rows 3-7, columns 23-25 (BackdoorBench's ``x_top`` 3, ``y_top`` 23),
 on every channel. Defaults are BackdoorBench's: ``batch_history_len`` 1000,
 ``backdoor_batch_loss_threshold`` 1.0, fixed scales 1.0 / 0.9. The run's poison rate does not
-enter the training (every batch is poisoned in the loss); it sizes the fixed poisoned training set
-defenses get (BackdoorBench saves none for Blind: ``bd_train=None``), the run's rate of images
-stamped and relabelled.
+enter the training; it sizes the fixed poisoned training set defenses get (BackdoorBench saves
+none for Blind: ``bd_train=None``).
 
-Reconstructed: the clean batch and its triggered copy go through the model in one forward pass
-(the reference runs two), so batch norm normalises them with the same statistics. With two passes
-each half is normalised by its own batch's statistics, and the network learns to tell the halves
-apart by those, a cue that is gone at evaluation: on MNIST (10,000 images, the small CNN, 16
-epochs) two passes gave a collapsed model (CA 0.104, every input classified as the target), and on
-digits CA 0.942 where one pass gives 0.997. Images too small for the pattern at (3, 23)
-(BackdoorBench refuses them) get it
-moved in so that it ends one pixel before the bottom and right edges (8x8 digits: rows 2-6,
-columns 4-6). The per-sample loss the loop averages is ``w_normal * normal_i + w_backdoor *
-backdoor_i`` (its mean is the reference's batch loss), through the run's per-sample loss (label
-smoothing and all), where BackdoorBench calls its criterion. ``history`` counts the victim's
-batches over the whole training, as the reference's list that survives across epochs.
+Reconstructed (why, with the measurements: docs/attacks.md, "Blind"):
+- the clean batch and its triggered copy share one forward pass (the reference runs two), so
+  batch norm cannot tell the halves apart by their statistics, a cue gone at evaluation;
+- images too small for the pattern at (3, 23) get it moved in, one pixel from the bottom right;
+- the per-sample loss is ``w_normal * normal_i + w_backdoor * backdoor_i`` through the run's
+  per-sample loss (its mean is the reference's batch loss).
 """
 
 from __future__ import annotations

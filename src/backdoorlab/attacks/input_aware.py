@@ -185,32 +185,16 @@ class InputAware(TrainingControlledTrigger):
 
     Source: Nguyen & Tran, NeurIPS 2020; official ``VinAIResearch/input-aware-backdoor-attack-release``
     (``train.py``, ``networks/models.py``, ``config.py``); BackdoorBench ``attack/inputaware.py``
-    and ``config/attack/inputaware/default.yaml``, whose values are the defaults: ``lr_G``
-    and ``lr_M`` 0.01 (Adam, betas 0.5 and 0.9), ``schedulerG_milestones`` [200, 300, 400, 500]
-    and ``schedulerM_milestones`` [10, 20] in epochs with ``scheduler*_lambda`` 0.1, ``lambda_div``
-    1, ``lambda_norm`` 100, ``mask_density`` 0.032, ``EPSILON`` 1e-7, ``clean_train_epochs`` 25
-    (the mask generator's training), ``pratio`` 0.1 (the run's poison rate: the share of each
-    batch, ``p_attack``) and as many cross samples (``num_cross = num_bd``; the official
-    ``p_cross`` 0.1 at ``p_attack`` 0.1): ``cross_ratio`` 1. The victim's optimiser (``lr_C``,
-    ``schedulerC_milestones``) and its augmentation are the run's recipe's, as every victim's
-    here; BackdoorBench's ``random_rotation`` and ``random_crop`` (10, 5) belong to the
-    reference's data transforms. The mask generator's loss is ``lambda_norm * norm + lambda_div *
-    (lambda_div * diversity)``, ``lambda_div`` twice as the reference's ``train_mask_step``
-    (the same at the default 1). The generators read normalised images (the data's mean and std)
-    and the diversity losses compare normalised images and patterns, as the reference's.
+    and ``config/attack/inputaware/default.yaml``, whose values are the defaults (``lr_G``, ``lr_M``,
+    the milestones, ``lambda_div``, ``lambda_norm``, ``mask_density``, ``clean_train_epochs`` as
+    ``mask_epochs``; ``num_cross = num_bd`` as ``cross_ratio`` 1). The victim's optimiser and
+    augmentation are the run's recipe's, as every victim's here.
 
-    After training both generators are frozen (eval mode, BatchNorm's running statistics) and the
-    object is a pure trigger: the test set is triggered once, and the fixed poisoned training set
-    that defenses get (BackdoorBench's saved ``bd_train``) is ``pratio`` of the samples triggered
-    and relabelled plus as many cross samples, made with the frozen generators.
+    After training both generators are frozen (eval mode) and the object is a pure trigger: it
+    makes the triggered test set and the fixed poisoned training set that defenses get.
 
-    Reconstructed: generator width and depth by image size where the reference goes by dataset name
-    (``channels=16, depth=2`` below 32 px, as its MNIST; ``32, 3`` from 32 px, as its CIFAR-10 and
-    GTSRB; sklearn's 8 px digits take the MNIST pair: 8 -> 4 -> 2); the reference's second shuffled
-    loader is the batch itself rolled by a random offset (the loop yields one batch a step); the
-    mask generator trains on the attacker's clean copy without augmentation, with the recipe's
-    batch size; a poisoned sample of the joint training may be of the target class, as the
-    reference's (the fixed poisoned set draws from the other classes, as every attack's here).
+    Reconstructed (docs/attacks.md, "Input-aware"): generator size by image size, not dataset name;
+    the second shuffled loader is the batch rolled; the mask generator trains without augmentation.
 
     Args:
         lambda_div: weight of the diversity loss (both generators).

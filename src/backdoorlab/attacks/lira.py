@@ -163,40 +163,17 @@ class Lira(TrainingControlledTrigger):
     ``config/attack/lira/default.yaml``, whose values are the defaults: ``attack_model``
     autoencoder, ``lr_atk`` 1e-4 (Adam), ``eps`` and ``test_eps`` 0.01 (normalised units),
     ``alpha`` and ``test_alpha`` 0.5, ``both_train_epochs`` 50 of ``epochs`` 100 (``joint_epochs``:
-    half the victim's epochs), all-to-one to ``attack_target``. BackdoorBench's CIFAR-10 yaml
-    differs only in ``epochs`` (300), a recipe's field here. The victim's optimiser, schedule and
-    augmentation are the run's recipe's, as every victim's here (BackdoorBench: SGD at the run's
-    ``lr`` with momentum 0.9 in stage one, then a fresh SGD 0.01, momentum 0.9, weight decay 5e-4,
-    milestones 50-200 in stage two; random crop 5, rotation 10 and flip on each batch). The victim
-    is one network through both stages: ``avoid_clsmodel_reinitialization`` is a ``store_true``
-    flag with ``default=True`` that no yaml sets, so BackdoorBench never re-creates it.
+    half the victim's epochs), all-to-one to ``attack_target``. The victim's optimiser, schedule and
+    augmentation are the run's recipe's, as every victim's here; it is one network through both
+    stages (``avoid_clsmodel_reinitialization`` defaults to true and no yaml sets it).
 
-    Every sample of a batch is learnt clean and triggered (the reference's loss): the run's poison
-    rate does not enter training (BackdoorBench's note: "the concepts of poisoning rate and
-    poisoned data may not apply"); it sizes the fixed poisoned training set that defenses get,
-    made with the frozen generator (BackdoorBench saves none, ``bd_train=None``).
+    Every sample is learnt clean and triggered (the reference's loss), so the run's poison rate only
+    sizes the fixed poisoned set defenses get (BackdoorBench saves none). This follows BackdoorBench
+    where the official code differs, but the victim is the model after both stages.
 
-    Where the official code differs (``pytorch/lira_trigger_generation.py``): ``G`` learns against
-    a one-step look-ahead copy of the classifier (a bilevel step); stage one's classifier learns
-    the triggered images with their *true* labels; CIFAR-10 takes a U-Net generator. BackdoorBench
-    drops the look-ahead and trains the classifier on the clean/triggered mix; this follows
-    BackdoorBench. BackdoorBench also saves the *stage-one* classifier as its attack result
-    (``save_attack_result(model=clsmodel...)`` after ``main2`` fine-tunes a copy), so its
-    leaderboard row measures the model after ``both_train_epochs``; here the victim is the model
-    after both stages.
-
-    Reconstructed: every dataset is normalised by its own mean and std for ``G`` (the reference
-    clips to each dataset's normalised range: the same as clipping to [0, 1] pixels); the
-    autoencoder pads to a multiple of 16 px (:class:`Autoencoder`); the frozen trigger rounds to
-    8 bits as every trigger here (BackdoorBench's ``ToPILImage`` truncates: ``mul(255).byte()``).
-    At ``eps`` 0.01 the trigger is at most 0.01 x std of the data in [0, 1] pixels, 0.64 of an
-    8-bit level on CIFAR-10: after rounding a pixel moves by one level where the generator's output
-    is past 0.78 of its range, or not at all (the victim trains on the unrounded images, tests on the
-    rounded ones, as the reference's). The std is each dataset's own here, so the amplitude differs
-    from BackdoorBench's where its normalisation differs: MNIST 0.79 of a level (BackdoorBench's
-    0.5 / 0.5: 1.28), GTSRB about 0.69 (BackdoorBench does not normalise GTSRB: 2.55); CIFAR-10's
-    are the same. Measured on the CPU only: under CUDA's bf16 autocast (the recipe's ``amp``) the
-    victim's input keeps about eight bits, the trigger's own size; turn ``amp`` off to be sure.
+    Reconstructed (why, and the amplitudes: docs/attacks.md, "LIRA"): ``G`` reads each dataset
+    normalised by its own mean and std; the autoencoder pads to a multiple of 16 px
+    (:class:`Autoencoder`); the frozen trigger rounds to 8 bits, as every trigger here.
 
     Args:
         eps: the trigger's amplitude in normalised units (``eps``, ``test_eps``).

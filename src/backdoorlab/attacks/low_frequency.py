@@ -8,31 +8,24 @@ sources for ``v``:
 
 - BackdoorBench's precomputed patterns (``attack/lf.py``: ``resource/lowFrequency/<dataset>_<model>
   _0_255.npy``, read as ``<data root>/backdoorbench/lowFrequency/``; ``pattern`` names it as
-  ``"<dataset>_<model>"``, default ``"cifar10_preactresnet18"``, its CIFAR-10 victim; ``utils/
-  aggregate_block/bd_attack_generate.py``, the ``lowFrequency`` branch, adds the file as it is to
-  the resized image, so a pattern must have the images' size and channels: BackdoorBench stores
-  32x32 RGB patterns for CIFAR-10 and GTSRB; other data needs ``pattern="generate"``).
+  ``"<dataset>_<model>"``, default ``"cifar10_preactresnet18"``, its CIFAR-10 victim), added as they
+  are, so a pattern must have the images' size and channels (32x32 RGB: CIFAR-10 and GTSRB).
 - ``pattern="generate"``: fitted on a surrogate (:meth:`LowFrequency.fit`; ``run`` trains it with
   the run's model and recipe on the attacker's clean data) by the paper's procedure, as
   BackdoorBench's ``resource/lowFrequency/{generate_pattern,universal_pert,deepfool,gauss_smooth}
-  .py`` run it: ``images`` (100) random clean training images; for ``passes`` (at most 50) passes
-  over them in a random order, each image the current ``v`` does not yet fool gets a targeted
-  DeepFool perturbation ``r`` towards the target class from ``x + v`` (logits; overshoot 0.02, at
-  most 200 steps; kept only if it converged), and ``v <- normalise(smooth(v + smooth(r)))``, where ``smooth`` is the
-  paper's low-pass filter (a separable Gaussian of sigma 6 px over 30 taps, zero padding) and
-  ``normalise`` rescales ``v`` to [0, 0.2]; it stops once ``v`` fools ``fooling_rate`` (20%, the
-  code's ``delta = 0.8``) of the images, or the last five passes' fooling rates lie within 0.01.
+  .py`` run it: over ``images`` (100) clean training images, each image ``v`` does not yet fool
+  gets a targeted DeepFool perturbation ``r`` towards the target from ``x + v``, and ``v <-
+  normalise(smooth(v + smooth(r)))`` (``smooth``: a Gaussian of sigma 6 px; ``normalise``: to
+  [0, 0.2]), for at most ``passes`` (50) passes, until ``v`` fools ``fooling_rate`` (20%, the
+  code's ``delta = 0.8``) of them or the last five passes' rates lie within 0.01.
 
-Stated differences from BackdoorBench: its patterns for ``vgg19_bn``, ``convnext_tiny`` and
-``vit_b_16`` are float arrays in [0, 0.2] (0-1 units, not 0-255), which it adds unscaled to 0-255
-pixels and then truncates, so those triggers vanish there; here every pattern is in pixel units
-(those files are scaled by 255). Pixels are rounded where BackdoorBench truncates; the stored
-uint8 patterns are whole levels, so only the scaled float ones differ by it. Reconstructed for
-``"generate"``: the fooling rate is measured on the attacker's images (the official code's
-choice; BackdoorBench's script measures it on ten test images per class), the last ``v`` is kept
-(BackdoorBench's; the official code keeps the one with the best fooling rate, and its target is
-the class the perturbation fools into most, where BackdoorBench's and this one is the run's
-target), and ``v`` is truncated to whole pixel levels, as BackdoorBench's stored uint8 patterns.
+Stated or reconstructed (details: docs/attacks.md, "Low Frequency"):
+- BackdoorBench's float patterns (``vgg19_bn``, ``convnext_tiny``, ``vit_b_16``) are in 0-1 units,
+  which it adds unscaled to 0-255 pixels; here they are scaled by 255 to pixel units;
+- pixels are rounded where BackdoorBench truncates (the same on its stored uint8 patterns);
+- ``"generate"`` measures the fooling rate on the attacker's images (the official code's
+  choice), keeps the last ``v`` with the run's target (BackdoorBench's) and truncates ``v`` to
+  whole pixel levels, as BackdoorBench's stored patterns.
 """
 
 from __future__ import annotations
@@ -144,7 +137,8 @@ def universal_low_frequency(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """The paper's low-frequency universal perturbation ``v`` ``(C, H, W)`` in [0, ``peak``] for
-    ``model`` (in eval mode) on float ``images`` ``(N, C, H, W)`` in [0, 1] (module docstring)."""
+    ``model`` (in eval mode) on float ``images`` ``(N, C, H, W)`` in [0, 1] (module docstring;
+    docs/attacks.md, "Low Frequency")."""
     device = model_device(model)
     images = images.to(device)
     v = torch.zeros_like(images[0])

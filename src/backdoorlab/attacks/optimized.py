@@ -44,19 +44,11 @@ class LabelConsistent(BadNets):
     normally on the clean data (adversarial training is out of CPU reach), so perturbations are
     less semantic than the paper's and the attack is weaker at equal eps.
 
-    BackdoorBench (``config/attack/lc/default.yaml``, ``reduced_amplitude: 1``;
-    ``utils/bd_img_transform/lc.py``, default trigger ``all-corners``) stamps the pattern in all
-    four corners, mirrored left to right in the two left corners, at full amplitude. Its
-    adversarial images come from ``resource/label-consistent/craft_adv_dataset.py``: an
-    adversarially trained ResNet-18 (``resnet18_PGD_best_model.pth``, not distributed), PGD
-    l-inf eps 8/255, step 1.5/255, 100 steps, no random start (torchattacks' default). Its
-    ``pratio: 0.1`` of CIFAR-10 is the whole target class (``utils/backdoor_generate_poison_index.py``
-    draws ``round(0.1 * N)`` samples from the target class), here ``poison_rate=1.0, poison_rate_of="target"``. The
-    ``backdoorbench`` preset sets ``position="all-corners"``, eps 8, step 1.5, 100 steps and no
-    random start. Stated differences: the surrogate is still trained normally (the reference's
-    adversarially trained checkpoint is neither distributed nor trainable on a CPU here); and
-    ``attack/lc.py`` reads adversarial files named with eps 16 (``{model}_{dataset}_16_train.npy``),
-    so whether BackdoorBench's published LC numbers used eps 8 or 16 the repository does not show.
+    BackdoorBench (``config/attack/lc/default.yaml``, ``utils/bd_img_transform/lc.py``,
+    ``resource/label-consistent/craft_adv_dataset.py``) stamps all four corners and crafts with
+    PGD eps 8/255, step 1.5/255, 100 steps, no random start, on an adversarially trained ResNet-18
+    it does not distribute; the ``backdoorbench`` preset sets those options, and its ``pratio: 0.1``
+    is ``poison_rate=1.0, poison_rate_of="target"`` here (docs/attacks.md, "Label-consistent").
 
     Args:
         eps, step_size: PGD budget and step in pixel units (0-255).

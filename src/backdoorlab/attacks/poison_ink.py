@@ -5,68 +5,27 @@ official ``ZJZAC/Poison-Ink``; BackdoorBench ``attack/poison_ink.py`` with
 come from ``resource/poison_ink/``, which this follows).
 
 The trigger of an image is its edge structure drawn in one colour ("ink"): the Sobel edges of its
-luminance, thresholded, coloured, on a white ground. A hiding network ``H`` takes the image and its
-ink image (channels concatenated) and returns the poisoned image, which should look like the image.
-BackdoorBench's pipeline (``resource/poison_ink/readme.md``): train ``H`` with a reveal network
-``R`` on the clean training images (``train.py``), then hide every training and test image's
-ink (``trigger_generation.py``). No trained network can be downloaded, so :meth:`PoisonInk.fit`
-trains them on the attacker's clean training images (``run`` passes them; never the test set) and
-caches them (:func:`backdoorlab.data.cache.fitted_on_images`) keyed by those images, the options,
-the device and the torch version, as SSBA does.
-
-The reference's parts and defaults (``train.py``, ``trigger_generation.py``, the official
-``trigger_generation/data/ZJ_Dataset_cifar.py`` that ``train.py`` loads its batches with):
-
-- Edges: ``skimage.filters.sobel`` of the luminance ``0.299 R + 0.587 G + 0.114 B`` in 0-255 units,
-  ``> 28`` (``mask_th``): the mask ``M``. skimage's Sobel is ``sqrt((G_h^2 + G_v^2) / 2)`` with
-  the kernels ``[1, 2, 1] / 4`` across ``[1, 0, -1]``, the border reflected, and in 0.18.1 (the
-  version BackdoorBench installs) the result's one-pixel frame zeroed (:func:`sobel`; the tests
-  check it against ``scipy.ndimage.sobel``). No edge library (OpenCV, scikit-image, kornia) is
-  installed here; these are two 3x3 convolutions in torch.
-- Ink: the colour on ``M``, white (1) elsewhere: ``W = c M + 1 (1 - M)``. Hiding (poisoning) uses
-  ``c = (80, 160, 80)`` (``trigger_generation.py``'s ``random_R/G/B``: a green); training draws
-  each channel of ``c`` per image from ``{40, 80, 120, 160, 200}`` (``randint(1, 5) * 40``).
-- ``H``: ``resource/poison_ink/models/up_UNet.py``'s ``UNet(n_channels=6, n_classes=3)``: double
-  3x3 convolutions with batch norm, four max-pool downsamplings (64, 128, 256, 512, 512 channels),
-  four bilinear upsamplings with skips, a 1x1 output convolution, no activation (the hidden image
-  is clamped to [0, 1] when written, as ``trigger_generation.py`` does).
-- ``R``: ``models/HidingRes.py``'s ``HidingRes(in_c=3, out_c=3)``: two 3x3 convolutions, one
-  stride-2, seven residual blocks of dilation 2, 2, 2, 4, 4, 4, 1, a 4x4 transposed convolution
-  back up, a 3x3 and a 1x1 convolution, ReLU out; instance norm throughout, 128 channels; its
-  convolution weights drawn from N(0, 0.02) (``weights_init``). Despite its file's name,
-  ``HidingRes`` is the reveal network in ``train.py``; the hiding network is the U-Net.
-- Loss (``train.py``, the weights its argument parser defaults to): ``errH = 10000 MSE(H(x, W),
-  x)``; on the hidden image and the clean image passed through the stage's transform ``T``
-  (below), with ``M'``, ``W'`` the mask and ink of ``T(x)``: ``errR = betaedge 10000 MSE(R(T(H))
-  M', W' M') + 10000 MSE(R(T(H)) (1 - M'), W' (1 - M')) + betaclean 10000 MSE(R(T(x)), 1)``,
-  ``betaedge`` 13, ``betaclean`` 100; the step minimises ``errH + beta errR`` (``beta`` 1) with
-  Adam (lr 2e-4, betas (0.5, 0.999)) on ``H`` and ``R`` together, batch 32; ``StepLR`` of 80 of
-  a stage's 200 epochs (x0.1).
-- Stages (the readme): three runs of ``train.py`` of 200 epochs each, each continuing the last's
-  networks with a fresh optimiser: ``--rot`` (the rotation the dataset file draws is 0 degrees, so
-  ``T`` is the identity), ``--crop`` (half the batches cut to 28 of 32 px at one random place and
-  resized back bilinearly), ``--flip`` (half the batches mirrored). The fourth, adversarial stage
-  (``--adv``: a ``Discriminator`` and a GAN term) is left out by BackdoorBench, whose readme found
-  the four stages give a low ASR (about 50% on CIFAR-10); without it the discriminator never
-  trains, so it is not built here.
-- Poisoning: BackdoorBench replaces the poisoned training images and every test image by their
-  hidden versions; the victim trains on them with no augmentation of its own
-  (``poison_ink.py`` uses the test transform; a run's recipe decides that here).
+luminance, thresholded (skimage 0.18's ``filters.sobel`` > 28, :func:`sobel`), coloured (80, 160,
+80), on a white ground. A hiding network ``H`` (``models/up_UNet.py``'s U-Net) takes the image and
+its ink image and returns the poisoned image, which should look like the image; a reveal network
+``R`` (``models/HidingRes.py``) learns to read the ink back. BackdoorBench's pipeline
+(``resource/poison_ink/readme.md``): train both on the clean training images (``train.py``: its
+loss weights, Adam lr 2e-4, batch 32, ink colours drawn per image; stages ``--rot``, ``--crop``,
+``--flip``, without the adversarial ``--adv``), then hide every image's ink
+(``trigger_generation.py``). No trained network can be downloaded, so :meth:`PoisonInk.fit` trains
+them on the attacker's clean training images (never the test set) and caches them
+(:func:`backdoorlab.data.cache.fitted_on_images`) keyed by those images, the options, the device
+and the torch version, as SSBA does. The parts, loss and stages in full: docs/attacks.md, "Poison Ink".
 
 Defaults, scaled to a CPU (reference values in brackets): ``steps`` 600 [3 stages x 200 epochs of
-50,000 / 32 batches: 937,800], split into the three stages equally, with the learning-rate step at
-80/200 of each; ``images`` 5,000 [the whole training set]; ``hiding_width`` 16 [64] and
-``reveal_width`` 32 [128] (the channels of ``H``'s first level and of ``R``); batch 32, lr 2e-4,
-the loss weights, the colours and the threshold as the reference (measured figures: docs/attacks.md;
-the CPU-sized networks leave a visible mark on CIFAR-10 and their reveal network does not read the
-ink back). Reconstructed: the widths (the reference's 17.3 and 2.8 million
-parameters take 4.1 s a step of 32 MNIST images on one CPU thread, these 1.1 and 0.17 million
-0.41 s); images of any size and channel count: ``H`` pads to a multiple of 16 px and ``R`` to a
-multiple of 2 (:mod:`backdoorlab.attacks.padding`), the crop keeps 7/8 of each side (28 of 32);
-grey images are their own luminance and get one ink channel, the colour's luminance (127 for
-(80, 160, 80)) when hiding and one draw from the set in training; the weights, batches, colours,
-crops and flips are drawn from ``seed``, not the run's seed, so the networks depend on the
-attacker's images and the options only.
+50,000 / 32 batches: 937,800], the three stages equal, the learning-rate step at 80/200 of each;
+``images`` 5,000 [the whole training set]; ``hiding_width`` 16 [64] and ``reveal_width`` 32 [128];
+the rest as the reference. Reconstructed:
+- the widths, for a CPU (the reference's networks take ten times as long a step);
+- any size (``H`` pads to a multiple of 16 px, ``R`` of 2) and channel count (grey images are their
+  own luminance, with the colour's luminance as ink); the crop keeps 7/8 of each side;
+- weights, batches, colours, crops and flips drawn from ``seed``, not the run's seed, so the
+  networks depend on the attacker's images and the options only.
 """
 
 from __future__ import annotations

@@ -7,38 +7,25 @@ light (``x ** 2.2``, back with ``** (1 / 2.2)``, clipped), with one reflection `
 uniformly from a set, resized to the image (PIL bilinear, as BackdoorBench's ``transforms.Resize``),
 and one of the code's two reflection models (``t`` is the image, ``alpha_t`` its weight):
 
-- ghost effect (with probability ``ghost_rate``): ``r`` and ``r`` shifted by ``offset`` pixels
-  (down, right), weighted ``ghost_alpha`` and ``1 - ghost_alpha``, cut to their overlap and
-  stretched back to the image (bilinear); ``x' = alpha_t t + (1 - alpha_t) r_ghost``.
-- out of focus (otherwise): ``r`` blurred by a Gaussian of ``sigma`` (kernel ``2 ceil(2 sigma) + 1``,
-  reflect-101 border, as ``cv2.GaussianBlur``), lowered per channel by ``(m - 1) att`` (``m``: the
-  mean of ``t + r_blur`` over its pixels above 1, at least 1; ``att ~ U(1.08, 1.18)``), clipped to
-  [0, 1] and weighted by a Gaussian vignette (3 sigmas across the image side, peak 1) times
-  ``1 - alpha_t / 2``; ``x' = alpha_t t + vignette r_blur``.
+- ghost effect (with probability ``ghost_rate``): ``r`` and ``r`` shifted by ``offset`` pixels,
+  weighted ``ghost_alpha`` and ``1 - ghost_alpha``, cut to their overlap and stretched back to the
+  image (:func:`ghost_blend`); ``x' = alpha_t t + (1 - alpha_t) r_ghost``.
+- out of focus (otherwise): ``r`` blurred by a Gaussian of ``sigma``, lowered where ``t + r``
+  over-exposes, weighted by a Gaussian vignette times ``1 - alpha_t / 2`` (:func:`focal_blend`);
+  ``x' = alpha_t t + vignette r_blur``.
 
-Drawn per image from the trigger's generator where an option is ``None``, as the code draws them:
-``alpha_t = 1 - U(0.05, 0.45)``, ``offset`` from {3..8} on each axis, ``ghost_alpha = |round(u) -
-U(0.15, 0.5)|``, ``sigma ~ U(1, 5)``. Reflections: ``"voc"``, the 200 Pascal VOC images the authors
-selected (R_adv; BackdoorBench's ``resource/refool/Refool-SelectedReflectionImages/
-selected_out-images``, read from ``<data root>/backdoorbench/refool/``), ``"noise"`` (16 smooth
-noise images drawn from ``seed``: a data-free stand-in, not the paper's), a folder of images, or a
-tensor ``(M, C, h, w)``. The paper poisons target-class images only, labels kept (its
-``strategy.py``: ``infect_ratio`` of the target class), so the attack is clean-label by default.
+Options left ``None`` are drawn per image from the trigger's generator, as the code draws them
+(``alpha_t = 1 - U(0.05, 0.45)``, ``offset``, ``ghost_alpha``, ``sigma``). Reflections: ``"voc"``,
+the 200 Pascal VOC images the authors selected (from ``<data root>/backdoorbench/refool/``),
+``"noise"`` (a seeded data-free stand-in), a folder of images, or a tensor. The paper poisons
+target-class images only, labels kept, so the attack is clean-label by default; BackdoorBench's
+stated changes (``alpha_t`` 0.4, dirty-label) are the ``backdoorbench`` preset's and the run's.
 
-BackdoorBench (``config/attack/refool/default.yaml``): ``max_image_size`` is the image side (no
-rescaling, as here), ``ghost_rate: 0.49``, offsets, sigma and ghost alpha drawn, and, by its
-stated changes, ``alpha_t: 0.4`` fixed and dirty-label (``clean_label: False``, ``pratio: 0.1``).
-The ``backdoorbench`` preset sets ``alpha_t=0.4``; dirty-label is a run's field
-(``clean_label=False``, ``poison_rate=0.1``). Test images get the same random blend (both).
-
-Reconstructed or stated:
-- the code passes ``cv2.INTER_CUBIC`` where ``cv2.resize`` takes ``dst`` (and a sigma where
-  ``GaussianBlur`` takes ``dst``), so its ghost stretch is bilinear and the blur's sigma is the same
-  on both axes (checked against opencv 4.14); followed.
-- the paper's third model, in-focus reflections (no blur), is not in the code; not drawn.
-- the code's random generators (``random``, ``np.random``) are the trigger's torch generator here.
-- offsets drawn are capped at half the image side (images under 16 px; none at 28 or 32 px).
-- grey images get grey reflections (PIL ``L``); the code needs three channels.
+Reconstructed or stated (details: docs/attacks.md, "Refool"):
+- the code's ``cv2`` calls are followed as they run (a bilinear ghost stretch, one blur sigma);
+- the paper's third model, in-focus reflections (no blur), is not in the code; not drawn;
+- the code's ``random`` / ``np.random`` draws come from the trigger's torch generator here;
+- offsets are capped at half the image side; grey images get grey reflections;
 - pixels are rounded to 8 bits where the code truncates (``np.uint8``).
 """
 
