@@ -188,32 +188,21 @@ class ABL(TrainingDefense):
        recipe (the official ``backdoor_unlearning.py`` fine-tunes the isolation model on the clean
        part before unlearning);
     3. **unlearning**: gradient ascent on the isolated samples (minimise ``-CE``), SGD lr 5e-4,
-       Nesterov momentum 0.9, weight decay 1e-4, constant rate, no augmentation, 5 epochs, as the
-       official code's defaults (:func:`unlearn`), in train mode as the official code
-       (``unlearning_norm="frozen"`` keeps the batch-norm statistics of the training data,
-       ``"eval"`` also normalises with them; ``unlearning_mix`` retained samples per isolated one
-       join the unlearning set and are learnt as usual). Both are **reconstructed** options for
-       issue 47, off by default: with the statistics kept, the unlearning leaves the backdoor
-       (docs/notes/2026-12-07-training-defenses-adaptive-rules.md).
+       Nesterov momentum 0.9, weight decay 1e-4, constant rate, no augmentation, 5 epochs, batch
+       128, as the official ``config.py`` (:func:`unlearn`), in train mode as the official code.
+       **Reconstructed** variants for issue 47, off by default: ``unlearning_norm="frozen"`` keeps
+       the batch-norm statistics of the training data, ``"eval"`` also normalises with them;
+       ``unlearning_mix`` retained samples per isolated one join the unlearning set and are learnt
+       as usual (with the statistics kept, the unlearning leaves the backdoor:
+       docs/notes/2026-12-07-training-defenses-adaptive-rules.md).
 
-    Paper versus code (METHODS.md 5.1): the paper schedules 20 isolation / 60 fine-tuning / 20
-    unlearning epochs, the official ``config.py`` 10 / 60 / 5 (the author: "enough"). The code's
-    default isolation loss is Flooding and applies LGA to the batch mean; the paper and BackdoorBox
-    apply LGA per sample. Here LGA takes the official code's batch mean (:func:`local_gradient_ascent`
-    offers both; on digits the per-sample form's 1% held no poisoned sample, docs/notes/2026-11-23-training-defenses-mnist-seeds.md).
-    Reconstructed for the fast recipes: the isolation and training
-    epochs follow the run's recipe (``isolation_epochs`` defaults to the recipe's epochs, which
-    for these recipes is where poisoned samples are learnt and clean ones are not yet), and the
-    isolation stage trains without label smoothing (plain CE inside LGA, as the code). The
-    unlearning batch size is the code's 128 (``config.py``). ``isolation_augmentation=True`` trains
-    the isolation stage with the recipe's augmentation instead (the behaviour before issue 38).
-
-    BackdoorBench (``defense/abl.py``, ``config/defense/abl/cifar10.yaml``; the ``backdoorbench``
-    preset) isolates for 20 epochs at lr 0.01, batch 256, with Flooding ``|l - 0.5| + 0.5`` on the
-    batch mean, whose gradient is LGA's at gamma 0.5; trains on the rest 60 epochs (0.01, then
-    0.001 from epoch 40); and unlearns 20 epochs at lr 1e-4 (hard-coded in
-    ``learning_rate_unlearning``, ``abl.py:208-222``; the yaml's ``lr_unlearning_init`` 5e-4 is
-    not read), batch 256, with augmentation (``abl.py:655-664``), where the official code has none.
+    Paper versus code (METHODS.md 5.1): LGA takes the official code's batch mean, not the paper's
+    per-sample form (:func:`local_gradient_ascent` offers both). Reconstructed for the fast recipes:
+    the isolation and training epochs follow the run's recipe (``isolation_epochs`` defaults to the
+    recipe's epochs; the paper's 20 / 60 / 20 and the code's 10 / 60 / 5 are GPU schedules), and the
+    isolation stage trains without label smoothing (plain CE inside LGA, as the code). Why, the
+    code's Flooding loss and BackdoorBench's settings (the ``backdoorbench`` preset):
+    docs/defenses.md, "ABL, paper versus official code".
     """
 
     def __init__(

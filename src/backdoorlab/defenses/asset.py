@@ -161,41 +161,19 @@ class ASSET(SampleFilter):
     victim's architecture (:func:`fresh_copy`) is trained for ``rounds`` passes over the poisoned
     set, in shuffled batches of ``batch_size``; for each batch:
 
-    1. on a random batch of the trusted split (the paper's clean *base set*, as many samples),
-       one Adam step minimising the variance of its logits across classes (clean data offset to a
-       flat output);
-    2. a fresh MLP (:func:`separation`, ``separator_steps`` alternating steps) learns to tell the
-       victim's last feature map (flattened) of the poisoned batch (1) from the base batch's (0);
-       the samples whose output has an adjusted outlyingness above ``outlyingness`` are the ones
-       unlike clean data;
-    3. one Adam step (its own optimiser) maximising the cross-entropy of those samples under
-       their labels (skipped where fewer than two stand out).
+    1. one Adam step flattening its logits on a batch of the trusted split (the clean *base set*);
+    2. a fresh MLP (:func:`separation`) learns to tell the victim's last feature map of the poisoned
+       batch from the base batch's; samples above ``outlyingness`` are the ones unlike clean data;
+    3. one Adam step maximising the cross-entropy of those samples (skipped under two).
 
     A sample's score is the fresh network's cross-entropy under its label (eval mode); the samples
-    scoring at or above the ``threshold`` rule's cut (:func:`loss_threshold`) are flagged.
+    at or above the ``threshold`` rule's cut (:func:`loss_threshold`) are flagged.
 
     Source: Pan, Zeng, Lyu, Lin and Jia, "ASSET: Robust Backdoor Data Detection Across a
     Multiplicity of Deep Learning Paradigms" (USENIX Security 2023); official code
-    ``ruoxi-jia-group/ASSET`` (``ASSET_demo.ipynb``, cells 3 and 8: a fresh ResNet-18, the two Adam
-    optimisers at lr 1e-4, batch 512, the variance and negated cross-entropy losses, the MLP and
-    its 100 steps, the outlyingness cut 2, one epoch; ``new_poi_util.py``: ``adjusted_outlyingness``,
-    ``get_result``, ``get_t``, called with eps 1e-6 in cell 13); BackdoorBench's
-    ``detection_pretrain/asset.py`` with ``config/detection/asset/cifar10.yaml`` (batch 256,
-    ``n_rounds`` 1, lr 1e-4, a base set of 2% of the clean training set; it skips a batch where at
-    most one sample stands out, as here). The defaults are the official notebook's. One pass is
-    98 steps on CIFAR-10's 50,000 images at batch 512, and fewer on a smaller set: there, raise
-    ``rounds`` or ``lr``, or lower ``batch_size``.
-
-    Differences, stated: the base set is the run's trusted split (the notebook takes 1,000 test
-    images, BackdoorBench 2% of the clean training set; raise ``--trusted-size`` to match); the
-    separator reads the victim in eval mode (the notebook's and BackdoorBench's copy is in train
-    mode, so batch statistics); every score is taken in eval mode (the notebook scores the poisons
-    in train mode). ``threshold="official"`` keeps ``get_t``'s expression as written; ``density``
-    (where the fitted density falls to ``eps``, what the expression seems meant to be) and ``gmm``
-    (two Gaussians of one variance over all scores) are ours. Reconstructed: "fresh" is the copy's
-    ``reset_parameters`` (PyTorch's default initialisation; a model with its own initialisation
-    scheme gets PyTorch's) and its data-dependent initialisation redone, and a base batch is drawn
-    without replacement for each poisoned batch (the notebook's ``random.sample``).
+    ``ruoxi-jia-group/ASSET`` (``ASSET_demo.ipynb``, ``new_poi_util.py``: the defaults); BackdoorBench
+    ``detection_pretrain/asset.py``. Stated: the base set is the trusted split; eval mode throughout;
+    ``threshold="official"`` is ``get_t`` as written, ``density`` and ``gmm`` ours (docs/defenses.md).
 
     Args:
         rounds: passes over the poisoned set.

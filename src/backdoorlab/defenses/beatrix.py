@@ -142,40 +142,13 @@ class Beatrix(InputDetector):
     of its clean inputs' deviations under 5-fold cross-validation. Source: Ma et al., "The
     'Beatrix' Resurrections: Robust Backdoor Detection via Gram Matrices" (NDSS 2023), official code
     ``wanlunsec/Beatrix`` (``defenses/Beatrix/Beatrix.py``: ``Feature_Correlations`` with mode
-    ``mad``, ``get_deviations_``, ``threshold_determine``, orders 1-8, 30 clean inputs per class),
-    as BackdoorBench runs it (``detection_pretrain/beatrix.py``).
+    ``mad``, ``get_deviations_``, ``threshold_determine``), as BackdoorBench runs it
+    (``detection_pretrain/beatrix.py``); its defaults are the official code's.
 
-    Setting: BackdoorBench runs BEATRIX as a "pretrain" detector on the poisoned training set
-    (its clean references drawn from the test set, ``clean_sample_num`` of them, which its
-    ``config/detection/beatrix/cifar10.yaml`` leaves unset); here, as in the paper, it scores test
-    inputs at inference after calibrating on the trusted split. The class of an input is the
-    model's plain prediction (no test-time augmentation), as in the paper and both codes.
-    BackdoorBench's ``G_p`` leaves out the element-wise power (it roots ``F F^T`` only);
-    ``powered=False`` reproduces it, the default follows the paper and the official code. The
-    layer: BackdoorBench hooks the input of a ``target_layer`` given on its command line (no
-    default); ``position`` is any body index. Gram features are computed in float64 (the codes:
-    float32), and only the upper triangle is kept (the codes keep the zeroed lower one, which adds
-    nothing; both divide by ``C^2 / 2``).
-
-    The score: ``score="deviation"`` (default) is the input's deviation, the paper's score, and one
-    threshold set by the evaluation on trusted clean inputs the detector did not fit on
-    (``evaluation.assess_input_detector``) serves every class. The paper flags an input whose
-    deviation exceeds its predicted class's threshold; ``score="margin"`` (reconstructed) is
-    deviation minus that threshold, positive where the paper flags. With about a dozen trusted
-    inputs a class the per-class thresholds are noisy: on the MNIST victim the margin's AUROC was
-    1.00 with one torch thread and 0.22 with two (the victims differ in the last digits), the
-    deviation's 0.96 and 0.98 (docs/detection.md). A class with fewer than 5 trusted inputs predicted as it
-    (too few for the folds) takes the bounds and threshold of all trusted inputs together
-    (reconstructed; the codes fail there), with a :class:`DefenseWarning`. Not here: the
-    model-level verdict (the KMMD between each class's flagged and unflagged inputs and its
-    anomaly index), which needs the inputs to be scored together, not one at a time.
-
-    Cost: a forward pass and ``orders`` Gram matrices an input; fitting takes medians over every
-    Gram feature of each class's inputs (``C(C+1)/2`` per order: 8,256 for airbench's 128 channels,
-    0.5M for ResNet-50's 1024, whose bounds then need GBs). Measured (docs/detection.md): AUROC
-    0.996 against BadNets on the MNIST airbench (a clean model's stamped inputs: 0.50); 0.93 on 8x8
-    digits, where a clean model's stamped digits are flagged too (the patch alone is out of
-    distribution there); 170-460 MNIST and 74-210 CIFAR-10 airbench inputs a second on one thread.
+    Here, as in the paper, it scores test inputs after calibrating on the trusted split. Reconstructed:
+    ``score="margin"`` (deviation minus the class's threshold: noisy with a dozen trusted inputs a
+    class, so not the default); a class with under 5 trusted inputs takes the bounds of all of them
+    (the codes fail there). More, and measurements: docs/detection.md, "BEATRIX".
 
     Args:
         orders: Gram orders used, 1 to this.

@@ -82,22 +82,14 @@ class CognitiveDistillation(InputDetector):
     same order). Source: Huang, Ma, Erfani and Bailey, "Distilling Cognitive Backdoor Patterns
     within an Image" (ICLR 2023), official code ``HanxunH/CognitiveDistillation``
     (``detection/cognitive_distillation.py``; ``extract.py``'s defaults: lr 0.1, p 1, gamma 0.01 (the
-    paper's alpha), beta 1, 100 steps, one mask channel, on the logits; the ``CD_FE`` variant keeps
-    the last feature map, ``features[-2]``, at gamma 0.001, beta 10, lr 0.05:
-    ``target="features"`` reads :meth:`~backdoorlab.models.Classifier.forward_features`).
-    BackdoorBench's ``detection_pretrain/cd.py`` is the same optimisation (its noise normalised with
-    the images, the same in pixel space) at ``config/detection/cd/cifar10.yaml``'s beta 10.
+    paper's alpha), beta 1, 100 steps, one mask channel, on the logits; ``target="features"`` is its
+    ``CD_FE`` variant). BackdoorBench's ``detection_pretrain/cd.py`` is the same optimisation at
+    ``config/detection/cd/cifar10.yaml``'s beta 10.
 
-    The official code and BackdoorBench score the *training* set (poisoned-sample detection); the
-    paper also detects triggered *test* inputs, which is what this detector does. It learns nothing
-    from the trusted split: that only calibrates the threshold, set by the evaluation at 5% false
-    positives (``evaluation.assess_input_detector``); the official test-time rule flags a norm
-    more than 0.5 standard deviations below the mean of clean training masks, BackdoorBench's one
-    standard deviation. Each input costs ``steps`` forward and backward passes (13 MNIST and 5
-    CIFAR-10 airbench inputs a second on one thread at best). Measured at the defaults
-    (docs/detection.md): against BadNets the masks sit on the patch, yet AUROC is only 0.52 on an
-    MNIST airbench, 0.56 on a CIFAR-10 airbench and 0.47 on digits: a clean input's output is kept
-    by as few pixels.
+    Both codes score the *training* set; the paper also detects triggered *test* inputs, which is
+    what this detector does. It learns nothing from the trusted split: that only calibrates the
+    threshold, set by the evaluation at 5% false positives (``evaluation.assess_input_detector``).
+    Each input costs ``steps`` forward and backward passes. Measurements: docs/detection.md.
 
     Args:
         steps: optimisation steps (all masks of a batch together).

@@ -215,20 +215,11 @@ class DBD(TrainingDefense):
        (counted from the warm-up's start, as the reference's epoch index).
 
     Stages 2 and 3 share one Adam optimiser at ``lr`` 0.002 (no weight decay, no schedule), as the
-    reference's. These counts are GPU work; on a CPU use a scaled schedule, stated (docs/defenses.md:
-    MNIST 10,000 images with ``ssl_epochs`` 6, ``ssl_batch_size`` 256, ``warmup_epochs`` 4,
-    ``epochs`` 2, ``iterations`` 77, about 5-9 minutes on 2 shared cores).
-
-    Reconstructed or stated differences: an epoch of MixMatch is the smallest number of passes over
-    the labelled part (in batches of 64, a partial last one dropped) that makes at least
-    ``iterations`` steps (the reference cycles its labelled loader for exactly ``iterations``),
-    and the unlabelled part is drawn the same way; the split is ranked on the un-augmented images
-    (the reference's loader applies its training augmentation); the labelled and unlabelled
-    batches get the run's recipe augmentation (BackdoorBench's CIFAR-10: random crop of 4 with
-    reflection and flips, the ``backdoorbench`` recipe's); SimCLR's rate is constant (the
-    reference's cosine over ``T_max`` 1,000 keeps it near 0.4 for 100 epochs) and its views are
-    built for whole batches (:func:`~backdoorlab.defenses.simclr.ssl_views`). The samples the last
-    split leaves unlabelled are reported as isolated. Images only (the views crop and jitter).
+    reference's. These counts are GPU work; a CPU schedule is in docs/defenses.md. Reconstructed
+    (why: docs/defenses.md): a MixMatch epoch is whole passes over the labelled part, the fewest
+    that make ``iterations`` steps; the split is ranked on un-augmented images; the batches get the
+    recipe's augmentation; SimCLR's rate is constant. The samples the last split leaves unlabelled
+    are reported as isolated. Images only (the views crop and jitter).
     """
 
     def __init__(  # noqa: PLR0913 - the reference's settings

@@ -274,56 +274,29 @@ class E2ABL(TrainingDefense):
     """End-to-end anti-backdoor learning in one training run (reconstructed).
 
     A second, shallow head (:class:`ShallowHead`) learns from ``body[:depth]`` (default: the model's
-    ``shallow_depth``, the first activated feature map: 2 for most bodies, the stem and the first
-    stage; 3 or 4 where the stem's convolution, normalisation and activation are separate modules, as
-    in ResNet, VGG and EfficientNet-Lite0; 1 where the body has only two stages, as InceptionTime's
-    two residual blocks) with ABL's loss floor (LGA, gamma 0.5): clean samples are held near gamma,
-    while a trigger, an easy shallow feature, drives its samples' loss far below. After
-    ``warmup_epochs`` (1), a sample whose shallow-head cross-entropy is below ``flag_loss`` (0.01)
-    when its batch is drawn is flagged; in that step the main head does not learn its given label
-    but the main head's own best *other* class ("true class recovery", as the abstract describes),
-    which unlearns the trigger -> target link while still using the image. Flags are re-decided at
-    every visit, so a sample flagged early can be cleared later. The isolated set reported is the
-    flags of the last epoch; when it is empty a :class:`DefenseWarning` says so. Works on 1-D models
-    too (the head's conv follows the feature map).
+    ``shallow_depth``, the first activated feature map) with ABL's loss floor (LGA, gamma 0.5):
+    clean samples are held near gamma, while a trigger, an easy shallow feature, drives its samples'
+    loss far below. After ``warmup_epochs`` (1), a sample whose shallow-head cross-entropy is below
+    ``flag_loss`` (0.01) when its batch is drawn is flagged; in that step the main head does not
+    learn its given label but the main head's own best *other* class ("true class recovery", as
+    the abstract describes), which unlearns the trigger -> target link while still using the image.
+    Flags are re-decided at every visit; the isolated set reported is the flags of the last epoch
+    (a :class:`DefenseWarning` when it is empty). Works on 1-D models too.
 
-    The shallow head trains on the detached feature map, so the shortcut it learns does not shape
-    the main network. ``head_optimizer`` says with what: ``"recipe"``, in the loss of the main
-    network's optimiser at the recipe's learning rate; ``"own"``, with an optimiser of its own
-    (:class:`HeadOptimizer`: SGD ``head_lr`` 0.05, Nesterov momentum 0.9, ``head_passes`` 8 passes
-    over each training batch in micro-batches of ``head_batch_size`` 128, re-initialised at a tenth
-    of the rate if it dies), flagging from the first batch on which its median loss is below gamma
-    (its loss floor), or after the warm-up at the latest; ``"auto"`` (the default), in the recipe's
-    optimiser unless the head dies there (:meth:`ShallowHead.dead`: no unit active on most of a
-    batch and no better than the class prior), in which case the run starts over, from the same
-    random state, as an ``own`` run (``details.head_switched_at``: the epoch and step where it died,
-    or ``None``; the steps before it are spent). The rule reads only the head's own activations and
-    loss on the training batch, no mask. It starts over rather than going on with a fresh head, so
-    the first steps' poisoned samples do not teach the main network before any are flagged.
+    The shallow head trains on the detached feature map, so its shortcut does not shape the main
+    network. ``head_optimizer``: ``"recipe"`` trains it in the main network's optimiser; ``"own"``
+    in its own (:class:`HeadOptimizer`); ``"auto"`` (the default) in the recipe's unless the head
+    dies there (:meth:`ShallowHead.dead`), in which case the run starts over, from the same random
+    state, as an ``own`` run (``details.head_switched_at``). ``flag_rule="mixture"`` reads each
+    epoch's threshold from the low mode of the head's losses (reconstructed for issue 47, where
+    the fixed threshold flags nothing on the binary Strawberry; ``fixed`` stays the default).
 
-    ``flag_rule="mixture"`` replaces the fixed ``flag_loss`` by a threshold read from the losses
-    themselves: at each epoch's start, the low mode of the shallow head's losses over the second
-    half of the epoch before (:func:`~backdoorlab.defenses.loss_modes.low_mode_threshold`: two
-    Gaussians on the log-losses, kept only when Ashman's D > 2 and the low one is the minority);
-    a mode counts only below the loss floor ``gamma``, and an epoch without one keeps the last
-    threshold found. Reconstructed for issue 47: on the binary
-    Strawberry the fixed threshold flags nothing while the poisoned series sit apart at 0.07-0.26
-    (clean 0.36-0.75). A mode must also be mostly one label (a backdoor's target), which turns away
-    the modes of easy clean samples that a trigger the head cannot see leaves (all-to-all attacks
-    are refused with them). On MNIST's 2-epoch recipe the mixture finds no mode, so ``fixed`` stays
-    the default (docs/notes/2026-12-07-training-defenses-adaptive-rules.md).
-
-    Where each setting works and fails (the default recipe's MNIST kills the recipe's head; the
-    recipe's head misses Blended on the small CNN; no setting works on 8x8 digits or the small
-    time-series sets; SwedishLeaf's pattern trigger goes, a sinusoid stays): docs/defenses.md and
+    Reconstructed choices (no code, no paper body): attachment depth, the head's shape and optimiser (with its restart of a
+    dead head, and ``auto``'s switch), LGA on the shallow head, the flag threshold, relabelling to
+    the main head's best other class, and when flagging starts. Several were set during development
+    with the poison mask in view, on MNIST BadNets. Each in full, where each setting works and
+    fails, and the measurements: docs/defenses.md, "E2ABL, in full", and
     docs/notes/2026-11-24-e2abl-head-optimizer.md.
-
-    Reconstructed choices (no code, no paper body): attachment depth, the head's shape and
-    optimiser (with its restart of a dead head, and ``auto``'s switch), LGA on the shallow head, the
-    flag threshold, relabelling to the main head's best other class, and when flagging starts.
-    Several were set during development by looking at isolation precision or ASR, with the poison
-    mask in view, on MNIST BadNets (the threshold, ``own``'s settings and start of flagging, the
-    attachment depth, the rule for a dead head); the measurements behind each are in the note.
     """
 
     def __init__(

@@ -183,34 +183,15 @@ class ModeConnectivityRepair(Repair):
     ``curves.py``, ``eval_curve.py``, built on Garipov et al.'s curve code) and BackdoorBench's
     ``defense/mcr.py`` (``config/defense/mcr/cifar10.yaml``: the ``backdoorbench`` preset). The
     official code connects two backdoored models given to it; with one suspect model, the second
-    endpoint is the suspect fine-tuned on the trusted split and the first the suspect itself, as
-    BackdoorBench does (its ``ft_*`` settings: 100 epochs, SGD lr 0.01 momentum 0.9, weight decay
-    5e-4, cosine, batch 128; the defaults here, by :meth:`FineTuning.tune` with the run's
-    augmentation). The curve: Bezier with 3 points (one bend, started at the midpoint: the official
-    ``init_linear``), both endpoints fixed (``--fix_start --fix_end``), trained on the trusted split
-    in train mode with the run's augmentation (BackdoorBench's loader augments) for ``epochs``
-    (official ``train.py``: 100, SGD lr 0.01, momentum 0.9, weight decay 1e-4, batch 128). At the
-    chosen ``t`` the batch-norm statistics are recomputed from scratch over one pass of the trusted
-    split (the official ``utils.update_bn``, which ``eval_curve.py`` runs at every ``t``; here
-    ``torch.optim.swa_utils.update_bn``, unaugmented).
+    endpoint is the suspect fine-tuned on the trusted split, as BackdoorBench does (its ``ft_*``
+    settings are the tuning defaults). The curve's defaults are the official ``train.py``'s.
 
     Reconstructed: ``t`` = 0.1, BackdoorBench's ``test_t`` (the official code evaluates 61 points
-    and the paper reads the curve's plots, on test data; no choice on this project's side is made,
-    and none on test ASR). The learning rate follows the loop's cosine schedule (BackdoorBench's
-    ``CosineAnnealingLR``), not the official piecewise-linear one (constant for half the epochs,
-    then down to 1% by 90%), which the training loop has not; the weight decay acts on the bend
-    (SGD's, as BackdoorBench) where the official code adds ``0.5 wd ||w(t)||^2`` of the curve's
-    weights at ``t``; momentum is Nesterov where the run's recipe sets it (both codes: plain).
-    BackdoorBench's curve loop never zeroes the gradient of the model it evaluates, so at its lr
-    3e-5 each bend step takes the sum of all steps' gradients so far (``defense/mcr.py``,
-    ``train_curve_one_epoch``): ``accumulate_gradients=true`` reproduces that (the
-    ``backdoorbench`` preset sets it). Its BN update continues from the curve training's statistics
-    with momentum 0.1 over an augmented pass, where here (and officially) they restart.
-
-    Measured on MNIST (5,000 images, airbench, BadNets, 250 trusted images): ASR stays 1.00 at
-    every ``t`` of the curve, because fine-tuning leaves the second endpoint in the backdoor's
-    basin (its ASR 1.00); between two independently trained backdoored models (the paper's setting,
-    :class:`CurvePath`) the curve's middle loses the backdoor (docs/defenses.md).
+    on test data; no choice is made here, none on test ASR); the loop's cosine rate where the
+    official one is piecewise-linear; the weight decay acts on the bend, as BackdoorBench's SGD;
+    momentum is Nesterov where the recipe sets it. ``accumulate_gradients`` reproduces
+    BackdoorBench's never-zeroed bend gradient. Details and the measurements (one suspect and its
+    fine-tuned copy lie in one basin, so ASR stays): docs/defenses.md, "MCR".
 
     Args:
         t: the point of the curve returned (0 = the suspect model, 1 = its fine-tuned copy).

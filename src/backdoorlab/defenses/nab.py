@@ -172,18 +172,11 @@ class NAB(TrainingDefense):
       256, weight decay 1e-4, whose scheduler steps the SimCLR optimiser and leaves this rate
       constant); the recipe's augmentation; ``trigger_size`` 2.
 
-    Reconstructed or stated differences: the relabelling model is SimCLR on the poisoned set itself
-    (BackdoorBench's choice, the paper's NC; the official default, VD, trains on 5% clean data the
-    training-time kind does not have); SimCLR's epochs scale with the recipe by default, a short
-    schedule a CPU can run, where BackdoorBench trains 100 epochs; its learning rate is constant
-    (BackdoorBench's cosine has ``T_max`` 1000 epochs, 0.4 to 0.39 over its 100); the views are
-    cropped with bilinear sampling (theirs bicubic), a crop larger than the image is clipped
-    (:func:`~backdoorlab.training.augment.contrastive_views`) and blurred with a kernel of
-    ``2 ceil(2 sigma) + 1`` (PIL's box approximation there); the class centres are taken in eval
-    mode (BackdoorBench's loop leaves the SimCLR model in train mode for them); LGA's schedule is
-    constant (both references' cosine over ``epochs + 80`` ends at 0.91 of the rate). The defensive
-    trigger is stamped after augmentation, at 0 after normalisation, as both; BackdoorBench's own
-    final test omits it (its per-epoch test stamps it), here it is part of the model. Images only.
+    Reconstructed or stated (why, and the rest: docs/defenses.md, NAB's row and its notes): the
+    relabelling model is SimCLR on the poisoned set itself (BackdoorBench's choice, the paper's NC);
+    SimCLR's epochs scale with the recipe, and its and LGA's rates are constant; the views and the
+    class centres differ in small details. The defensive trigger is stamped after augmentation, at
+    0 after normalisation, as both, and is part of the returned model. Images only.
     """
 
     def __init__(

@@ -105,28 +105,16 @@ class NAD(Repair):
        official code's 20).
 
     The optimiser, for both stages (reconstructed): SGD, Nesterov momentum 0.9, ``weight_decay``
-    1e-4, batch 128, a cosine decay from lr 0.1. The official code (``main.py``, ``utils/util.py``)
-    uses batch 64 and lr 0.1 for two epochs, then 0.01: ``-d schedule=step -d milestones=[2]
-    -d batch_size=64``. Measured (docs/defenses.md), the official schedule cost more clean
-    accuracy on both networks here (MNIST small CNN, BadNets: CA 0.812 against 0.888; CIFAR-10
-    airbench: 0.11-0.18 against 0.23-0.31), and 0.01 left BadNets on MNIST (ASR 0.95).
+    1e-4, batch 128, a cosine decay from lr 0.1; the official code's (``main.py``,
+    ``utils/util.py``: batch 64, lr 0.1 for two epochs, then 0.01) is ``-d schedule=step -d
+    milestones=[2] -d batch_size=64``, which cost more clean accuracy here (docs/defenses.md).
+    BackdoorBench (``defense/nad.py``; the ``backdoorbench`` preset) runs both stages for 10
+    epochs at lr 0.01 and distils two blocks, its third term being zero (docs/defenses.md, NAD).
 
-    BackdoorBench (``defense/nad.py``, ``config/defense/nad/cifar10.yaml``; the ``backdoorbench``
-    preset) differs: both stages run ``te_epochs`` = 10 (``nad.py:821, 845``; its ``epochs: 100``
-    is unused), batch 256, plain SGD momentum 0.9, weight decay 5e-4 (``wd``; the yaml's
-    ``weight_decay: 1e-4`` is not read); the teacher under a cosine with ``T_max`` 100, so 0.01 to
-    0.0098 over its 10 epochs, the student at a constant 0.01 (``adjust_learning_rate``,
-    ``nad.py:77-88``; its scheduler step is commented out). On PreAct-ResNet18 it distils
-    ``layer3`` (beta1 500), ``layer4`` (beta2 1000) and the pooled output (beta3 1000,
-    ``nad.py:292-330``), whose 1x1 attention map normalises to 1 for every input, so that term is
-    zero (up to its 1e-6 epsilon): the preset gives betas (500, 1000), the last two blocks.
-
-    ``scale_betas``: the AT loss is a mean over a map's H x W entries, so a beta means less on
-    larger maps and more on smaller ones than on the WRN-16-1 maps (32x32, 16x16, 8x8) it was
-    set for; airbench's are 15x15, 7x7, 3x3, where the official betas weigh 5-7 times as much
-    and collapse the model. With ``scale_betas=True`` each beta is multiplied by its map's size
-    over WRN's (``map_scaled_betas``; off by default, as both references use the betas as
-    they are; reconstructed).
+    ``scale_betas`` (reconstructed; off by default, as both references use the betas as they
+    are): each beta is multiplied by its map's size over the WRN-16-1 map it was set for
+    (``map_scaled_betas``), since the AT loss is a mean over a map's entries; on airbench's smaller
+    maps the official betas weigh 5-7 times as much and collapse the model.
 
     Reconstructed for backdoorlab's models: "block" is a body module with submodules (see
     :func:`distillation_blocks`; PreAct-ResNet18's are its four residual stages).

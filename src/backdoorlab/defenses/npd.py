@@ -148,42 +148,18 @@ def polarizer_loss(
 class NeuralPolarizerDefense(Repair):
     """A 1x1 convolution plus batch normalisation (:func:`neural_polarizer`), identity at the start,
     is inserted into the suspect model's body at the input of its last module holding a convolution
-    (reconstructed, see below), the model's own weights frozen (eval mode throughout); only
-    the polarizer learns, on the trusted split, unaugmented, in shuffled batches. First a warm-up:
-    ``warm_epochs`` of clean cross-entropy by plain SGD at lr 1e-4 with the polarizer in train mode
-    (its BN statistics adapt to the features it sees; batches of one sample are skipped, which BN
-    cannot normalise at a 1x1 map). Then ``epochs`` with the polarizer in eval mode: per batch, a
-    targeted adversarial example towards each sample's most likely wrong label
-    (:func:`targeted_perturbation`) stands in for the trigger, and one SGD step (momentum 0.9, weight
-    decay 5e-4, constant lr) on :func:`polarizer_loss` teaches the polarizer to keep clean
-    predictions and to undo the perturbation. The repaired model is the suspect with the polarizer
-    in its body: an ordinary ``Classifier`` (its state dict has the polarizer's keys besides).
-    The warm-up's real work is the polarizer's BN statistics (momentum 0.1): CIFAR-10's 2,500
-    trusted images at batch 128 give them 100 updates; a split of 250 gives 10, too few, and the
-    backdoor stays (docs/defenses.md): there, lower ``batch_size`` or raise ``warm_epochs``.
+    (reconstructed), the model's own weights frozen (eval mode throughout); only the polarizer
+    learns, on the trusted split, unaugmented. First ``warm_epochs`` of clean cross-entropy (SGD lr
+    1e-4, the polarizer in train mode, so its BN statistics adapt); then ``epochs`` with it in eval
+    mode: per batch, a targeted adversarial example towards each sample's most likely wrong label
+    (:func:`targeted_perturbation`) stands in for the trigger, and one SGD step on
+    :func:`polarizer_loss` teaches the polarizer to keep clean predictions and to undo it. On a
+    small trusted split lower ``batch_size`` or raise ``warm_epochs`` (docs/defenses.md, "NPD").
 
     Source: Zhu, Wei, Zha, Wu, "Neural Polarizer: A Lightweight and Effective Backdoor Defense via
     Purifying Poisoned Features" (NeurIPS 2023); the official code is BackdoorBench's
-    ``defense/npd.py`` (``config/defense/npd/config.yaml``, the same as ``cifar10.yaml``: 50 epochs,
-    batch 128, lr 0.01, ``model_name: convbn``, L2 bound ``trigger_norm`` 3.0, ``inner_steps`` 2,
-    ``warm_epochs`` 5, ``lmd1``-``lmd4`` 1, 0.4, 0.4, 0.4; its adversarial step 0.1 and the warm-up
-    lr 1e-4 are hard-coded; the defaults here). Its ``CosineAnnealingLR`` is built for the frozen
-    model's optimiser and never stepped, so the polarizer's rate is constant, as here; the
-    perturbation is added in [0, 1] pixel space and clamped to it, as there (it denormalises first).
-    ``lambda_2``'s cross-entropy targets the model's own prediction on the clean image (``ori_lab``),
-    as the code does. Not offered: its L-inf and L1 variants
-    (the L-inf branch overrides the bound, step and step count with hard-coded values) and its
-    other polarizer structures (``model_name``, an ablation).
-
-    Where the polarizer goes (reconstructed): the official code hooks it in front of
-    ``layer4.1.conv1`` of PreAct-ResNet18 (only that model), inside the last block of the last
-    stage. A body index cannot reach inside a stage, so the default here is the nearest point before
-    it that every registered image model has: the input of the body's last module holding a
-    convolution (:func:`polarizer_position`), which for the ResNets is the last stage's input, "after
-    the last stage but one", one residual block earlier than the official point. The stage's output
-    was the other neighbour and was not chosen: there the polarizer sits right before global pooling
-    and the linear head (with average pooling, it folds into the head: a retrained last layer), where
-    the official one has a block of convolutions after it. ``position`` sets any body index.
+    ``defense/npd.py`` (``config/defense/npd/config.yaml``: the defaults). Reconstructed: the
+    default position, the nearest point before the official ``layer4.1.conv1`` every model has.
 
     Args:
         epochs: training epochs after the warm-up (the checkpoints: 0 is the suspect, then each epoch).

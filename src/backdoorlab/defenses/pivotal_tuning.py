@@ -250,41 +250,15 @@ class PivotalTuning(Repair):
     """Fine-tune the suspect model on trusted clean data while a frozen copy of it, the pivot,
     anchors the weights and the latent class geometry is pushed away from the pivot's.
 
-    Loss per batch: ``CE(f(x), y) + 0.05 SLOL(z, z_pivot, y) + 20000 sum((theta - theta_pivot)^2)
-    / 11,173,962``, SGD lr 1e-4, momentum 0.9, Nesterov, no weight decay, constant rate, 2000 steps
-    of batch 128 (reference defaults: ``def_init_lr``, ``slol_lambda``, ``param_lambda``,
-    ``def_num_steps``; batch from its environment). The model trains in train mode (batch-norm
-    statistics adapt), the pivot in eval mode, as there. Steps are rounded up to whole passes over
-    the trusted data.
-
-    The weight anchor (``anchor``): the reference's term is ``20000 mean((theta - theta_pivot)^2)``
-    over the model's N parameters (``criteria/parameter.py``), set on a ResNet-18 of 11,173,962.
-    Its pull on each weight, ``2 * 20000 / N``, shrinks as the model grows: at lr 1e-4 it is nearly
-    off on ResNet-18 and a strong spring on small models. The default, ``"per_parameter"``
-    (reconstructed), gives every model ResNet-18's pull per weight: the mean-based term at weight
-    ``parameter_weight * N / 11,173,962``, which on the small CNN (94,186 parameters) is 168.6, not
-    20000 (on ResNet-18 itself, 20000). ``anchor="mean"`` is the reference's literal term.
-
-    Checkpoints (reconstructed; the reference code returns the last step and only stops early when
-    accuracy falls below 1%): every ``eval_every`` = 50 steps and at the last step, the accuracy on
-    a held-out share (``held_out``, 10%) of the trusted split is measured, and the latest checkpoint
-    whose held-out accuracy is within ``max_accuracy_drop`` = 0.02 of the suspect model's is
-    returned (the paper's headline accepts at most a 2% accuracy decline). Only clean trusted data
-    enters the choice. ``checkpoint_rule="first_drop"`` keeps only checkpoints before the held-out
-    accuracy first falls below that floor (early stopping on the same measurements; compared in
-    docs/notes/2026-12-05-pivotal-tuning-checkpoint-rule.md). ``checkpoint_rule="last"``
-    returns the last step, as the reference code does (the held-out share is still held out and
-    measured, for the curve). Where no checkpoint stays within the tolerance, the repair has
-    collapsed: it returns the suspect model unchanged, with a ``DefenseWarning``, and
-    ``details["fallback"] = "suspect"`` (``None`` otherwise), which the run turns into a warning on
-    its result (``evaluation.fallback_warnings``), so such a row never reads as "the repair kept
-    the backdoor".
-    Where the held-out share is too small to see that tolerance (one standard error of its
-    accuracy above it), a ``DefenseWarning`` says so.
-
-    At the reference's lr 1e-4 the repair barely moves a converged model; a learning rate (and
-    anchor weight) chosen over a grid on clean data alone is ``report.protocols.clean_only_choice``
-    (docs/defenses.md, "Two reporting protocols").
+    Loss per batch: ``CE(f(x), y) + 0.05 SLOL(z, z_pivot, y) + parameter_weight * anchor``, SGD lr
+    1e-4, momentum 0.9, Nesterov, no weight decay, constant rate, 2000 steps of batch 128 (rounded
+    up to whole passes), the reference's defaults (``def_init_lr``, ``slol_lambda``,
+    ``param_lambda``, ``def_num_steps``). Reconstructed: the anchor gives every model the pull per
+    weight the reference's has on its ResNet-18 (``anchor``); the model returned is the latest
+    checkpoint (every ``eval_every`` 50 steps) within ``max_accuracy_drop`` 0.02 of the suspect's
+    accuracy on a ``held_out`` 10% of the trusted split, or, where none is, the suspect model
+    itself with a warning (``details["fallback"] = "suspect"``). Why, and the measurements:
+    docs/defenses.md, its ``pivotal_tuning`` row and "Pivotal Tuning in full".
 
     Args:
         parameter_weight: the weight anchor's weight, in the units ``anchor`` says (default 20000,

@@ -78,25 +78,12 @@ class SentiNet(InputDetector):
     (``clean_sample_num=100``, ``mask_cond=0.85``), itself from ``wanlunsec/Beatrix``'s
     ``defenses/SentiNet``.
 
-    As BackdoorBench: the clean images are drawn once, ``clean_images // classes`` per class (at
-    least one) with replacement, here from the trusted split (BackdoorBench: the clean test set);
-    the inert pattern is uniform noise in 0..254 drawn anew for each input; the mask is the same for
-    every channel; noise images keep the input's region and the noise around it (the paper pastes
-    noise into the region of clean images instead). Grad-CAM reads the model's last feature map
-    (``forward_features``, any registered model; BackdoorBench hooks PreAct-ResNet18's
-    ``layer4.1.conv2``, Beatrix the whole ``layer4[-1]`` block, which is this map).
-
-    ``score``: ``"boundary"`` (default) is the paper's decision boundary, fitted on trusted clean
-    inputs at :meth:`fit` as Beatrix's ``DecisionBoundary`` does: bin their average confidence in
-    steps of 0.04, keep the two most-fooled inputs of each bin, fit a quadratic fooled = f(confidence)
-    through them by least squares; an input's score is its Euclidean distance to that curve,
-    positive above it (more fooled than clean inputs of its confidence get), negative below.
-    Reconstructed: Beatrix fits this curve (its threshold is the mean squared distance of the
-    boundary points above it) but only plots it, and BackdoorBench flags ``average confidence >
-    0.9`` with no boundary; ``"confidence"`` scores by average confidence alone, as BackdoorBench
-    (on an MNIST airbench with BadNets it separated far less: AUROC 0.77 against 1.00, docs/detection.md).
-    Either way the threshold is not the detector's: the evaluation sets it on trusted clean inputs
-    the detector did not fit on (``evaluation.assess_input_detector``).
+    As BackdoorBench, but the clean images come from the trusted split (BackdoorBench: the clean
+    test set). ``score``: ``"boundary"`` (default, reconstructed) is the paper's decision boundary,
+    a quadratic fitted at :meth:`fit` on trusted clean inputs as Beatrix's ``DecisionBoundary``
+    does (Beatrix only plots it), and an input's signed distance above it; ``"confidence"`` is
+    BackdoorBench's average confidence alone. Either way the evaluation sets the threshold on
+    trusted clean inputs the detector did not fit on. Details: docs/detection.md, "SentiNet".
 
     Args:
         clean_images: clean images each region is pasted on (``clean_sample_num``), class-balanced.

@@ -177,13 +177,9 @@ class Spectre(SampleFilter):
 
     Stated differences: the official code is told the true poison count and examines the target
     class only; here every class is examined with the same guessed share (``poison_fraction`` 0.1,
-    so 15% of each class is flagged, as Spectral Signatures' default). Reconstructed: for small
-    classes the dimensions are capped at half the class size (the official code asserts 100 <=
-    class size), tiny eigenvalues are floored in the whitening, and the one-dimensional score is
-    divided by its class mean (the official code leaves it in embedding units). The score over the training set
-    (for AUROC) is the QUE score itself: whitening puts every class on the same scale, so it is
-    compared across classes as it is (Spectral Signatures' raw projection is not, and ranks within
-    a class instead); the flagged samples are still each class's highest.
+    so 15% of each class is flagged, as Spectral Signatures' default). Reconstructed: dimensions
+    capped for small classes, tiny eigenvalues floored, the one-dimensional score divided by its
+    class mean, and the QUE score compared across classes for AUROC (docs/defenses.md, SPECTRE).
 
     Args:
         poison_fraction: the expected share of poisons in a class (the official code's ``eps / n``),

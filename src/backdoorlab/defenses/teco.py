@@ -41,11 +41,8 @@ class TeCo(InputDetector):
     ``jpeg_compression`` 5); the paper corrupts the original image each time. ``compound=True``
     reproduces the scripts; the default follows the paper. TeCo fits nothing: the threshold (a
     false-positive rate on clean inputs) is set by the evaluation on trusted clean inputs
-    (``evaluation.assess_input_detector``); BackdoorBench reports the AUROC only, of the
-    triggered test set against a class-balanced draw (with replacement) of ``clean_sample_num``
-    clean test images, a value its yaml leaves unset. Labels are the model's plain predictions,
-    without test-time augmentation. Measured (docs/detection.md): AUROC 0.92 against BadNets on
-    MNIST; 0.45 on 8x8 digits, which ImageNet-C's severities wreck whether triggered or not.
+    (``evaluation.assess_input_detector``). Labels are the model's plain predictions, without
+    test-time augmentation. How BackdoorBench reports it, and the measurements: docs/detection.md.
 
     Args:
         corruptions: the corruptions applied, in order (ImageNet-C's 15 common ones).
