@@ -2,23 +2,18 @@
 
 A recipe is what a run trains with when its config leaves the model and the schedule open
 (``RunConfig.recipe``, ``backdoorlab run --recipe NAME``, ``recipe:`` in a grid). Three are
-registered; docs/benchmarks.md has their measured accuracy, backdoor figures and times.
+registered; docs/benchmarks.md, "Training recipes", has each piece and the measurements.
 
 - ``fast`` (the default): airbench94 (Jordan 2024, "94% on CIFAR-10 in 3.29 seconds on a single GPU",
   ``KellerJordan/cifar10-airbench``, ``airbench94.py``) for 32x32 colour images, with its training
-  recipe as the official code has it: SGD with Nesterov momentum 0.85, batch 1024, learning rate
-  11.5 and weight decay 0.0153 per 1024 examples (with the code's summed loss; here the same steps
-  for the mean loss: lr 1.5, weight decay 1.33e-3), 64x the learning rate for BatchNorm biases
-  (decay per step unchanged), the triangular schedule (0.2 -> 1 at 23% -> 0.07), label smoothing
-  0.2, whitening first layer initialised from 5,000 training images with its bias frozen after
-  3 epochs, Lookahead-style weight averaging from epoch 3, alternating flip, translation by 2 pixels (reflect padding),
-  an epoch's last batch skipped when under half a batch (airbench94's loader skips any partial one;
-  every batch was kept until 2026-12-06, when a 4-image last batch at lr 1.5 collapsed a 30,000-image
-  MNIST subset: docs/benchmarks.md), and test-time augmentation (mirror + one-pixel translations) in the final evaluation. The number
-  of epochs and the width are chosen per dataset to meet the 2-core-CPU time budgets of
-  docs/benchmarks.md. MNIST uses the same recipe on the same network with one input channel and no
-  flips (digits are not mirror-symmetric); sklearn's 8x8 digits keep the small CNN; time series
-  keep FCN (Wang et al. 2017).
+  recipe as the official code has it (SGD Nesterov 0.85, batch 1024, its lr and weight decay
+  restated for the mean loss: 1.5 and 1.33e-3; 64x the rate for BatchNorm biases; the triangular
+  schedule; label smoothing 0.2; the whitening layer's bias frozen after 3 epochs; Lookahead from
+  epoch 3; alternating flip, 2 px reflect translation; test-time augmentation). Epochs and width
+  per dataset meet the 2-core-CPU budgets of docs/benchmarks.md. MNIST uses the same network with
+  one input channel and no flips (digits are not mirror-symmetric); sklearn's 8x8 digits keep the
+  small CNN; time series keep FCN (Wang et al. 2017). Reconstructed: an epoch's last batch is
+  skipped when under half a batch (airbench94 skips any partial one; a 4-image one collapsed a run).
 - ``quick``: the previous defaults, minutes on a CPU at lower accuracy (airbench width 32 with a
   one-cycle schedule, 3-4 epochs, for CIFAR-10 and GTSRB; the small CNN for MNIST): for smoke runs,
   tests and CPU grids. docs tables made before the recipes existed used it.
@@ -27,21 +22,11 @@ registered; docs/benchmarks.md has their measured accuracy, backdoor figures and
   batch 128, SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine annealing, random crop with
   padding 4 and flips, no label smoothing, no test-time augmentation. Images only.
 
-**Step budget** (reconstructed: our rule, not a source's). ``fast`` sets its epochs for the full
-training set of MNIST (60,000 images), CIFAR-10 (50,000) and GTSRB (39,209), so a ``train_size``
-subsample would otherwise take proportionally fewer optimiser steps and under-train. On those sets a
-subsampled run of ``fast`` trains ``min(4 x E, max(E, round(E x full / subset)))`` epochs, where ``E``
-is the recipe's epochs and ``full`` and ``subset`` are the training-set sizes before the trusted split
-(which takes the same share at every size, so a full-size run is never scaled): about the full-size
-run's number of steps, at most 4x its epochs, so a 10% subset costs at most 40% of the full run's
-time. The epoch-indexed parts of the schedule (``lookahead_epoch``, ``whiten_bias_epochs``,
-``milestones``) are stretched by the same factor, so the subset replays the full run's schedule.
-Epochs given explicitly (``RunConfig.epochs``, ``--epochs``, a full ``train``) are never scaled.
-``backdoorbench`` does not scale (it is the reference's protocol, 100 epochs whatever the size);
-``quick`` does not either (smoke runs and tests, where time counts more than accuracy); nor do
-digits and time series (complete small sets that train in seconds). The run prints the choice
-(``recipe fast: 6,000 of 60,000 training images, epochs 2 -> 8 (step budget, cap 4x)``) and its
-result's config stores the epochs it trained (docs/benchmarks.md, "Subsets: the step budget").
+**Step budget** (reconstructed: our rule, not a source's). A ``train_size`` subsample of MNIST,
+CIFAR-10 or GTSRB under ``fast`` trains ``min(4 x E, max(E, round(E x full / subset)))`` epochs
+(``E`` the recipe's), about the full run's steps, with the schedule's epoch-indexed parts stretched
+alike; explicit epochs, ``backdoorbench``, ``quick``, digits and series are never scaled. The run
+prints the choice (docs/benchmarks.md, "Subsets: the step budget").
 """
 
 from __future__ import annotations
