@@ -17,7 +17,14 @@ from backdoorlab.experiments.recipes import RECIPES, recipe_for
 from backdoorlab.models import create_model
 from backdoorlab.training import TrainConfig, train
 from backdoorlab.training.augment import alternating_hflip, random_crop
-from backdoorlab.training.loop import Callback, Lookahead, make_optimizer, tta_logits
+from backdoorlab.training.loop import (
+    DATA_INIT_SAMPLES,
+    Callback,
+    Lookahead,
+    data_init_sample,
+    make_optimizer,
+    tta_logits,
+)
 
 
 def test_triangle_schedule_follows_airbench():
@@ -285,3 +292,21 @@ def test_run_records_and_the_cli_prints_the_step_budget(monkeypatch):
     printed = CliRunner().invoke(app, ["run", "--recipe", "budgeted", "--train-size", "300"])
     assert "recipe budgeted: 300 of 1,437 training images, epochs 1 -> 3 (step budget, cap 3x" in printed.output
     assert "stopped before training" in printed.output
+
+
+def test_whitening_is_set_from_images_spread_over_a_label_sorted_set():
+    # 10 classes stored sorted by label, 1,000 images each: the first 5,000 would be classes 0-4 only
+    labels = torch.arange(10).repeat_interleave(1000)
+    inputs = labels.view(-1, 1, 1, 1).expand(-1, 3, 12, 12).to(torch.uint8)  # each image holds its class
+    sample = data_init_sample(inputs)
+    assert len(sample) == DATA_INIT_SAMPLES
+    assert torch.bincount(sample[:, 0, 0, 0].long(), minlength=10).tolist() == [500] * 10
+    assert torch.equal(data_init_sample(inputs[:300]), inputs[:300])  # a small set: every image
+
+    data = TensorDataset(inputs, labels, tuple(str(k) for k in range(10)), (0.5,) * 3, (0.25,) * 3, "sorted")
+    model = create_model("airbench", 10, 3, (0.5,) * 3, (0.25,) * 3, width=8)
+    seen = []
+    model.init_from_data = lambda x: seen.append(x)  # what the loop whitens with
+    train(model, data, TrainConfig(epochs=1, batch_size=1000, lr=0.01, progress=False))
+    classes = (seen[0][:, 0, 0, 0] * 255).round().long()
+    assert torch.bincount(classes, minlength=10).tolist() == [500] * 10

@@ -20,14 +20,12 @@ from backdoorlab.defenses.sample_filtering import require_trusted
 from backdoorlab.models.classifier import model_device
 from backdoorlab.options import OpenFraction, PositiveFloat, PositiveInt
 from backdoorlab.progress import progress_bar
-from backdoorlab.training.loop import per_sample_loss, to_float
+from backdoorlab.training.loop import data_init_sample, per_sample_loss, to_float
 
 Threshold = Literal["official", "density", "gmm"]
 
 #: sklearn's ``GaussianMixture`` default ``reg_covar``, added to the variance the official threshold fits.
 REG_COVAR = 1e-6
-#: How many training images a data-dependent initialisation reads (as the training loop does).
-DATA_INIT_SAMPLES = 5000
 
 
 @contextmanager
@@ -42,7 +40,7 @@ def seeded(seed: int) -> Iterator[None]:
 def fresh_copy(model: nn.Module, data: TensorDataset, seed: int, data_init: bool = True) -> nn.Module:
     """A network of ``model``'s architecture, freshly initialised: a copy with every layer's
     ``reset_parameters`` run (seeded) and, with ``data_init`` (the recipe's), its data-dependent
-    initialisation (airbench's whitening) redone on ``data``'s first images, as the training loop does."""
+    initialisation (airbench's whitening) redone on images spread over ``data``, as the training loop does."""
     fresh = copy.deepcopy(model)
     with seeded(seed):
         for module in fresh.modules():
@@ -51,7 +49,7 @@ def fresh_copy(model: nn.Module, data: TensorDataset, seed: int, data_init: bool
                 reset()
     if data_init and hasattr(fresh, "init_from_data"):
         with torch.no_grad():
-            fresh.init_from_data(to_float(data.inputs[:DATA_INIT_SAMPLES]).to(model_device(fresh)))
+            fresh.init_from_data(to_float(data_init_sample(data.inputs)).to(model_device(fresh)))
     return fresh
 
 

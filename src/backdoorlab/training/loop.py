@@ -431,8 +431,24 @@ def _place(model: nn.Module, data: TensorDataset, config: TrainConfig, device: t
     inputs = data.inputs.to(device)
     model.to(device=device, memory_format=_memory_format(inputs, config.channels_last))
     if config.data_init and hasattr(model, "init_from_data"):
-        model.init_from_data(to_float(inputs[: min(5000, len(inputs))]))
+        model.init_from_data(to_float(data_init_sample(inputs)))
     return inputs, data.labels.to(device)
+
+
+#: Images a data-dependent initialisation sees (airbench94's whitening: 5,000).
+DATA_INIT_SAMPLES = 5000
+
+
+def data_init_sample(inputs: Tensor, samples: int = DATA_INIT_SAMPLES) -> Tensor:
+    """``samples`` images spread evenly over ``inputs``, for a data-dependent initialisation.
+
+    airbench94 whitens with the first 5,000 images of CIFAR-10's training set, which is in random
+    class order; a set stored sorted by label (the shared CIFAR-10 and GTSRB parquet files) would
+    give first images of one or two classes (4,959 airplanes), so the filters are set from images
+    spread over the whole set instead: deterministic, and drawing nothing from the seeded generators."""
+    if len(inputs) <= samples:
+        return inputs
+    return inputs[torch.linspace(0, len(inputs) - 1, samples, device=inputs.device).long()]
 
 
 def steps_in_epoch(samples: int, config: TrainConfig) -> int:
