@@ -201,7 +201,7 @@ def test_recipe_callbacks_follow_the_config():
 def test_lookahead_averaging_starts_at_its_epoch_and_returns_the_average():
     model = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
-    averaging = LookaheadAveraging(start=1)
+    averaging = LookaheadAveraging(start=1, epochs=3)
     averaging.on_epoch_start(0, model)
     assert averaging.lookahead is None
     averaging.on_epoch_start(1, model)  # average starts at the current weights (0)
@@ -209,7 +209,9 @@ def test_lookahead_averaging_starts_at_its_epoch_and_returns_the_average():
         model.weight.fill_(1.0)
     averaging.on_step_end(4, 10, model)  # not a multiple of 5: untouched
     assert torch.equal(model.weight, torch.ones(1, 2))
-    averaging.on_epoch_end(1, model)  # the average (still 0) becomes the weights
+    averaging.on_epoch_end(1, model)  # not the last epoch: the steps since the last average stay
+    assert torch.equal(model.weight, torch.ones(1, 2))
+    averaging.on_epoch_end(2, model)  # after the last epoch the average (still 0) becomes the weights
     assert torch.equal(model.weight, torch.zeros(1, 2))
 
 
