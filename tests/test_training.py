@@ -201,7 +201,7 @@ def test_recipe_callbacks_follow_the_config():
 def test_lookahead_averaging_starts_at_its_epoch_and_returns_the_average():
     model = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
-    averaging = LookaheadAveraging(start=1, epochs=3)
+    averaging = LookaheadAveraging(start=1)
     averaging.on_epoch_start(0, model)
     assert averaging.lookahead is None
     averaging.on_epoch_start(1, model)  # average starts at the current weights (0)
@@ -209,9 +209,12 @@ def test_lookahead_averaging_starts_at_its_epoch_and_returns_the_average():
         model.weight.fill_(1.0)
     averaging.on_step_end(4, 10, model)  # not a multiple of 5: untouched
     assert torch.equal(model.weight, torch.ones(1, 2))
-    averaging.on_epoch_end(1, model)  # not the last epoch: the steps since the last average stay
+    averaging.on_epoch_end(1, model)  # an epoch's end: the steps since the last average stay
     assert torch.equal(model.weight, torch.ones(1, 2))
-    averaging.on_epoch_end(2, model)  # after the last epoch the average (still 0) becomes the weights
+    averaging.on_step_end(9, 10, model)  # not a multiple of 5, not the last step: untouched
+    assert torch.equal(model.weight, torch.ones(1, 2))
+    averaging.lookahead.every = 4  # so the last step is no averaging step: the copy alone acts
+    averaging.on_step_end(10, 10, model)  # after the last step the average (still 0) becomes the weights
     assert torch.equal(model.weight, torch.zeros(1, 2))
 
 

@@ -76,12 +76,11 @@ class Lookahead:
 
 class LookaheadAveraging(Callback):
     """``TrainConfig.lookahead_epoch``: :class:`Lookahead` from epoch ``start`` on, the average
-    copied back into the weights after the last of ``epochs`` epochs, as airbench94 does once after
-    its last step (copying it back at every epoch's end would drop the steps since the last
-    average, 12 of 480 on CIFAR-10)."""
+    copied back into the weights after the last step, as airbench94 does (copying it back at every
+    epoch's end would drop the steps since the last average, 12 of 480 on CIFAR-10)."""
 
-    def __init__(self, start: int, epochs: int) -> None:
-        self.start, self.epochs = start, epochs
+    def __init__(self, start: int) -> None:
+        self.start = start
         self.lookahead: Lookahead | None = None
 
     def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
@@ -91,10 +90,8 @@ class LookaheadAveraging(Callback):
     def on_step_end(self, step: int, steps: int, model: nn.Module) -> None:
         if self.lookahead is not None:
             self.lookahead.step(step, steps)
-
-    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
-        if self.lookahead is not None and epoch == self.epochs - 1:
-            self.lookahead.update(1.0)
+            if step == steps:
+                self.lookahead.update(1.0)
 
 
 class FreezeWhiteningBias(Callback):

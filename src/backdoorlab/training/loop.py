@@ -87,7 +87,7 @@ class TrainConfig:
             per step stays that of the other parameters.
         lookahead_epoch: from this epoch on, airbench94's Lookahead-style averaging: every 5 steps
             the weights (and BN statistics) move to an exponential average whose decay rises as
-            0.95^5 x (step / steps)^3, and the average is copied back after the last epoch; ``None``
+            0.95^5 x (step / steps)^3, and the average is copied back after the last step; ``None``
             is off.
         whiten_bias_epochs: freeze a whitening layer's bias (airbench's first layer) after this many
             epochs (airbench94: 3); ``None`` keeps it trainable.
@@ -420,7 +420,7 @@ def recipe_callbacks(config: TrainConfig, model: nn.Module) -> list[Callback]:
     if config.whiten_bias_epochs is not None and whitening_bias(model) is not None:
         found.append(FreezeWhiteningBias(config.whiten_bias_epochs))
     if config.lookahead_epoch is not None:
-        found.append(LookaheadAveraging(config.lookahead_epoch, config.epochs))
+        found.append(LookaheadAveraging(config.lookahead_epoch))
     return found
 
 
