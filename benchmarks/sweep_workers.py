@@ -28,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from backdoorlab.experiments.grid import load_grid
+
 GRIDS = {
     "small": {
         "name": "workers-small",
@@ -49,13 +51,6 @@ GRIDS = {
 }
 
 
-def cells(grid: dict) -> int:
-    n = 1
-    for value in grid.values():
-        n *= len(value) if isinstance(value, list) else 1
-    return n
-
-
 def measure(name: str, workers: int) -> dict:
     grid = GRIDS[name]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
@@ -63,11 +58,11 @@ def measure(name: str, workers: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "grid.yaml")
         path.write_text(yaml.safe_dump(grid))
+        n = len(load_grid(path).cells)
         command = [sys.executable, "-m", "backdoorlab", "sweep", str(path), "--output", str(Path(tmp, "out"))]
         tick = time.perf_counter()
         subprocess.run([*command, "--workers", str(workers)], env=env, check=True, capture_output=True)
         wall = time.perf_counter() - tick
-    n = cells(grid)
     cores = os.cpu_count() or 1
     return {
         "grid": name,
