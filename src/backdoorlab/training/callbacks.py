@@ -76,7 +76,8 @@ class Lookahead:
 
 class LookaheadAveraging(Callback):
     """``TrainConfig.lookahead_epoch``: :class:`Lookahead` from epoch ``start`` on, the average
-    copied back into the weights after the last step, as airbench94 does (copying it back at every
+    copied back into the weights after the last step, as airbench94 does (``legacy/airbench94.py``
+    l.433-436; copying it back at every
     epoch's end would drop the steps since the last average, 12 of 480 on CIFAR-10)."""
 
     def __init__(self, start: int) -> None:

@@ -442,10 +442,11 @@ DATA_INIT_SAMPLES = 5000
 def data_init_sample(inputs: Tensor, samples: int = DATA_INIT_SAMPLES) -> Tensor:
     """``samples`` images spread evenly over ``inputs``, for a data-dependent initialisation.
 
-    airbench94 whitens with the first 5,000 images of CIFAR-10's training set, which is in random
-    class order; a set stored sorted by label (the shared CIFAR-10 and GTSRB parquet files) would
-    give first images of one or two classes (4,959 airplanes), so the filters are set from images
-    spread over the whole set instead: deterministic, and drawing nothing from the seeded generators."""
+    airbench94 (KellerJordan/cifar10-airbench, ``legacy/airbench94.py`` l.402) whitens with the first
+    5,000 images of CIFAR-10's training set, which is in random class order; a set stored sorted by
+    label (the shared CIFAR-10 and GTSRB parquet files) would give first images of one or two
+    classes (4,959 airplanes), so the filters are set from images spread over the whole set instead:
+    deterministic, and drawing nothing from the seeded generators."""
     if len(inputs) <= samples:
         return inputs
     return inputs[torch.linspace(0, len(inputs) - 1, samples, device=inputs.device).long()]
